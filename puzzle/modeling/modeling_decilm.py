@@ -55,15 +55,17 @@ class DeciLMRotaryEmbedding(nn.Module):
     def __init__(self, config: DeciLMConfig) -> None:
         super().__init__()
         self.config = config
-        rope_type = config.rope_parameters.get("rope_type", "default")
-        if rope_type == "default":
-            dim = config.head_dim
-            base = config.rope_parameters["rope_theta"]
-            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-            self.attention_scaling = 1.0
-        else:
-            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+        inv_freq, self.attention_scaling = self.compute_inv_freq()
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def compute_inv_freq(self) -> tuple[torch.Tensor, float]:
+        """Inverse frequencies from the config (default RoPE or one of transformers' scalings)."""
+        rope_type = self.config.rope_parameters.get("rope_type", "default")
+        if rope_type == "default":
+            dim = self.config.head_dim
+            base = self.config.rope_parameters["rope_theta"]
+            return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)), 1.0
+        return ROPE_INIT_FUNCTIONS[rope_type](self.config, None)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,15 +288,12 @@ class DeciLMPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, DeciLMRMSNorm):
-            nn.init.ones_(module.weight)
+        if isinstance(module, DeciLMRotaryEmbedding):
+            # Non-persistent buffer: never in a checkpoint, so it is recomputed on every load.
+            with torch.no_grad():
+                module.inv_freq.copy_(module.compute_inv_freq()[0])
+            return
+        super()._init_weights(module)
 
 
 def _cache_kwarg(kwargs: dict[str, Any], cache: Cache | None) -> Cache | None:

