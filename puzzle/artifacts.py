@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from puzzle import __version__, storage
+from puzzle.errors import PuzzleError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(PuzzleError, RuntimeError):
     """An artifact is missing, of the wrong kind, or corrupt; the message says which and the fix."""
 
 

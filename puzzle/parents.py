@@ -25,6 +25,7 @@ import torch
 
 from puzzle import artifacts, storage
 from puzzle.child import CHILD_KIND, parse_dtype, save_child
+from puzzle.errors import PuzzleError
 from puzzle.modeling import AttentionConfig, BlockConfig, DeciLMConfig, DeciLMForCausalLM, FFNConfig
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ DEFAULT_PARENT = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ParentError(ValueError):
+class ParentError(PuzzleError, ValueError):
     """A parent cannot be loaded; the message says why and what to do."""
 
 

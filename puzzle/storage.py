@@ -23,13 +23,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from puzzle.errors import PuzzleError
+
 log = logging.getLogger(__name__)
 
 S3_SCHEME = "s3://"
 _CHUNK = 8 * 1024 * 1024
 
 
-class StorageError(RuntimeError):
+class StorageError(PuzzleError, RuntimeError):
     """A storage operation failed; the message says where (endpoint, bucket, key) and what to do."""
 
 

@@ -1,0 +1,157 @@
+"""Shared fixtures: a real SeaweedFS S3 server, tiny random parents, the real SmolLM2 parent.
+
+Session-scoped fixtures keep the suite fast on 2 cores: the S3 server starts once, and the real
+SmolLM2-135M parent is converted once and reused by every test that needs it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from servers import S3Server, apply_env, restore_env, start_seaweedfs  # noqa: E402
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def puzzle_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private cache for downloaded S3 artifacts and staging directories."""
+    path = tmp_path_factory.mktemp("puzzle-cache")
+    previous = apply_env({"PUZZLE_CACHE_DIR": str(path)})
+    yield path
+    restore_env(previous)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory, puzzle_cache: Path) -> Iterator[S3Server]:
+    """A real SeaweedFS S3 server on loopback; the AWS_* variables point at it for the session."""
+    server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    previous = apply_env(server.env())
+    from puzzle import storage
+
+    storage._client_for.cache_clear()
+    yield server
+    restore_env(previous)
+    storage._client_for.cache_clear()
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> str:
+    """A fresh, empty bucket; returns its name."""
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    s3_server.client().create_bucket(Bucket=name)
+    return name
+
+
+TINY_DIMS = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+
+
+def make_tiny_parent(family: str, directory: Path, seed: int = 0, **overrides) -> Path:
+    """Save a tiny random parent of ``family`` (built from transformers' own config classes)."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
+
+    classes = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    }
+    config_cls, model_cls = classes[family]
+    dims = {**TINY_DIMS, **overrides}
+    if family == "qwen3":
+        dims.setdefault("head_dim", 32)
+    config = config_cls(**dims, bos_token_id=1, eos_token_id=2, tie_word_embeddings=family in ("qwen2", "qwen3"))
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        # Random norms and biases, so that a conversion that drops them cannot pass by accident.
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            elif name.endswith(".bias"):
+                param.copy_(0.1 * torch.randn_like(param))
+    model.save_pretrained(directory)
+    save_tiny_tokenizer(directory, dims["vocab_size"])
+    return directory
+
+
+def save_tiny_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A real (byte-level BPE) tokenizer whose ids fit a tiny vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<{i}>": i for i in range(3)}
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    for ch in sorted(alphabet):
+        if len(vocab) >= vocab_size:
+            break
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<0>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<1>", eos_token="<2>", unk_token="<0>")
+    fast.save_pretrained(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_parent_factory(tmp_path_factory: pytest.TempPathFactory):
+    """``factory(family="llama", **config_overrides) -> Path`` of a saved tiny random parent."""
+    made: dict[tuple, Path] = {}
+
+    def factory(family: str = "llama", seed: int = 0, **overrides) -> Path:
+        key = (family, seed, tuple(sorted(overrides.items())))
+        if key not in made:
+            made[key] = make_tiny_parent(family, tmp_path_factory.mktemp(f"parent-{family}"), seed, **overrides)
+        return made[key]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_child(tiny_parent_factory, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama parent converted into a child artifact (local)."""
+    from puzzle.parents import convert
+
+    out = tmp_path_factory.mktemp("tiny-child") / "child"
+    convert(str(tiny_parent_factory("llama")), str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_child(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real SmolLM2-135M-Instruct parent, converted once per session (about 30 s)."""
+    from puzzle.parents import convert
+
+    out = tmp_path_factory.mktemp("smollm2") / "child"
+    convert("smollm2", str(out))
+    return out
