@@ -296,3 +296,11 @@ def publish(staging: Path, out: str, manifest: Manifest) -> None:
     else:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, target)
+
+
+def delete_if_exists(uri: str) -> None:
+    """Remove an artifact (and its staging directory) so that the next run rebuilds it."""
+    if storage.exists(storage.join(uri, MANIFEST)) or (not storage.is_s3(uri) and Path(uri).exists()):
+        storage.delete_tree(uri)
+    if not storage.is_s3(uri):
+        shutil.rmtree(f"{uri.rstrip('/')}.partial", ignore_errors=True)

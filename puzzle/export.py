@@ -1,0 +1,254 @@
+"""Export a child as a Hugging Face checkpoint in the Nemotron-NAS (DeciLM) layout.
+
+The checkpoint holds sharded safetensors with Llama weight names, the tokenizer, the generation
+config, ``config.json`` with ``block_configs`` and an ``auto_map`` pointing at our modeling code
+(copied next to the weights, so ``AutoModelForCausalLM.from_pretrained(dir,
+trust_remote_code=True)`` works on the transformers we pin), and an export report saying, layer
+by layer, what each block is and which serving engines can load the child (and why not).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from puzzle import artifacts
+from puzzle.child import (
+    CHILD_KIND,
+    PARENT_INFO,
+    child_dir,
+    count_parameters,
+    load_child,
+    load_tokenizer,
+    parse_dtype,
+)
+from puzzle.modeling import BlockConfig, DeciLMConfig
+
+log = logging.getLogger(__name__)
+
+EXPORT_KIND = "export"
+REPORT_MD = "EXPORT_REPORT.md"
+REPORT_JSON = "export_report.json"
+MODELING_FILES = ("block_config.py", "configuration_decilm.py", "modeling_decilm.py")
+
+# Fields engines read from config.json beyond the ones DeciLMConfig keeps.
+ENGINES = ("vLLM (nemotron_nas)", "TensorRT-LLM (NemotronNASForCausalLM)", "llama.cpp (DECI)", "mlx-lm (nemotron-nas)")
+
+
+@dataclass
+class EngineVerdict:
+    engine: str
+    servable: bool
+    reasons: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        if self.servable:
+            return f"{self.engine}: yes"
+        return f"{self.engine}: no, " + "; ".join(self.reasons)
+
+
+def _layers_where(blocks: list[BlockConfig], predicate: Any) -> list[int]:
+    return [i for i, b in enumerate(blocks) if predicate(b)]
+
+
+def _fmt_layers(layers: list[int]) -> str:
+    return ("layer " if len(layers) == 1 else "layers ") + ", ".join(map(str, layers[:8])) + (
+        ", ..." if len(layers) > 8 else ""
+    )
+
+
+def engine_verdicts(config: DeciLMConfig) -> list[EngineVerdict]:
+    """Which known readers of the Nemotron-NAS layout can serve this child, and why not."""
+    blocks = config.blocks
+    lin_attn = _layers_where(blocks, lambda b: b.attention.linear)
+    lin_ffn = _layers_where(blocks, lambda b: b.ffn.linear)
+    odd_width = _layers_where(blocks, lambda b: not b.ffn.engine_expressible)
+    extras = []
+    if config.qk_norm:
+        extras.append("q/k RMSNorm (Qwen3) is not read")
+    if config.sliding_window:
+        extras.append(f"sliding window {config.sliding_window} (Mistral) is not read")
+    common: list[str] = []
+    if odd_width:
+        common.append(f"{_fmt_layers(odd_width)} use FFN widths that ffn_mult cannot express (not multiples of 256)")
+
+    vllm = list(common) + extras
+    if lin_attn:
+        vllm.append(f"{_fmt_layers(lin_attn)} use a linear attention (replace_with_linear is not read)")
+    if lin_ffn:
+        vllm.append(f"{_fmt_layers(lin_ffn)} use a linear FFN (replace_with_linear is not read)")
+
+    family_bias = []
+    if config.qkv_bias or config.o_proj_bias or config.mlp_bias:
+        family_bias.append("attention/MLP biases are not read")
+    trt = list(common) + extras + family_bias
+    llama_cpp = list(common) + extras + family_bias
+    if lin_ffn:
+        llama_cpp.append(f"{_fmt_layers(lin_ffn)} use a linear FFN (the DECI converter supports only linear attention)")
+    mlx = list(common) + extras + family_bias
+    return [
+        EngineVerdict(ENGINES[0], not vllm, vllm),
+        EngineVerdict(ENGINES[1], not trt, trt),
+        EngineVerdict(ENGINES[2], not llama_cpp, llama_cpp),
+        EngineVerdict(ENGINES[3], not mlx, mlx),
+    ]
+
+
+def layer_table(model: Any) -> list[dict[str, Any]]:
+    """One row per layer: attention, FFN and parameter count."""
+    rows = []
+    for i, layer in enumerate(model.model.layers):
+        block: BlockConfig = layer.block
+        attn = block.attention
+        ffn = block.ffn
+        rows.append(
+            {
+                "layer": i,
+                "attention": "no-op" if attn.no_op else "linear" if attn.linear else f"GQA, {attn.num_kv_heads} KV heads",
+                "ffn": "no-op" if ffn.no_op else "linear" if ffn.linear else f"SwiGLU, width {ffn.intermediate_size}",
+                "block": block.name,
+                "parameters": sum(p.numel() for p in layer.parameters()),
+            }
+        )
+    return rows
+
+
+def write_engine_config(path: Path, config: DeciLMConfig) -> None:
+    """Make ``config.json`` read the same in every engine that knows the layout."""
+    data = json.loads(path.read_text())
+    data["architectures"] = ["DeciLMForCausalLM"]
+    data["model_type"] = "nemotron-nas"
+    data["num_key_value_heads"] = None
+    data["intermediate_size"] = None
+    # Legacy RoPE fields for engines that predate transformers 5's `rope_parameters`.
+    rope = dict(config.rope_parameters)
+    data["rope_theta"] = rope.get("rope_theta", 10000.0)
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    data["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
+    # vLLM's DeciLM reads `qkv_bias` for q/k/v and `attention_bias` for o_proj.
+    data["attention_bias"] = bool(config.o_proj_bias)
+    data.setdefault("auto_map", {})
+    data["auto_map"].update(
+        {
+            "AutoConfig": "configuration_decilm.DeciLMConfig",
+            "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM",
+        }
+    )
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def render_report(
+    rows: list[dict[str, Any]], verdicts: list[EngineVerdict], total_params: int, meta: dict[str, Any]
+) -> str:
+    lines = [
+        "# Export report",
+        "",
+        f"- source child: `{meta['child']}`",
+        f"- parent: `{meta.get('parent', '?')}` ({meta.get('family', '?')})",
+        f"- dtype: {meta['dtype']}",
+        f"- parameters: {total_params:,}",
+        f"- layers: {len(rows)}",
+        "",
+        "## Serving engines",
+        "",
+    ]
+    lines += [f"- {v.line()}" for v in verdicts]
+    lines += [
+        "- transformers: yes, `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` "
+        "(modeling code shipped in the checkpoint)",
+        "",
+        "## Layers",
+        "",
+        "| layer | attention | FFN | parameters |",
+        "|---:|---|---|---:|",
+    ]
+    lines += [f"| {r['layer']} | {r['attention']} | {r['ffn']} | {r['parameters']:,} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def export(child: str, out: str, *, dtype: str | None = None, max_shard_size: str = "2GB") -> artifacts.Manifest:
+    """Phase: write the child at ``child`` as a servable Hugging Face checkpoint at ``out``."""
+    artifacts.require_manifest(child, CHILD_KIND)
+    torch_dtype = parse_dtype(dtype)
+
+    def build(staging: Path, inputs: dict[str, Path]) -> dict[str, Any]:
+        local = inputs["child"]
+        model = load_child(str(local), dtype=torch_dtype)
+        tokenizer = load_tokenizer(local)
+        model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
+        for name in MODELING_FILES:  # save_pretrained copies them; make sure all three are there
+            src = Path(__file__).parent / "modeling" / name
+            if not (staging / name).exists():
+                shutil.copyfile(src, staging / name)
+        write_engine_config(staging / "config.json", model.config)
+        tokenizer.save_pretrained(staging)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(staging)
+        parent_info = json.loads((local / PARENT_INFO).read_text()) if (local / PARENT_INFO).exists() else {}
+        rows = layer_table(model)
+        verdicts = engine_verdicts(model.config)
+        total = count_parameters(model)
+        meta = {
+            "child": child,
+            "parent": parent_info.get("reference"),
+            "family": parent_info.get("family"),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        }
+        (staging / REPORT_MD).write_text(render_report(rows, verdicts, total, meta))
+        (staging / REPORT_JSON).write_text(
+            json.dumps(
+                {
+                    **meta,
+                    "parameters": total,
+                    "layers": rows,
+                    "engines": [{"engine": v.engine, "servable": v.servable, "reasons": v.reasons} for v in verdicts],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        if (local / PARENT_INFO).exists():
+            shutil.copyfile(local / PARENT_INFO, staging / PARENT_INFO)
+        log.info("exported %s (%s parameters) to %s", child, f"{total:,}", out)
+        return {"parameters": total, "dtype": meta["dtype"], "engines": {v.engine: v.servable for v in verdicts}}
+
+    return artifacts.run_phase(
+        EXPORT_KIND,
+        out,
+        {"child": child},
+        {"dtype": dtype, "max_shard_size": max_shard_size},
+        build,
+        input_kinds={"child": CHILD_KIND},
+    )
+
+
+def export_dir(uri: str) -> Path:
+    """A verified local copy of an export artifact."""
+    return child_dir(uri)
+
+
+def verify(export_uri: str, reference_child: str, *, prompt: str = "The capital of Germany is", new_tokens: int = 20) -> dict[str, Any]:
+    """Reload the export with plain transformers (``trust_remote_code=True``) and compare it
+    with ``reference_child`` (our loader): max |logit difference| and greedy generations."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = export_dir(export_uri)
+    exported = AutoModelForCausalLM.from_pretrained(local, trust_remote_code=True, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=True)
+    reference = load_child(reference_child, dtype=torch.float32)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        diff = (exported(ids).logits - reference(ids).logits).abs().max().item()
+        gen_a = exported.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+        gen_b = reference.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+    return {
+        "max_abs_logit_diff": diff,
+        "greedy_identical": bool(torch.equal(gen_a, gen_b)),
+        "completion": tokenizer.decode(gen_a[0, ids.shape[1] :], skip_special_tokens=True),
+        "prompt": prompt,
+    }
