@@ -1,0 +1,49 @@
+"""KFP component: export the child as a servable Hugging Face checkpoint, published to S3."""
+
+from kfp import dsl
+from kfp.dsl import Input, Markdown, Model, Output
+
+from pipelines.images import CPU_IMAGE, image
+
+
+@dsl.component(base_image=image(CPU_IMAGE), install_kfp_package=False)
+def export(
+    child: Input[Model],
+    serving_uri: str,
+    checkpoint: Output[Model],
+    report: Output[Markdown],
+    dtype: str = "",
+) -> str:
+    """Write the Nemotron-NAS checkpoint and copy it to the serving prefix.
+
+    Args:
+        child: the child artifact to export.
+        serving_uri: where serving engines read the checkpoint (s3://bucket/prefix); empty: only the
+            pipeline artifact.
+        checkpoint: the exported checkpoint (safetensors, tokenizer, config.json with block_configs,
+            modeling code via auto_map, EXPORT_REPORT.md).
+        report: the export report (layers and which serving engines can load the child).
+        dtype: cast weights to float32, bfloat16 or float16; empty keeps the child's dtype.
+
+    Returns:
+        The URI of the checkpoint to serve (the serving prefix, or the artifact's URI).
+    """
+    import shutil
+    from pathlib import Path
+
+    from components import _runtime
+    from puzzle import storage
+    from puzzle.export import REPORT_MD
+    from puzzle.export import export as export_child
+
+    _runtime.setup_logging()
+    if serving_uri:
+        storage.check_access(serving_uri, write=True)  # fail before the export, not after
+    manifest = export_child(child.path, _runtime.out_path(checkpoint), dtype=dtype or None)
+    shutil.copyfile(Path(checkpoint.path) / REPORT_MD, _runtime.out_path(report))
+    served = checkpoint.uri
+    if serving_uri:
+        _runtime.copy_artifact(checkpoint.path, serving_uri)
+        served = serving_uri
+    _runtime.describe(checkpoint, manifest, serving_uri=served)
+    return served
