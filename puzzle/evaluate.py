@@ -1,0 +1,311 @@
+"""Evaluate children against the parent: quality on held-out tokens and measured speed (§3.9).
+
+Quality, per child, on a held-out split of a tokens artifact (every figure a mean over the
+predicted tokens):
+
+* ``kl_div``: KL(parent || child) of the next-token distributions;
+* ``lm_loss`` and ``perplexity`` = exp(lm_loss): the child's loss on the text itself;
+* ``accuracy``: next-token accuracy against the text; ``accuracy_kept`` = child / parent;
+* ``top1_agreement``: child's argmax equals the parent's; ``top5_agreement``: the parent's
+  argmax is among the child's 5 most likely tokens.
+
+Speed, per model, at the configured workload (batch, prompt length, generated tokens) on the
+current device through :func:`puzzle.engine.measure_throughput`: decode throughput (generated
+tokens/s), ``speedup`` = child / parent, and memory (parameters + KV cache at the workload;
+the peak allocated memory on CUDA).
+
+Optional lm-evaluation-harness tasks run when ``lm_eval`` is importable and the task data are
+available; otherwise the report says why they were skipped.
+
+The artifact (kind ``evaluation``) holds ``metrics.json``, ``report.md``, ``report.html`` and the
+plots (``pareto.png``, ``architecture.png``) written by :mod:`puzzle.report`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from puzzle import artifacts
+from puzzle.child import CHILD_KIND, count_parameters, load_child, read_parent_info
+from puzzle.data import load_split
+from puzzle.errors import PuzzleError
+
+log = logging.getLogger(__name__)
+
+EVALUATION_KIND = "evaluation"
+METRICS_FILE = "metrics.json"
+PARENT = "parent"
+
+
+class EvaluateError(PuzzleError, ValueError):
+    """Evaluation cannot run with these inputs; the message names the field and the fix."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Workload:
+    """The inference workload speed is measured at."""
+
+    batch_size: int = 1
+    prompt_len: int = 64
+    gen_len: int = 64
+
+    def check(self) -> None:
+        for name in ("batch_size", "prompt_len", "gen_len"):
+            if getattr(self, name) <= 0:
+                raise EvaluateError(f"evaluate.workload.{name} must be > 0, got {getattr(self, name)}")
+
+
+# --------------------------------------------------------------------------- quality
+
+
+class _Totals:
+    """Running sums of the per-token quality figures of one model."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.kl = 0.0
+        self.nll = 0.0
+        self.correct = 0
+        self.top1 = 0
+        self.top5 = 0
+
+    def add(self, logits: torch.Tensor, targets: torch.Tensor, parent_log: torch.Tensor | None) -> None:
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        self.tokens += targets.numel()
+        self.nll += float(F.nll_loss(log_probs.reshape(-1, log_probs.shape[-1]), targets.reshape(-1), reduction="sum"))
+        argmax = log_probs.argmax(-1)
+        self.correct += int((argmax == targets).sum())
+        if parent_log is not None:
+            self.kl += float((parent_log.exp() * (parent_log - log_probs)).sum())
+            parent_top = parent_log.argmax(-1)
+            self.top1 += int((argmax == parent_top).sum())
+            top5 = log_probs.topk(5, dim=-1).indices
+            self.top5 += int((top5 == parent_top.unsqueeze(-1)).any(-1).sum())
+
+    def result(self, *, with_parent: bool) -> dict[str, float]:
+        n = max(1, self.tokens)
+        lm_loss = self.nll / n
+        out = {"lm_loss": lm_loss, "perplexity": math.exp(min(lm_loss, 50.0)), "accuracy": self.correct / n}
+        if with_parent:
+            out.update({"kl_div": self.kl / n, "top1_agreement": self.top1 / n, "top5_agreement": self.top5 / n})
+        return out
+
+
+@torch.no_grad()
+def quality_metrics(
+    models: dict[str, torch.nn.Module],
+    parent: torch.nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+) -> dict[str, dict[str, float]]:
+    """Quality of every model in ``models`` and of the parent on ``input_ids`` [n, seq_len].
+
+    The parent runs once per batch; every child is compared with its distributions.
+    """
+    totals = {name: _Totals() for name in models}
+    parent_totals = _Totals()
+    parent.to(device).eval()
+    for model in models.values():
+        model.to(device).eval()
+    for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="evaluate", unit="batch"):
+        batch = input_ids[start : start + batch_size].long().to(device)
+        targets = batch[:, 1:]
+        parent_logits = parent(input_ids=batch, use_cache=False).logits[:, :-1]
+        parent_log = F.log_softmax(parent_logits.float(), dim=-1)
+        parent_totals.add(parent_logits, targets, None)
+        for name, model in models.items():
+            totals[name].add(model(input_ids=batch, use_cache=False).logits[:, :-1], targets, parent_log)
+    out = {PARENT: parent_totals.result(with_parent=False)}
+    out.update({name: t.result(with_parent=True) for name, t in totals.items()})
+    return out
+
+
+# --------------------------------------------------------------------------- speed
+
+
+def kv_cache_bytes(config: Any, workload: Workload, dtype_bytes: int) -> int:
+    """KV-cache bytes at the workload: batch x tokens x KV heads x head dim x 2 (K and V) x bytes."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = sum(b.attention.num_kv_heads or 0 for b in config.blocks)
+    tokens = workload.prompt_len + workload.gen_len
+    return workload.batch_size * tokens * kv_heads * head_dim * 2 * dtype_bytes
+
+
+def speed_metrics(model: torch.nn.Module, workload: Workload, *, device: str, repeats: int) -> dict[str, Any]:
+    """Measured decode throughput and memory of ``model`` at ``workload`` on ``device``."""
+    from puzzle import engine
+
+    measured = engine.measure_throughput(
+        model,
+        batch_size=workload.batch_size,
+        prompt_len=workload.prompt_len,
+        gen_len=workload.gen_len,
+        device=device,
+        repeats=repeats,
+    )
+    result = measured if isinstance(measured, dict) else asdict(measured)
+    dtype = next(model.parameters()).dtype
+    params = count_parameters(model)
+    out = {
+        "throughput": float(result["throughput"]),
+        "parameters": params,
+        "memory_bytes": params * dtype.itemsize + kv_cache_bytes(model.config, workload, dtype.itemsize),
+    }
+    for key in ("prefill_s", "decode_s", "total_s", "peak_memory_bytes", "device_name"):
+        if result.get(key) is not None:
+            out[key] = result[key]
+    return out
+
+
+# --------------------------------------------------------------------------- lm-evaluation-harness
+
+
+def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: list[str], *, batch_size: int, device: str) -> dict[str, Any]:
+    """lm-evaluation-harness task accuracies, or ``{"skipped": reason}``."""
+    if not tasks:
+        return {}
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        return {"skipped": "lm_eval is not installed (pip install lm-eval)"}
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks))
+    except Exception as exc:  # noqa: BLE001 - missing task data offline is the usual cause
+        return {"skipped": f"lm_eval failed ({type(exc).__name__}: {exc}); the task data may be unavailable"}
+    return {task: {k: v for k, v in res.items() if isinstance(v, (int, float))} for task, res in results["results"].items()}
+
+
+# --------------------------------------------------------------------------- phase
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def evaluate(
+    children: dict[str, str],
+    parent_child: str,
+    tokens: str,
+    out: str,
+    *,
+    split: str = "eval",
+    batch_size: int = 8,
+    workload: Workload | dict[str, int] = Workload(),
+    device: str = "auto",
+    repeats: int = 3,
+    lm_eval_tasks: list[str] | tuple[str, ...] = (),
+    details: dict[str, dict[str, Any]] | None = None,
+) -> artifacts.Manifest:
+    """Phase: evaluate ``children`` (name -> child artifact URI) against ``parent_child``.
+
+    ``details`` (optional, per child name) is shown in the report: e.g. ``{"role": "baseline",
+    "method": "uniform_width", "predicted_speedup": 1.52}``. Names are free text; the report
+    calls a child with ``role: baseline`` a baseline.
+    """
+    if isinstance(workload, dict):
+        workload = Workload(**workload)
+    workload.check()
+    if not children:
+        raise EvaluateError("children is empty: pass at least one child artifact to evaluate")
+    if PARENT in children:
+        raise EvaluateError(f"{PARENT!r} is reserved for the parent; name the child differently")
+    if batch_size <= 0 or repeats <= 0:
+        raise EvaluateError(f"evaluate.batch_size and evaluate.repeats must be > 0, got {batch_size}, {repeats}")
+    for uri in children.values():
+        artifacts.require_manifest(uri, (CHILD_KIND, "export"))
+    artifacts.require_manifest(parent_child, CHILD_KIND)
+    artifacts.require_manifest(tokens, "tokens")
+    details = {name: dict((details or {}).get(name, {})) for name in children}
+    run_device = resolve_device(device)
+    inputs = {"parent": parent_child, "tokens": tokens, **{f"child:{name}": uri for name, uri in children.items()}}
+    parameters = {
+        "split": split,
+        "batch_size": batch_size,
+        "workload": asdict(workload),
+        "device": run_device,
+        "repeats": repeats,
+        "lm_eval_tasks": list(lm_eval_tasks),
+        "details": details,
+    }
+
+    def body(staging: Path, local: dict[str, Path]) -> dict[str, Any]:
+        from puzzle import report
+
+        ids = load_split(str(local["tokens"]), split)
+        parent = load_child(str(local["parent"]), dtype=torch.float32)
+        models = {name: load_child(str(local[f"child:{name}"]), dtype=torch.float32) for name in children}
+        quality = quality_metrics(models, parent, ids, batch_size=batch_size, device=run_device)
+        results: dict[str, dict[str, Any]] = {}
+        for name, model in [(PARENT, parent), *models.items()]:
+            log.info("evaluate: measuring the speed of %s", name)
+            results[name] = {**quality[name], **speed_metrics(model, workload, device=run_device, repeats=repeats)}
+            results[name]["blocks"] = [b.name for b in model.config.blocks]
+        base = results[PARENT]
+        for name in children:
+            r = results[name]
+            r["accuracy_kept"] = r["accuracy"] / base["accuracy"] if base["accuracy"] else None
+            r["speedup"] = r["throughput"] / base["throughput"] if base["throughput"] else None
+            r["parameters_kept"] = r["parameters"] / base["parameters"]
+            r.update({k: v for k, v in details[name].items() if k not in r})
+        lm_eval_results: dict[str, Any] = {}
+        if lm_eval_tasks:
+            from puzzle.child import load_tokenizer
+
+            tok = load_tokenizer(local["parent"])
+            for name, model in [(PARENT, parent), *models.items()]:
+                lm_eval_results[name] = run_lm_eval(model, tok, list(lm_eval_tasks), batch_size=batch_size, device=run_device)
+        metrics = {
+            "split": split,
+            "tokens": int(ids.shape[0] * (ids.shape[1] - 1)),
+            "workload": asdict(workload),
+            "device": run_device,
+            "device_name": _device_name(run_device),
+            "parent": read_parent_info(local["parent"]).get("reference"),
+            "models": results,
+            "lm_eval": lm_eval_results,
+        }
+        (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        report.write_report(staging, metrics, models={PARENT: parent.config, **{n: m.config for n, m in models.items()}})
+        summary = {}
+        for name in children:
+            for key in ("accuracy_kept", "speedup", "kl_div", "perplexity"):
+                summary[f"{name}.{key}"] = results[name][key]
+        return summary
+
+    return artifacts.run_phase(
+        EVALUATION_KIND,
+        out,
+        inputs,
+        parameters,
+        body,
+        input_kinds={"parent": CHILD_KIND, "tokens": "tokens"},
+    )
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def read_metrics(uri: str) -> dict[str, Any]:
+    """``metrics.json`` of an evaluation artifact."""
+    local = artifacts.materialize(uri, EVALUATION_KIND)
+    return json.loads((local / METRICS_FILE).read_text())
