@@ -1,7 +1,7 @@
 """Fixtures for the component tests: the project's shared fixtures plus KFP local execution.
 
 The shared fixtures (tiny parents, the SeaweedFS server) live in ``tests/conftest.py``; pytest
-only applies a conftest to its own folder, so they are imported here under the same names.
+only applies a conftest to its own folder, so every fixture defined there is re-exported here.
 """
 
 from __future__ import annotations
@@ -21,11 +21,9 @@ shared = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = shared
 _spec.loader.exec_module(shared)
 
-puzzle_cache = shared.puzzle_cache
-s3_server = shared.s3_server
-s3_bucket = shared.s3_bucket
-tiny_parent_factory = shared.tiny_parent_factory
-tiny_child = shared.tiny_child
+from _pytest.fixtures import FixtureFunctionDefinition  # noqa: E402 - pytest's own fixture type
+
+globals().update({name: obj for name, obj in vars(shared).items() if isinstance(obj, FixtureFunctionDefinition)})
 
 
 @pytest.fixture
@@ -44,3 +42,17 @@ def kfp_local(tmp_path: Path) -> Iterator[Path]:
         # Our images are not named "python...": the runner warns about it, and here it is fine.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
         yield root
+
+
+TINY_SPLITS = {"calibration": 4, "bld": 8, "score": 4, "gkd": 8, "eval": 4}
+TINY_SEQ_LEN = 32
+
+
+@pytest.fixture(scope="session")
+def tiny_tokens(tiny_child: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tokens artifact for the tiny child, from the embedded corpus (a few short sequences)."""
+    from puzzle.data import prepare
+
+    out = tmp_path_factory.mktemp("tiny-tokens") / "tokens"
+    prepare("stdlib", str(tiny_child), str(out), seq_len=TINY_SEQ_LEN, splits=TINY_SPLITS, seed=0)
+    return out

@@ -1,0 +1,35 @@
+"""The data component writes disjoint token splits with the child's tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from kfp import dsl
+
+from components.data.component import prepare_data
+
+
+def test_prepare_data_writes_every_split(tiny_child: Path, tmp_path: Path) -> None:
+    child = dsl.Model(name="child", uri=str(tiny_child), metadata={})
+    tokens = dsl.Dataset(name="tokens", uri=str(tmp_path / "tokens"), metadata={})
+    # Numbers in pipeline dicts arrive as floats; the component must accept them.
+    splits = {"calibration": 2.0, "bld": 4.0, "score": 2.0, "gkd": 2.0, "eval": 2.0}
+
+    prepare_data.python_func(child=child, source="stdlib", seq_len=16, splits=splits, tokens=tokens, seed=1)
+
+    info = json.loads((tmp_path / "tokens" / "splits.json").read_text())
+    assert {name: s["sequences"] for name, s in info["splits"].items()} == {k: int(v) for k, v in splits.items()}
+    assert info["seq_len"] == 16
+    assert tokens.metadata["kind"] == "tokens"
+    assert tokens.metadata["sequences_bld"] == 4
+
+
+def test_prepare_data_rejects_empty_split(tiny_child: Path, tmp_path: Path) -> None:
+    from puzzle.errors import PuzzleError
+
+    child = dsl.Model(name="child", uri=str(tiny_child), metadata={})
+    tokens = dsl.Dataset(name="tokens", uri=str(tmp_path / "tokens"), metadata={})
+    with pytest.raises(PuzzleError):
+        prepare_data.python_func(child=child, source="stdlib", seq_len=16, splits={"bld": 0}, tokens=tokens)
