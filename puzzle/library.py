@@ -1,0 +1,677 @@
+"""The block library: every cheaper variant of every layer's sub-blocks, initialised from the parent.
+
+Per layer, attention variants are grouped-query attention with fewer KV heads (``attn_kv<N>``),
+a single linear layer (``attn_linear``) and no-op (``attn_noop``); FFN variants are SwiGLU FFNs
+of smaller widths (``ffn_<width>``), a linear layer (``ffn_linear``) and no-op (``ffn_noop``).
+The parent's own sub-blocks (e.g. ``attn_kv3`` and ``ffn_1536`` for SmolLM2) are always in the
+library. Initialisation from the parent:
+
+* narrower FFN: keep the channels with the largest *channel contribution*
+  ``C_i = mean_t |X_t,i| * ||W_down[:, i]||_2`` over calibration tokens (``X`` = the FFN's
+  intermediate activation ``silu(gate(x)) * up(x)``);
+* fewer KV heads: each new KV head is the mean of the parent's K/V heads that its query heads
+  used (mean-pooling within merged groups);
+* linear attention: ``W_O . W_V`` (each token attends only to itself, so attention is V then O);
+* linear FFN: the least-squares map from the FFN's (normalised) input to its output on the
+  calibration tokens.
+
+The library artifact (kind ``library``) holds ``library.json`` (parent identity, search space,
+the variants of each layer and their statistics) and ``layers/layer_NNN.safetensors`` with the
+weights of every variant under ``"<variant>/<layer-relative Llama name>"``. :func:`build_library`
+writes it, :class:`Library` reads it, :func:`assemble_child` builds a child from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from puzzle import artifacts
+from puzzle.activations import LayerRunner, sub_blocks
+from puzzle.artifacts import Manifest
+from puzzle.errors import PuzzleError
+from puzzle.modeling import AttentionConfig, BlockConfig, DeciLMConfig, DeciLMForCausalLM, FFNConfig
+from puzzle.modeling.block_config import divisors
+
+log = logging.getLogger(__name__)
+
+LIBRARY_KIND = "library"
+LIBRARY_FILE = "library.json"
+LIBRARY_FORMAT = 1
+DEFAULT_FFN_FRACTIONS = (1.0, 0.875, 0.75, 0.5, 0.25, 0.2, 0.1)
+FFN_INITS = ("channel_contribution", "random")
+
+
+class SearchSpaceError(PuzzleError, ValueError):
+    """A search space that cannot be built for the parent (the message names the field and the fix)."""
+
+
+class LibraryError(PuzzleError, ValueError):
+    """A library that is missing a variant, does not match the parent, or is incomplete."""
+
+
+def layer_file(layer: int) -> str:
+    return f"layers/layer_{layer:03d}.safetensors"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchSpace:
+    """Which sub-block variants the library holds for every layer.
+
+    Attributes:
+        attention_kv_heads: KV-head counts of the GQA variants; each must divide the parent's
+            number of attention heads and be at most the parent's KV heads. None: every such
+            divisor (e.g. 8, 4, 2, 1 for Llama-3.1-8B; 3, 1 for SmolLM2).
+        attention_linear: include ``attn_linear`` (one H x H layer).
+        attention_noop: include ``attn_noop``.
+        ffn_fractions: FFN widths as fractions of the parent's width, in (0, 1].
+        ffn_linear: include ``ffn_linear`` (one H x H layer).
+        ffn_noop: include ``ffn_noop``.
+        ffn_multiple: widths are rounded to multiples of this when the parent's width is one
+            (serving engines expect multiples of 256); otherwise rounded to whole channels.
+
+    The parent's own sub-blocks are always part of the library, whatever the space says.
+    """
+
+    attention_kv_heads: tuple[int, ...] | None = None
+    attention_linear: bool = True
+    attention_noop: bool = True
+    ffn_fractions: tuple[float, ...] = DEFAULT_FFN_FRACTIONS
+    ffn_linear: bool = True
+    ffn_noop: bool = True
+    ffn_multiple: int = 256
+
+    def __post_init__(self) -> None:
+        if self.attention_kv_heads is not None:
+            kv = tuple(self.attention_kv_heads)
+            for n in kv:
+                if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+                    raise SearchSpaceError(f"space.attention_kv_heads must hold positive integers, got {n!r}")
+            object.__setattr__(self, "attention_kv_heads", kv)
+        fractions = tuple(float(f) for f in self.ffn_fractions)
+        for f in fractions:
+            if not 0.0 < f <= 1.0 or math.isnan(f):
+                raise SearchSpaceError(
+                    f"space.ffn_fractions must lie in (0, 1] (a width above the parent's is not a cheaper variant), got {f}"
+                )
+        object.__setattr__(self, "ffn_fractions", fractions)
+        if not isinstance(self.ffn_multiple, int) or self.ffn_multiple <= 0:
+            raise SearchSpaceError(f"space.ffn_multiple must be a positive integer, got {self.ffn_multiple!r}")
+
+    def kv_heads_for(self, num_attention_heads: int, parent_kv_heads: int) -> list[int]:
+        """The KV-head counts for a parent, largest first; raises on counts that cannot be built."""
+        allowed = [d for d in divisors(num_attention_heads) if d <= parent_kv_heads]
+        if self.attention_kv_heads is None:
+            return allowed
+        for n in self.attention_kv_heads:
+            if num_attention_heads % n:
+                raise SearchSpaceError(
+                    f"space.attention_kv_heads: {n} does not divide the parent's {num_attention_heads} attention "
+                    f"heads; use some of {allowed}"
+                )
+            if n > parent_kv_heads:
+                raise SearchSpaceError(
+                    f"space.attention_kv_heads: {n} is more than the parent's {parent_kv_heads} KV heads (not a "
+                    f"cheaper variant); use some of {allowed}"
+                )
+        return sorted(set(self.attention_kv_heads) | {parent_kv_heads}, reverse=True)
+
+    def ffn_widths_for(self, parent_width: int) -> list[int]:
+        """FFN widths for a parent width, largest first (the parent's own width always included)."""
+        widths = {parent_width}
+        multiple = self.ffn_multiple if parent_width % self.ffn_multiple == 0 else 1
+        for f in self.ffn_fractions:
+            width = max(multiple, int(math.floor(f * parent_width / multiple + 0.5)) * multiple)
+            widths.add(min(width, parent_width))
+        return sorted(widths, reverse=True)
+
+    def attention_variants(self, num_attention_heads: int, parent_kv_heads: int) -> list[AttentionConfig]:
+        out = [AttentionConfig(num_kv_heads=n) for n in self.kv_heads_for(num_attention_heads, parent_kv_heads)]
+        if self.attention_linear:
+            out.append(AttentionConfig(linear=True))
+        if self.attention_noop:
+            out.append(AttentionConfig(no_op=True))
+        return out
+
+    def ffn_variants(self, parent_width: int) -> list[FFNConfig]:
+        out = [FFNConfig(intermediate_size=w) for w in self.ffn_widths_for(parent_width)]
+        if self.ffn_linear:
+            out.append(FFNConfig(linear=True))
+        if self.ffn_noop:
+            out.append(FFNConfig(no_op=True))
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["attention_kv_heads"] = list(self.attention_kv_heads) if self.attention_kv_heads is not None else None
+        data["ffn_fractions"] = list(self.ffn_fractions)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SearchSpace:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise SearchSpaceError(f"unknown search space field(s) {sorted(unknown)}; known: {sorted(known)}")
+        data = dict(data)
+        if data.get("attention_kv_heads") is not None:
+            data["attention_kv_heads"] = tuple(data["attention_kv_heads"])
+        if "ffn_fractions" in data:
+            data["ffn_fractions"] = tuple(data["ffn_fractions"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ParentShape:
+    """What a library must agree on with its parent."""
+
+    hidden_size: int
+    num_attention_heads: int
+    head_dim: int
+    num_hidden_layers: int
+    vocab_size: int
+    blocks: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def of(cls, config: DeciLMConfig) -> ParentShape:
+        return cls(
+            hidden_size=config.hidden_size,
+            num_attention_heads=config.num_attention_heads,
+            head_dim=config.head_dim,
+            num_hidden_layers=config.num_hidden_layers,
+            vocab_size=config.vocab_size,
+            blocks=tuple(b.name for b in config.blocks),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["blocks"] = list(self.blocks)
+        return data
+
+
+def parent_blocks(config: DeciLMConfig) -> list[BlockConfig]:
+    """The parent's blocks; every layer must be a full GQA + SwiGLU layer."""
+    blocks = config.blocks
+    for index, block in enumerate(blocks):
+        if not (block.attention.is_gqa and block.ffn.is_mlp):
+            raise LibraryError(
+                f"layer {index} of the parent is {block.name}: a library is built from a parent whose layers are all "
+                "full attention + FFN blocks (convert the original parent with `puzzle convert`)"
+            )
+    return blocks
+
+
+# --------------------------------------------------------------------------- initialisation
+
+
+def pool_kv_heads(weight: torch.Tensor, *, num_heads: int, parent_kv: int, new_kv: int, head_dim: int) -> torch.Tensor:
+    """K or V projection (weight [kv*hd, H] or bias [kv*hd]) with ``new_kv`` heads by mean-pooling.
+
+    New KV head ``j`` serves query heads ``j*g' .. (j+1)*g' - 1``; it becomes the mean of the
+    parent KV heads those query heads used (so merging groups of a GQA parent averages them).
+    """
+    per_head = weight.reshape(parent_kv, head_dim, *weight.shape[1:])
+    parent_group, new_group = num_heads // parent_kv, num_heads // new_kv
+    source = torch.arange(num_heads) // parent_group  # parent KV head of every query head
+    pooled = torch.stack([per_head[source[j * new_group : (j + 1) * new_group]].mean(0) for j in range(new_kv)])
+    return pooled.reshape(new_kv * head_dim, *weight.shape[1:]).contiguous()
+
+
+def linear_attention_weight(state: dict[str, torch.Tensor], *, num_heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """``W_O . W_V`` with V repeated per query head: attention where each token sees only itself."""
+    v = state["self_attn.v_proj.weight"]
+    hidden = v.shape[1]
+    v_per_query = v.reshape(kv_heads, head_dim, hidden).repeat_interleave(num_heads // kv_heads, dim=0)
+    return (state["self_attn.o_proj.weight"] @ v_per_query.reshape(num_heads * head_dim, hidden)).contiguous()
+
+
+def narrow_ffn(state: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The parent FFN restricted to the intermediate channels ``keep`` (sorted indices)."""
+    out = {"post_attention_layernorm.weight": state["post_attention_layernorm.weight"].clone()}
+    for name in ("gate_proj", "up_proj"):
+        out[f"mlp.{name}.weight"] = state[f"mlp.{name}.weight"][keep].contiguous()
+        if f"mlp.{name}.bias" in state:
+            out[f"mlp.{name}.bias"] = state[f"mlp.{name}.bias"][keep].contiguous()
+    out["mlp.down_proj.weight"] = state["mlp.down_proj.weight"][:, keep].contiguous()
+    if "mlp.down_proj.bias" in state:
+        out["mlp.down_proj.bias"] = state["mlp.down_proj.bias"].clone()
+    return out
+
+
+def channel_contribution(mean_abs_activation: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
+    """``C_i = mean_t |X_t,i| * ||W_down[:, i]||_2`` for every intermediate channel ``i``."""
+    return mean_abs_activation * down_weight.float().norm(dim=0)
+
+
+def least_squares_map(xtx: torch.Tensor, xty: torch.Tensor) -> torch.Tensor:
+    """``W`` minimising ``||X W^T - Y||^2`` from the sufficient statistics, lightly ridge-regularised."""
+    ridge = 1e-6 * xtx.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(xtx.shape[0], dtype=xtx.dtype)
+    return torch.linalg.solve(xtx + ridge * eye, xty).T.contiguous()
+
+
+@dataclass
+class _Calibration:
+    tokens: int = 0
+    abs_activation: dict[int, torch.Tensor] = field(default_factory=dict)
+    xtx: dict[int, torch.Tensor] = field(default_factory=dict)
+    xty: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def calibrate(
+    model: DeciLMForCausalLM, input_ids: torch.Tensor, layers: list[int], *, batch_size: int = 8,
+    need_abs: bool = True, need_lstsq: bool = True,
+) -> _Calibration:
+    """Statistics of the parent's FFNs on calibration tokens (one pass through the parent)."""
+    runner = LayerRunner(model)
+    device = next(model.parameters()).device
+    stats = _Calibration()
+    wanted = set(layers)
+    last = max(layers)
+    bar = tqdm(total=input_ids.numel(), desc="calibration", unit="tok", unit_scale=True, leave=False)
+    for start in range(0, input_ids.shape[0], batch_size):
+        batch = input_ids[start : start + batch_size].to(device)
+        hidden, ctx = runner.embed(batch)
+        stats.tokens += batch.numel()
+        for index in range(last + 1):
+            layer = runner.layers[index]
+            if index in wanted:
+                mid = hidden + sub_blocks(layer, hidden, ctx).attn_delta
+                x = layer.post_attention_layernorm(mid)
+                mlp = layer.mlp
+                inter = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+                if need_abs:
+                    acc = inter.abs().double().sum(dim=(0, 1)).cpu()
+                    stats.abs_activation[index] = stats.abs_activation.get(index, 0) + acc
+                if need_lstsq:
+                    flat_x = x.reshape(-1, x.shape[-1]).double().cpu()
+                    flat_y = mlp.down_proj(inter).reshape(-1, x.shape[-1]).double().cpu()
+                    stats.xtx[index] = stats.xtx.get(index, 0) + flat_x.T @ flat_x
+                    stats.xty[index] = stats.xty.get(index, 0) + flat_x.T @ flat_y
+            hidden = runner.layer(index, hidden, ctx)
+        bar.update(batch.numel())
+    bar.close()
+    return stats
+
+
+def _layer_state(model: DeciLMForCausalLM, index: int) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in model.model.layers[index].state_dict().items()}
+
+
+def attention_weights(state: dict[str, torch.Tensor], variant: AttentionConfig, config: DeciLMConfig,
+                      parent_kv: int) -> dict[str, torch.Tensor]:
+    """Initial weights of an attention variant from the parent layer's ``state``."""
+    if variant.no_op:
+        return {}
+    norm = {"input_layernorm.weight": state["input_layernorm.weight"].clone()}
+    heads, head_dim = config.num_attention_heads, config.head_dim
+    if variant.linear:
+        return {**norm, "self_attn.linear_attn.weight": linear_attention_weight(
+            state, num_heads=heads, kv_heads=parent_kv, head_dim=head_dim)}
+    out = {**norm}
+    for name, tensor in state.items():
+        if not name.startswith("self_attn."):
+            continue
+        if name.startswith(("self_attn.k_proj.", "self_attn.v_proj.")) and variant.num_kv_heads != parent_kv:
+            tensor = pool_kv_heads(tensor, num_heads=heads, parent_kv=parent_kv, new_kv=variant.num_kv_heads,
+                                   head_dim=head_dim)
+        out[name] = tensor.clone()
+    return out
+
+
+def ffn_weights(state: dict[str, torch.Tensor], variant: FFNConfig, parent_width: int, *, ranking: torch.Tensor | None,
+                linear: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Initial weights of an FFN variant: ``ranking`` orders channels best first; ``linear`` is the LS map."""
+    if variant.no_op:
+        return {}
+    if variant.linear:
+        assert linear is not None
+        return {"post_attention_layernorm.weight": state["post_attention_layernorm.weight"].clone(),
+                "mlp.linear_mlp.weight": linear.float()}
+    width = variant.intermediate_size
+    if width == parent_width:
+        return {k: v.clone() for k, v in state.items() if k.startswith(("mlp.", "post_attention_layernorm."))}
+    assert ranking is not None
+    keep = ranking[:width].sort().values
+    return narrow_ffn(state, keep)
+
+
+# --------------------------------------------------------------------------- the artifact
+
+
+class Library:
+    """A block library artifact (local directory or ``s3://``, downloaded once and verified)."""
+
+    def __init__(self, uri: str, local: Path, meta: dict[str, Any]) -> None:
+        self.uri = uri
+        self.local = local
+        self.meta = meta
+
+    @classmethod
+    def open(cls, uri: str | Path) -> Library:
+        local = artifacts.materialize(str(uri), LIBRARY_KIND)
+        meta = json.loads((local / LIBRARY_FILE).read_text())
+        if meta.get("format_version", 0) > LIBRARY_FORMAT:
+            raise LibraryError(f"library {uri} has format {meta['format_version']}, newer than this package's")
+        return cls(str(uri), local, meta)
+
+    @property
+    def partial(self) -> bool:
+        """True for one BLD shard's output: only that shard's variants; merge the shards first."""
+        return bool(self.meta.get("partial"))
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(int(k) for k in self.meta["layers"])
+
+    @property
+    def parent_shape(self) -> ParentShape:
+        data = dict(self.meta["parent"]["shape"])
+        data["blocks"] = tuple(data.get("blocks", ()))
+        return ParentShape(**data)
+
+    def parent_block(self, layer: int) -> BlockConfig:
+        return BlockConfig.from_name(self.parent_shape.blocks[layer])
+
+    def _layer(self, layer: int) -> dict[str, Any]:
+        try:
+            return self.meta["layers"][str(layer)]
+        except KeyError:
+            raise LibraryError(f"library {self.uri} has no layer {layer} (it has layers {self.layers})") from None
+
+    def variants(self, layer: int) -> list[str]:
+        """Sub-block variant names of a layer: attention variants first, then FFN variants."""
+        return [name for name, info in self._layer(layer)["variants"].items() if info["kind"] in ("attention", "ffn")]
+
+    def attention_variants(self, layer: int) -> list[str]:
+        return [n for n, i in self._layer(layer)["variants"].items() if i["kind"] == "attention"]
+
+    def ffn_variants(self, layer: int) -> list[str]:
+        return [n for n, i in self._layer(layer)["variants"].items() if i["kind"] == "ffn"]
+
+    def coupled_blocks(self, layer: int) -> list[str]:
+        """Block names (``attn+ffn``) trained together by coupled BLD in this layer."""
+        return [n for n, i in self._layer(layer)["variants"].items() if i["kind"] == "block"]
+
+    def info(self, layer: int, variant: str) -> dict[str, Any]:
+        """Statistics of one variant (init method, parameter count, BLD losses when trained)."""
+        variants = self._layer(layer)["variants"]
+        if variant not in variants:
+            raise LibraryError(f"library {self.uri} has no variant {variant!r} in layer {layer}; it has {list(variants)}")
+        return variants[variant]
+
+    def load(self, layer: int, variant: str) -> dict[str, torch.Tensor]:
+        """A variant's weights with layer-relative Llama names (empty for no-op variants)."""
+        from safetensors import safe_open
+
+        self.info(layer, variant)
+        path = self.local / layer_file(layer)
+        prefix = f"{variant}/"
+        out: dict[str, torch.Tensor] = {}
+        if not path.exists():
+            return out
+        with safe_open(str(path), framework="pt") as fh:
+            for key in fh.keys():
+                if key.startswith(prefix):
+                    out[key[len(prefix) :]] = fh.get_tensor(key)
+        return out
+
+    def check_parent(self, config: DeciLMConfig, parent_hash: str | None = None, *, where: str = "parent") -> None:
+        """Raise :class:`LibraryError` when the library was not built for this parent."""
+        if self.partial:
+            raise LibraryError(
+                f"library {self.uri} is one BLD shard's output; merge the shards first (`puzzle bld merge`)"
+            )
+        mine, theirs = self.parent_shape, ParentShape.of(config)
+        for name in ("hidden_size", "num_attention_heads", "head_dim", "num_hidden_layers", "vocab_size", "blocks"):
+            a, b = getattr(mine, name), getattr(theirs, name)
+            if a != b:
+                shown = (a, b) if name != "blocks" else (sorted(set(a)), sorted(set(b)))
+                raise LibraryError(
+                    f"library {self.uri} does not match the {where}: {name} is {shown[0]} in the library but "
+                    f"{shown[1]} in the {where}; use the parent the library was built from "
+                    f"({self.meta['parent'].get('uri')})"
+                )
+        recorded = self.meta["parent"].get("hash")
+        if parent_hash is not None and recorded is not None and parent_hash != recorded:
+            raise LibraryError(
+                f"library {self.uri} was built from other weights than the {where} (content hash "
+                f"{recorded[:12]} vs {parent_hash[:12]}); use the parent it was built from "
+                f"({self.meta['parent'].get('uri')}) or rebuild the library"
+            )
+
+
+def _read_child_config(child: str) -> tuple[Path, DeciLMConfig]:
+    from puzzle.child import child_dir
+
+    local = child_dir(child)
+    return local, DeciLMConfig.from_pretrained(local)
+
+
+def plan_layers(config: DeciLMConfig, space: SearchSpace, layers: list[int] | None) -> dict[int, list[str]]:
+    """Variant names per layer for a parent; every error is raised here, before any weights load."""
+    blocks = parent_blocks(config)
+    chosen = list(range(config.num_hidden_layers)) if layers is None else list(layers)
+    if not chosen:
+        raise SearchSpaceError("layers is empty: pass None for every layer or a list of layer indices")
+    for index in chosen:
+        if not isinstance(index, int) or not 0 <= index < config.num_hidden_layers:
+            raise SearchSpaceError(f"layers: {index!r} is not a layer of the parent (0..{config.num_hidden_layers - 1})")
+    if len(set(chosen)) != len(chosen):
+        raise SearchSpaceError(f"layers lists a layer twice: {chosen}")
+    plan = {}
+    for index in sorted(chosen):
+        block = blocks[index]
+        attn = space.attention_variants(config.num_attention_heads, block.attention.num_kv_heads)
+        ffn = space.ffn_variants(block.ffn.intermediate_size)
+        plan[index] = [v.name for v in attn] + [v.name for v in ffn]
+    return plan
+
+
+def _param_count(state: dict[str, torch.Tensor]) -> int:
+    return int(sum(t.numel() for t in state.values()))
+
+
+def build_library(
+    child: str,
+    tokens: str,
+    out: str,
+    *,
+    space: SearchSpace,
+    layers: list[int] | None = None,
+    ffn_init: str = "channel_contribution",
+    calibration_split: str = "calibration",
+    batch_size: int = 8,
+    seed: int = 0,
+    device: str | None = None,
+) -> Manifest:
+    """Phase: initialise every variant of every layer from the parent and write the library.
+
+    Args:
+        child: the parent as an all-parent child artifact (``puzzle convert``).
+        tokens: a tokens artifact with a ``calibration_split`` split (channel contribution and the
+            linear FFN's least squares use it).
+        out: where to write the ``library`` artifact.
+        space: which variants to build (validated against the parent before any work).
+        layers: only these layers (default: all).
+        ffn_init: ``"channel_contribution"`` (the method) or ``"random"`` (same number of random
+            channels, seeded; a baseline for comparisons).
+        batch_size: calibration sequences per forward pass.
+        seed: for ``ffn_init="random"``.
+        device: where the parent runs (default: CUDA when available, else CPU).
+    """
+    from puzzle.data import read_splits
+
+    if ffn_init not in FFN_INITS:
+        raise SearchSpaceError(f"ffn_init must be one of {FFN_INITS}, got {ffn_init!r}")
+    _, config = _read_child_config(child)
+    plan = plan_layers(config, space, layers)
+    splits = read_splits(tokens)["splits"]
+    if calibration_split not in splits:
+        raise LibraryError(
+            f"tokens {tokens} have no {calibration_split!r} split (they have {sorted(splits)}): re-run "
+            f"`puzzle data prepare` with --split {calibration_split}=N"
+        )
+    parameters = {
+        "space": space.to_json(), "layers": sorted(plan), "ffn_init": ffn_init, "calibration_split": calibration_split,
+        "batch_size": batch_size, "seed": seed,
+    }
+
+    def body(staging: Path, local: dict[str, Path]) -> dict[str, Any]:
+        from safetensors.torch import save_file
+
+        from puzzle.child import load_child
+        from puzzle.data import load_split
+
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = load_child(str(local["child"]), dtype="float32", device=dev)
+        blocks = config.blocks
+        need_linear = any("ffn_linear" in names for names in plan.values())
+        need_rank = ffn_init == "channel_contribution" and any(
+            n.startswith("ffn_") and n[4:].isdigit() and int(n[4:]) < blocks[i].ffn.intermediate_size
+            for i, names in plan.items() for n in names
+        )
+        ids = load_split(str(local["tokens"]), calibration_split)
+        stats = calibrate(model, ids, sorted(plan), batch_size=batch_size, need_abs=need_rank, need_lstsq=need_linear)
+        generator = torch.Generator().manual_seed(seed)
+        (staging / "layers").mkdir(exist_ok=True)
+        layers_meta: dict[str, Any] = {}
+        total = 0
+        for index in tqdm(sorted(plan), desc="library", unit="layer", leave=False):
+            state = _layer_state(model, index)
+            parent = blocks[index]
+            width = parent.ffn.intermediate_size
+            ranking = None
+            if need_rank:
+                mean_abs = (stats.abs_activation[index] / stats.tokens).float()
+                ranking = channel_contribution(mean_abs, state["mlp.down_proj.weight"]).argsort(descending=True)
+            elif ffn_init == "random":
+                ranking = torch.randperm(width, generator=generator)
+            linear = least_squares_map(stats.xtx[index], stats.xty[index]) if need_linear else None
+            tensors: dict[str, torch.Tensor] = {}
+            variants: dict[str, Any] = {}
+            for name in plan[index]:
+                if name.startswith("attn_"):
+                    variant = AttentionConfig.from_name(name)
+                    weights = attention_weights(state, variant, config, parent.attention.num_kv_heads)
+                    is_parent = variant == parent.attention
+                    init = "parent" if is_parent else "none" if variant.no_op else (
+                        "linear_wo_wv" if variant.linear else "mean_pooled_kv")
+                    kind = "attention"
+                else:
+                    variant = FFNConfig.from_name(name)
+                    weights = ffn_weights(state, variant, width, ranking=ranking, linear=linear)
+                    is_parent = variant == parent.ffn
+                    init = "parent" if is_parent else "none" if variant.no_op else (
+                        "least_squares" if variant.linear else ffn_init)
+                    kind = "ffn"
+                tensors.update({f"{name}/{k}": v.float().contiguous() for k, v in weights.items()})
+                variants[name] = {"kind": kind, "parent": is_parent, "init": init, "params": _param_count(weights),
+                                  "trained": False}
+            if tensors:
+                save_file(tensors, str(staging / layer_file(index)))
+            total += len(variants)
+            layers_meta[str(index)] = {"variants": variants}
+        meta = {
+            "format_version": LIBRARY_FORMAT,
+            "partial": False,
+            "parent": {"uri": child, "hash": artifacts.fingerprint(child), "shape": ParentShape.of(config).to_json()},
+            "space": space.to_json(),
+            "ffn_init": ffn_init,
+            "calibration": {"split": calibration_split, "tokens": stats.tokens},
+            "layers": layers_meta,
+            "bld": None,
+        }
+        (staging / LIBRARY_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        log.info("library: %d variants over %d layers, calibrated on %d tokens", total, len(plan), stats.tokens)
+        return {"layers": len(plan), "variants": total, "calibration_tokens": stats.tokens, "trained": False}
+
+    return artifacts.run_phase(
+        LIBRARY_KIND, out, {"child": child, "tokens": tokens}, parameters, body,
+        input_kinds={"child": "child", "tokens": "tokens"},
+    )
+
+
+# --------------------------------------------------------------------------- assembling children
+
+
+def _non_layer_state(model: DeciLMForCausalLM) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("model.layers.")}
+
+
+def block_state(library: Library, layer: int, block: BlockConfig,
+                parent_layer: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Layer-relative weights for ``block`` in ``layer``: a coupled entry when the library has one,
+    else the attention and FFN variants (the parent's own sub-blocks may come from ``parent_layer``)."""
+    in_library = layer in library.layers
+    if in_library and block.name in library.coupled_blocks(layer):
+        return library.load(layer, block.name)
+    parent = library.parent_block(layer)
+    state: dict[str, torch.Tensor] = {}
+    for sub, own, prefixes in (
+        (block.attention, parent.attention, ("input_layernorm.", "self_attn.")),
+        (block.ffn, parent.ffn, ("post_attention_layernorm.", "mlp.")),
+    ):
+        if in_library and sub.name in library.variants(layer):
+            state.update(library.load(layer, sub.name))
+        elif sub == own and parent_layer is not None:
+            state.update({k: v for k, v in parent_layer.items() if k.startswith(prefixes)})
+        elif sub.no_op:
+            continue
+        else:
+            have = library.variants(layer) if in_library else []
+            raise LibraryError(
+                f"layer {layer}: variant {sub.name} is not in library {library.uri} (layer {layer} has {have or 'no variants'})"
+            )
+    return state
+
+
+def assemble_child(
+    parent: str | DeciLMForCausalLM, library: str | Library, blocks: list[BlockConfig], *, check_hash: bool = True
+) -> DeciLMForCausalLM:
+    """A child with the given per-layer ``blocks``, its weights taken from the library.
+
+    Embeddings, final norm and LM head come from the parent (an all-parent child artifact URI or
+    the loaded model); layers outside the library must use the parent's own block. The child has
+    the parent's dtype and device.
+    """
+    from puzzle.child import child_config_like, load_child
+
+    lib = library if isinstance(library, Library) else Library.open(library)
+    if isinstance(parent, DeciLMForCausalLM):
+        model = parent
+        lib.check_parent(model.config)
+    else:
+        model = load_child(parent, dtype="float32")
+        lib.check_parent(model.config, artifacts.fingerprint(parent) if check_hash else None)
+    if len(blocks) != model.config.num_hidden_layers:
+        raise LibraryError(f"blocks has {len(blocks)} entries; the parent has {model.config.num_hidden_layers} layers")
+    config = child_config_like(model.config, list(blocks))
+    config._attn_implementation = model.config._attn_implementation
+    param = next(model.parameters())
+    state = _non_layer_state(model)
+    for index, block in enumerate(blocks):
+        parent_layer = model.model.layers[index].state_dict()
+        for key, value in block_state(lib, index, block, parent_layer).items():
+            state[f"model.layers.{index}.{key}"] = value.to(device=param.device, dtype=param.dtype)
+    with torch.device("meta"):
+        child = DeciLMForCausalLM(config)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = child.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise LibraryError(f"assembled weights do not fit the child: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if config.tie_word_embeddings:
+        child.tie_weights()
+    child.model.rotary_emb = type(child.model.rotary_emb)(config).to(param.device)
+    child.generation_config = model.generation_config
+    return child.eval()
