@@ -155,3 +155,16 @@ def smollm2_child(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("smollm2") / "child"
     convert("smollm2", str(out))
     return out
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory):
+    """A real MLflow server (SQLite backend, artifacts in a SeaweedFS bucket, webhooks enabled
+    for loopback delivery); started once per session (~10-20 s). See tests/mlflow_server.py."""
+    from mlflow_server import start_mlflow
+
+    bucket = f"mlflow-{uuid.uuid4().hex[:8]}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    server = start_mlflow(tmp_path_factory.mktemp("mlflow"), s3_server, bucket)
+    yield server
+    server.stop()

@@ -1,0 +1,245 @@
+"""MLflow tracking: a Puzzle run's phases logged to a real MLflow server with artifacts on real S3."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from puzzle import artifacts, tracking
+
+# --------------------------------------------------------------------------- no server needed
+
+
+def test_tracking_is_a_no_op_without_a_tracking_uri(monkeypatch, tiny_child: Path) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with tracking.pipeline_run({"parent": "x", "tracking": {"uri": None}}, "no-tracking") as run:
+        assert run is None
+        assert tracking.active_run() is None
+        assert tracking.log_phase("child", str(tiny_child)) is None
+        tracking.log_metrics({"a": 1.0})
+        tracking.log_metrics_history([{"step": 1, "loss": 1.0}], prefix="gkd/")
+
+
+def test_tracking_uri_precedence_and_run_dir(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_tracking_uri(None) is None
+    assert tracking.resolve_tracking_uri("http://cfg:5000") == "http://cfg:5000"
+    assert tracking.resolve_tracking_uri("run-dir", str(tmp_path / "out")) == f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert tracking.resolve_tracking_uri("http://cfg:5000") == "http://env:5000"
+    assert tracking.resolve_tracking_uri("http://cfg:5000", override="http://arg:5000") == "http://arg:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(tracking.TrackingError, match="tracking.uri 'run-dir'.*S3"):
+        tracking.resolve_tracking_uri("run-dir", "s3://bucket/prefix")
+
+
+def test_flatten_and_history_file_discovery(tmp_path: Path) -> None:
+    assert tracking.flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": "x"}) == {"a.b": 1, "a.c.d": [1, 2], "e": "x"}
+    (tmp_path / "gkd_history.json").write_text(json.dumps([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]))
+    assert [r["loss"] for r in tracking._find_history(tmp_path)] == [2.0, 1.5]
+
+
+# --------------------------------------------------------------------------- phase artifacts
+# Real phases where they exist (convert, tokens, GKD); the scoring, cost, search and evaluation
+# artifacts are written through run_phase in the formats of docs/ARCHITECTURE.md.
+
+
+def _write_png(path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.imshow([[0.1, 0.5], [0.3, 0.9]])
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _phase(kind: str, out: Path, files: dict[str, Any], summary: dict[str, Any], inputs: dict[str, str]) -> str:
+    def body(staging: Path, _local: dict[str, Path]) -> dict[str, Any]:
+        for name, content in files.items():
+            if name.endswith(".png"):
+                _write_png(staging / name)
+            elif isinstance(content, str):
+                (staging / name).write_text(content)
+            else:
+                (staging / name).write_text(json.dumps(content, indent=1))
+        return summary
+
+    artifacts.run_phase(kind, str(out), inputs, {"source": "test"}, body)
+    return str(out)
+
+
+LAYERS, VARIANTS = 3, ["attn_kv2+ffn_256", "attn_kv1+ffn_256", "attn_noop+ffn_128"]
+
+
+def _score_rows() -> list[dict[str, Any]]:
+    return [
+        {"layer": layer, "variant": v, "kl_div": 0.01 * (layer + 1) * (i + 1), "lm_loss": 5.0 + 0.1 * i}
+        for layer in range(LAYERS)
+        for i, v in enumerate(VARIANTS)
+    ]
+
+
+@pytest.fixture(scope="module")
+def phase_artifacts(tiny_child: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    from puzzle import data, distill
+
+    root = tmp_path_factory.mktemp("phases")
+    tokens = str(root / "tokens")
+    data.prepare("stdlib", str(tiny_child), tokens, seq_len=32, splits={"gkd": 8, "eval": 4}, seed=0)
+    gkd = str(root / "gkd")
+    distill.distill(str(tiny_child), str(tiny_child), tokens, gkd, token_budget=4 * 2 * 32, batch_size=2, device="cpu")
+    inputs = {"child": str(tiny_child)}
+    rows = _score_rows()
+    csv_text = "layer,variant,kl_div,lm_loss\n" + "".join(
+        f"{r['layer']},{r['variant']},{r['kl_div']},{r['lm_loss']}\n" for r in rows
+    )
+    scores = _phase("scores", root / "scores", {"scores.csv": csv_text, "scores.json": rows, "heatmap.png": None}, {"rows": len(rows)}, inputs)
+    costs = _phase(
+        "costs",
+        root / "costs",
+        {
+            "costs.json": {
+                "hardware": {"name": "cpu-test", "device": "cpu", "dtype": "float32", "torch": "2.13.0"},
+                "workload": {"batch_sizes": [1, 4], "prompt_len": 64, "gen_len": 32},
+                "costs": [
+                    {"layer": layer, "subblock": v, "prefill_s": 1e-4 * (i + 1), "decode_s": 1e-5 * (i + 1), "memory_bytes": 1000 * (i + 1)}
+                    for layer in range(LAYERS)
+                    for i, v in enumerate(["attn_kv2", "attn_kv1", "ffn_256"])
+                ],
+            }
+        },
+        {"entries": 9},
+        inputs,
+    )
+    solutions = _phase(
+        "solutions",
+        root / "solutions",
+        {
+            "solutions.json": {
+                "solutions": [
+                    {"choices": [VARIANTS[i % 3]] * LAYERS, "objective": 0.05 * (i + 1), "totals": {"throughput": 100.0 + 10 * i, "memory": 5e6}}
+                    for i in range(3)
+                ]
+            },
+            "pareto.csv": "objective,throughput\n0.05,100\n0.1,110\n",
+            "pareto.png": None,
+        },
+        {"num_solutions": 3},
+        inputs,
+    )
+    evaluation = _phase(
+        "evaluation",
+        root / "evaluation",
+        {
+            "metrics.json": {"accuracy_kept": 0.95, "speedup": 1.6, "child": {"kl_div": 0.12, "perplexity": 41.0}},
+            "report.html": "<html><body><h1>Puzzle evaluation</h1></body></html>",
+            "report.md": "# Puzzle evaluation\n",
+        },
+        {"accuracy_kept": 0.95},
+        inputs,
+    )
+    return {"scores": scores, "costs": costs, "solutions": solutions, "gkd": gkd, "evaluation": evaluation, "tokens": tokens}
+
+
+CONFIG = {
+    "parent": "tiny-llama",
+    "output": "/tmp/unused",
+    "gkd": {"lr": 1e-4, "token_budget": 256},
+    "search": {"constraints": ["throughput>=1.5x"]},
+    "tracking": {"uri": None, "experiment": "puzzle-tracking-test"},
+}
+
+
+@pytest.mark.integration
+def test_a_puzzle_run_logs_every_phase_to_mlflow_with_artifacts_on_s3(
+    mlflow_server, s3_server, phase_artifacts: dict[str, str], monkeypatch
+) -> None:
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.setenv("KFP_RUN_ID", "kfp-run-123")
+    with tracking.pipeline_run(CONFIG, "tiny-puzzle", close=True) as run:
+        assert run is not None and tracking.active_run() is run
+        ids = {kind: tracking.log_phase(kind if kind != "gkd" else "child", uri, name=kind) for kind, uri in phase_artifacts.items()}
+        # Logging the same artifact again (a retried step) creates nothing new.
+        assert tracking.log_phase("scores", phase_artifacts["scores"], name="scores") == ids["scores"]
+
+    client = MlflowClient(mlflow_server.url)
+    top = client.get_run(run.run_id)
+    assert top.info.status == "FINISHED"
+    assert top.data.tags[tracking.TAG_KFP_RUN_ID] == "kfp-run-123"
+    assert top.data.params["gkd.lr"] == "0.0001"
+    assert json.loads(top.data.params["search.constraints"]) == ["throughput>=1.5x"]
+    nested = client.search_runs([run.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.run_id}'")
+    assert sorted(r.data.tags[tracking.TAG_PHASE] for r in nested) == sorted(phase_artifacts)
+
+    # Scores: a table with one row per (layer, variant), and the heatmap.
+    table = client.load_table(run.experiment_id, "tables/scores.json", run_ids=[ids["scores"]])
+    assert len(table) == LAYERS * len(VARIANTS)
+    assert {"layer", "variant", "kl_div", "lm_loss"} <= set(table.columns)
+    assert table["kl_div"].max() == pytest.approx(max(r["kl_div"] for r in _score_rows()))
+    assert "files/heatmap.png" in {a.path for a in client.list_artifacts(ids["scores"], "files")}
+
+    # Costs: a table per hardware target, hardware identity and workload as params.
+    costs_run = client.get_run(ids["costs"])
+    assert costs_run.data.params["hardware.name"] == "cpu-test"
+    assert json.loads(costs_run.data.params["workload.batch_sizes"]) == [1, 4]
+    costs = client.load_table(run.experiment_id, "tables/costs_cpu-test.json", run_ids=[ids["costs"]])
+    assert len(costs) == 9 and "decode_s" in costs.columns
+
+    # Solutions: every solution with its choices and constraint totals, plus the Pareto plot.
+    sols = client.load_table(run.experiment_id, "tables/solutions.json", run_ids=[ids["solutions"]])
+    assert len(sols) == 3
+    assert {"objective", "totals.throughput", "choices"} <= set(sols.columns)
+    assert "files/pareto.png" in {a.path for a in client.list_artifacts(ids["solutions"], "files")}
+
+    # GKD: the loss curve as step metrics, one point per training step.
+    history = json.loads((Path(phase_artifacts["gkd"]) / "gkd_history.json").read_text())
+    curve = client.get_metric_history(ids["gkd"], "gkd/loss")
+    assert [m.step for m in sorted(curve, key=lambda m: m.step)] == [r["step"] for r in history]
+    assert len(history) >= 2
+
+    # Evaluation: metrics on the phase run and on the pipeline run, and the report.
+    assert client.get_run(ids["evaluation"]).data.metrics["child.kl_div"] == pytest.approx(0.12)
+    assert top.data.metrics["accuracy_kept"] == pytest.approx(0.95)
+    assert "report/report.html" in {a.path for a in client.list_artifacts(run.run_id, "report")}
+
+    # Everything went through the server's artifact proxy into the S3 bucket.
+    keys = [
+        o["Key"]
+        for page in s3_server.client().get_paginator("list_objects_v2").paginate(Bucket=mlflow_server.bucket)
+        for o in page.get("Contents", [])
+    ]
+    assert any(k.endswith(f"{ids['scores']}/artifacts/tables/scores.json") for k in keys)
+    assert any(k.endswith(f"{ids['scores']}/artifacts/files/heatmap.png") for k in keys)
+    assert any(k.endswith(f"{run.run_id}/artifacts/report/report.html") for k in keys)
+    # Weights never go to the tracking store (only reports and tables).
+    assert not any(k.endswith(".safetensors") for k in keys if ids["gkd"] in k)
+
+
+@pytest.mark.integration
+def test_kfp_components_share_one_mlflow_run(mlflow_server, phase_artifacts: dict[str, str], monkeypatch) -> None:
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.delenv("KFP_RUN_ID", raising=False)
+    config = {**CONFIG, "tracking": {"uri": None, "experiment": "puzzle-kfp-test"}}
+    # Two components of the same KFP run, each in its own "process": one MLflow run, left open.
+    with tracking.pipeline_run(config, "kfp", kfp_run_id="kfp-abc") as first:
+        first.log_phase("scores", phase_artifacts["scores"])
+    with tracking.pipeline_run(config, "kfp", kfp_run_id="kfp-abc") as second:
+        second.log_phase("costs", phase_artifacts["costs"])
+    assert first.run_id == second.run_id
+    client = MlflowClient(mlflow_server.url)
+    assert client.get_run(first.run_id).info.status == "RUNNING"
+    # The exit handler closes it with the pipeline's outcome.
+    assert tracking.finish_pipeline_run("kfp-abc", "FAILED", experiment="puzzle-kfp-test") == first.run_id
+    assert client.get_run(first.run_id).info.status == "FAILED"
+    nested = client.search_runs([first.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{first.run_id}'")
+    assert sorted(r.data.tags[tracking.TAG_KIND] for r in nested) == ["costs", "scores"]
