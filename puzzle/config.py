@@ -581,6 +581,9 @@ def _check_dtype(path: str, value: str) -> None:
 # --------------------------------------------------------------------------- typed parsing
 
 
+_YAML11_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -634,6 +637,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             _fail(path, f"must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_FLOAT.match(value.strip()):
+            return float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(path, f"must be a number, got {value!r}")
         return float(value)
