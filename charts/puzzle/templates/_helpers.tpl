@@ -1,0 +1,211 @@
+{{/* Names and labels shared by every template. */}}
+
+{{- define "puzzle.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "puzzle.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "puzzle.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "puzzle.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: puzzle
+{{- end }}
+
+{{- define "puzzle.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "puzzle.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "puzzle.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "puzzle.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name: name an existing ServiceAccount when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The namespace KFP runs are submitted to (the Kubeflow profile). */}}
+{{- define "puzzle.kfpNamespace" -}}
+{{- default .Release.Namespace .Values.kfp.namespace }}
+{{- end }}
+
+{{- define "puzzle.image" -}}
+{{- $ref := printf "%s/%s:%s" (trimSuffix "/" .Values.image.registry) .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" $ref .Values.image.digest }}
+{{- else }}
+{{- $ref }}
+{{- end }}
+{{- end }}
+
+{{/* Secret names: the referenced existing Secret, or the one the chart creates. */}}
+{{- define "puzzle.webhookSecretName" -}}
+{{- if .Values.secrets.webhook.existingSecret }}
+{{- .Values.secrets.webhook.existingSecret }}
+{{- else if .Values.secrets.webhook.create }}
+{{- printf "%s-webhook" (include "puzzle.fullname" .) }}
+{{- else }}
+{{- fail "secrets.webhook: set existingSecret to the name of a Secret holding the webhook secret, or create: true" }}
+{{- end }}
+{{- end }}
+
+{{- define "puzzle.s3SecretName" -}}
+{{- if .Values.secrets.s3.existingSecret }}
+{{- .Values.secrets.s3.existingSecret }}
+{{- else if .Values.secrets.s3.create }}
+{{- printf "%s-s3" (include "puzzle.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "puzzle.mlflowSecretName" -}}
+{{- if .Values.secrets.mlflow.existingSecret }}
+{{- .Values.secrets.mlflow.existingSecret }}
+{{- else if .Values.secrets.mlflow.create }}
+{{- printf "%s-mlflow" (include "puzzle.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "puzzle.webhookUrl" -}}
+{{- if .Values.setup.webhook.url }}
+{{- .Values.setup.webhook.url }}
+{{- else }}
+{{- printf "http://%s.%s.svc.cluster.local:%d%s" (include "puzzle.fullname" .) .Release.Namespace (int .Values.service.port) .Values.trigger.webhookPath }}
+{{- end }}
+{{- end }}
+
+{{- define "puzzle.pipelineVersion" -}}
+{{- default (printf "%s-r%d" .Chart.AppVersion (int .Release.Revision)) .Values.setup.pipelineVersion }}
+{{- end }}
+
+{{/*
+Environment shared by the trigger service and the setup Job: the KFP endpoint and token, MLflow,
+S3, and credentials from Secrets (never literal values).
+*/}}
+{{- define "puzzle.env" -}}
+- name: KF_PIPELINES_ENDPOINT
+  value: {{ .Values.kfp.host | quote }}
+- name: PUZZLE_KFP_NAMESPACE
+  value: {{ include "puzzle.kfpNamespace" . | quote }}
+{{- if .Values.kfp.token.enabled }}
+- name: KF_PIPELINES_SA_TOKEN_PATH
+  value: /var/run/secrets/kubeflow/pipelines/token
+{{- end }}
+- name: MLFLOW_TRACKING_URI
+  value: {{ .Values.mlflow.trackingUri | quote }}
+{{- with .Values.s3.endpointUrl }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+- name: MLFLOW_S3_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+- name: AWS_DEFAULT_REGION
+  value: {{ .Values.s3.region | quote }}
+{{- with include "puzzle.s3SecretName" . }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.secrets.s3.accessKeyIdKey }}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.secrets.s3.secretAccessKeyKey }}
+{{- end }}
+{{- with include "puzzle.mlflowSecretName" . }}
+- name: MLFLOW_TRACKING_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.secrets.mlflow.usernameKey }}
+      optional: true
+- name: MLFLOW_TRACKING_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.secrets.mlflow.passwordKey }}
+      optional: true
+- name: MLFLOW_TRACKING_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.secrets.mlflow.tokenKey }}
+      optional: true
+{{- end }}
+- name: PUZZLE_WEBHOOK_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "puzzle.webhookSecretName" . }}
+      key: {{ .Values.secrets.webhook.key }}
+- name: HOME
+  value: /tmp
+- name: PUZZLE_CACHE_DIR
+  value: /tmp/puzzle-cache
+{{- end }}
+
+{{/* Volumes shared by the trigger service and the setup Job. */}}
+{{- define "puzzle.volumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: 1Gi
+- name: config
+  configMap:
+    name: {{ include "puzzle.fullname" . }}-pipeline
+{{- if .Values.kfp.token.enabled }}
+- name: kfp-token
+  projected:
+    sources:
+      - serviceAccountToken:
+          path: token
+          audience: {{ .Values.kfp.token.audience | quote }}
+          expirationSeconds: {{ int .Values.kfp.token.expirationSeconds }}
+{{- end }}
+{{- end }}
+
+{{- define "puzzle.volumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: config
+  mountPath: /etc/puzzle
+  readOnly: true
+{{- if .Values.kfp.token.enabled }}
+- name: kfp-token
+  mountPath: /var/run/secrets/kubeflow/pipelines
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* One step of the setup Job: a `puzzle` command in the shared container settings. */}}
+{{- define "puzzle.setupContainer" -}}
+{{- $root := .root }}
+name: {{ .step.name }}
+image: {{ include "puzzle.image" $root }}
+imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+command: [puzzle]
+args:
+  {{- range .step.args }}
+  - {{ . | quote }}
+  {{- end }}
+env:
+  {{- include "puzzle.env" $root | nindent 2 }}
+securityContext:
+  {{- toYaml $root.Values.securityContext | nindent 2 }}
+resources:
+  {{- toYaml $root.Values.setup.resources | nindent 2 }}
+volumeMounts:
+  {{- include "puzzle.volumeMounts" $root | nindent 2 }}
+{{- end }}
