@@ -91,7 +91,7 @@ class Lineage:
             TAG_KFP_RUN_ID: self.kfp_run_id,
             TAG_PROFILE: self.profile,
         }
-        tags.update({k: f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in optional.items() if v is not None})
+        tags.update({k: str(v) for k, v in optional.items() if v is not None})
         return tags
 
 
