@@ -27,7 +27,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     # Credentials come from Secrets the platform team already manages; S3 through IRSA-style
     # annotations and a key pair, MLflow with a token.
     "existing-secrets": {
-        "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/puzzle"}},
+        "serviceAccount": {
+            "annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/puzzle"}
+        },
         "secrets": {
             "webhook": {"existingSecret": "mlflow-webhook", "key": "hmac", "create": False},
             "s3": {"existingSecret": "s3-credentials"},
@@ -40,7 +42,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     # pipeline-root settings for a SeaweedFS/MinIO-style store.
     "launcher": {
         "kfp": {"namespace": "kubeflow-user-team-a"},
-        "secrets": {"s3": {"create": True, "accessKeyId": "AKIAEXAMPLE", "secretAccessKey": "not-a-real-key"}},
+        "secrets": {
+            "s3": {"create": True, "accessKeyId": "AKIAEXAMPLE", "secretAccessKey": "not-a-real-key"}
+        },
         "launcher": {
             "enabled": True,
             "defaultPipelineRoot": "s3://puzzle/pipeline-root",
@@ -120,7 +124,9 @@ def test_every_rendered_manifest_is_valid_kubernetes_in_strict_mode(manifests, v
                 kubernetes_validate.validate(doc, version, strict=True)
             except kubernetes_validate.ValidationError as exc:
                 where = ".".join(str(p) for p in exc.path)
-                pytest.fail(f"{value_set}: {doc['kind']}/{doc['metadata']['name']} invalid for {version} at {where}: {exc.message}")
+                pytest.fail(
+                    f"{value_set}: {doc['kind']}/{doc['metadata']['name']} invalid for {version} at {where}: {exc.message}"
+                )
         assert doc["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
 
 
@@ -138,11 +144,18 @@ def test_values_file_documents_every_top_level_key_and_the_schema_knows_them_all
     for key in values_file():
         assert key in schema["properties"], f"values.yaml key {key!r} is missing from values.schema.json"
         block = text.split(f"\n{key}:")[0].rstrip().splitlines()
-        assert block and block[-1].lstrip().startswith("#"), f"values.yaml key {key!r} has no comment above it"
+        assert block and block[-1].lstrip().startswith("#"), (
+            f"values.yaml key {key!r} has no comment above it"
+        )
+
     # Every object the schema describes with properties is closed, except the Kubernetes-shaped
     # and free-form ones (security contexts, the run config itself).
     def closed(node: dict[str, Any], path: str) -> None:
-        if "properties" in node and path not in {".podSecurityContext", ".securityContext", ".pipeline.config"}:
+        if "properties" in node and path not in {
+            ".podSecurityContext",
+            ".securityContext",
+            ".pipeline.config",
+        }:
             assert node.get("additionalProperties") is False, f"schema at {path or '/'} accepts unknown keys"
         for name, sub in node.get("properties", {}).items():
             closed(sub, f"{path}.{name}")
@@ -163,7 +176,9 @@ def test_values_file_documents_every_top_level_key_and_the_schema_knows_them_all
         ({"setup": {"webhook": {"events": ["model_version.deleted"]}}}, "/setup/webhook/events/0"),
     ],
 )
-def test_values_that_break_the_schema_are_rejected_before_anything_renders(chart, values, complaint: str) -> None:
+def test_values_that_break_the_schema_are_rejected_before_anything_renders(
+    chart, values, complaint: str
+) -> None:
     with pytest.raises(helm.HelmValuesError) as caught:
         chart.render(values, name=RELEASE, namespace=NAMESPACE)
     assert complaint in str(caught.value)
@@ -173,14 +188,18 @@ def test_template_checks_reject_half_configured_credentials(chart: helm.Chart) -
     with pytest.raises(helm.HelmError, match="secrets.s3.accessKeyId is required"):
         chart.render({"secrets": {"s3": {"create": True}}}, name=RELEASE, namespace=NAMESPACE)
     with pytest.raises(helm.HelmError, match="secrets.mlflow.create: set username and password"):
-        chart.render({"secrets": {"mlflow": {"create": True, "username": "u"}}}, name=RELEASE, namespace=NAMESPACE)
+        chart.render(
+            {"secrets": {"mlflow": {"create": True, "username": "u"}}}, name=RELEASE, namespace=NAMESPACE
+        )
 
 
 # ----------------------------------------------------------------------------- security
 
 
 @pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
-def test_every_pod_runs_non_root_read_only_without_privileges_and_with_resources(manifests, value_set: str) -> None:
+def test_every_pod_runs_non_root_read_only_without_privileges_and_with_resources(
+    manifests, value_set: str
+) -> None:
     pods = pod_specs(manifests[value_set])
     assert pods
     for pod in pods:
@@ -234,8 +253,14 @@ def test_rbac_grants_exactly_the_kfp_verbs_in_the_kfp_namespace(manifests) -> No
     assert {"create", "update"} <= rules[("pipelines", "pipelines/versions")]
     assert {"create", "delete", "list"} <= rules[("jobs",)]  # update-or-create of the recurring run
     sa = one(docs, "ServiceAccount")
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": NAMESPACE}]
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": NAMESPACE}
+    ]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
     assert sa["automountServiceAccountToken"] is False
 
     other = manifests["cluster-role-persistent"]
@@ -270,7 +295,9 @@ def test_network_policy_admits_only_mlflow_to_the_webhook_port_and_limits_egress
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
     (ingress,) = policy["spec"]["ingress"]
     assert ingress["ports"] == [{"protocol": "TCP", "port": "http"}]
-    assert ingress["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mlflow"}}}]
+    assert ingress["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mlflow"}}}
+    ]
     assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
     egress_ports = [p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]]
     assert egress_ports.count(53) == 2 and 8888 in egress_ports and 5000 in egress_ports
@@ -282,7 +309,9 @@ def test_state_volume_is_a_claim_only_when_persistence_is_on(manifests) -> None:
         pod = one(docs, "Deployment")["spec"]["template"]["spec"]
         return next(v for v in pod["volumes"] if v["name"] == "state")
 
-    assert "emptyDir" in state(manifests["default"]) and not objects(manifests["default"], "PersistentVolumeClaim")
+    assert "emptyDir" in state(manifests["default"]) and not objects(
+        manifests["default"], "PersistentVolumeClaim"
+    )
     docs = manifests["cluster-role-persistent"]
     claim = one(docs, "PersistentVolumeClaim")
     assert state(docs)["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
@@ -303,7 +332,9 @@ def test_default_install_creates_only_a_generated_webhook_secret(manifests) -> N
     container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     ref = env_of(container)["PUZZLE_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": secret["metadata"]["name"], "key": "webhook-secret"}
-    assert "AWS_ACCESS_KEY_ID" not in env_of(container) and "MLFLOW_TRACKING_PASSWORD" not in env_of(container)
+    assert "AWS_ACCESS_KEY_ID" not in env_of(container) and "MLFLOW_TRACKING_PASSWORD" not in env_of(
+        container
+    )
 
 
 def test_existing_secrets_are_referenced_by_name_and_none_is_created(manifests) -> None:
@@ -316,7 +347,11 @@ def test_existing_secrets_are_referenced_by_name_and_none_is_created(manifests) 
             assert refs["PUZZLE_WEBHOOK_SECRET"] == {"name": "mlflow-webhook", "key": "hmac"}
             assert refs["AWS_ACCESS_KEY_ID"] == {"name": "s3-credentials", "key": "AWS_ACCESS_KEY_ID"}
             assert refs["AWS_SECRET_ACCESS_KEY"]["name"] == "s3-credentials"
-            assert refs["MLFLOW_TRACKING_TOKEN"] == {"name": "mlflow-credentials", "key": "MLFLOW_TRACKING_TOKEN", "optional": True}
+            assert refs["MLFLOW_TRACKING_TOKEN"] == {
+                "name": "mlflow-credentials",
+                "key": "MLFLOW_TRACKING_TOKEN",
+                "optional": True,
+            }
             assert env["AWS_ENDPOINT_URL"]["value"] == VALUE_SETS["existing-secrets"]["s3"]["endpointUrl"]
     sa = one(docs, "ServiceAccount")
     assert sa["metadata"]["annotations"] == VALUE_SETS["existing-secrets"]["serviceAccount"]["annotations"]
@@ -327,7 +362,11 @@ def test_created_credential_secrets_hold_the_given_keys(manifests) -> None:
 
     s3 = next(s for s in objects(manifests["launcher"], "Secret") if s["metadata"]["name"].endswith("-s3"))
     assert base64.b64decode(s3["data"]["AWS_ACCESS_KEY_ID"]).decode() == "AKIAEXAMPLE"
-    mlflow = next(s for s in objects(manifests["cluster-role-persistent"], "Secret") if s["metadata"]["name"].endswith("-mlflow"))
+    mlflow = next(
+        s
+        for s in objects(manifests["cluster-role-persistent"], "Secret")
+        if s["metadata"]["name"].endswith("-mlflow")
+    )
     assert set(mlflow["data"]) == {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
 
 
@@ -337,7 +376,9 @@ def test_created_credential_secrets_hold_the_given_keys(manifests) -> None:
 def test_pipeline_defaults_are_a_valid_run_configuration_for_every_profile(manifests) -> None:
     from puzzle.config import parse_config
 
-    cm = next(c for c in objects(manifests["default"], "ConfigMap") if c["metadata"]["name"].endswith("-pipeline"))
+    cm = next(
+        c for c in objects(manifests["default"], "ConfigMap") if c["metadata"]["name"].endswith("-pipeline")
+    )
     config = yaml.safe_load(cm["data"]["config.yaml"])
     assert config["tracking"]["uri"] == values_file()["mlflow"]["trackingUri"]
     run = parse_config(config)
@@ -364,7 +405,11 @@ def test_launcher_config_map_is_optional_and_points_at_the_chart_s3_secret(manif
     assert default["endpoint"] == "seaweedfs.kubeflow:8333" and default["disableSSL"] is True
     assert default["credentials"] == {
         "fromEnv": False,
-        "secretRef": {"secretName": f"{RELEASE}-s3", "accessKeyKey": "AWS_ACCESS_KEY_ID", "secretKeyKey": "AWS_SECRET_ACCESS_KEY"},
+        "secretRef": {
+            "secretName": f"{RELEASE}-s3",
+            "accessKeyKey": "AWS_ACCESS_KEY_ID",
+            "secretKeyKey": "AWS_SECRET_ACCESS_KEY",
+        },
     }
 
 
@@ -380,17 +425,25 @@ def test_setup_job_is_a_post_install_and_upgrade_hook_with_ordered_idempotent_st
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] >= 1
     steps = job_steps(docs)
     assert [s["name"] for s in steps] == ["upload-pipeline", "schedule", "register-webhook"]
-    assert [s["name"] for s in job["spec"]["template"]["spec"]["initContainers"]] == ["upload-pipeline", "schedule"]
+    assert [s["name"] for s in job["spec"]["template"]["spec"]["initContainers"]] == [
+        "upload-pipeline",
+        "schedule",
+    ]
     upload, schedule, webhook = (s["args"] for s in steps)
     assert all(s["command"] == ["puzzle"] for s in steps)
 
     # Every step names the object it creates, so a re-run updates it instead of adding another.
     assert upload[:2] == ["pipeline", "upload"] and upload[upload.index("--name") + 1] == "puzzle"
     assert upload[upload.index("--version") + 1] == "0.1.0-r1"
-    assert schedule[:2] == ["pipeline", "schedule"] and schedule[schedule.index("--name") + 1] == "puzzle-weekly"
+    assert (
+        schedule[:2] == ["pipeline", "schedule"] and schedule[schedule.index("--name") + 1] == "puzzle-weekly"
+    )
     assert len(schedule[schedule.index("--cron") + 1].split()) == 6  # seconds first
     assert schedule[schedule.index("--max-concurrency") + 1] == "1" and "--no-catchup" in schedule
-    assert webhook[:2] == ["trigger", "register-webhook"] and webhook[webhook.index("--name") + 1] == "puzzle-trigger"
+    assert (
+        webhook[:2] == ["trigger", "register-webhook"]
+        and webhook[webhook.index("--name") + 1] == "puzzle-trigger"
+    )
     service, deployment = one(docs, "Service"), one(docs, "Deployment")
     path = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert webhook[webhook.index("--url") + 1] == (
@@ -421,7 +474,9 @@ def test_every_command_the_chart_runs_parses_with_the_real_cli(manifests) -> Non
 
     parser = build_parser()
     commands = [s["args"] for s in job_steps(manifests["default"])]
-    commands.append(one(manifests["default"], "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"])
+    commands.append(
+        one(manifests["default"], "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
     missing = []
     for args in commands:
         group = _subcommands(parser).get(args[0])
