@@ -78,3 +78,40 @@ def copy_artifact(local: str, uri: str) -> bool:
         storage.upload_file(Path(local) / rel, storage.join(uri, rel))
     storage.write_json(storage.join(uri, artifacts.MANIFEST), manifest.to_json())
     return True
+
+
+def track(
+    artifact: KfpArtifact,
+    manifest: Any,
+    *,
+    phase: str,
+    tracking_uri: str = "",
+    experiment: str = "",
+    kfp_run_id: str = "",
+) -> str | None:
+    """Log a phase's artifact as a nested MLflow run of this KFP run; returns its run id.
+
+    A no-op without a tracking URI (the argument, else ``MLFLOW_TRACKING_URI`` from the
+    cluster's secret). Tracking never fails a phase whose artifact is already written: the
+    error goes to the log and to the artifact's metadata, and the exit handler still closes
+    the run.
+    """
+    from puzzle import tracking
+
+    try:
+        with tracking.pipeline_run(
+            name=f"puzzle-{kfp_run_id}" if kfp_run_id else "puzzle",
+            tracking_uri=tracking_uri or None,
+            experiment=experiment or None,
+            kfp_run_id=kfp_run_id or None,
+        ) as run:
+            if run is None:
+                return None
+            phase_run = run.log_phase(manifest.kind, artifact.path, manifest, name=phase)
+            run.set_tags({tracking.TAG_ARTIFACT_URI: artifact.uri}, run_id=phase_run)
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        logging.getLogger(__name__).error("tracking %s in MLflow failed: %s: %s", phase, type(exc).__name__, exc)
+        artifact.metadata["tracking_error"] = f"{type(exc).__name__}: {exc}"
+        return None
+    artifact.metadata["mlflow_run_id"] = phase_run
+    return phase_run

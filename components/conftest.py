@@ -56,3 +56,57 @@ def tiny_tokens(tiny_child: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     out = tmp_path_factory.mktemp("tiny-tokens") / "tokens"
     prepare("stdlib", str(tiny_child), str(out), seq_len=TINY_SEQ_LEN, splits=TINY_SPLITS, seed=0)
     return out
+
+
+TINY_SPACE = dict(
+    kv_heads=[1], attention_linear=True, attention_noop=True, ffn_fractions=[1.0, 0.5], ffn_linear=False, ffn_noop=True
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_library(tiny_child: Path, tiny_tokens: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An (untrained) block library of the tiny child over :data:`TINY_SPACE`."""
+    from puzzle.library import SearchSpace, build_library
+
+    space = SearchSpace(
+        attention_kv_heads=tuple(TINY_SPACE["kv_heads"]),
+        attention_linear=TINY_SPACE["attention_linear"],
+        attention_noop=TINY_SPACE["attention_noop"],
+        ffn_fractions=tuple(TINY_SPACE["ffn_fractions"]),
+        ffn_linear=TINY_SPACE["ffn_linear"],
+        ffn_noop=TINY_SPACE["ffn_noop"],
+    )
+    out = tmp_path_factory.mktemp("tiny-library") / "library"
+    build_library(str(tiny_child), str(tiny_tokens), str(out), space=space, batch_size=4)
+    return out
+
+
+TINY_SOLUTION = ["attn_kv1+ffn_256", "attn_noop+ffn_noop", "attn_kv2+ffn_256"]
+
+
+@pytest.fixture(scope="session")
+def tiny_solutions(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``solutions`` artifact holding one hand-written solution for the tiny child."""
+    import json
+
+    from puzzle import artifacts
+
+    out = tmp_path_factory.mktemp("tiny-solutions") / "solutions"
+
+    def body(staging: Path, _inputs: dict[str, Path]) -> dict:
+        solutions = {"solutions": [{"blocks": TINY_SOLUTION, "objective": 0.5, "status": "OPTIMAL"}]}
+        (staging / "solutions.json").write_text(json.dumps(solutions))
+        return {"solutions": 1}
+
+    artifacts.run_phase("solutions", str(out), {}, {"hand_written": True}, body)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_realized(tiny_library: Path, tiny_solutions: Path, tiny_child: Path, tmp_path_factory) -> Path:
+    """The tiny child of :data:`TINY_SOLUTION`, assembled from :func:`tiny_library`."""
+    from puzzle.realize import realize
+
+    out = tmp_path_factory.mktemp("tiny-realized") / "child"
+    realize(str(tiny_library), str(tiny_solutions), str(out), parent_child=str(tiny_child))
+    return out

@@ -1,0 +1,40 @@
+"""The evaluate component measures the child against the parent and returns the gate's figures."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from kfp import dsl
+
+from components.evaluate.component import evaluate
+
+
+def test_evaluate_reports_accuracy_kept_and_speedup(
+    tiny_realized: Path, tiny_child: Path, tiny_tokens: Path, tmp_path: Path
+) -> None:
+    evaluation = dsl.Artifact(name="evaluation", uri=str(tmp_path / "evaluation"), metadata={})
+    metrics = dsl.Metrics(name="metrics", uri=str(tmp_path / "metrics"), metadata={})
+    report = dsl.HTML(name="report", uri=str(tmp_path / "report.html"), metadata={})
+
+    accuracy_kept, speedup = evaluate.python_func(
+        child=dsl.Model(name="child", uri=str(tiny_realized), metadata={}),
+        parent=dsl.Model(name="parent", uri=str(tiny_child), metadata={}),
+        tokens=dsl.Dataset(name="tokens", uri=str(tiny_tokens), metadata={}),
+        evaluation=evaluation,
+        metrics=metrics,
+        report=report,
+        batch_size=4,
+        workload_prompt_len=8,
+        workload_gen_len=4,
+        repeats=1,
+        device="cpu",
+    )
+
+    written = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())["models"]["child"]
+    assert math.isclose(accuracy_kept, written["accuracy_kept"])
+    assert math.isclose(speedup, written["speedup"]) and speedup > 0
+    assert metrics.metadata["accuracy_kept"] == accuracy_kept
+    assert metrics.metadata["kl_div"] > 0  # the child has no-op blocks: it differs from the parent
+    assert "<html" in (tmp_path / "report.html").read_text().lower()

@@ -1,0 +1,40 @@
+"""The library component builds every variant of every layer from the search-space parameters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from kfp import dsl
+
+from components.conftest import TINY_SPACE
+from components.library.component import build_library
+
+
+def test_build_library_holds_the_requested_variants(tiny_child: Path, tiny_tokens: Path, tmp_path: Path) -> None:
+    library = dsl.Model(name="library", uri=str(tmp_path / "library"), metadata={})
+    child = dsl.Model(name="child", uri=str(tiny_child), metadata={})
+    tokens = dsl.Dataset(name="tokens", uri=str(tiny_tokens), metadata={})
+    # List parameters arrive as JSON: numbers may be floats.
+    space = {**TINY_SPACE, "kv_heads": [1.0], "attention_linear": False}
+
+    build_library.python_func(child=child, tokens=tokens, library=library, batch_size=4, **space)
+
+    meta = json.loads((tmp_path / "library" / "library.json").read_text())
+    assert set(meta["layers"]) == {"0", "1", "2"}
+    for layer in meta["layers"].values():
+        assert set(layer["variants"]) == {"attn_kv2", "attn_kv1", "attn_noop", "ffn_256", "ffn_noop"}
+    assert library.metadata["kind"] == "library"
+    assert library.metadata["variants"] == 15
+
+
+def test_build_library_rejects_kv_heads_that_do_not_divide(tiny_child: Path, tiny_tokens: Path, tmp_path: Path) -> None:
+    from puzzle.errors import PuzzleError
+
+    library = dsl.Model(name="library", uri=str(tmp_path / "library"), metadata={})
+    child = dsl.Model(name="child", uri=str(tiny_child), metadata={})
+    tokens = dsl.Dataset(name="tokens", uri=str(tiny_tokens), metadata={})
+    with pytest.raises(PuzzleError, match="kv_heads"):
+        build_library.python_func(child=child, tokens=tokens, library=library, **{**TINY_SPACE, "kv_heads": [3]})
+    assert not (tmp_path / "library").exists()

@@ -1,0 +1,45 @@
+"""The realize component assembles the chosen solution's child from the library."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from kfp import dsl
+
+from components.conftest import TINY_SOLUTION
+from components.realize.component import realize
+
+
+def _inputs(tiny_library: Path, tiny_solutions: Path, tiny_child: Path) -> dict[str, dsl.Artifact]:
+    return {
+        "library": dsl.Model(name="library", uri=str(tiny_library), metadata={}),
+        "solutions": dsl.Artifact(name="solutions", uri=str(tiny_solutions), metadata={}),
+        "parent": dsl.Model(name="parent", uri=str(tiny_child), metadata={}),
+    }
+
+
+def test_realize_builds_the_solution(tiny_library: Path, tiny_solutions: Path, tiny_child: Path, tmp_path: Path) -> None:
+    from puzzle.modeling import BlockConfig
+
+    child = dsl.Model(name="child", uri=str(tmp_path / "child"), metadata={})
+
+    realize.python_func(child=child, solution_index=0, **_inputs(tiny_library, tiny_solutions, tiny_child))
+
+    config = json.loads((tmp_path / "child" / "config.json").read_text())
+    names = [
+        BlockConfig.from_json(b, hidden_size=config["hidden_size"], num_attention_heads=config["num_attention_heads"]).name
+        for b in config["block_configs"]
+    ]
+    assert names == TINY_SOLUTION
+    assert child.metadata["kind"] == "child"
+    assert child.metadata["num_parameters"] < json.loads((tiny_child / "manifest.json").read_text())["summary"]["num_parameters"]
+
+
+def test_realize_rejects_missing_solution(tiny_library: Path, tiny_solutions: Path, tiny_child: Path, tmp_path: Path) -> None:
+    from puzzle.errors import PuzzleError
+
+    child = dsl.Model(name="child", uri=str(tmp_path / "child"), metadata={})
+    with pytest.raises(PuzzleError, match="out of range"):
+        realize.python_func(child=child, solution_index=3, **_inputs(tiny_library, tiny_solutions, tiny_child))
