@@ -107,6 +107,10 @@ def job_steps(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return containers(jobs[0]["spec"]["template"]["spec"]) if jobs else []
 
 
+def webhook_secret_volume(pod: dict[str, Any]) -> dict[str, Any]:
+    return next(v for v in pod["volumes"] if v["name"] == "webhook-secret")["secret"]
+
+
 def values_file() -> dict[str, Any]:
     return yaml.safe_load((CHART / "values.yaml").read_text())
 
@@ -329,9 +333,19 @@ def test_default_install_creates_only_a_generated_webhook_secret(manifests) -> N
 
     generated = base64.b64decode(secret["data"]["webhook-secret"]).decode()
     assert len(generated) == 48 and generated.isalnum()
+    for pod in pod_specs(docs):
+        assert webhook_secret_volume(pod) == {
+            "secretName": secret["metadata"]["name"],
+            "defaultMode": 0o440,
+            "items": [{"key": "webhook-secret", "path": "secret"}],
+        }
+        for c in containers(pod):
+            mount = next(m for m in c["volumeMounts"] if m["name"] == "webhook-secret")
+            assert mount["readOnly"] is True
+            if "--secret-file" in c["args"]:
+                assert c["args"][c["args"].index("--secret-file") + 1] == f"{mount['mountPath']}/secret"
     container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    ref = env_of(container)["PUZZLE_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"]
-    assert ref == {"name": secret["metadata"]["name"], "key": "webhook-secret"}
+    assert "--secret-file" in container["args"]
     assert "AWS_ACCESS_KEY_ID" not in env_of(container) and "MLFLOW_TRACKING_PASSWORD" not in env_of(
         container
     )
@@ -344,7 +358,7 @@ def test_existing_secrets_are_referenced_by_name_and_none_is_created(manifests) 
         for c in containers(pod):
             env = env_of(c)
             refs = {n: v["valueFrom"]["secretKeyRef"] for n, v in env.items() if "valueFrom" in v}
-            assert refs["PUZZLE_WEBHOOK_SECRET"] == {"name": "mlflow-webhook", "key": "hmac"}
+            assert not any("WEBHOOK" in name for name in env), "the webhook secret is a file, never env"
             assert refs["AWS_ACCESS_KEY_ID"] == {"name": "s3-credentials", "key": "AWS_ACCESS_KEY_ID"}
             assert refs["AWS_SECRET_ACCESS_KEY"]["name"] == "s3-credentials"
             assert refs["MLFLOW_TRACKING_TOKEN"] == {
@@ -353,6 +367,8 @@ def test_existing_secrets_are_referenced_by_name_and_none_is_created(manifests) 
                 "optional": True,
             }
             assert env["AWS_ENDPOINT_URL"]["value"] == VALUE_SETS["existing-secrets"]["s3"]["endpointUrl"]
+        assert webhook_secret_volume(pod)["secretName"] == "mlflow-webhook"
+        assert webhook_secret_volume(pod)["items"] == [{"key": "hmac", "path": "secret"}]
     sa = one(docs, "ServiceAccount")
     assert sa["metadata"]["annotations"] == VALUE_SETS["existing-secrets"]["serviceAccount"]["annotations"]
 
@@ -373,24 +389,45 @@ def test_created_credential_secrets_hold_the_given_keys(manifests) -> None:
 # ----------------------------------------------------------------------------- pipeline defaults
 
 
-def test_pipeline_defaults_are_a_valid_run_configuration_for_every_profile(manifests) -> None:
+def test_pipeline_defaults_are_one_valid_run_configuration_per_profile(manifests) -> None:
     from puzzle.config import parse_config
 
-    cm = next(
-        c for c in objects(manifests["default"], "ConfigMap") if c["metadata"]["name"].endswith("-pipeline")
+    docs = manifests["default"]
+    cm = next(c for c in objects(docs, "ConfigMap") if c["metadata"]["name"].endswith("-pipeline"))
+    values = values_file()
+    assert set(cm["data"]) == {f"{name}.yaml" for name in values["pipeline"]["profiles"]}
+    runs = {
+        key: parse_config(yaml.safe_load(text)) for key, text in cm["data"].items()
+    }  # ConfigError names a bad field
+    default = runs["default.yaml"]
+    assert default.parent == values["pipeline"]["config"]["parent"]
+    assert default.output.startswith("s3://") and default.registry.model_name == "puzzle-child"
+    assert default.tracking.uri == values["mlflow"]["trackingUri"]
+    assert default.costs.batch_sizes == [1, 8] and default.search.constraints == ["throughput>=1.5x"]
+    # A profile overrides only what it names; lists are replaced, not appended to.
+    fast = runs["fast.yaml"]
+    assert fast.search.constraints == ["throughput>=2x"]
+    assert fast.replace(search=default.search) == default
+    # The trigger reads the directory of profiles, the schedule one of them.
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "profiles")
+    assert (
+        next(v for v in pod["volumes"] if v["name"] == "profiles")["configMap"]["name"]
+        == cm["metadata"]["name"]
     )
-    config = yaml.safe_load(cm["data"]["config.yaml"])
-    assert config["tracking"]["uri"] == values_file()["mlflow"]["trackingUri"]
-    run = parse_config(config)
-    assert run.output.startswith("s3://") and run.registry.model_name == "puzzle-child"
-    profiles = yaml.safe_load(cm["data"]["profiles.yaml"])
-    assert values_file()["setup"]["schedule"]["profile"] in profiles
-    for name, overrides in profiles.items():
-        parse_config(overrides, base=parse_config(config).to_dict())  # raises ConfigError naming the field
-        assert name
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--profiles") + 1] == mount["mountPath"]
+    schedule = next(s["args"] for s in job_steps(docs) if s["name"] == "schedule")
+    profile = values["setup"]["schedule"]["profile"]
+    assert schedule[schedule.index("--config") + 1] == f"{mount['mountPath']}/{profile}.yaml"
     # A config change rolls the trigger pods.
-    annotations = one(manifests["default"], "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    annotations = one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
     assert len(annotations["checksum/pipeline-config"]) == 64
+
+
+def test_a_schedule_profile_that_does_not_exist_is_rejected(chart: helm.Chart) -> None:
+    with pytest.raises(helm.HelmError, match='setup.schedule.profile "nightly" is not in pipeline.profiles'):
+        chart.render({"setup": {"schedule": {"profile": "nightly"}}}, name=RELEASE, namespace=NAMESPACE)
 
 
 def test_launcher_config_map_is_optional_and_points_at_the_chart_s3_secret(manifests) -> None:

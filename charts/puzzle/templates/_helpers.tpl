@@ -146,11 +146,6 @@ S3, and credentials from Secrets (never literal values).
       key: {{ $.Values.secrets.mlflow.tokenKey }}
       optional: true
 {{- end }}
-- name: PUZZLE_WEBHOOK_SECRET
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "puzzle.webhookSecretName" . }}
-      key: {{ .Values.secrets.webhook.key }}
 - name: HOME
   value: /tmp
 - name: PUZZLE_CACHE_DIR
@@ -162,9 +157,16 @@ S3, and credentials from Secrets (never literal values).
 - name: tmp
   emptyDir:
     sizeLimit: 1Gi
-- name: config
+- name: profiles
   configMap:
     name: {{ include "puzzle.fullname" . }}-pipeline
+- name: webhook-secret
+  secret:
+    secretName: {{ include "puzzle.webhookSecretName" . }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.secrets.webhook.key }}
+        path: secret
 {{- if .Values.kfp.token.enabled }}
 - name: kfp-token
   projected:
@@ -179,8 +181,11 @@ S3, and credentials from Secrets (never literal values).
 {{- define "puzzle.volumeMounts" -}}
 - name: tmp
   mountPath: /tmp
-- name: config
-  mountPath: /etc/puzzle
+- name: profiles
+  mountPath: /etc/puzzle/profiles
+  readOnly: true
+- name: webhook-secret
+  mountPath: /var/run/secrets/puzzle/webhook
   readOnly: true
 {{- if .Values.kfp.token.enabled }}
 - name: kfp-token
