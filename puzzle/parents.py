@@ -255,6 +255,28 @@ def load_parent(reference: str, *, dtype: str | torch.dtype | None = "float32") 
     return model.eval(), tokenizer, source
 
 
+CONVERSION_PROBE = "The capital of Germany is Berlin. def main():\n    return 42"
+CONVERSION_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.1, torch.float16: 0.02}
+
+
+def conversion_error(parent: torch.nn.Module, child: DeciLMForCausalLM, tokenizer: Any) -> float:
+    """Max |logit difference| between parent and child on a probe text; raises above tolerance."""
+    if parent is child:
+        return 0.0
+    ids = tokenizer(CONVERSION_PROBE, return_tensors="pt").input_ids[:, :64]
+    ids = ids.clamp_max(child.config.vocab_size - 1)
+    with torch.no_grad():
+        diff = (parent(ids).logits.float() - child(ids).logits.float()).abs().max().item()
+    dtype = next(child.parameters()).dtype
+    if not diff <= CONVERSION_TOLERANCE.get(dtype, 1e-4):
+        raise ParentError(
+            f"the converted child does not reproduce the parent (max |logit diff| {diff:.3g} on a probe text); "
+            "this parent uses a feature the child format does not represent"
+        )
+    log.info("conversion check: max |logit diff| parent vs child = %.3g", diff)
+    return diff
+
+
 def convert(parent: str, out: str, *, dtype: str = "float32") -> artifacts.Manifest:
     """Phase: turn a parent into an all-parent-blocks child artifact at ``out``."""
     source = resolve(parent)
@@ -267,6 +289,7 @@ def convert(parent: str, out: str, *, dtype: str = "float32") -> artifacts.Manif
         model, tokenizer, _ = load_parent(parent, dtype=dtype)
         child = model if isinstance(model, DeciLMForCausalLM) else parent_to_child(model)
         child.generation_config = model.generation_config
+        diff = conversion_error(model, child, tokenizer)
         save_child(
             child,
             tokenizer,
@@ -284,6 +307,7 @@ def convert(parent: str, out: str, *, dtype: str = "float32") -> artifacts.Manif
             "num_layers": child.config.num_hidden_layers,
             "hidden_size": child.config.hidden_size,
             "num_parameters": sum(p.numel() for p in {id(p): p for p in child.parameters()}.values()),
+            "parent_logits_max_abs_diff": diff,
         }
 
     inputs = {"parent": str(source.path / source.gguf_file) if source.kind == "gguf" else parent}

@@ -6,6 +6,7 @@ SmolLM2-135M parent is converted once and reused by every test that needs it.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import uuid
@@ -129,7 +130,7 @@ def tiny_parent_factory(tmp_path_factory: pytest.TempPathFactory):
     made: dict[tuple, Path] = {}
 
     def factory(family: str = "llama", seed: int = 0, **overrides) -> Path:
-        key = (family, seed, tuple(sorted(overrides.items())))
+        key = (family, seed, json.dumps(overrides, sort_keys=True))
         if key not in made:
             made[key] = make_tiny_parent(family, tmp_path_factory.mktemp(f"parent-{family}"), seed, **overrides)
         return made[key]

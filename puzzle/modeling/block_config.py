@@ -47,6 +47,10 @@ def ffn_mult_for_width(width: int, hidden_size: int) -> float | None:
     if width <= 0 or width % FFN_WIDTH_MULTIPLE:
         return None
     exact = 1.5 * width / hidden_size
+    # The exact multiplier when it is a short decimal (5.25 for 28672/8192), else the shortest
+    # decimal that still maps back to the width.
+    if abs(round(exact, 6) - exact) < 1e-12 and engine_ffn_width(round(exact, 6), hidden_size) == width:
+        return float(round(exact, 6))
     for digits in range(0, 13):
         for candidate in (round(exact, digits), math.ceil(exact * 10**digits) / 10**digits):
             if candidate > 0 and engine_ffn_width(candidate, hidden_size) == width:
