@@ -65,7 +65,14 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
 
 def _render(chart: helm.Chart, values: dict[str, Any]) -> list[dict[str, Any]]:
     rendered = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
-    return [doc for text in rendered.values() for doc in yaml.safe_load_all(text) if doc]
+    assert "puzzle/templates/NOTES.txt" in rendered
+    return [
+        doc
+        for path, text in rendered.items()
+        if path.endswith(".yaml")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -458,7 +465,9 @@ def test_setup_job_is_a_post_install_and_upgrade_hook_with_ordered_idempotent_st
     job = one(docs, "Job")
     annotations = job["metadata"]["annotations"]
     assert annotations["helm.sh/hook"] == "post-install,post-upgrade"
-    assert "before-hook-creation" in annotations["helm.sh/hook-delete-policy"]
+    # Replaced by the next upgrade's Job, kept until then (or the TTL) so its logs can be read.
+    assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation"
+    assert job["spec"]["ttlSecondsAfterFinished"] > 0
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] >= 1
     steps = job_steps(docs)
     assert [s["name"] for s in steps] == ["upload-pipeline", "schedule", "register-webhook"]
