@@ -184,7 +184,8 @@ def test_values_file_documents_every_top_level_key_and_the_schema_knows_them_all
         ({"podSecurityContext": {"runAsNonRoot": False}}, "/podSecurityContext/runAsNonRoot"),
         ({"secrets": {"webhook": {"create": False}}}, "/secrets/webhook"),
         ({"image": {"digest": "latest"}}, "/image/digest"),
-        ({"setup": {"webhook": {"events": ["model_version.deleted"]}}}, "/setup/webhook/events/0"),
+        ({"trigger": {"logLevel": "verbose"}}, "/trigger/logLevel"),
+        ({"trigger": {"pipelinePackage": "pipeline.yaml"}}, "/trigger/pipelinePackage"),
     ],
 )
 def test_values_that_break_the_schema_are_rejected_before_anything_renders(
@@ -490,14 +491,11 @@ def test_setup_job_is_a_post_install_and_upgrade_hook_with_ordered_idempotent_st
         webhook[:2] == ["trigger", "register-webhook"]
         and webhook[webhook.index("--name") + 1] == "puzzle-trigger"
     )
-    service, deployment = one(docs, "Service"), one(docs, "Deployment")
-    path = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    service = one(docs, "Service")
     assert webhook[webhook.index("--url") + 1] == (
-        f"http://{service['metadata']['name']}.{NAMESPACE}.svc.cluster.local:{service['spec']['ports'][0]['port']}"
-        + values_file()["trigger"]["webhookPath"]
+        f"http://{service['metadata']['name']}.{NAMESPACE}.svc.cluster.local:{service['spec']['ports'][0]['port']}/webhook"
     )
-    assert path[:2] == ["trigger", "serve"]
-    assert webhook[webhook.index("--events") + 1] == "model_version_tag.set,model_version_alias.created"
+    assert webhook[webhook.index("--secret-file") + 1] == "/var/run/secrets/puzzle/webhook/secret"
 
 
 def test_setup_job_skips_the_steps_that_are_switched_off(manifests) -> None:
@@ -514,27 +512,34 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
     return {}
 
 
-def test_every_command_the_chart_runs_parses_with_the_real_cli(manifests) -> None:
-    """The chart's commands are what `puzzle` accepts (skipped while a command is not written)."""
+@pytest.fixture(scope="module")
+def cli() -> argparse.ArgumentParser:
     from puzzle.cli import build_parser
 
-    parser = build_parser()
-    commands = [s["args"] for s in job_steps(manifests["default"])]
-    commands.append(
-        one(manifests["default"], "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
-    )
-    missing = []
-    for args in commands:
-        group = _subcommands(parser).get(args[0])
-        if group is None or args[1] not in _subcommands(group):
-            missing.append(" ".join(args[:2]))
-            continue
-        try:
-            parser.parse_args(args)
-        except SystemExit:
-            pytest.fail(f"`puzzle {' '.join(args)}` does not parse with the CLI")
-    if missing:
-        pytest.skip(f"CLI commands not written yet: {', '.join(missing)}")
+    return build_parser()
+
+
+@pytest.mark.parametrize("step", ["upload-pipeline", "schedule", "register-webhook", "trigger"])
+def test_every_command_the_chart_runs_parses_with_the_real_cli(manifests, cli, step: str) -> None:
+    """The chart's commands are what `puzzle` accepts, flag for flag."""
+    docs = manifests["default"]
+    pods = {c["name"]: c for pod in pod_specs(docs) for c in containers(pod)}
+    args = pods[step]["args"]
+    group = _subcommands(cli).get(args[0])
+    if group is None or args[1] not in _subcommands(group):
+        pytest.skip(f"`puzzle {' '.join(args[:2])}` is not written yet")
+    try:
+        parsed = cli.parse_args(args)
+    except SystemExit:
+        pytest.fail(f"`puzzle {' '.join(args)}` does not parse with the CLI")
+    if step == "trigger":
+        env = env_of(pods[step])
+        assert parsed.backend == "kfp" and parsed.kfp_host == env["KF_PIPELINES_ENDPOINT"]["value"]
+        assert parsed.kfp_namespace == NAMESPACE and parsed.port == pods[step]["ports"][0]["containerPort"]
+        mounts = {m["name"]: m["mountPath"] for m in pods[step]["volumeMounts"]}
+        assert parsed.state_db.startswith(mounts["state"] + "/") and parsed.profiles == mounts["profiles"]
+        assert parsed.secret_file.startswith(mounts["webhook-secret"] + "/")
+        assert parsed.request_tag == values_file()["trigger"]["requestTag"]
 
 
 # ----------------------------------------------------------------------------- images

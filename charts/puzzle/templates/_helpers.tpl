@@ -83,7 +83,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if .Values.setup.webhook.url }}
 {{- .Values.setup.webhook.url }}
 {{- else }}
-{{- printf "http://%s.%s.svc.cluster.local:%d%s" (include "puzzle.fullname" .) .Release.Namespace (int .Values.service.port) .Values.trigger.webhookPath }}
+{{- printf "http://%s.%s.svc.cluster.local:%d/webhook" (include "puzzle.fullname" .) .Release.Namespace (int .Values.service.port) }}
 {{- end }}
 {{- end }}
 
