@@ -110,3 +110,20 @@ def tiny_realized(tiny_library: Path, tiny_solutions: Path, tiny_child: Path, tm
     out = tmp_path_factory.mktemp("tiny-realized") / "child"
     realize(str(tiny_library), str(tiny_solutions), str(out), parent_child=str(tiny_child))
     return out
+
+
+TINY_BLD = dict(token_budget=64, batch_size=2, lr=1e-3)
+
+
+@pytest.fixture(scope="session")
+def tiny_bld_shards(tiny_library: Path, tiny_child: Path, tiny_tokens: Path, tmp_path_factory) -> list[Path]:
+    """Both shards (of 2) of a short BLD run over :func:`tiny_library`."""
+    from puzzle.bld import train
+
+    root = tmp_path_factory.mktemp("tiny-bld")
+    outs = []
+    for index in range(2):
+        out = root / f"shard-{index}"
+        train(str(tiny_library), str(tiny_child), str(tiny_tokens), str(out), shard=f"{index}/2", device="cpu", **TINY_BLD)
+        outs.append(out)
+    return outs
