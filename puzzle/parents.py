@@ -224,9 +224,12 @@ def parent_to_child(parent: torch.nn.Module) -> DeciLMForCausalLM:
         raise ParentError(f"parent weights do not map onto the child: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if config.tie_word_embeddings:
         child.tie_weights()
-    # Buffers (RoPE inverse frequencies) were created on the meta device: rebuild them.
-    child.model.rotary_emb = type(child.model.rotary_emb)(config)
-    return child.to(dtype).eval()
+    device = next(parent.parameters()).device
+    child = child.to(dtype)
+    # RoPE inverse frequencies were created on the meta device: rebuild them, in float32 as the
+    # parent keeps them (casting them to bf16 would shift every rotary angle).
+    child.model.rotary_emb = type(child.model.rotary_emb)(config).to(device)
+    return child.eval()
 
 
 def load_parent(reference: str, *, dtype: str | torch.dtype | None = "float32") -> tuple[torch.nn.Module, Any, ParentSource]:
