@@ -192,7 +192,7 @@ def register_child(
     if active is not None and active.tracking_uri == tracking.resolve_tracking_uri(override=tracking_uri):
         experiment_id = active.experiment_id
     else:
-        experiment_id = tracking._experiment_id(client, experiment)
+        experiment_id = tracking.experiment_id_for(client, experiment)
     run_tags = {tracking.TAG_KIND: EXPORT_KIND, tracking.TAG_ARTIFACT_URI: export_uri, TAG_CONTENT_HASH: content_hash}
     if pipeline_run_id:
         run_tags[tracking.TAG_PARENT_RUN] = pipeline_run_id

@@ -470,7 +470,12 @@ def _log_evaluation(run: PipelineRun, local: Path, run_id: str) -> None:
     if isinstance(metrics, Mapping):
         run.log_metrics(metrics, run_id=run_id)
         # Headline figures on the pipeline run too, so runs compare side by side in the UI.
-        run.log_metrics(metrics)
+        run.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, Mapping)})
+        models = metrics.get("models")
+        if isinstance(models, Mapping):
+            # One row per evaluated model (parent, child, baselines): the comparison table.
+            run.log_table([{"model": name, **row} for name, row in models.items() if isinstance(row, Mapping)],
+                          "tables/models.json", run_id)
     for report in ("report.html", "report.md"):
         if (local / report).is_file():
             run.client.log_artifact(run.run_id, str(local / report), artifact_path="report")
@@ -522,7 +527,7 @@ def client_for(tracking_uri: str) -> Any:
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
-def _experiment_id(client: Any, name: str) -> str:
+def experiment_id_for(client: Any, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -537,7 +542,7 @@ def _experiment_id(client: Any, name: str) -> str:
         return experiment.experiment_id
 
 
-def _find_kfp_run(client: Any, experiment_id: str, kfp_run_id: str) -> Any | None:
+def find_kfp_run(client: Any, experiment_id: str, kfp_run_id: str) -> Any | None:
     runs = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{TAG_KFP_RUN_ID}` = '{kfp_run_id}'",
@@ -551,7 +556,7 @@ def _find_kfp_run(client: Any, experiment_id: str, kfp_run_id: str) -> Any | Non
 def _settle_kfp_run(client: Any, experiment_id: str, kfp_run_id: str, created: str) -> str:
     """Parallel components of one KFP run may each create its MLflow run; the oldest wins and
     the others delete theirs and attach to it."""
-    oldest = _find_kfp_run(client, experiment_id, kfp_run_id)
+    oldest = find_kfp_run(client, experiment_id, kfp_run_id)
     if oldest is None or oldest.info.run_id == created:
         return created
     client.delete_run(created)
@@ -587,8 +592,8 @@ def pipeline_run(
     kfp_run_id = kfp_run_id or kfp_run_id_from_env()
     close = kfp_run_id is None if close is None else close
     client = client_for(uri)
-    experiment_id = _experiment_id(client, experiment or section.get("experiment") or DEFAULT_EXPERIMENT)
-    existing = _find_kfp_run(client, experiment_id, kfp_run_id) if kfp_run_id else None
+    experiment_id = experiment_id_for(client, experiment or section.get("experiment") or DEFAULT_EXPERIMENT)
+    existing = find_kfp_run(client, experiment_id, kfp_run_id) if kfp_run_id else None
     if existing is not None:
         run_id = existing.info.run_id
         log.info("tracking: attached to MLflow run %s of KFP run %s", run_id, kfp_run_id)
@@ -665,7 +670,7 @@ def finish_pipeline_run(
     experiment_obj = client.get_experiment_by_name(experiment)
     if experiment_obj is None:
         return None
-    run = _find_kfp_run(client, experiment_obj.experiment_id, kfp_run_id)
+    run = find_kfp_run(client, experiment_obj.experiment_id, kfp_run_id)
     if run is None:
         return None
     client.set_terminated(run.info.run_id, status=status)

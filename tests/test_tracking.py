@@ -43,7 +43,7 @@ def test_flatten_and_history_file_discovery(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- phase artifacts
-# Real phases where they exist (convert, tokens, GKD); the scoring, cost, search and evaluation
+# Real phases where they exist (convert, tokens, GKD, evaluation); the scoring, cost and search
 # artifacts are written through run_phase in the formats of docs/ARCHITECTURE.md.
 
 
@@ -87,7 +87,7 @@ def _score_rows() -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def phase_artifacts(tiny_child: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    from puzzle import data, distill
+    from puzzle import data, distill, evaluate
 
     root = tmp_path_factory.mktemp("phases")
     tokens = str(root / "tokens")
@@ -133,16 +133,10 @@ def phase_artifacts(tiny_child: Path, tmp_path_factory: pytest.TempPathFactory) 
         {"num_solutions": 3},
         inputs,
     )
-    evaluation = _phase(
-        "evaluation",
-        root / "evaluation",
-        {
-            "metrics.json": {"accuracy_kept": 0.95, "speedup": 1.6, "child": {"kl_div": 0.12, "perplexity": 41.0}},
-            "report.html": "<html><body><h1>Puzzle evaluation</h1></body></html>",
-            "report.md": "# Puzzle evaluation\n",
-        },
-        {"accuracy_kept": 0.95},
-        inputs,
+    evaluation = str(root / "evaluation")
+    evaluate.evaluate(
+        {"child": gkd}, str(tiny_child), tokens, evaluation, split="eval", batch_size=4,
+        workload={"batch_size": 1, "prompt_len": 8, "gen_len": 4}, device="cpu", repeats=1,
     )
     return {"scores": scores, "costs": costs, "solutions": solutions, "gkd": gkd, "evaluation": evaluation, "tokens": tokens}
 
@@ -205,9 +199,14 @@ def test_a_puzzle_run_logs_every_phase_to_mlflow_with_artifacts_on_s3(
     assert [m.step for m in sorted(curve, key=lambda m: m.step)] == [r["step"] for r in history]
     assert len(history) >= 2
 
-    # Evaluation: metrics on the phase run and on the pipeline run, and the report.
-    assert client.get_run(ids["evaluation"]).data.metrics["child.kl_div"] == pytest.approx(0.12)
-    assert top.data.metrics["accuracy_kept"] == pytest.approx(0.95)
+    # Evaluation: metrics on the phase run and on the pipeline run, the comparison table, the report.
+    figures = json.loads((Path(phase_artifacts["evaluation"]) / "metrics.json").read_text())
+    eval_metrics = client.get_run(ids["evaluation"]).data.metrics
+    assert eval_metrics["models.child.kl_div"] == pytest.approx(figures["models"]["child"]["kl_div"])
+    assert top.data.metrics["accuracy_kept"] == pytest.approx(figures["accuracy_kept"])
+    assert top.data.metrics["speedup"] == pytest.approx(figures["speedup"])
+    models = client.load_table(run.experiment_id, "tables/models.json", run_ids=[ids["evaluation"]])
+    assert sorted(models["model"]) == ["child", "parent"]
     assert "report/report.html" in {a.path for a in client.list_artifacts(run.run_id, "report")}
 
     # Everything went through the server's artifact proxy into the S3 bucket.

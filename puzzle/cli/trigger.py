@@ -1,0 +1,169 @@
+"""``puzzle trigger``: the service that starts Puzzle runs from the MLflow UI (webhooks).
+
+The service lives in ``pipelines.trigger``; it is imported only when a sub-command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"PUZZLE_TRIGGER_{name}", default)
+
+
+def _add_connection_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI"),
+        help="MLflow server URL (default: $MLFLOW_TRACKING_URI)",
+    )
+    parser.add_argument(
+        "--secret-file",
+        default=_env("SECRET_FILE"),
+        help="file holding the webhook's HMAC secret (default: $PUZZLE_TRIGGER_SECRET_FILE, "
+        "else the secret itself in $PUZZLE_TRIGGER_SECRET); never passed on the command line",
+    )
+
+
+def _add_service_args(parser: argparse.ArgumentParser) -> None:
+    _add_connection_args(parser)
+    parser.add_argument("--request-tag", default=_env("REQUEST_TAG", "puzzle.request"),
+                        help="version tag whose value names the profile to run (default: puzzle.request)")
+    parser.add_argument("--request-alias", default=_env("REQUEST_ALIAS", "puzzle-request"),
+                        help="version alias that requests a run with --alias-profile (default: puzzle-request)")
+    parser.add_argument("--alias-profile", default=_env("ALIAS_PROFILE", "default"),
+                        help="profile run when --request-alias is set on a version (default: default)")
+    parser.add_argument("--profiles", default=_env("PROFILES"), metavar="DIR",
+                        help="directory of <profile>.yaml run configs (default: only the embedded 'default')")
+    parser.add_argument("--child-model", default=_env("CHILD_MODEL", "{model}-puzzle"),
+                        help="registered model of the children; {model} is the parent's name (default: {model}-puzzle)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override applied to every profile, e.g. --set gkd.token_budget=1024 (repeatable)")
+    parser.add_argument("--state-db", default=_env("STATE_DB", "puzzle-trigger.sqlite"),
+                        help="SQLite file remembering deliveries and submissions (put it on a persistent volume)")
+    parser.add_argument("--window", type=float, default=float(_env("WINDOW_S", "300")),
+                        help="accepted clock difference of a delivery's timestamp, in seconds (default: 300)")
+    parser.add_argument("--max-body-bytes", type=int, default=int(_env("MAX_BODY_BYTES", str(64 * 1024))),
+                        help="largest accepted webhook body (default: 65536)")
+    parser.add_argument("--backend", choices=("kfp", "local"), default=_env("BACKEND", "local"),
+                        help="where runs go: kfp (Kubeflow Pipelines) or local (a process on this machine)")
+    parser.add_argument("--work-dir", default=_env("WORK_DIR", "./puzzle-trigger-runs"),
+                        help="local backend: where each run's config, output and log go")
+    parser.add_argument("--kfp-host", default=_env("KFP_HOST"), help="kfp backend: the KFP API endpoint")
+    parser.add_argument("--kfp-namespace", default=_env("KFP_NAMESPACE"), help="kfp backend: the namespace of runs")
+    parser.add_argument("--kfp-experiment", default=_env("KFP_EXPERIMENT", "puzzle"), help="kfp backend: experiment")
+    parser.add_argument("--pipeline-package", default=_env("PIPELINE_PACKAGE"), metavar="YAML",
+                        help="kfp backend: the compiled pipeline (e.g. pipelines/puzzle_pipeline.yaml)")
+
+
+def _settings(args: argparse.Namespace, *, reconcile_interval: float = 0.0):  # -> TriggerSettings
+    from pipelines.trigger.settings import TriggerSettings, secret_from
+
+    return TriggerSettings(
+        tracking_uri=args.tracking_uri or "",
+        secret=secret_from(_env("SECRET"), args.secret_file),
+        request_tag=args.request_tag,
+        request_alias=args.request_alias,
+        alias_profile=args.alias_profile,
+        profiles_dir=args.profiles,
+        child_model=args.child_model,
+        state_db=args.state_db,
+        window_s=args.window,
+        max_body_bytes=args.max_body_bytes,
+        backend=args.backend,
+        reconcile_interval_s=reconcile_interval,
+        overrides=tuple(args.overrides),
+        work_dir=args.work_dir,
+        kfp_host=args.kfp_host,
+        kfp_namespace=args.kfp_namespace,
+        kfp_experiment=args.kfp_experiment,
+        pipeline_package=args.pipeline_package,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pipelines.trigger import build_service, logs
+    from pipelines.trigger.server import TriggerServer
+
+    logs.configure(args.log_level.upper())
+    settings = _settings(args, reconcile_interval=args.reconcile_interval)
+    server = TriggerServer(build_service(settings), args.host, args.port)
+    print(f"puzzle trigger: listening on http://{args.host}:{server.port}/webhook (health: /healthz)", flush=True)
+    server.serve_forever()
+    return 0
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    from pipelines.trigger import build_service
+
+    service = build_service(_settings(args))
+    for outcome in service.reconcile():
+        print(json.dumps(outcome))
+    return 0
+
+
+def _register_webhook(args: argparse.Namespace) -> int:
+    from pipelines.trigger.settings import TriggerConfigError, secret_from
+    from pipelines.trigger.webhooks import register_webhook
+    from puzzle.tracking import client_for
+
+    secret = secret_from(_env("SECRET"), args.secret_file)
+    if not args.tracking_uri:
+        raise TriggerConfigError("--tracking-uri (or MLFLOW_TRACKING_URI) must name the MLflow server")
+    if not secret:
+        raise TriggerConfigError("no webhook secret: set PUZZLE_TRIGGER_SECRET or --secret-file")
+    if not args.url.startswith(("http://", "https://")):
+        raise TriggerConfigError(f"--url must be the service's http(s) URL ending in /webhook, got {args.url!r}")
+    result = register_webhook(client_for(args.tracking_uri), args.url, secret, name=args.name)
+    print(f"webhook {result.name} ({result.webhook_id}) {'created' if result.created else 'updated'}: {result.url}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "trigger",
+        help="the service that starts runs from the MLflow UI (webhooks)",
+        description=(
+            "Start Puzzle runs from the MLflow UI: tag a registered parent model version with "
+            "puzzle.request=<profile>; MLflow sends a signed webhook to this service, which submits "
+            "the run (Kubeflow Pipelines or locally) and tags the version with the run id and state."
+        ),
+    )
+    commands = parser.add_subparsers(dest="trigger_command", metavar="COMMAND", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the webhook receiver (POST /webhook, GET /healthz) and the reconcile loop",
+        description="Receive MLflow webhooks, verify them, submit requested runs; JSON logs on stderr.",
+    )
+    _add_service_args(serve)
+    serve.add_argument("--host", default=_env("HOST", "0.0.0.0"), help="address to listen on (default: 0.0.0.0)")
+    serve.add_argument("--port", type=int, default=int(_env("PORT", "8080")), help="port (default: 8080)")
+    serve.add_argument("--reconcile-interval", type=float, default=float(_env("RECONCILE_INTERVAL_S", "60")),
+                       help="seconds between reconcile passes, 0 for none (default: 60)")
+    serve.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), help="debug, info, warning (default: info)")
+    serve.set_defaults(func=_serve)
+
+    reconcile = commands.add_parser(
+        "reconcile",
+        help="submit every request tag that has no run yet (one pass), print the outcomes",
+        description="One reconcile pass: MLflow delivers webhooks once; this catches lost ones.",
+    )
+    _add_service_args(reconcile)
+    reconcile.set_defaults(func=_reconcile)
+
+    hook = commands.add_parser(
+        "register-webhook",
+        help="create or update the MLflow webhook that calls this service",
+        description=(
+            "Create the webhook (events model_version_tag.set and model_version_alias.created) or update "
+            "the existing one of the same name; safe to run again."
+        ),
+    )
+    _add_connection_args(hook)
+    hook.add_argument("--url", required=True, help="the service's URL as MLflow reaches it, e.g. http://puzzle-trigger:8080/webhook")
+    hook.add_argument("--name", default="puzzle-trigger", help="webhook name (default: puzzle-trigger)")
+    hook.set_defaults(func=_register_webhook)

@@ -1,0 +1,301 @@
+"""The trigger service: MLflow webhooks start Puzzle runs, verified, once, and tagged back."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipelines.trigger import build_service, signature
+from pipelines.trigger.backends import RunRequest, pipeline_arguments
+from pipelines.trigger.server import TriggerServer
+from pipelines.trigger.settings import (
+    TAG_PROFILE,
+    TAG_RUN_ID,
+    TAG_STATE,
+    TriggerConfigError,
+    TriggerSettings,
+)
+from pipelines.trigger.store import TriggerStore
+
+SECRET = "puzzle-webhook-secret"
+
+
+def test_signature_matches_mlflows_own_signer() -> None:
+    from mlflow.webhooks.delivery import _generate_hmac_signature
+
+    body = json.dumps({"entity": "model_version_tag", "action": "set", "data": {"name": "m"}})
+    expected = _generate_hmac_signature(SECRET, "d-1", "1700000000", body)
+    assert signature.sign(SECRET, "d-1", "1700000000", body.encode()) == expected
+    assert signature.verify(SECRET, "d-1", "1700000000", body.encode(), expected)
+    assert signature.verify(SECRET, "d-1", "1700000000", body.encode(), f"v1,AAAA {expected}")  # rotation
+    assert not signature.verify("other", "d-1", "1700000000", body.encode(), expected)
+    assert not signature.verify(SECRET, "d-2", "1700000000", body.encode(), expected)
+    assert not signature.verify(SECRET, "d-1", "1700000001", body.encode(), expected)
+    assert not signature.verify(SECRET, "d-1", "1700000000", body.encode() + b" ", expected)
+
+
+def test_settings_never_show_the_secret_and_refuse_bad_values(tmp_path: Path) -> None:
+    settings = TriggerSettings(tracking_uri="http://mlflow", secret=SECRET, state_db=str(tmp_path / "s.db"))
+    assert SECRET not in repr(settings)
+    with pytest.raises(TriggerConfigError, match="secret"):
+        TriggerSettings(tracking_uri="http://mlflow", secret="")
+    with pytest.raises(TriggerConfigError, match="request-tag"):
+        TriggerSettings(tracking_uri="http://mlflow", secret=SECRET, request_tag=TAG_STATE)
+    with pytest.raises(TriggerConfigError, match="--backend kfp needs"):
+        TriggerSettings(tracking_uri="http://mlflow", secret=SECRET, backend="kfp")
+
+
+def test_delivery_ids_survive_a_restart(tmp_path: Path) -> None:
+    store = TriggerStore(tmp_path / "state.sqlite")
+    assert store.remember_delivery("d-1", "model_version_tag.set")
+    assert not store.remember_delivery("d-1", "model_version_tag.set")
+    store.close()
+    reopened = TriggerStore(tmp_path / "state.sqlite")
+    assert not reopened.remember_delivery("d-1", "model_version_tag.set")
+    assert reopened.remember_delivery("d-2", "model_version_tag.set")
+
+
+def test_pipeline_arguments_come_from_the_profile_config() -> None:
+    from puzzle.config import parse_config
+
+    config = parse_config({"parent": "models:/p/3", "gkd": {"lr": 3e-4}, "search": {"constraints": ["throughput>=2x"]}})
+    request = RunRequest("p", "3", "fast", config, "p-puzzle")
+    params = {"parent": {}, "gkd_lr": {}, "search_constraints": {}, "model_name": {}, "profile": {}, "unknown_knob": {}}
+    args = pipeline_arguments(params, request)
+    assert args == {
+        "parent": "models:/p/3",
+        "gkd_lr": 3e-4,
+        "search_constraints": ["throughput>=2x"],
+        "model_name": "p-puzzle",
+        "profile": "fast",
+    }
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class RecordingBackend:
+    """Counts submissions (the security tests must show that nothing reaches a backend)."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.requests: list[RunRequest] = []
+
+    def submit(self, request: RunRequest) -> str:
+        self.requests.append(request)
+        return f"rec-{len(self.requests)}"
+
+
+def register_parent(client: Any, parent_dir: Path, name: str) -> str:
+    """A registered parent model version whose files are a Hugging Face checkpoint."""
+    client.create_registered_model(name)
+    run = client.create_run(client.get_experiment_by_name("Default").experiment_id, run_name=f"upload-{name}")
+    client.log_artifacts(run.info.run_id, str(parent_dir), artifact_path="model")
+    client.set_terminated(run.info.run_id)
+    mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    return str(mv.version)
+
+
+def set_tag_via_rest(mlflow_url: str, name: str, version: str, key: str, value: str) -> None:
+    """What the MLflow UI does when a user adds a tag to a model version."""
+    body = json.dumps({"name": name, "version": version, "key": key, "value": value}).encode()
+    req = urllib.request.Request(
+        f"{mlflow_url}/api/2.0/mlflow/model-versions/set-tag", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.status == 200
+
+
+def post(port: int, body: bytes, headers: dict[str, str], *, content_length: int | None = None) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.putrequest("POST", "/webhook")
+    for key, value in headers.items():
+        conn.putheader(key, value)
+    conn.putheader("Content-Length", str(len(body) if content_length is None else content_length))
+    conn.endheaders()
+    if content_length is None:
+        conn.send(body)
+    resp = conn.getresponse()
+    payload = json.loads(resp.read() or b"{}")
+    conn.close()
+    return resp.status, payload
+
+
+def signed(body: bytes, *, secret: str = SECRET, delivery_id: str | None = None, timestamp: int | None = None) -> dict[str, str]:
+    delivery_id = delivery_id or str(uuid.uuid4())
+    ts = str(int(time.time()) if timestamp is None else timestamp)
+    return {
+        "Content-Type": "application/json",
+        "X-MLflow-Delivery-Id": delivery_id,
+        "X-MLflow-Timestamp": ts,
+        "X-MLflow-Signature": signature.sign(secret, delivery_id, ts, body),
+    }
+
+
+def tag_event(name: str, version: str, key: str, value: str) -> bytes:
+    return json.dumps(
+        {"entity": "model_version_tag", "action": "set", "timestamp": "2026-11-26T00:00:00+00:00",
+         "data": {"name": name, "version": version, "key": key, "value": value}}
+    ).encode()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture
+def mlflow_env(mlflow_server, monkeypatch) -> str:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    return mlflow_server.url
+
+
+@pytest.fixture
+def parent_version(mlflow_env: str, tiny_parent_factory) -> tuple[str, str]:
+    from mlflow import MlflowClient
+
+    name = f"tiny-parent-{uuid.uuid4().hex[:6]}"
+    return name, register_parent(MlflowClient(mlflow_env), tiny_parent_factory("llama"), name)
+
+
+@pytest.fixture
+def recording_service(mlflow_env: str, tmp_path: Path) -> Iterator[tuple[Any, RecordingBackend, TriggerServer]]:
+    settings = TriggerSettings(
+        tracking_uri=mlflow_env, secret=SECRET, state_db=str(tmp_path / "state.sqlite"), reconcile_interval_s=0,
+        max_body_bytes=4096,
+    )
+    backend = RecordingBackend()
+    service = build_service(settings, backend)
+    server = TriggerServer(service, "127.0.0.1", 0).start()
+    yield service, backend, server
+    server.stop()
+
+
+# --------------------------------------------------------------------------- security
+
+
+@pytest.mark.integration
+def test_forged_stale_replayed_malformed_and_oversized_deliveries_start_nothing(
+    recording_service, parent_version: tuple[str, str], tmp_path: Path
+) -> None:
+    service, backend, server = recording_service
+    name, version = parent_version
+    good = tag_event(name, version, "puzzle.request", "default")
+
+    # Control: a correctly signed delivery submits one run (so the rejections below are not vacuous).
+    headers = signed(good)
+    assert post(server.port, good, headers) == (200, {"status": "submitted", "run_id": "rec-1"})
+    assert len(backend.requests) == 1 and backend.requests[0].parent_uri == f"models:/{name}/{version}"
+
+    other = tag_event(name, version, "puzzle.request", "default")
+    forged = {**signed(other), "X-MLflow-Signature": "v1," + "A" * 44}
+    stale = int(time.time()) - 301
+    cases = {
+        "replayed delivery": (good, headers, 200, "duplicate"),
+        "forged signature": (other, forged, 401, "invalid signature"),
+        "wrong secret": (other, signed(other, secret="not-the-secret"), 401, "invalid signature"),
+        "missing signature": (other, {k: v for k, v in signed(other).items() if k != "X-MLflow-Signature"}, 401, "missing"),
+        "stale timestamp": (other, signed(other, timestamp=stale), 401, "window"),
+        "future timestamp": (other, signed(other, timestamp=int(time.time()) + 3600), 401, "window"),
+        "unknown event": (
+            (ev := json.dumps({"entity": "registered_model", "action": "created", "data": {"name": name, "version": version}}).encode()),
+            signed(ev), 400, "unsupported event"),
+        "malformed JSON": (b'{"entity": "model_version_tag", "action": ', signed(b'{"entity": "model_version_tag", "action": '), 400, "malformed JSON"),
+        "no model version": ((nv := json.dumps({"entity": "model_version_tag", "action": "set", "data": {}}).encode()), signed(nv), 400, "name"),
+    }
+    for label, (body, hdrs, status, reason) in cases.items():
+        got_status, got = post(server.port, body, hdrs)
+        assert got_status == status, f"{label}: {got_status} {got}"
+        assert reason in json.dumps(got), f"{label}: {got}"
+    # Oversized: answered from the Content-Length alone, before any byte of the body is read.
+    assert post(server.port, b"", signed(b"x"), content_length=10 * 1024 * 1024)[0] == 413
+    big = tag_event(name, version, "puzzle.request", "x" * 5000)
+    assert post(server.port, big, signed(big))[0] == 413
+    assert len(backend.requests) == 1, "a rejected delivery reached the backend"
+
+    # Tags the service writes back are events too, and never trigger anything.
+    for key in (TAG_STATE, TAG_RUN_ID, TAG_PROFILE, "other.tag"):
+        body = tag_event(name, version, key, "default")
+        assert post(server.port, body, signed(body))[1]["status"] == "ignored"
+    # Setting the same request again while its run is settled submits nothing new.
+    again = tag_event(name, version, "puzzle.request", "default")
+    assert post(server.port, again, signed(again))[1]["status"] == "already_requested"
+    assert len(backend.requests) == 1
+
+    # The delivery ids are persisted: a restarted service still refuses the replay.
+    server.stop()
+    restarted = build_service(service.settings, backend)
+    assert restarted.handle_delivery(headers, good).body == {"status": "duplicate"}
+    assert len(backend.requests) == 1
+    counts = service.stats.snapshot()
+    assert counts["rejected_401"] == 5 and counts["rejected_400"] == 3 and counts["rejected_413"] == 2
+
+
+@pytest.mark.integration
+def test_unknown_profile_is_rejected_on_the_version(recording_service, parent_version: tuple[str, str]) -> None:
+    service, backend, server = recording_service
+    name, version = parent_version
+    body = tag_event(name, version, "puzzle.request", "no-such-profile")
+    status, payload = post(server.port, body, signed(body))
+    assert status == 200 and payload["status"] == "rejected" and "unknown profile" in payload["reason"]
+    tags = service.client.get_model_version(name, version).tags
+    assert tags[TAG_STATE] == "rejected" and "known: default" in tags["puzzle.error"]
+    assert backend.requests == []
+
+
+@pytest.mark.integration
+def test_reconcile_submits_lost_requests_once_and_repairs_after_a_crash(
+    recording_service, parent_version: tuple[str, str], tiny_parent_factory, mlflow_env: str
+) -> None:
+    from mlflow import MlflowClient
+
+    service, backend, _server = recording_service
+    name, version = parent_version
+    client = MlflowClient(mlflow_env)
+    # No webhook is registered for this service: the request tag is "lost".
+    client.set_model_version_tag(name, version, "puzzle.request", "default")
+    outcomes = service.reconcile()
+    assert [(o["model"], o["status"]) for o in outcomes] == [(name, "submitted")]
+    assert service.reconcile() == []
+    assert len(backend.requests) == 1
+    assert client.get_model_version(name, version).tags[TAG_RUN_ID] == "rec-1"
+
+    # A crash after submitting but before tagging: the store knows the run, the version does not.
+    crashed = register_parent(client, tiny_parent_factory("llama"), f"{name}-crash")
+    submission = service.store.begin_submission(f"{name}-crash", crashed, "default", "recording", "webhook:x")
+    service.store.complete_submission(submission, "rec-before-crash")
+    client.set_model_version_tag(f"{name}-crash", crashed, "puzzle.request", "default")
+    assert [o["status"] for o in service.reconcile()] == ["repaired"]
+    assert client.get_model_version(f"{name}-crash", crashed).tags[TAG_RUN_ID] == "rec-before-crash"
+    assert len(backend.requests) == 1
+
+
+@pytest.mark.integration
+def test_register_webhook_is_idempotent(mlflow_env: str) -> None:
+    from mlflow import MlflowClient
+
+    from pipelines.trigger.webhooks import register_webhook
+
+    client = MlflowClient(mlflow_env)
+    name = f"hook-{uuid.uuid4().hex[:6]}"
+    first = register_webhook(client, "http://127.0.0.1:9/webhook", SECRET, name=name)
+    second = register_webhook(client, "http://127.0.0.1:10/webhook", SECRET, name=name)
+    assert first.created and not second.created and first.webhook_id == second.webhook_id
+    hooks = [h for h in client.list_webhooks() if h.name == name]
+    assert len(hooks) == 1 and hooks[0].url == "http://127.0.0.1:10/webhook"
+    assert sorted(str(e) for e in hooks[0].events) == ["model_version_alias.created", "model_version_tag.set"]
+    client.delete_webhook(first.webhook_id)
