@@ -754,8 +754,16 @@ def read_yaml(path: str) -> dict[str, Any]:
 
 def check_storage(config: RunConfig) -> None:
     """Fail now, not hours in, when the output root or an s3:// input cannot be reached."""
+    import os
+
     from puzzle import storage
 
+    if config.tracking.uri == "run-dir" and storage.is_s3(config.output) and not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise ConfigError(
+            "tracking.uri 'run-dir' keeps a SQLite MLflow store under the output root, which must then be local "
+            f"(output is {config.output!r}): set tracking.uri to an MLflow server (http://host:5000), null, "
+            "or set MLFLOW_TRACKING_URI"
+        )
     try:
         storage.check_access(config.output, write=True)
     except storage.StorageError as exc:

@@ -210,12 +210,15 @@ def evaluate(
     repeats: int = 3,
     lm_eval_tasks: list[str] | tuple[str, ...] = (),
     details: dict[str, dict[str, Any]] | None = None,
+    primary: str | None = None,
 ) -> artifacts.Manifest:
     """Phase: evaluate ``children`` (name -> child artifact URI) against ``parent_child``.
 
     ``details`` (optional, per child name) is shown in the report: e.g. ``{"role": "baseline",
     "method": "uniform_width", "predicted_speedup": 1.52}``. Names are free text; the report
-    calls a child with ``role: baseline`` a baseline.
+    calls a child with ``role: baseline`` a baseline. ``primary`` (default: the first child) is
+    the child whose ``accuracy_kept`` and ``speedup`` are also written at the top of
+    ``metrics.json`` (what the registry gate reads).
     """
     if isinstance(workload, dict):
         workload = Workload(**workload)
@@ -230,6 +233,9 @@ def evaluate(
         artifacts.require_manifest(uri, (CHILD_KIND, "export"))
     artifacts.require_manifest(parent_child, CHILD_KIND)
     artifacts.require_manifest(tokens, "tokens")
+    primary = primary or next(iter(children))
+    if primary not in children:
+        raise EvaluateError(f"primary={primary!r} is not one of the children ({', '.join(children)})")
     details = {name: dict((details or {}).get(name, {})) for name in children}
     run_device = resolve_device(device)
     inputs = {"parent": parent_child, "tokens": tokens, **{f"child:{name}": uri for name, uri in children.items()}}
@@ -241,6 +247,7 @@ def evaluate(
         "repeats": repeats,
         "lm_eval_tasks": list(lm_eval_tasks),
         "details": details,
+        "primary": primary,
     }
 
     def body(staging: Path, local: dict[str, Path]) -> dict[str, Any]:
@@ -270,6 +277,9 @@ def evaluate(
             for name, model in [(PARENT, parent), *models.items()]:
                 lm_eval_results[name] = run_lm_eval(model, tok, list(lm_eval_tasks), batch_size=batch_size, device=run_device)
         metrics = {
+            "primary": primary,
+            "accuracy_kept": results[primary]["accuracy_kept"],
+            "speedup": results[primary]["speedup"],
             "split": split,
             "tokens": int(ids.shape[0] * (ids.shape[1] - 1)),
             "workload": asdict(workload),

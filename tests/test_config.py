@@ -125,11 +125,14 @@ def test_bad_yaml_and_bad_overrides_are_config_errors(tmp_path: Path) -> None:
     assert load_config(None, [f"output={tmp_path}", "gkd.lr=2e-4"]).gkd.lr == 2e-4
 
 
-def test_unreachable_storage_fails_at_load_time_naming_the_field(tmp_path: Path, s3_bucket: str) -> None:
-    ok = load_config(None, [f"output=s3://{s3_bucket}/runs/a"])
+def test_unreachable_storage_fails_at_load_time_naming_the_field(tmp_path: Path, s3_bucket: str, monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ok = load_config(None, [f"output=s3://{s3_bucket}/runs/a", "tracking.uri=null"])
     assert ok.output == f"s3://{s3_bucket}/runs/a"
     with pytest.raises(ConfigError, match=r"output 's3://no-such-bucket-x/runs' is not reachable.*(not found|does not exist)"):
-        load_config(None, ["output=s3://no-such-bucket-x/runs"])
+        load_config(None, ["output=s3://no-such-bucket-x/runs", "tracking.uri=null"])
+    with pytest.raises(ConfigError, match=r"tracking.uri 'run-dir' keeps a SQLite MLflow store under the output root"):
+        load_config(None, [f"output=s3://{s3_bucket}/runs/a"])
     with pytest.raises(ConfigError, match=r"data.source 's3://no-such-bucket-x/text' is not reachable"):
         load_config(None, [f"output={tmp_path}", "data.source=s3://no-such-bucket-x/text"])
     with pytest.raises(ConfigError, match=r"data.source '.*nothing-here' does not exist"):
@@ -144,7 +147,7 @@ def test_unreachable_s3_endpoint_is_reported_as_the_output_field(tmp_path: Path,
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     storage._client_for.cache_clear()
     with pytest.raises(ConfigError, match=r"output 's3://b/p' is not reachable: cannot reach the S3 endpoint"):
-        load_config(None, ["output=s3://b/p"])
+        load_config(None, ["output=s3://b/p", "tracking.uri=null"])
     storage._client_for.cache_clear()
 
 
