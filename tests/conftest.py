@@ -159,6 +159,18 @@ def smollm2_child(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_tokens(smollm2_child: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Standard-library text in SmolLM2's tokens, 64-token sequences: calibration 16, bld 64,
+    score 16, eval 8 (a few seconds; made once per session)."""
+    from puzzle.data import prepare
+
+    out = tmp_path_factory.mktemp("smollm2-tokens") / "tokens"
+    prepare("stdlib", str(smollm2_child), str(out), seq_len=64,
+            splits={"calibration": 16, "bld": 64, "score": 16, "eval": 8})
+    return out
+
+
+@pytest.fixture(scope="session")
 def mlflow_server(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory):
     """A real MLflow server (SQLite backend, artifacts in a SeaweedFS bucket, webhooks enabled
     for loopback delivery); started once per session (~10-20 s). See tests/mlflow_server.py."""
