@@ -223,3 +223,9 @@ def test_cli_prints_one_line_errors(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "empty"), "--out", str(tmp_path / "child")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("puzzle: error:") and "Traceback" not in err
+
+
+def test_unreachable_hub_id_says_how_to_load_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ParentError, match="cannot fetch 'meta-llama/Llama-3.2-1B' from the Hugging Face hub"):
+        convert("meta-llama/Llama-3.2-1B", str(tmp_path / "child"))
