@@ -68,6 +68,14 @@ def mixed_child(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DeciLMF
     return out, model
 
 
+@pytest.fixture(scope="module")
+def mixed_export(mixed_child, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The mixed child exported once, in small shards so that sharding is exercised."""
+    out = tmp_path_factory.mktemp("mixed-export") / "export"
+    export(str(mixed_child[0]), str(out), max_shard_size="200KB")
+    return out
+
+
 def test_no_op_sub_blocks_have_no_parameters_and_pass_hidden_states_through() -> None:
     model = random_model(mixed_config())
     noop_attn = model.model.layers[3]
@@ -122,10 +130,12 @@ def test_cache_logits_match_full_forward_for_every_position() -> None:
     torch.testing.assert_close(step, full[:, 5:], atol=1e-5, rtol=1e-5)
 
 
-def test_mixed_child_exports_and_reloads_in_a_fresh_process_with_identical_logits(mixed_child, tmp_path: Path) -> None:
-    child, model = mixed_child
-    out = tmp_path / "export"
-    export(str(child), str(out))
+def test_mixed_child_exports_and_reloads_in_a_fresh_process_with_identical_logits(
+    mixed_child, mixed_export: Path, tmp_path: Path
+) -> None:
+    _, model = mixed_child
+    out = mixed_export
+    assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").exists()
     ids = torch.randint(3, 256, (2, 11))
     with torch.no_grad():
         expected = model(ids).logits
@@ -136,10 +146,8 @@ def test_mixed_child_exports_and_reloads_in_a_fresh_process_with_identical_logit
     assert torch.equal(result["generated"], expected_gen)
 
 
-def test_exported_checkpoint_has_no_tensors_for_no_op_sub_blocks(mixed_child, tmp_path: Path) -> None:
-    child, _ = mixed_child
-    out = tmp_path / "export"
-    export(str(child), str(out))
+def test_exported_checkpoint_has_no_tensors_for_no_op_sub_blocks(mixed_export: Path) -> None:
+    out = mixed_export
     names: set[str] = set()
     for shard in out.glob("*.safetensors"):
         with safe_open(shard, "pt") as fh:
@@ -151,10 +159,8 @@ def test_exported_checkpoint_has_no_tensors_for_no_op_sub_blocks(mixed_child, tm
     assert "model.layers.3.mlp.down_proj.weight" in names
 
 
-def test_exported_config_has_exactly_the_nemotron_nas_fields(mixed_child, tmp_path: Path) -> None:
-    child, _ = mixed_child
-    out = tmp_path / "export"
-    export(str(child), str(out))
+def test_exported_config_has_exactly_the_nemotron_nas_fields(mixed_export: Path) -> None:
+    out = mixed_export
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["DeciLMForCausalLM"]
     assert config["model_type"] == "nemotron-nas"
