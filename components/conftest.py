@@ -127,3 +127,31 @@ def tiny_bld_shards(tiny_library: Path, tiny_child: Path, tiny_tokens: Path, tmp
         train(str(tiny_library), str(tiny_child), str(tiny_tokens), str(out), shard=f"{index}/2", device="cpu", **TINY_BLD)
         outs.append(out)
     return outs
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_library(tiny_library: Path, tiny_bld_shards: list[Path], tmp_path_factory) -> Path:
+    """:func:`tiny_library` with its BLD shards merged in."""
+    from puzzle.bld import merge
+
+    out = tmp_path_factory.mktemp("tiny-trained") / "library"
+    merge([str(p) for p in tiny_bld_shards], str(out), base=str(tiny_library))
+    return out
+
+
+TINY_METRICS = ["kl_div", "lm_loss"]
+
+
+@pytest.fixture(scope="session")
+def tiny_score_shards(tiny_trained_library: Path, tiny_child: Path, tiny_tokens: Path, tmp_path_factory) -> list[Path]:
+    """Both shards (of 2) of the replace-1-block scores of :func:`tiny_trained_library`."""
+    from puzzle.scoring import score
+
+    root = tmp_path_factory.mktemp("tiny-scores")
+    outs = []
+    for index in range(2):
+        out = root / f"shard-{index}"
+        score(str(tiny_trained_library), str(tiny_child), str(tiny_tokens), str(out), metrics=TINY_METRICS,
+              shard=f"{index}/2", batch_size=4, device="cpu")
+        outs.append(out)
+    return outs
