@@ -17,6 +17,7 @@ the configured targets met.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -181,9 +182,15 @@ def register_child(
     client = _client(tracking_uri)
     content_hash = manifest.content_hash
     _ensure_registered_model(client, model_name)
+    if lineage.kfp_run_id is None and tracking.kfp_run_id_from_env():
+        lineage = dataclasses.replace(lineage, kfp_run_id=tracking.kfp_run_id_from_env())
     existing = find_version_by_hash(client, model_name, content_hash)
     if existing is not None:
         log.info("registry: %s is already %s version %s", export_uri, model_name, existing.version)
+        # Lineage known now but not then (e.g. the requesting profile) is added, never overwritten.
+        for key, value in lineage.tags().items():
+            if key not in existing.tags:
+                client.set_model_version_tag(model_name, existing.version, key, value)
         client.set_registered_model_alias(model_name, alias, existing.version)
         return Registration(model_name, existing.version, existing.source, created=False)
 
@@ -216,6 +223,48 @@ def register_child(
     client.set_registered_model_alias(model_name, alias, version.version)
     log.info("registry: registered %s as %s version %s (alias %s)", export_uri, model_name, version.version, alias)
     return Registration(model_name, version.version, source, created=True)
+
+
+def register_parent(source: str, model_name: str, *, tracking_uri: str | None = None,
+                    experiment: str = tracking.DEFAULT_EXPERIMENT) -> Registration:
+    """Register a parent checkpoint (a Hugging Face directory or a directory with one GGUF file,
+    local or ``s3://``) as a version of ``model_name``, so that it can be tagged in the MLflow UI
+    to request a Puzzle run. The same files registered again return the existing version."""
+    _check_name(model_name)
+    client = _client(tracking_uri)
+    if storage.is_s3(source):
+        files = storage.list_files(source)
+        if not files:
+            raise RegistryError(f"no files under {source}: upload the parent checkpoint there first")
+        local = storage.cache_dir_for(source, "parents")
+        for rel in files:
+            storage.download_file(storage.join(source, rel), local / rel)
+    else:
+        local = Path(source)
+        if not local.is_dir():
+            raise RegistryError(f"parent {source!r} is not a directory (a Hugging Face checkpoint or a GGUF file's folder)")
+    if not (local / "config.json").is_file() and not list(local.glob("*.gguf")):
+        raise RegistryError(f"{source} holds neither config.json (Hugging Face layout) nor a .gguf file")
+    content_hash = artifacts.fingerprint(str(local))
+    _ensure_registered_model(client, model_name)
+    existing = find_version_by_hash(client, model_name, content_hash)
+    if existing is not None:
+        return Registration(model_name, existing.version, existing.source, created=False)
+    experiment_id = tracking.experiment_id_for(client, experiment)
+    run = client.create_run(experiment_id, run_name=f"register-parent-{model_name}", tags={TAG_CONTENT_HASH: content_hash})
+    try:
+        client.log_artifacts(run.info.run_id, str(local), artifact_path=CHECKPOINT_PATH)
+    except Exception:
+        client.set_terminated(run.info.run_id, status="FAILED")
+        raise
+    client.set_terminated(run.info.run_id, status="FINISHED")
+    source_uri = f"{run.info.artifact_uri.rstrip('/')}/{CHECKPOINT_PATH}"
+    version = client.create_model_version(
+        model_name, source=source_uri, run_id=run.info.run_id, tags={TAG_CONTENT_HASH: content_hash},
+        description=f"Parent checkpoint uploaded from `{source}`. Tag a version `puzzle.request=<profile>` to compress it.",
+    )
+    log.info("registry: registered parent %s as %s version %s", source, model_name, version.version)
+    return Registration(model_name, version.version, source_uri, created=True)
 
 
 def _tag_float(tags: dict[str, str], key: str) -> float | None:

@@ -17,6 +17,7 @@ from pipelines.trigger import build_service, signature
 from pipelines.trigger.backends import RunRequest, pipeline_arguments
 from pipelines.trigger.server import TriggerServer
 from pipelines.trigger.settings import (
+    TAG_CHILD,
     TAG_PROFILE,
     TAG_RUN_ID,
     TAG_STATE,
@@ -95,14 +96,11 @@ class RecordingBackend:
         return f"rec-{len(self.requests)}"
 
 
-def register_parent(client: Any, parent_dir: Path, name: str) -> str:
+def register_parent(parent_dir: Path, name: str) -> str:
     """A registered parent model version whose files are a Hugging Face checkpoint."""
-    client.create_registered_model(name)
-    run = client.create_run(client.get_experiment_by_name("Default").experiment_id, run_name=f"upload-{name}")
-    client.log_artifacts(run.info.run_id, str(parent_dir), artifact_path="model")
-    client.set_terminated(run.info.run_id)
-    mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
-    return str(mv.version)
+    from puzzle import registry
+
+    return registry.register_parent(str(parent_dir), name).version
 
 
 def set_tag_via_rest(mlflow_url: str, name: str, version: str, key: str, value: str) -> None:
@@ -166,10 +164,9 @@ def mlflow_env(mlflow_server, monkeypatch) -> str:
 
 @pytest.fixture
 def parent_version(mlflow_env: str, tiny_parent_factory) -> tuple[str, str]:
-    from mlflow import MlflowClient
 
     name = f"tiny-parent-{uuid.uuid4().hex[:6]}"
-    return name, register_parent(MlflowClient(mlflow_env), tiny_parent_factory("llama"), name)
+    return name, register_parent(tiny_parent_factory("llama"), name)
 
 
 @pytest.fixture
@@ -275,7 +272,7 @@ def test_reconcile_submits_lost_requests_once_and_repairs_after_a_crash(
     assert client.get_model_version(name, version).tags[TAG_RUN_ID] == "rec-1"
 
     # A crash after submitting but before tagging: the store knows the run, the version does not.
-    crashed = register_parent(client, tiny_parent_factory("llama"), f"{name}-crash")
+    crashed = register_parent(tiny_parent_factory("llama"), f"{name}-crash")
     submission = service.store.begin_submission(f"{name}-crash", crashed, "default", "recording", "webhook:x")
     service.store.complete_submission(submission, "rec-before-crash")
     client.set_model_version_tag(f"{name}-crash", crashed, "puzzle.request", "default")
@@ -299,3 +296,97 @@ def test_register_webhook_is_idempotent(mlflow_env: str) -> None:
     assert len(hooks) == 1 and hooks[0].url == "http://127.0.0.1:10/webhook"
     assert sorted(str(e) for e in hooks[0].events) == ["model_version_alias.created", "model_version_tag.set"]
     client.delete_webhook(first.webhook_id)
+
+
+# --------------------------------------------------------------------------- end to end
+
+TINY_PROFILE = """\
+# A tiny run for the end-to-end test: every budget at its smallest, CPU, no baselines.
+data: {source: stdlib, seq_len: 32, splits: {calibration: 4, bld: 16, score: 4, gkd: 16, eval: 4}, seed: 0}
+search_space: {kv_heads: [2, 1], attention_linear: false, attention_noop: true, ffn_fractions: [1.0, 0.5],
+               ffn_linear: false, ffn_noop: true}
+bld: {token_budget: 256, batch_size: 4, device: cpu}
+scoring: {metrics: [kl_div], batch_size: 4, device: cpu}
+costs: {batch_sizes: [1], prompt_len: 8, gen_len: 4, device: cpu, repeats: 1}
+search: {objective: kl_div, constraints: ["parameters<=0.95x"], num_solutions: 1}
+gkd: {token_budget: 256, batch_size: 4, device: cpu, checkpoint_every: 100}
+evaluate: {batch_size: 4, workload: {batch_size: 1, prompt_len: 8, gen_len: 4}, device: cpu, repeats: 1}
+tracking: {uri: null, experiment: puzzle-trigger-e2e}
+registry: {gates: {min_accuracy_kept: 0.0, min_speedup: 0.0}}
+baselines: {methods: [], gkd: false}
+"""
+
+
+@pytest.mark.integration
+def test_tagging_a_parent_version_in_mlflow_runs_puzzle_once_and_registers_the_child(
+    mlflow_env: str, parent_version: tuple[str, str], tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    from pipelines.trigger.backends import LocalBackend
+    from pipelines.trigger.webhooks import register_webhook
+    from puzzle import registry, tracking
+
+    name, version = parent_version
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "tiny.yaml").write_text(TINY_PROFILE)
+    settings = TriggerSettings(
+        tracking_uri=mlflow_env, secret=SECRET, state_db=str(tmp_path / "state.sqlite"), profiles_dir=str(profiles),
+        reconcile_interval_s=0, work_dir=str(tmp_path / "runs"),
+    )
+    backend = LocalBackend(settings.work_dir, mlflow_env)
+    service = build_service(settings, backend)
+    deliveries: list[tuple[dict[str, str], bytes]] = []
+    handle = service.handle_delivery
+
+    def recording(headers: dict[str, str], body: bytes, **kwargs: Any) -> Any:
+        deliveries.append((headers, body))
+        return handle(headers, body, **kwargs)
+
+    service.handle_delivery = recording  # type: ignore[method-assign]
+    server = TriggerServer(service, "127.0.0.1", 0).start()
+    client = MlflowClient(mlflow_env)
+    hook = register_webhook(client, f"http://127.0.0.1:{server.port}/webhook", SECRET, name=f"e2e-{name}")
+    try:
+        # What the user does in the UI: add the tag puzzle.request=tiny to the parent version.
+        set_tag_via_rest(mlflow_env, name, version, "puzzle.request", "tiny")
+        submissions = wait_for(service.store.submissions, 60, "MLflow to deliver the webhook")
+        run_id = submissions[0].run_id
+        assert run_id.startswith("local-")
+        code = backend.wait(run_id, timeout=300)
+        log = backend.log_path(run_id).read_text(errors="replace")
+        assert code == 0, log[-4000:]
+
+        parent_tags = client.get_model_version(name, version).tags
+        assert parent_tags[TAG_RUN_ID] == run_id
+        assert parent_tags[TAG_PROFILE] == "tiny" and parent_tags[TAG_STATE] == "succeeded"
+        child_name, child_version, _ = registry.parse_models_uri(parent_tags[TAG_CHILD])
+        assert child_name == f"{name}-puzzle"
+        child = client.get_model_version(child_name, child_version)
+        assert "candidate" in child.aliases and "champion" in child.aliases  # targets 0/0 in the tiny profile
+        assert child.tags[registry.TAG_PARENT_URI] == f"models:/{name}/{version}"
+        assert child.tags[registry.TAG_PARENT_VERSION] == version
+        assert child.tags[registry.TAG_KFP_RUN_ID] == run_id and child.tags[registry.TAG_PROFILE] == "tiny"
+        assert json.loads(child.tags[registry.TAG_CONSTRAINTS]) == ["parameters<=0.95x"]
+        assert float(child.tags[registry.TAG_ACCURACY_KEPT]) > 0 and float(child.tags[registry.TAG_SPEEDUP]) > 0
+
+        # The run itself was tracked, tagged with its run id.
+        experiment = client.get_experiment_by_name("puzzle-trigger-e2e")
+        pipeline_run = tracking.find_kfp_run(client, experiment.experiment_id, run_id)
+        assert pipeline_run is not None and child.tags[registry.TAG_PIPELINE_RUN] == pipeline_run.info.run_id
+
+        # Exactly one run: the service's own tag writes came back as webhooks and were ignored,
+        # and MLflow's delivery replayed by an attacker (or a retry) starts nothing.
+        request_deliveries = [(h, b) for h, b in deliveries if b'"puzzle.request"' in b]
+        assert len(request_deliveries) == 1
+        replay = post(server.port, request_deliveries[0][1], request_deliveries[0][0])
+        assert replay == (200, {"status": "duplicate"})
+        assert len(service.store.submissions()) == 1
+        assert service.stats.snapshot().get("ignored", 0) >= 3
+        health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10).read())
+        assert health["status"] == "ok" and health["counts"]["submitted_runs"] == 1
+    finally:
+        client.delete_webhook(hook.webhook_id)
+        server.stop()
+        backend.stop_all()

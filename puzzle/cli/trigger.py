@@ -122,6 +122,15 @@ def _register_webhook(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register_parent(args: argparse.Namespace) -> int:
+    from puzzle import registry
+
+    result = registry.register_parent(args.source, args.name, tracking_uri=args.tracking_uri)
+    state = "registered" if result.created else "already registered"
+    print(f"{state}: {result.uri} (tag it puzzle.request=<profile> in the MLflow UI to run Puzzle on it)")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "trigger",
@@ -167,3 +176,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     hook.add_argument("--url", required=True, help="the service's URL as MLflow reaches it, e.g. http://puzzle-trigger:8080/webhook")
     hook.add_argument("--name", default="puzzle-trigger", help="webhook name (default: puzzle-trigger)")
     hook.set_defaults(func=_register_webhook)
+
+    parent = commands.add_parser(
+        "register-parent",
+        help="register a parent checkpoint as a model version (to be tagged in the UI)",
+        description=(
+            "Upload a parent checkpoint (a Hugging Face directory or a folder with one .gguf file, local "
+            "or s3://) to MLflow as a new version of --name; the same files again return the same version."
+        ),
+    )
+    parent.add_argument("source", help="the checkpoint directory (local path or s3:// prefix)")
+    parent.add_argument("--name", required=True, help="registered model name, e.g. smollm2-135m")
+    parent.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                        help="MLflow server URL (default: $MLFLOW_TRACKING_URI)")
+    parent.set_defaults(func=_register_parent)
