@@ -22,6 +22,7 @@ def evaluate(
     workload_prompt_len: int = 64,
     workload_gen_len: int = 64,
     repeats: int = 3,
+    lm_eval_tasks: list = [],  # noqa: B006 - KFP reads defaults from the signature
     device: str = "auto",
     tracking_uri: str = "",
     experiment: str = "",
@@ -42,6 +43,7 @@ def evaluate(
         workload_prompt_len: prompt tokens of the speed measurement.
         workload_gen_len: generated tokens of the speed measurement.
         repeats: speed measurement repeats (median).
+        lm_eval_tasks: lm-evaluation-harness tasks (run where lm_eval and the task data exist).
         device: auto, cpu, cuda, cuda:N.
         tracking_uri: MLflow tracking URI (empty: MLFLOW_TRACKING_URI, else no tracking).
         experiment: MLflow experiment.
@@ -62,7 +64,7 @@ def evaluate(
 
     _runtime.setup_logging()
     manifest = evaluate_children(
-        {"child": child.path},
+        {"puzzle": child.path},
         parent.path,
         tokens.path,
         _runtime.out_path(evaluation),
@@ -75,8 +77,11 @@ def evaluate(
         },
         device=device,
         repeats=int(repeats),
+        lm_eval_tasks=[str(t) for t in lm_eval_tasks or []],
+        details={"puzzle": {"role": "child", "method": "puzzle"}},
+        primary="puzzle",
     )
-    figures = json.loads((Path(evaluation.path) / METRICS_FILE).read_text())["models"]["child"]
+    figures = json.loads((Path(evaluation.path) / METRICS_FILE).read_text())["models"]["puzzle"]
     for key in ("accuracy_kept", "speedup", "kl_div", "perplexity", "accuracy", "throughput", "parameters_kept"):
         value = figures.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool):

@@ -32,7 +32,7 @@ def test_evaluate_reports_accuracy_kept_and_speedup(
         device="cpu",
     )
 
-    written = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())["models"]["child"]
+    written = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())["models"]["puzzle"]
     assert math.isclose(accuracy_kept, written["accuracy_kept"])
     assert math.isclose(speedup, written["speedup"]) and speedup > 0
     assert metrics.metadata["accuracy_kept"] == accuracy_kept

@@ -18,6 +18,7 @@ def build_library(
     ffn_noop: bool,
     library: Output[Model],
     batch_size: int = 8,
+    seed: int = 0,
     device: str = "auto",
     tracking_uri: str = "",
     experiment: str = "",
@@ -36,6 +37,7 @@ def build_library(
         ffn_noop: include no-op FFN.
         library: the library artifact (library.json + weights per layer).
         batch_size: calibration sequences per forward pass.
+        seed: seeds random initialisations (the random-channel baseline).
         device: auto, cpu, cuda, cuda:N.
         tracking_uri: MLflow tracking URI (empty: MLFLOW_TRACKING_URI, else no tracking).
         experiment: MLflow experiment.
@@ -60,6 +62,7 @@ def build_library(
         _runtime.out_path(library),
         space=space,
         batch_size=int(batch_size),
+        seed=int(seed),
         device=None if device == "auto" else device,
     )
     _runtime.describe(library, manifest)
