@@ -2,8 +2,9 @@
 
 convert -> data -> library -> BLD (fan-out over shards, merge) -> scores (fan-out, merge) and
 costs -> search -> realize -> GKD -> evaluate -> export (to the serving prefix) -> [gate] register
-(alias ``candidate``) -> [targets met] promote (alias ``champion``); an exit handler records the
-outcome in MLflow whatever happened.
+(alias ``candidate``) -> [targets met] promote (alias ``champion``); beside them the baselines
+(uniform width, layer dropping, ...) at the same constraints and GKD budget, evaluated with the
+child in one report; an exit handler records the outcome in MLflow whatever happened.
 
 Parameters mirror the ``puzzle run`` configuration (:mod:`pipelines.parameters` maps a config to
 arguments); cluster placement (GPU resources, tolerations, node selectors, /dev/shm, secrets,
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
 
+from components.baselines.component import compare_baselines
 from components.bld.component import train_blocks
 from components.bld_merge.component import merge_library
 from components.convert.component import convert
@@ -171,6 +173,8 @@ def puzzle_pipeline(
     registry_model_name: str = "",
     registry_gates_min_accuracy_kept: float = 0.9,
     registry_gates_min_speedup: float = 1.3,
+    baselines_methods: list = ["uniform_width", "layer_dropping"],  # noqa: B006
+    baselines_gkd: bool = True,
     serving_uri: str = "",
     gkd_gpus: int = 1,
     gpu_node_selector: dict = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},  # noqa: B006
@@ -344,6 +348,48 @@ def puzzle_pipeline(
             env,
             node_selector=gpu_node_selector,
         ).set_display_name("evaluate against the parent")
+        _gpu_step(
+            compare_baselines(
+                child=distilled.outputs["distilled"],
+                parent=child.outputs["child"],
+                library=trained.outputs["library"],
+                scores=scores.outputs["scores"],
+                costs=costs.outputs["costs"],
+                tokens=tokens.outputs["tokens"],
+                methods=baselines_methods,
+                constraints=search_constraints,
+                gkd=baselines_gkd,
+                objective=search_objective,
+                gkd_settings={
+                    "token_budget": gkd_token_budget,
+                    "batch_size": gkd_batch_size,
+                    "lr": gkd_lr,
+                    "warmup_fraction": gkd_warmup_fraction,
+                    "weight_cosine": gkd_weight_cosine,
+                    "weight_kl": gkd_weight_kl,
+                    "weight_lm": gkd_weight_lm,
+                    "checkpoint_every": gkd_checkpoint_every,
+                    "grad_checkpointing": gkd_grad_checkpointing,
+                    "seed": gkd_seed,
+                    "device": gkd_device,
+                },
+                evaluate_settings={
+                    "split": evaluate_split,
+                    "batch_size": evaluate_batch_size,
+                    "workload": {
+                        "batch_size": evaluate_workload_batch_size,
+                        "prompt_len": evaluate_workload_prompt_len,
+                        "gen_len": evaluate_workload_gen_len,
+                    },
+                    "device": evaluate_device,
+                    "repeats": evaluate_repeats,
+                    "lm_eval_tasks": evaluate_lm_eval_tasks,
+                },
+                **tracked,
+            ),
+            env,
+            node_selector=gpu_node_selector,
+        ).set_display_name("compare with baselines")
         exported = _cpu_step(
             export(child=distilled.outputs["distilled"], serving_uri=serving_uri, dtype=export_dtype, **tracked), env
         ).set_display_name("export checkpoint")

@@ -1,0 +1,199 @@
+"""The compiled pipeline: committed, reproducible, and carrying the cluster settings it promises."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "pipelines" / "puzzle_pipeline.yaml"
+GPU_TASKS = {
+    "build-library", "train-blocks", "measure-costs", "score-blocks", "distill", "evaluate", "compare-baselines"
+}
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pipelines.puzzle_pipeline import compile_pipeline
+
+    return compile_pipeline(tmp_path_factory.mktemp("compiled") / "puzzle_pipeline.yaml")
+
+
+@pytest.fixture(scope="module")
+def docs(compiled: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    spec, platform = yaml.safe_load_all(compiled.read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def _tasks(spec: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Every task of every DAG: task name -> (the DAG component that holds it, task spec)."""
+    out = {}
+    for owner, component in [("root", spec["root"]), *spec["components"].items()]:
+        for name, task in component.get("dag", {}).get("tasks", {}).items():
+            out[name] = (owner, task)
+    return out
+
+
+def _executor(spec: dict[str, Any], task: dict[str, Any]) -> str:
+    return spec["components"][task["componentRef"]["name"]]["executorLabel"]
+
+
+def test_recompiling_gives_the_committed_file_byte_for_byte(compiled: Path) -> None:
+    assert compiled.read_bytes() == COMMITTED.read_bytes(), (
+        "pipelines/puzzle_pipeline.yaml is stale: run `puzzle pipeline compile` and commit the result"
+    )
+
+
+def test_bld_and_scoring_fan_out_over_shards_with_bounded_parallelism(docs) -> None:
+    from pipelines.puzzle_pipeline import BLD_PARALLELISM, SCORING_PARALLELISM
+
+    spec, _ = docs
+    tasks = _tasks(spec)
+    loops = {task["taskInfo"]["name"]: (name, task) for name, (_, task) in tasks.items() if "parameterIterator" in task}
+    assert set(loops) == {"bld-shards", "scoring-shards"}
+    for display, limit, worker in (("bld-shards", BLD_PARALLELISM, "train-blocks"), ("scoring-shards", SCORING_PARALLELISM, "score-blocks")):
+        name, loop = loops[display]
+        assert loop["iteratorPolicy"]["parallelismLimit"] == limit
+        # The items are the shard plan's output, i.e. a run parameter, not a fixed list.
+        plan_task = loop["inputs"]["parameters"][loop["parameterIterator"]["items"]["inputParameter"]]
+        assert tasks[plan_task["taskOutputParameter"]["producerTask"]][1]["componentRef"]["name"].startswith("comp-shard-plan")
+        assert worker in spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+        # Fan-in: the merge step takes the loop's collected outputs.
+        merges = [t for _, t in tasks.values() if any(
+            a.get("taskOutputArtifact", {}).get("producerTask") == name for a in t.get("inputs", {}).get("artifacts", {}).values()
+        )]
+        assert merges, f"nothing collects the outputs of {display}"
+
+
+def test_gpu_steps_request_gpus_and_only_they_do(docs) -> None:
+    spec, executors = docs
+    tasks = _tasks(spec)
+    for name, (_, task) in tasks.items():
+        if "componentRef" not in task or "dag" in spec["components"][task["componentRef"]["name"]]:
+            continue
+        label = _executor(spec, task)
+        resources = spec["deploymentSpec"]["executors"][label]["container"].get("resources", {})
+        accelerator = resources.get("accelerator")
+        if name in GPU_TASKS:
+            assert accelerator and accelerator["resourceType"] == "nvidia.com/gpu", name
+            assert "gpu" in spec["deploymentSpec"]["executors"][label]["container"]["image"]
+            platform = executors[label]
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in platform["tolerations"]
+            assert {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "16Gi", "volumeName": "dshm"} in platform[
+                "emptyDirMounts"
+            ]
+        else:
+            assert accelerator is None, f"{name} is a CPU step but requests {accelerator}"
+    distill = spec["deploymentSpec"]["executors"]["exec-distill"]["container"]["resources"]["accelerator"]
+    assert distill["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gkd_gpus']}}"
+
+
+def test_costs_and_speed_are_measured_on_the_target_gpu_product(docs) -> None:
+    spec, executors = docs
+    pinned = {label for label, e in executors.items() if "nodeSelector" in e}
+    assert pinned == {"exec-measure-costs", "exec-evaluate", "exec-compare-baselines"}
+    for label in pinned:
+        assert executors[label]["nodeSelector"]["nodeSelectorJson"] == {
+            "componentInputParameter": "pipelinechannel--gpu_node_selector"
+        }
+    default = spec["root"]["inputDefinitions"]["parameters"]["gpu_node_selector"]["defaultValue"]
+    assert default == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+
+
+def test_every_step_gets_s3_and_mlflow_credentials_from_secrets(docs) -> None:
+    spec, executors = docs
+    assert set(executors) == set(spec["deploymentSpec"]["executors"])
+    for label, platform in executors.items():
+        # Inside a sub-DAG a run parameter is "pipelinechannel--<name>", at the root just "<name>".
+        secrets = {
+            s["secretNameParameter"]["componentInputParameter"].removeprefix("pipelinechannel--"): s
+            for s in platform["secretAsEnv"]
+        }
+        s3 = secrets["s3_secret"]
+        assert {m["envVar"] for m in s3["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, label
+        mlflow = secrets["mlflow_secret"]
+        assert "MLFLOW_TRACKING_TOKEN" in {m["envVar"] for m in mlflow["keyToEnv"]}
+        (settings,) = platform["configMapAsEnv"]
+        assert {"AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"} <= {m["envVar"] for m in settings["keyToEnv"]}
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["s3_secret"]["defaultValue"] == "puzzle-s3"
+    assert params["mlflow_secret"]["defaultValue"] == "puzzle-mlflow"
+
+
+def test_gpu_steps_retry_with_backoff_and_cpu_steps_do_not(docs) -> None:
+    spec, _ = docs
+    for name, (_, task) in _tasks(spec).items():
+        if name in GPU_TASKS:
+            assert task["retryPolicy"] == {
+                "maxRetryCount": 3, "backoffDuration": "60s", "backoffFactor": 2.0, "backoffMaxDuration": "3600s"
+            }, name
+        else:
+            assert "retryPolicy" not in task, name
+
+
+def test_caching_is_on_except_for_steps_with_side_effects(docs) -> None:
+    spec, _ = docs
+    for name, (_, task) in _tasks(spec).items():
+        if "componentRef" not in task or "dag" in spec["components"][task["componentRef"]["name"]]:
+            continue
+        cached = task.get("cachingOptions", {}).get("enableCache", False)
+        assert cached == (name not in {"register", "promote", "record-outcome"}), name
+
+
+def test_registration_and_promotion_are_gated_on_the_evaluation(docs) -> None:
+    spec, _ = docs
+    tasks = _tasks(spec)
+    conditions = {t["taskInfo"]["name"]: (name, t) for name, (_, t) in tasks.items() if "triggerPolicy" in t and "condition" in t["triggerPolicy"]}
+    assert set(conditions) == {"registry-configured", "accuracy-kept-gate", "speedup-gate"}
+    assert conditions["registry-configured"][1]["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--registry_model_name'] != ''"
+    )
+    assert conditions["accuracy-kept-gate"][1]["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--evaluate-accuracy_kept'] >= "
+        "inputs.parameter_values['pipelinechannel--registry_gates_min_accuracy_kept']"
+    )
+    assert conditions["speedup-gate"][1]["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--evaluate-speedup'] >= "
+        "inputs.parameter_values['pipelinechannel--registry_gates_min_speedup']"
+    )
+    # register sits behind the first condition, promote behind both gates.
+    owner = {name: o for name, (o, _) in tasks.items()}
+    assert owner["register"] == conditions["registry-configured"][1]["componentRef"]["name"]
+    assert owner["promote"] == conditions["speedup-gate"][1]["componentRef"]["name"]
+    assert owner[conditions["speedup-gate"][0]] == conditions["accuracy-kept-gate"][1]["componentRef"]["name"]
+
+
+def test_an_exit_handler_records_the_outcome_whatever_happens(docs) -> None:
+    spec, _ = docs
+    root = spec["root"]["dag"]["tasks"]
+    assert set(root) == {"exit-handler-1", "record-outcome"}
+    outcome = root["record-outcome"]
+    assert outcome["triggerPolicy"] == {"strategy": "ALL_UPSTREAM_TASKS_COMPLETED"}
+    assert outcome["inputs"]["parameters"]["status"] == {"taskFinalStatus": {"producerTask": "exit-handler-1"}}
+    assert outcome["inputs"]["parameters"]["kfp_run_id"] == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
+
+
+def test_every_component_runs_our_images_without_installing_kfp(docs) -> None:
+    from pipelines.images import CPU_IMAGE, GPU_IMAGE, image
+
+    spec, _ = docs
+    for label, executor in spec["deploymentSpec"]["executors"].items():
+        container = executor["container"]
+        assert container["image"] in {image(CPU_IMAGE), image(GPU_IMAGE)}, label
+        assert "pip install" not in " ".join(container["command"]), label
+
+
+def test_parameters_mirror_the_run_config_with_its_defaults(docs) -> None:
+    from pipelines.parameters import CLUSTER_PARAMETERS, config_parameters
+    from puzzle.config import load_config
+
+    spec, _ = docs
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    expected = {**config_parameters(load_config(None, check_access=False)), **CLUSTER_PARAMETERS}
+    assert set(params) == set(expected)
+    for name, value in expected.items():
+        default = params[name].get("defaultValue")
+        assert default == value, f"pipeline parameter {name} defaults to {default!r}, the embedded config to {value!r}"
