@@ -243,6 +243,7 @@ def train(
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     )
     t0 = time.perf_counter()
+    t_first: float | None = None  # after the first step: the steady-state rate leaves warm-up out
     bar = tqdm(range(start, steps), desc="GKD", unit="step", disable=not dist_info.is_main, initial=start, total=steps)
     for step in bar:
         for group in optimizer.param_groups:
@@ -264,17 +265,24 @@ def train(
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         done = step + 1
+        if t_first is None:
+            t_first = time.perf_counter()
         if work_dir is not None and dist_info.is_main and (done % checkpoint_every == 0) and done < steps:
             save_checkpoint(
                 work_dir / CHECKPOINT,
                 {"step": done, "model": child.state_dict(), "optimizer": optimizer.state_dict(), "history": history},
             )
-    elapsed = time.perf_counter() - t0
+    end = time.perf_counter()
     if settings.grad_checkpointing:
         child.gradient_checkpointing_disable()
     child.eval()
     trained_steps = steps - resumed_from
-    tokens_per_s = trained_steps * settings.batch_size * seq_len / elapsed if trained_steps and elapsed > 0 else None
+    if trained_steps >= 2 and t_first is not None and end > t_first:
+        tokens_per_s = (trained_steps - 1) * settings.batch_size * seq_len / (end - t_first)
+    elif trained_steps == 1 and end > t0:
+        tokens_per_s = settings.batch_size * seq_len / (end - t0)
+    else:
+        tokens_per_s = None
     return {
         "steps": steps,
         "resumed_from_step": resumed_from,
@@ -283,6 +291,7 @@ def train(
         "world_size": dist_info.world_size,
         "device": str(device),
         "tokens_per_s": tokens_per_s,
+        "train_seconds": end - t0,
         "first_loss": history[0]["loss"] if history else None,
         "final_loss": history[-1]["loss"] if history else None,
         "history": history,

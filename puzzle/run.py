@@ -222,15 +222,22 @@ class Runner:
 
         sc = self.config.scoring
         out = self.uri(PHASE_DIRS["scores"])
-        self.step(
-            "scores",
-            out,
-            ["bld", "convert", "data"],
-            lambda: scoring.score(
-                library, child, tokens, out, metrics=list(sc.metrics), split=sc.split, batch_size=sc.batch_size,
-                device=auto_device(sc.device),
-            ),
-        )
+        settings = dict(metrics=list(sc.metrics), split=sc.split, batch_size=sc.batch_size, device=auto_device(sc.device))
+        deps = ["bld", "convert", "data"]
+        if sc.shards == 1:
+            self.step("scores", out, deps, lambda: scoring.score(library, child, tokens, out, **settings))
+            return out
+        shard_uris = []
+        for i in range(sc.shards):
+            shard_out = self.uri("scores-shards", f"shard-{i}-of-{sc.shards}")
+            self.step(
+                f"scores-shard-{i}",
+                shard_out,
+                deps,
+                lambda s=shard_out, i=i: scoring.score(library, child, tokens, s, shard=f"{i}/{sc.shards}", **settings),
+            )
+            shard_uris.append(shard_out)
+        self.step("scores", out, [f"scores-shard-{i}" for i in range(sc.shards)], lambda: scoring.merge(shard_uris, out))
         return out
 
     def costs(self, library: str, child: str) -> str:
