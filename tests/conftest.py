@@ -181,3 +181,16 @@ def mlflow_server(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory)
     server = start_mlflow(tmp_path_factory.mktemp("mlflow"), s3_server, bucket)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def local_pipeline_run(s3_server: S3Server, mlflow_server, tiny_parent_factory, tmp_path_factory):
+    """The whole Kubeflow pipeline run once under kfp.local on a tiny parent (parent and export on
+    the SeaweedFS server, tracking and registry on the MLflow server); see tests/pipeline_local.py.
+    The component tests (components/*/test_component_local.py) inspect their own task's outputs."""
+    from pipeline_local import run_tiny_pipeline
+
+    bucket = f"pipeline-{uuid.uuid4().hex[:8]}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    parent = tiny_parent_factory("llama", intermediate_size=192)
+    return run_tiny_pipeline(tmp_path_factory.mktemp("pipeline"), parent, bucket, mlflow_server.url)

@@ -1,0 +1,131 @@
+"""The whole Puzzle pipeline under KFP's local runner, on a tiny parent, once per test session.
+
+The parent is read from and the export written to the real SeaweedFS S3 server; tracking and the
+registry go to the real MLflow server. ``kfp.local`` runs every component as a subprocess of
+this Python (``SubprocessRunner(use_venv=False)``), the BLD and scoring fan-outs with 2 shards
+each. kfp.local may report a failed task as a success (kubeflow/pipelines#13332), so tests look
+at what each task wrote: :class:`LocalRun` finds a task's folder and its ``executor_output.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TINY_OVERRIDES = [
+    "data.seq_len=32",
+    "data.splits={calibration: 4, bld: 8, score: 4, gkd: 8, eval: 4}",
+    "search_space.kv_heads=[1]",
+    "search_space.attention_linear=true",
+    "search_space.ffn_fractions=[1.0, 0.5]",
+    "search_space.ffn_linear=false",
+    "bld.token_budget=64",
+    "bld.batch_size=2",
+    "bld.shards=2",
+    "bld.device=cpu",
+    "scoring.metrics=[kl_div, lm_loss]",
+    "scoring.batch_size=4",
+    "scoring.shards=2",
+    "scoring.device=cpu",
+    "costs.prompt_len=8",
+    "costs.gen_len=4",
+    "costs.repeats=1",
+    "costs.device=cpu",
+    "search.constraints=['parameters<=0.8x']",
+    "gkd.token_budget=64",
+    "gkd.batch_size=2",
+    "gkd.device=cpu",
+    "evaluate.batch_size=4",
+    "evaluate.workload={batch_size: 1, prompt_len: 8, gen_len: 4}",
+    "evaluate.repeats=1",
+    "evaluate.device=cpu",
+    "baselines.methods=[uniform_width]",
+    "baselines.gkd=false",
+    "registry.gates={min_accuracy_kept: 0.0, min_speedup: 0.0}",
+]
+MODEL_NAME = "tiny-puzzle-pipeline"
+EXPERIMENT = "puzzle-pipeline-local"
+
+
+@dataclass
+class LocalRun:
+    """A finished local pipeline run: its arguments and where each task wrote its outputs."""
+
+    root: Path
+    arguments: dict[str, Any]
+    parent_uri: str
+    serving_uri: str
+    error: BaseException | None
+
+    @property
+    def run_dir(self) -> Path:
+        (run,) = [p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        return run
+
+    def task_dirs(self, task: str) -> list[Path]:
+        """Every folder of a task (one per loop iteration inside a ParallelFor), in iteration order."""
+        found = [p for p in self.run_dir.rglob(task) if p.is_dir() and (p / "executor_output.json").is_file()]
+        return sorted(found, key=lambda p: str(p))
+
+    def task_dir(self, task: str) -> Path:
+        dirs = self.task_dirs(task)
+        assert len(dirs) == 1, f"task {task!r}: expected one run, found {[str(d) for d in dirs]}"
+        return dirs[0]
+
+    def executor_output(self, task: str) -> dict[str, Any]:
+        return json.loads((self.task_dir(task) / "executor_output.json").read_text())
+
+    def artifact(self, task: str, output: str) -> Path:
+        return self.task_dir(task) / output
+
+    def metadata(self, task: str, output: str) -> dict[str, Any]:
+        (artifact,) = self.executor_output(task)["artifacts"][output]["artifacts"]
+        return artifact.get("metadata", {})
+
+    def parameter(self, task: str, name: str) -> Any:
+        return self.executor_output(task)["parameterValues"][name]
+
+
+def upload_dir(local: Path, uri: str) -> None:
+    from puzzle import storage
+
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        storage.upload_file(path, storage.join(uri, str(path.relative_to(local))))
+
+
+def run_tiny_pipeline(root: Path, parent_dir: Path, bucket: str, tracking_uri: str) -> LocalRun:
+    """Upload ``parent_dir`` to S3 and run the pipeline on it; exceptions are kept, not raised."""
+    from kfp import local
+
+    from pipelines.parameters import pipeline_arguments
+    from pipelines.puzzle_pipeline import puzzle_pipeline
+    from puzzle.config import load_config
+
+    parent_uri = f"s3://{bucket}/parents/tiny-llama"
+    serving_uri = f"s3://{bucket}/serving/tiny-child"
+    upload_dir(parent_dir, parent_uri)
+    config = load_config(
+        None,
+        [*TINY_OVERRIDES, f"parent={parent_uri}", f"registry.model_name={MODEL_NAME}", f"tracking.experiment={EXPERIMENT}"],
+        check_access=False,
+    )
+    arguments = pipeline_arguments(config, serving_uri=serving_uri, profile="tiny")
+    arguments["tracking_uri"] = tracking_uri
+    pipeline_root = root / "pipeline-root"
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(pipeline_root),
+        workspace_root=str(root / "workspace"),
+        raise_on_error=True,
+    )
+    error: BaseException | None = None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
+        try:
+            puzzle_pipeline(**arguments)
+        except Exception as exc:  # noqa: BLE001 - the tests report it with the task logs
+            error = exc
+    return LocalRun(pipeline_root, arguments, parent_uri, serving_uri, error)
