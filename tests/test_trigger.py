@@ -390,3 +390,29 @@ def test_tagging_a_parent_version_in_mlflow_runs_puzzle_once_and_registers_the_c
         client.delete_webhook(hook.webhook_id)
         server.stop()
         backend.stop_all()
+
+
+@pytest.mark.integration
+def test_a_tag_added_in_the_mlflow_ui_reaches_the_trigger_service(
+    recording_service, parent_version: tuple[str, str], mlflow_env: str
+) -> None:
+    """The user's path: the MLflow UI in headless Chromium -> MLflow's webhook -> one submission."""
+    from mlflow import MlflowClient
+    from mlflow_ui import add_model_version_tag_in_ui, chromium_binary
+
+    from pipelines.trigger.webhooks import register_webhook
+
+    if chromium_binary() is None:
+        pytest.skip("Debian's chromium is not installed (make test installs it where apt-get is usable)")
+    service, backend, server = recording_service
+    name, version = parent_version
+    client = MlflowClient(mlflow_env)
+    hook = register_webhook(client, f"http://127.0.0.1:{server.port}/webhook", SECRET, name=f"ui-{name}")
+    try:
+        add_model_version_tag_in_ui(mlflow_env, name, version, "puzzle.request", "default")
+        wait_for(lambda: backend.requests, 60, "the UI's tag to reach the trigger service")
+        assert [r.parent_uri for r in backend.requests] == [f"models:/{name}/{version}"]
+        tags = wait_for(lambda: (t := client.get_model_version(name, version).tags).get(TAG_RUN_ID) and t, 30, "tags")
+        assert tags[TAG_RUN_ID] == "rec-1" and tags[TAG_STATE] == "submitted"
+    finally:
+        client.delete_webhook(hook.webhook_id)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.trigger.settings import TAG_CHILD, TAG_ERROR, TAG_STATE
+from pipelines.trigger.settings import TAG_CHILD, TAG_ERROR, TAG_RUN_ID, TAG_STATE
 
 log = logging.getLogger("pipelines.trigger.local_job")
 
@@ -109,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     def tag(key: str, value: str) -> None:
         client.set_model_version_tag(job["model"], job["version"], key, value)
 
+    # The service tags the version "submitted" right after starting this process; wait for it, so
+    # that "running" is never overwritten by that earlier state.
+    deadline = time.time() + 60
+    while client.get_model_version(job["model"], job["version"]).tags.get(TAG_RUN_ID) != job["run_id"] and time.time() < deadline:
+        time.sleep(0.5)
     tag(TAG_STATE, "running")
     try:
         child_uri = run_job(job)

@@ -182,8 +182,8 @@ class TriggerService:
             previous = self.store.latest_submission(name, version, profile)
             if previous is not None and previous.run_id and TAG_RUN_ID not in tags:
                 # Submitted before a crash, but never tagged: repair the tags, do not submit again.
-                self._tag(name, version, {TAG_RUN_ID: previous.run_id, TAG_PROFILE: profile, TAG_STATE: "submitted",
-                                          TAG_BACKEND: previous.backend})
+                self._tag(name, version, {TAG_PROFILE: profile, TAG_STATE: "submitted", TAG_BACKEND: previous.backend,
+                                          TAG_RUN_ID: previous.run_id})
                 return {"status": "repaired", "run_id": previous.run_id}
             child_model = self.settings.child_model.format(model=name)
             try:
@@ -204,8 +204,9 @@ class TriggerService:
                 self.store.abandon_submission(submission)
                 raise
             self.store.complete_submission(submission, run_id)
-            self._tag(name, version, {TAG_RUN_ID: run_id, TAG_PROFILE: profile, TAG_STATE: "submitted",
-                                      TAG_BACKEND: self.backend.name})
+            # The run id goes last: a version whose run id is this run's has all of its tags.
+            self._tag(name, version, {TAG_PROFILE: profile, TAG_STATE: "submitted", TAG_BACKEND: self.backend.name,
+                                      TAG_RUN_ID: run_id})
             if tags.get(TAG_ERROR):
                 self.client.delete_model_version_tag(name, version, TAG_ERROR)
         self.stats.add("submitted_runs")
