@@ -155,3 +155,28 @@ def tiny_score_shards(tiny_trained_library: Path, tiny_child: Path, tiny_tokens:
               shard=f"{index}/2", batch_size=4, device="cpu")
         outs.append(out)
     return outs
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_child: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny child exported as a Hugging Face checkpoint."""
+    from puzzle.export import export
+
+    out = tmp_path_factory.mktemp("tiny-export") / "export"
+    export(str(tiny_child), str(out))
+    return out
+
+
+def write_evaluation(out: Path, accuracy_kept: float, speedup: float) -> Path:
+    """An ``evaluation`` artifact holding just the figures the registry reads."""
+    import json
+
+    from puzzle import artifacts
+
+    def body(staging: Path, _inputs: dict[str, Path]) -> dict:
+        metrics = {"models": {"puzzle": {"accuracy_kept": accuracy_kept, "speedup": speedup}}}
+        (staging / "metrics.json").write_text(json.dumps(metrics))
+        return {}
+
+    artifacts.run_phase("evaluation", str(out), {}, {"accuracy_kept": accuracy_kept, "speedup": speedup}, body)
+    return out

@@ -1,22 +1,15 @@
-"""The data component runs under KFP's local runner."""
+"""The data component, run by KFP's local runner inside the whole pipeline."""
 
 import json
-from pathlib import Path
 
-from kfp import dsl
+import pytest
 
-from components.data.component import prepare_data
+pytestmark = pytest.mark.integration
 
 
-def test_prepare_data_runs_locally(kfp_local: Path, tiny_child: Path) -> None:
-    @dsl.pipeline
-    def data_only(child_uri: str) -> dsl.Dataset:
-        child = dsl.importer(artifact_uri=child_uri, artifact_class=dsl.Model)
-        return prepare_data(child=child.output, source="stdlib", seq_len=16, splits={"bld": 3, "eval": 2}).outputs[
-            "tokens"
-        ]
-
-    run = data_only(child_uri=str(tiny_child))
-
-    info = json.loads((Path(run.output.path) / "splits.json").read_text())
-    assert {name: s["sequences"] for name, s in info["splits"].items()} == {"bld": 3, "eval": 2}
+def test_prepare_data_writes_the_configured_splits(local_pipeline_run) -> None:
+    run = local_pipeline_run
+    info = json.loads((run.artifact("prepare-data", "tokens") / "splits.json").read_text())
+    expected = {name: run.arguments[f"data_splits_{name}"] for name in ("calibration", "bld", "score", "gkd", "eval")}
+    assert {name: s["sequences"] for name, s in info["splits"].items()} == expected
+    assert info["seq_len"] == run.arguments["data_seq_len"]

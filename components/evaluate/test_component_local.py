@@ -1,24 +1,16 @@
-"""The evaluate component runs under KFP's local runner; its figures feed the pipeline's gate."""
+"""The evaluate component, run by KFP's local runner inside the whole pipeline."""
 
-from pathlib import Path
+import json
 
-from kfp import dsl
+import pytest
 
-from components.evaluate.component import evaluate
+pytestmark = pytest.mark.integration
 
 
-def test_evaluate_runs_locally(kfp_local: Path, tiny_realized: Path, tiny_child: Path, tiny_tokens: Path) -> None:
-    @dsl.pipeline
-    def evaluate_only(child_uri: str, parent_uri: str, tokens_uri: str) -> float:
-        child = dsl.importer(artifact_uri=child_uri, artifact_class=dsl.Model)
-        parent = dsl.importer(artifact_uri=parent_uri, artifact_class=dsl.Model)
-        tokens = dsl.importer(artifact_uri=tokens_uri, artifact_class=dsl.Dataset)
-        task = evaluate(
-            child=child.output, parent=parent.output, tokens=tokens.output,
-            workload_prompt_len=8, workload_gen_len=4, repeats=1, device="cpu",
-        )
-        return task.outputs["speedup"]
-
-    run = evaluate_only(child_uri=str(tiny_realized), parent_uri=str(tiny_child), tokens_uri=str(tiny_tokens))
-
-    assert run.output > 0
+def test_evaluate_outputs_the_gate_figures(local_pipeline_run) -> None:
+    run = local_pipeline_run
+    child = json.loads((run.artifact("evaluate", "evaluation") / "metrics.json").read_text())["models"]["puzzle"]
+    assert run.parameter("evaluate", "accuracy_kept") == pytest.approx(child["accuracy_kept"])
+    assert run.parameter("evaluate", "speedup") == pytest.approx(child["speedup"])
+    assert run.metadata("evaluate", "metrics")["kl_div"] == pytest.approx(child["kl_div"])
+    assert "<html" in run.artifact("evaluate", "report").read_text().lower()

@@ -1,26 +1,16 @@
-"""The export component runs under KFP's local runner and publishes to a real S3 server."""
-
-from pathlib import Path
+"""The export component, run by KFP's local runner inside the whole pipeline, publishing to S3."""
 
 import pytest
-from kfp import dsl
 
-from components.export.component import export
+pytestmark = pytest.mark.integration
 
 
-@pytest.mark.integration
-def test_export_runs_locally_and_publishes_to_s3(kfp_local: Path, tiny_child: Path, s3_bucket: str) -> None:
+def test_export_publishes_to_the_serving_prefix(local_pipeline_run) -> None:
     from puzzle import artifacts
 
-    serving = f"s3://{s3_bucket}/serving/tiny"
-
-    @dsl.pipeline
-    def export_only(child_uri: str, serving_uri: str) -> str:
-        child = dsl.importer(artifact_uri=child_uri, artifact_class=dsl.Model, reimport=False)
-        return export(child=child.output, serving_uri=serving_uri).outputs["Output"]
-
-    run = export_only(child_uri=str(tiny_child), serving_uri=serving)
-
-    assert run.output == serving
-    manifest = artifacts.require_manifest(serving, "export")
-    assert "config.json" in manifest.files and "EXPORT_REPORT.md" in manifest.files
+    run = local_pipeline_run
+    served = artifacts.require_manifest(run.serving_uri, "export")
+    local = artifacts.require_manifest(str(run.artifact("export", "checkpoint")), "export")
+    assert served.content_hash == local.content_hash
+    assert run.parameter("export", "Output") == run.serving_uri
+    assert "parameters" in run.artifact("export", "report").read_text()

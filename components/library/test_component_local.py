@@ -1,22 +1,15 @@
-"""The library component runs under KFP's local runner."""
+"""The library component, run by KFP's local runner inside the whole pipeline."""
 
 import json
-from pathlib import Path
 
-from kfp import dsl
+import pytest
 
-from components.conftest import TINY_SPACE
-from components.library.component import build_library
+pytestmark = pytest.mark.integration
 
 
-def test_build_library_runs_locally(kfp_local: Path, tiny_child: Path, tiny_tokens: Path) -> None:
-    @dsl.pipeline
-    def library_only(child_uri: str, tokens_uri: str) -> dsl.Model:
-        child = dsl.importer(artifact_uri=child_uri, artifact_class=dsl.Model)
-        tokens = dsl.importer(artifact_uri=tokens_uri, artifact_class=dsl.Dataset)
-        return build_library(child=child.output, tokens=tokens.output, batch_size=4, **TINY_SPACE).outputs["library"]
-
-    run = library_only(child_uri=str(tiny_child), tokens_uri=str(tiny_tokens))
-
-    meta = json.loads((Path(run.output.path) / "library.json").read_text())
-    assert set(meta["layers"]["1"]["variants"]) == {"attn_kv2", "attn_kv1", "attn_linear", "attn_noop", "ffn_256", "ffn_noop"}
+def test_build_library_follows_the_search_space_parameters(local_pipeline_run) -> None:
+    run = local_pipeline_run
+    meta = json.loads((run.artifact("build-library", "library") / "library.json").read_text())
+    # Tiny parent: 4 heads / 2 KV heads, FFN width 192; kv_heads [1], fractions [1.0, 0.5], no linear FFN.
+    assert set(meta["layers"]["0"]["variants"]) == {"attn_kv2", "attn_kv1", "attn_linear", "attn_noop", "ffn_192", "ffn_96", "ffn_noop"}
+    assert run.metadata("build-library", "library")["kind"] == "library"

@@ -1,23 +1,21 @@
-"""The realize component runs under KFP's local runner."""
+"""The realize component, run by KFP's local runner inside the whole pipeline."""
 
-from pathlib import Path
+import json
 
-from kfp import dsl
+import pytest
 
-from components.realize.component import realize
+pytestmark = pytest.mark.integration
 
 
-def test_realize_runs_locally(kfp_local: Path, tiny_library: Path, tiny_solutions: Path, tiny_child: Path) -> None:
-    from puzzle.child import load_child
+def test_realize_builds_the_best_solution(local_pipeline_run) -> None:
+    from puzzle.modeling import BlockConfig
 
-    @dsl.pipeline
-    def realize_only(library_uri: str, solutions_uri: str, parent_uri: str) -> dsl.Model:
-        library = dsl.importer(artifact_uri=library_uri, artifact_class=dsl.Model)
-        solutions = dsl.importer(artifact_uri=solutions_uri, artifact_class=dsl.Artifact)
-        parent = dsl.importer(artifact_uri=parent_uri, artifact_class=dsl.Model)
-        return realize(library=library.output, solutions=solutions.output, parent=parent.output).outputs["child"]
-
-    run = realize_only(library_uri=str(tiny_library), solutions_uri=str(tiny_solutions), parent_uri=str(tiny_child))
-
-    model = load_child(run.output.path)
-    assert model.config.blocks[1].attention.no_op and model.config.blocks[1].ffn.no_op
+    run = local_pipeline_run
+    data = json.loads((run.artifact("search", "solutions") / "solutions.json").read_text())
+    best = (data["solutions"] if isinstance(data, dict) else data)[0]
+    config = json.loads((run.artifact("realize", "child") / "config.json").read_text())
+    names = [
+        BlockConfig.from_json(b, hidden_size=config["hidden_size"], num_attention_heads=config["num_attention_heads"]).name
+        for b in config["block_configs"]
+    ]
+    assert names == best["blocks"]

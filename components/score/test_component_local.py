@@ -1,27 +1,15 @@
-"""The scoring component runs one shard under KFP's local runner."""
+"""The scoring component, run by KFP's local runner on each of the pipeline's 2 shards."""
 
 import json
-from pathlib import Path
 
-from kfp import dsl
+import pytest
 
-from components.conftest import TINY_METRICS
-from components.score.component import score_blocks
+pytestmark = pytest.mark.integration
 
 
-def test_score_blocks_runs_locally(kfp_local: Path, tiny_trained_library: Path, tiny_child: Path, tiny_tokens: Path) -> None:
-    @dsl.pipeline
-    def one_shard(library_uri: str, child_uri: str, tokens_uri: str) -> dsl.Artifact:
-        library = dsl.importer(artifact_uri=library_uri, artifact_class=dsl.Model)
-        child = dsl.importer(artifact_uri=child_uri, artifact_class=dsl.Model)
-        tokens = dsl.importer(artifact_uri=tokens_uri, artifact_class=dsl.Dataset)
-        task = score_blocks(
-            library=library.output, child=child.output, tokens=tokens.output, shard_index=2, num_shards=3,
-            metrics=TINY_METRICS, batch_size=4, device="cpu",
-        )
-        return task.outputs["scores"]
-
-    run = one_shard(library_uri=str(tiny_trained_library), child_uri=str(tiny_child), tokens_uri=str(tiny_tokens))
-
-    rows = json.loads((Path(run.output.path) / "scores.json").read_text())["rows"]
-    assert {r["layer"] for r in rows} == {2} and len(rows) == 5
+def test_each_scoring_shard_scores_its_rows(local_pipeline_run) -> None:
+    shards = local_pipeline_run.task_dirs("score-blocks")
+    assert len(shards) == 2
+    rows = [json.loads((s / "scores" / "scores.json").read_text())["rows"] for s in shards]
+    assert all(rows) and not {(r["layer"], r["block"]) for r in rows[0]} & {(r["layer"], r["block"]) for r in rows[1]}
+    assert all(r["kl_div"] >= 0 and r["lm_loss"] > 0 for shard in rows for r in shard)

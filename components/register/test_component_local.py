@@ -1,0 +1,16 @@
+"""The register component, run by KFP's local runner inside the whole pipeline (real MLflow server)."""
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_register_creates_a_candidate_version(local_pipeline_run, mlflow_server) -> None:
+    from mlflow import MlflowClient
+
+    run = local_pipeline_run
+    name = run.arguments["registry_model_name"]
+    version = run.parameter("register", "version")
+    assert run.parameter("register", "model_uri") == f"models:/{name}/{version}"
+    mv = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url).get_model_version(name, version)
+    assert "candidate" in mv.aliases and mv.tags["puzzle.kfp_run_id"]
