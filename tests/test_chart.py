@@ -51,7 +51,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "s3": {"endpoint": "seaweedfs.kubeflow:8333", "disableSSL": True},
         },
     },
-    "no-schedule": {"setup": {"schedule": {"enabled": False}}},
+    "no-schedule": {"setup": {"schedule": {"enabled": False}, "pipelineVersion": "2026-11-26"}},
     # Bind Kubeflow's own edit role, keep the delivery-id store on a volume, pin the image.
     "cluster-role-persistent": {
         "rbac": {"clusterRoleName": "kubeflow-pipelines-edit"},
@@ -401,7 +401,7 @@ def test_pipeline_defaults_are_one_valid_run_configuration_per_profile(manifests
     from puzzle.config import parse_config
 
     docs = manifests["default"]
-    cm = next(c for c in objects(docs, "ConfigMap") if c["metadata"]["name"].endswith("-pipeline"))
+    cm = next(c for c in objects(docs, "ConfigMap") if c["metadata"]["name"].endswith("-profiles"))
     values = values_file()
     assert set(cm["data"]) == {f"{name}.yaml" for name in values["pipeline"]["profiles"]}
     runs = {
@@ -427,10 +427,11 @@ def test_pipeline_defaults_are_one_valid_run_configuration_per_profile(manifests
     assert args[args.index("--profiles") + 1] == mount["mountPath"]
     schedule = next(s["args"] for s in job_steps(docs) if s["name"] == "schedule")
     profile = values["setup"]["schedule"]["profile"]
-    assert schedule[schedule.index("--config") + 1] == f"{mount['mountPath']}/{profile}.yaml"
+    assert schedule[schedule.index("--profiles-dir") + 1] == mount["mountPath"]
+    assert schedule[schedule.index("--profile") + 1] == profile
     # A config change rolls the trigger pods.
     annotations = one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
-    assert len(annotations["checksum/pipeline-config"]) == 64
+    assert len(annotations["checksum/profiles"]) == 64
 
 
 def test_a_schedule_profile_that_does_not_exist_is_rejected(chart: helm.Chart) -> None:
@@ -481,7 +482,7 @@ def test_setup_job_is_a_post_install_and_upgrade_hook_with_ordered_idempotent_st
 
     # Every step names the object it creates, so a re-run updates it instead of adding another.
     assert upload[:2] == ["pipeline", "upload"] and upload[upload.index("--name") + 1] == "puzzle"
-    assert upload[upload.index("--version") + 1] == "0.1.0-r1"
+    assert "--version" not in upload  # the CLI names the version by the compiled YAML's hash
     assert (
         schedule[:2] == ["pipeline", "schedule"] and schedule[schedule.index("--name") + 1] == "puzzle-weekly"
     )
@@ -499,10 +500,43 @@ def test_setup_job_is_a_post_install_and_upgrade_hook_with_ordered_idempotent_st
 
 
 def test_setup_job_skips_the_steps_that_are_switched_off(manifests) -> None:
-    assert [s["name"] for s in job_steps(manifests["no-schedule"])] == ["upload-pipeline", "register-webhook"]
+    steps = job_steps(manifests["no-schedule"])
+    assert [s["name"] for s in steps] == ["upload-pipeline", "register-webhook"]
+    assert steps[0]["args"][-2:] == ["--version", "2026-11-26"]
     schedule_only = manifests["schedule-only"]
     assert [s["name"] for s in job_steps(schedule_only)] == ["upload-pipeline", "schedule"]
     assert not objects(schedule_only, "Deployment") and not objects(schedule_only, "Service")
+
+
+def test_scheduled_runs_get_the_cluster_settings_and_the_credentials_by_name(manifests) -> None:
+    def schedule_args(value_set: str) -> list[str]:
+        return next(s["args"] for s in job_steps(manifests[value_set]) if s["name"] == "schedule")
+
+    def flag(args: list[str], name: str) -> str | None:
+        return args[args.index(name) + 1] if name in args else None
+
+    default = schedule_args("default")
+    cluster = values_file()["pipeline"]["cluster"]
+    assert flag(default, "--pipeline") == "puzzle"  # the newest uploaded version runs
+    assert flag(default, "--gpu-product") == cluster["gpuProduct"]
+    assert flag(default, "--gkd-gpus") == str(cluster["gkdGpus"])
+    assert flag(default, "--s3-secret") is None and flag(default, "--mlflow-secret") is None
+    # The run's pods read settings from this ConfigMap, in the namespace the runs execute in.
+    for value_set, namespace in (("default", NAMESPACE), ("launcher", "kubeflow-user-team-a")):
+        name = flag(schedule_args(value_set), "--env-config-map")
+        (env,) = [c for c in objects(manifests[value_set], "ConfigMap") if c["metadata"]["name"] == name]
+        assert env["metadata"]["namespace"] == namespace
+        assert env["data"]["MLFLOW_TRACKING_URI"] == values_file()["mlflow"]["trackingUri"]
+    existing = schedule_args("existing-secrets")
+    assert flag(existing, "--s3-secret") == "s3-credentials"
+    assert flag(existing, "--mlflow-secret") == "mlflow-credentials"
+    env = next(
+        c
+        for c in objects(manifests["existing-secrets"], "ConfigMap")
+        if c["metadata"]["name"] == "puzzle-env"
+    )
+    assert env["data"]["AWS_ENDPOINT_URL"] == VALUE_SETS["existing-secrets"]["s3"]["endpointUrl"]
+    assert flag(schedule_args("launcher"), "--s3-secret") == f"{RELEASE}-s3"
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -120,7 +120,7 @@ def test_images_are_multi_stage_and_ship_only_the_built_environment(image) -> No
     assert copies and all(c.flags == (f"--from={build.name}",) for c in copies), (
         f"{role}: runtime copies from the build stage only"
     )
-    assert [c.value for c in copies] == [("/opt/venv", "/opt/venv")]
+    assert {c.value for c in copies} <= {("/opt/venv", "/opt/venv"), ("/opt/puzzle", "/opt/puzzle")}
     assert not any("pip install" in r for r in runtime.runs()), f"{role}: nothing is pip-installed at runtime"
 
 
@@ -220,6 +220,17 @@ def test_nemo_image_pins_what_its_llm_collection_needs() -> None:
     ):
         assert requirement in tokens, requirement
     assert "-c" in tokens, "torch is held at the project's version by a constraint"
+
+
+def test_the_trigger_image_has_the_compiled_pipeline_where_the_chart_points() -> None:
+    _, stages = parse(dockerfile_of("cpu"))
+    (link,) = [r for r in stages[0].runs() if "/opt/puzzle/pipeline.yaml" in r]
+    assert "puzzle_pipeline.yaml" in link and "test -s /opt/puzzle/pipeline.yaml" in link
+    assert (ROOT / "pipelines" / "puzzle_pipeline.yaml").is_file()
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "*.yaml" in package_data["pipelines"], "the compiled pipeline must ship in the package"
+    chart = yaml.safe_load((ROOT / "charts" / "puzzle" / "values.yaml").read_text())
+    assert chart["trigger"]["pipelinePackage"] == "/opt/puzzle/pipeline.yaml"
 
 
 def _ignored(path: str, patterns: list[str]) -> bool:

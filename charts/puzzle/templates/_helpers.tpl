@@ -87,9 +87,6 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
-{{- define "puzzle.pipelineVersion" -}}
-{{- default (printf "%s-r%d" .Chart.AppVersion (int .Release.Revision)) .Values.setup.pipelineVersion }}
-{{- end }}
 
 {{/*
 Environment shared by the trigger service and the setup Job: the KFP endpoint and token, MLflow,
@@ -159,7 +156,7 @@ S3, and credentials from Secrets (never literal values).
     sizeLimit: 1Gi
 - name: profiles
   configMap:
-    name: {{ include "puzzle.fullname" . }}-pipeline
+    name: {{ include "puzzle.fullname" . }}-profiles
 - name: webhook-secret
   secret:
     secretName: {{ include "puzzle.webhookSecretName" . }}
