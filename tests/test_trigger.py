@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from pipelines.trigger import build_service, signature
-from pipelines.trigger.backends import RunRequest, pipeline_arguments
+from pipelines.trigger.backends import RunRequest
 from pipelines.trigger.server import TriggerServer
 from pipelines.trigger.settings import (
     TAG_CHILD,
@@ -64,20 +64,36 @@ def test_delivery_ids_survive_a_restart(tmp_path: Path) -> None:
     assert reopened.remember_delivery("d-2", "model_version_tag.set")
 
 
-def test_pipeline_arguments_come_from_the_profile_config() -> None:
-    from puzzle.config import parse_config
+def test_kfp_backend_submits_the_compiled_pipeline_with_the_profile_config(tmp_path: Path) -> None:
+    """Argument mapping against the committed compiled pipeline; the KFP API itself needs a
+    cluster (README), so the client here records the call instead of reaching one."""
+    import yaml
 
-    config = parse_config({"parent": "models:/p/3", "gkd": {"lr": 3e-4}, "search": {"constraints": ["throughput>=2x"]}})
-    request = RunRequest("p", "3", "fast", config, "p-puzzle")
-    params = {"parent": {}, "gkd_lr": {}, "search_constraints": {}, "model_name": {}, "profile": {}, "unknown_knob": {}}
-    args = pipeline_arguments(params, request)
-    assert args == {
-        "parent": "models:/p/3",
-        "gkd_lr": 3e-4,
-        "search_constraints": ["throughput>=2x"],
-        "model_name": "p-puzzle",
-        "profile": "fast",
-    }
+    from pipelines.trigger.backends import KfpBackend
+    from pipelines.trigger.profiles import run_config
+
+    package = Path(__file__).resolve().parents[1] / "pipelines" / "puzzle_pipeline.yaml"
+    calls: list[dict[str, Any]] = []
+
+    class RecordingClient:
+        def create_run_from_pipeline_package(self, pipeline_file: str, **kwargs: Any) -> Any:
+            calls.append({"pipeline_file": pipeline_file, **kwargs})
+            return type("Result", (), {"run_id": "kfp-run-42"})()
+
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "fast.yaml").write_text("output: s3://runs/puzzle\ngkd: {lr: 0.0003}\nsearch: {constraints: ['throughput>=2x']}\n")
+    config = run_config("fast", "models:/p/3", profiles_dir=str(profiles), overrides=["registry.model_name=p-puzzle"])
+    backend = KfpBackend("http://kfp", package, experiment="puzzle", client_factory=RecordingClient)
+    assert backend.submit(RunRequest("p", "3", "fast", config, "p-puzzle")) == "kfp-run-42"
+    (call,) = calls
+    args = call["arguments"]
+    assert args["parent"] == "models:/p/3" and args["profile"] == "fast" and args["registry_model_name"] == "p-puzzle"
+    assert args["gkd_lr"] == 3e-4 and args["search_constraints"] == ["throughput>=2x"]
+    assert call["pipeline_root"] == "s3://runs/puzzle" and call["run_name"] == "puzzle-p-v3-fast"
+    spec = next(d for d in yaml.safe_load_all(package.read_text()) if "root" in d)
+    declared = spec["root"]["inputDefinitions"]["parameters"]
+    assert set(args) <= set(declared), f"arguments the pipeline does not declare: {set(args) - set(declared)}"
 
 
 # --------------------------------------------------------------------------- helpers

@@ -33,6 +33,8 @@ def build_backend(settings: TriggerSettings) -> Backend:
             settings.pipeline_package,
             namespace=settings.kfp_namespace,
             experiment=settings.kfp_experiment,
+            serving_uri=settings.serving_uri,
+            gpu_product=settings.gpu_product,
         )
     return LocalBackend(Path(settings.work_dir), settings.tracking_uri)
 

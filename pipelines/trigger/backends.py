@@ -147,51 +147,13 @@ class LocalBackend:
 # --------------------------------------------------------------------------- Kubeflow
 
 
-def pipeline_parameters(package: str | Path) -> dict[str, Any]:
-    """The compiled pipeline's parameters (name -> spec) from its YAML."""
-    import yaml
-
-    docs = [d for d in yaml.safe_load_all(Path(package).read_text()) if isinstance(d, dict)]
-    spec = next((d for d in docs if "root" in d), None)
-    if spec is None:
-        raise ValueError(f"{package} is not a compiled KFP pipeline (no 'root' section)")
-    return dict(spec["root"].get("inputDefinitions", {}).get("parameters", {}))
-
-
-def pipeline_arguments(parameters: dict[str, Any], request: RunRequest) -> dict[str, Any]:
-    """Arguments for the pipeline's parameters from the request's config.
-
-    A parameter named like a config field with ``_`` for ``.`` (``gkd_lr`` <- ``gkd.lr``) takes
-    that field's value; ``parent``/``parent_uri`` the requesting version; ``profile``,
-    ``model_name``/``registered_model`` and ``config_yaml`` (the whole config) their obvious
-    values. Parameters with no match keep the pipeline's defaults.
-    """
-    from puzzle.tracking import flatten
-
-    flat = {key.replace(".", "_"): value for key, value in flatten(request.config.to_dict()).items()}
-    special = {
-        "parent": request.parent_uri,
-        "parent_uri": request.parent_uri,
-        "profile": request.profile,
-        "model_name": request.child_model,
-        "registered_model": request.child_model,
-        "registry_model_name": request.child_model,
-        "config_yaml": request.config.to_yaml(),
-    }
-    args: dict[str, Any] = {}
-    for name in parameters:
-        if name in special:
-            args[name] = special[name]
-        elif name in flat and flat[name] is not None:
-            args[name] = flat[name]
-    return args
-
-
 class KfpBackend:
-    """Submits the compiled pipeline to Kubeflow Pipelines with ``kfp.Client``.
+    """Submits the compiled pipeline to Kubeflow Pipelines, the way ``puzzle pipeline submit`` does.
 
-    Inside the cluster the client authenticates with the pod's projected service-account token
-    (kfp's default); elsewhere pass ``token``.
+    Arguments come from the profile's config (:func:`pipelines.parameters.pipeline_arguments`),
+    with the requesting version as parent, the children's registered model and the profile;
+    the config's ``output`` (on S3) is the run's pipeline root. Inside the cluster the client
+    authenticates with the pod's service-account token (:func:`pipelines.cli.connect`).
     """
 
     name = "kfp"
@@ -203,33 +165,47 @@ class KfpBackend:
         *,
         namespace: str | None = None,
         experiment: str = "puzzle",
+        serving_uri: str = "",
+        gpu_product: str | None = None,
         token: str | None = None,
         client_factory: Any = None,
     ) -> None:
         self.host = host
         self.pipeline_package = str(pipeline_package)
+        if not Path(self.pipeline_package).is_file():
+            raise FileNotFoundError(
+                f"pipeline package {self.pipeline_package} does not exist: run `puzzle pipeline compile`"
+            )
         self.namespace = namespace
         self.experiment = experiment
+        self.serving_uri = serving_uri
+        self.gpu_product = gpu_product
         self.token = token
-        self.parameters = pipeline_parameters(pipeline_package)
         self._client_factory = client_factory
 
     def _client(self) -> Any:
         if self._client_factory is not None:
             return self._client_factory()
-        import kfp
+        from pipelines.cli import connect
 
-        kwargs: dict[str, Any] = {"host": self.host, "existing_token": self.token}
-        if self.namespace:
-            kwargs["namespace"] = self.namespace
-        return kfp.Client(**kwargs)
+        return connect(self.host, namespace=self.namespace, token=self.token)
+
+    def arguments(self, request: RunRequest) -> dict[str, Any]:
+        from pipelines.parameters import pipeline_arguments
+
+        return pipeline_arguments(
+            request.config, serving_uri=self.serving_uri, gpu_product=self.gpu_product, profile=request.profile
+        )
 
     def submit(self, request: RunRequest) -> str:
-        result = self._client().create_run_from_pipeline_package(
-            self.pipeline_package,
-            arguments=pipeline_arguments(self.parameters, request),
-            run_name=request.run_name,
-            experiment_name=self.experiment,
+        from pipelines.cli import submit
+
+        return submit(
+            self._client(),
+            request.config,
+            self.arguments(request),
+            package=self.pipeline_package,
+            experiment=self.experiment,
             namespace=self.namespace,
+            run_name=request.run_name,
         )
-        return str(result.run_id)

@@ -67,6 +67,10 @@ class TriggerSettings:
     kfp_experiment: str = "puzzle"
     pipeline_package: str | None = None
     """The compiled pipeline YAML submitted by the kfp backend."""
+    serving_uri: str = ""
+    """kfp backend: ``s3://`` prefix the exported checkpoints are published to (empty: pipeline root only)."""
+    gpu_product: str | None = None
+    """kfp backend: the ``nvidia.com/gpu.product`` node label costs and speed are measured on."""
 
     def __post_init__(self) -> None:
         if not self.tracking_uri:

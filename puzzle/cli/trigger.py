@@ -57,6 +57,10 @@ def _add_service_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kfp-experiment", default=_env("KFP_EXPERIMENT", "puzzle"), help="kfp backend: experiment")
     parser.add_argument("--pipeline-package", default=_env("PIPELINE_PACKAGE"), metavar="YAML",
                         help="kfp backend: the compiled pipeline (e.g. pipelines/puzzle_pipeline.yaml)")
+    parser.add_argument("--serving-uri", default=_env("SERVING_URI", ""),
+                        help="kfp backend: s3:// prefix the exported checkpoints are published to")
+    parser.add_argument("--gpu-product", default=_env("GPU_PRODUCT"),
+                        help="kfp backend: nvidia.com/gpu.product node label to measure costs and speed on")
 
 
 def _settings(args: argparse.Namespace, *, reconcile_interval: float = 0.0):  # -> TriggerSettings
@@ -81,6 +85,8 @@ def _settings(args: argparse.Namespace, *, reconcile_interval: float = 0.0):  # 
         kfp_namespace=args.kfp_namespace,
         kfp_experiment=args.kfp_experiment,
         pipeline_package=args.pipeline_package,
+        serving_uri=args.serving_uri,
+        gpu_product=args.gpu_product,
     )
 
 
