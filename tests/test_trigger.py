@@ -201,10 +201,23 @@ def recording_service(mlflow_env: str, tmp_path: Path) -> Iterator[tuple[Any, Re
 # --------------------------------------------------------------------------- security
 
 
+def test_json_logs_carry_the_extras_and_never_a_secret() -> None:
+    import logging
+
+    from pipelines.trigger.logs import JsonFormatter
+
+    record = logging.LogRecord("pipelines.trigger", logging.INFO, __file__, 1, "run submitted", None, None)
+    record.run_id, record.secret, record.signature = "local-1", SECRET, "v1,abc"
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["msg"] == "run submitted" and entry["run_id"] == "local-1" and entry["level"] == "info"
+    assert SECRET not in json.dumps(entry) and entry["secret"] == entry["signature"] == "[redacted]"
+
+
 @pytest.mark.integration
 def test_forged_stale_replayed_malformed_and_oversized_deliveries_start_nothing(
-    recording_service, parent_version: tuple[str, str], tmp_path: Path
+    recording_service, parent_version: tuple[str, str], tmp_path: Path, caplog
 ) -> None:
+    caplog.set_level("DEBUG", logger="pipelines.trigger")
     service, backend, server = recording_service
     name, version = parent_version
     good = tag_event(name, version, "puzzle.request", "default")
@@ -256,6 +269,10 @@ def test_forged_stale_replayed_malformed_and_oversized_deliveries_start_nothing(
     assert len(backend.requests) == 1
     counts = service.stats.snapshot()
     assert counts["rejected_401"] == 5 and counts["rejected_400"] == 3 and counts["rejected_413"] == 2
+    # Every rejection was logged, and no log line holds the secret or a signature.
+    assert sum("delivery rejected" in r.getMessage() for r in caplog.records) == 10
+    logged = "\n".join(f"{r.getMessage()} {vars(r)}" for r in caplog.records)
+    assert SECRET not in logged and headers["X-MLflow-Signature"] not in logged
 
 
 @pytest.mark.integration

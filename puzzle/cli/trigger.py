@@ -103,7 +103,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _reconcile(args: argparse.Namespace) -> int:
-    from pipelines.trigger import build_service
+    from pipelines.trigger import build_service, logs
+
+    logs.configure("INFO")
 
     service = build_service(_settings(args))
     for outcome in service.reconcile():
