@@ -449,3 +449,33 @@ def test_a_tag_added_in_the_mlflow_ui_reaches_the_trigger_service(
         assert tags[TAG_RUN_ID] == "rec-1" and tags[TAG_STATE] == "submitted"
     finally:
         client.delete_webhook(hook.webhook_id)
+
+
+@pytest.mark.integration
+def test_trigger_cli_registers_parent_and_webhook_and_refuses_missing_secret(
+    mlflow_env: str, tiny_parent_factory, monkeypatch, capsys
+) -> None:
+    from puzzle.cli import main
+
+    name = f"cli-parent-{uuid.uuid4().hex[:6]}"
+    parent = str(tiny_parent_factory("llama"))
+    assert main(["trigger", "register-parent", parent, "--name", name]) == 0
+    assert main(["trigger", "register-parent", parent, "--name", name]) == 0
+    out = capsys.readouterr().out
+    assert f"registered: models:/{name}/1" in out and f"already registered: models:/{name}/1" in out
+
+    monkeypatch.delenv("PUZZLE_TRIGGER_SECRET", raising=False)
+    hook = f"cli-hook-{uuid.uuid4().hex[:6]}"
+    assert main(["trigger", "register-webhook", "--url", "http://127.0.0.1:9/webhook", "--name", hook]) == 2
+    assert "no webhook secret" in capsys.readouterr().err
+    monkeypatch.setenv("PUZZLE_TRIGGER_SECRET", SECRET)
+    assert main(["trigger", "register-webhook", "--url", "http://127.0.0.1:9/webhook", "--name", hook]) == 0
+    assert main(["trigger", "register-webhook", "--url", "http://127.0.0.1:9/webhook", "--name", hook]) == 0
+    out = capsys.readouterr().out
+    assert out.count("created") == 1 and out.count("updated") == 1 and SECRET not in out
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_env)
+    for h in client.list_webhooks():
+        if h.name == hook:
+            client.delete_webhook(h.webhook_id)
