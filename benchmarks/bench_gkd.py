@@ -59,9 +59,6 @@ def prepare(directory: Path, shape: str, seq_len: int, sequences: int) -> None:
     from puzzle.modeling import DeciLMForCausalLM
     from puzzle.parents import parent_to_child
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import save_tiny_tokenizer
-
     torch.manual_seed(0)
     dims = SHAPES[shape]
     llama = LlamaForCausalLM(LlamaConfig(**dims, max_position_embeddings=max(2048, seq_len), bos_token_id=1,
@@ -89,6 +86,23 @@ def prepare(directory: Path, shape: str, seq_len: int, sequences: int) -> None:
         return {}
 
     artifacts.run_phase("tokens", str(directory / "tokens"), {}, {"seq_len": seq_len, "n": sequences}, tokens_body)
+
+
+def save_tiny_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A byte-level tokenizer (token ids do not matter here: the tokens are random ids)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<{i}>": i for i in range(3)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        if len(vocab) >= vocab_size:
+            break
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<0>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<1>", eos_token="<2>", unk_token="<0>")
+    fast.save_pretrained(directory)
 
 
 def matmul_params(model) -> tuple[int, int, int]:
