@@ -30,7 +30,8 @@ def tiny_eval(tiny_child: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     prepare(str(text), str(tiny_child), str(tokens), seq_len=32,
             splits={"calibration": 8, "bld": 2, "score": 2, "gkd": 2, "eval": 12})
     library = root / "library"
-    space = SearchSpace(attention_kv_heads=(1,), attention_linear=False, ffn_fractions=(0.5,), ffn_linear=False)
+    space = SearchSpace(attention_kv_heads=(1,), attention_linear=False, ffn_fractions=(0.5,), ffn_linear=False,
+                        ffn_multiple=64)
     build_library(str(tiny_child), str(tokens), str(library), space=space)
     blocks = [BlockConfig.from_name(n) for n in ("attn_kv1+ffn_128", "attn_noop+ffn_256", "attn_kv2+ffn_noop")]
 
