@@ -276,6 +276,7 @@ def train(
     objective: str = "block",
     weight_decay: float = 0.0,
     val_sequences: int = 4,
+    val_split: str | None = "score",
     checkpoint_every: int = 50,
     device: str | None = None,
     autocast: bool = True,
@@ -286,8 +287,10 @@ def train(
     Args:
         library: the library to train (``puzzle library build`` output, or a trained one).
         child: the parent it was built from (all-parent child artifact).
-        tokens: tokens artifact with the ``split`` split; its last ``val_sequences`` sequences are
-            held out to measure every variant's normalised MSE before and after training.
+        tokens: tokens artifact with the ``split`` split. Every variant's normalised MSE is
+            measured before and after training on the first ``val_sequences`` sequences of
+            ``val_split`` (held-out text, default ``score``); when the artifact has no such split,
+            the last ``val_sequences`` sequences of ``split`` are held out instead.
         out: output library. Without ``shard`` a complete library (untrained variants copied);
             with ``shard`` only this shard's trained variants (merge shards with :func:`merge`).
         token_budget: tokens each variant trains on (steps = budget / (batch_size * seq_len)).
@@ -330,25 +333,33 @@ def train(
     if split not in info["splits"]:
         raise BLDError(f"tokens {tokens} have no {split!r} split (they have {sorted(info['splits'])})")
     seq_len = info["seq_len"]
-    available = info["splits"][split]["sequences"] - val_sequences
+    if val_split is not None and val_split not in info["splits"]:
+        log.info("bld: tokens have no %r split; holding out %d %r sequences for validation", val_split, val_sequences, split)
+        val_split = None
+    if val_split == split:
+        raise BLDError(f"bld.val_split must differ from the training split {split!r} (or be None)")
+    if val_split is not None and info["splits"][val_split]["sequences"] < val_sequences:
+        raise BLDError(f"split {val_split!r} has fewer than val_sequences={val_sequences} sequences")
+    available = info["splits"][split]["sequences"] - (val_sequences if val_split is None else 0)
     steps = math.ceil(token_budget / (batch_size * seq_len))
     if steps * batch_size > available:
         raise BLDError(
             f"too little data: token_budget={token_budget} at batch_size={batch_size} x seq_len={seq_len} needs "
-            f"{steps * batch_size} training sequences, but split {split!r} has {available} (after {val_sequences} "
-            f"held out): lower the budget or prepare more {split!r} sequences"
+            f"{steps * batch_size} training sequences, but split {split!r} has {available}"
+            f"{f' (after {val_sequences} held out)' if val_split is None else ''}: lower the budget or prepare more "
+            f"{split!r} sequences"
         )
     parameters = {
         "token_budget": token_budget, "batch_size": batch_size, "lr": lr, "warmup_fraction": warmup_fraction,
         "seed": seed, "shard": shard, "layers": layers, "variants": variants, "coupled": coupled, "split": split,
-        "objective": objective, "weight_decay": weight_decay, "val_sequences": val_sequences,
+        "objective": objective, "weight_decay": weight_decay, "val_sequences": val_sequences, "val_split": val_split,
     }
 
     def body(staging: Path, local: dict[str, Path]) -> dict[str, Any]:
         result = _train_units(
             lib, str(local["child"]), str(local["tokens"]), units, split=split, steps=steps, batch_size=batch_size,
             lr=lr, warmup_fraction=warmup_fraction, seed=seed, objective=objective, weight_decay=weight_decay,
-            val_sequences=val_sequences, checkpoint=staging / ".work" / CHECKPOINT, checkpoint_every=checkpoint_every,
+            val_sequences=val_sequences, val_split=val_split, checkpoint=staging / ".work" / CHECKPOINT, checkpoint_every=checkpoint_every,
             device=_resolve_device(device), autocast=autocast, on_step=on_step,
         )
         bld_meta = {**parameters, "seq_len": seq_len, "steps": steps, "tokens_per_variant": steps * batch_size * seq_len}
@@ -383,7 +394,8 @@ class _Result:
 
 def _train_units(
     lib: Library, child: str, tokens: str, units: list[Unit], *, split: str, steps: int, batch_size: int, lr: float,
-    warmup_fraction: float, seed: int, objective: str, weight_decay: float, val_sequences: int, checkpoint: Path,
+    warmup_fraction: float, seed: int, objective: str, weight_decay: float, val_sequences: int, val_split: str | None,
+    checkpoint: Path,
     checkpoint_every: int, device: torch.device, autocast: bool, on_step: Callable[[int], None] | None,
 ) -> _Result:
     from puzzle.child import load_child
@@ -396,7 +408,10 @@ def _train_units(
     model.requires_grad_(False)
     runner = LayerRunner(model)
     ids = load_split(tokens, split)
-    train_ids, val_ids = ids[: ids.shape[0] - val_sequences], ids[ids.shape[0] - val_sequences :]
+    if val_split is None:
+        train_ids, val_ids = ids[: ids.shape[0] - val_sequences], ids[ids.shape[0] - val_sequences :]
+    else:
+        train_ids, val_ids = ids, load_split(tokens, val_split)[:val_sequences]
     order = torch.randperm(train_ids.shape[0], generator=torch.Generator().manual_seed(seed))
     trainers = []
     for unit in units:

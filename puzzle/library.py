@@ -540,7 +540,9 @@ def build_library(
             for i, names in plan.items() for n in names
         )
         ids = load_split(str(local["tokens"]), calibration_split)
-        stats = calibrate(model, ids, sorted(plan), batch_size=batch_size, need_abs=need_rank, need_lstsq=need_linear)
+        stats = _Calibration(tokens=0)
+        if need_rank or need_linear:
+            stats = calibrate(model, ids, sorted(plan), batch_size=batch_size, need_abs=need_rank, need_lstsq=need_linear)
         generator = torch.Generator().manual_seed(seed)
         (staging / "layers").mkdir(exist_ok=True)
         layers_meta: dict[str, Any] = {}

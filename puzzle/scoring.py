@@ -124,19 +124,22 @@ class _Accumulator:
 
     def add(self, final: torch.Tensor, logits: torch.Tensor, ref: _ParentChunk, metrics: list[str]) -> None:
         # Every position but the last: those have a next token for the LM loss.
-        log_q = F.log_softmax(logits[:, :-1].float(), dim=-1)
-        log_p = ref.log_probs
         self.tokens += ref.targets.numel()
-        if "kl_div" in metrics:
-            self.sums["kl_div"] += float((log_p.exp() * (log_p - log_q)).sum())
-        if "lm_loss" in metrics:
-            self.sums["lm_loss"] += float(F.nll_loss(log_q.reshape(-1, log_q.shape[-1]), ref.targets.reshape(-1), reduction="sum"))
+        if {"kl_div", "lm_loss"} & set(metrics):
+            log_q = F.log_softmax(logits[:, :-1].float(), dim=-1)
+            if "kl_div" in metrics:
+                # KL(p || q) = sum p log p - sum p log q, with p and sum p log p cached per token.
+                self.sums["kl_div"] += float((ref.neg_entropy - torch.linalg.vecdot(ref.probs, log_q)).sum())
+            if "lm_loss" in metrics:
+                self.sums["lm_loss"] -= float(log_q.gather(-1, ref.targets.unsqueeze(-1)).sum())
+            del log_q
+        z = logits[:, :-1]
         if "cosine" in metrics:
             self.sums["cosine"] += float(F.cosine_similarity(final[:, :-1].float(), ref.final.float(), dim=-1).sum())
         if "top1" in metrics:
-            self.sums["top1"] += int((log_q.argmax(-1) == ref.top).sum())
+            self.sums["top1"] += int((z.argmax(-1) == ref.top).sum())
         if "top5" in metrics:
-            self.sums["top5"] += int((log_q.topk(5, dim=-1).indices == ref.top.unsqueeze(-1)).any(-1).sum())
+            self.sums["top5"] += int((z.topk(5, dim=-1).indices == ref.top.unsqueeze(-1)).any(-1).sum())
 
     def result(self, metrics: list[str]) -> dict[str, Any]:
         n = max(1, self.tokens)
@@ -152,7 +155,8 @@ class _ParentChunk:
 
     input_ids: torch.Tensor
     context: LayerContext
-    log_probs: torch.Tensor  # [b, s-1, vocab]
+    probs: torch.Tensor  # [b, s-1, vocab]
+    neg_entropy: torch.Tensor  # [b, s-1]: sum p log p
     final: torch.Tensor  # [b, s-1, hidden]
     targets: torch.Tensor  # [b, s-1]
     top: torch.Tensor  # [b, s-1]
@@ -185,7 +189,10 @@ def score_rows(
         hidden.append(h)
         final, logits = runner.head(runner.run(h, ctx, 0))
         log_p = F.log_softmax(logits[:, :-1].float(), dim=-1)
-        chunks.append(_ParentChunk(ids, ctx, log_p, final[:, :-1], ids[:, 1:], log_p.argmax(-1)))
+        probs = log_p.exp()
+        neg_entropy = torch.linalg.vecdot(probs, log_p)
+        chunks.append(_ParentChunk(ids, ctx, probs, neg_entropy, final[:, :-1], ids[:, 1:], log_p.argmax(-1)))
+        del log_p
     by_layer: dict[int, list[Row]] = {}
     for row in rows:
         by_layer.setdefault(row.layer, []).append(row)

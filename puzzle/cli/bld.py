@@ -43,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--objective", choices=("block", "subblock"), default="block",
                        help="match the block's output (default) or the sub-block's own output")
     train.add_argument("--val-sequences", type=int, default=4, help="held-out sequences for the before/after MSE")
+    train.add_argument("--val-split", default="score",
+                       help="split the held-out sequences come from (default score; absent: the tail of --split)")
     train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     train.add_argument("--no-autocast", action="store_true", help="train in float32 on CUDA (default bf16 autocast)")
@@ -63,7 +65,7 @@ def run_train(args: argparse.Namespace) -> int:
         args.library, args.child, args.tokens, args.out, token_budget=args.token_budget, batch_size=args.batch_size,
         lr=args.lr, warmup_fraction=args.warmup_fraction, seed=args.seed, shard=args.shard, layers=args.layers,
         variants=args.variants, coupled=args.coupled, split=args.split, objective=args.objective,
-        weight_decay=args.weight_decay, val_sequences=args.val_sequences, checkpoint_every=args.checkpoint_every,
+        weight_decay=args.weight_decay, val_sequences=args.val_sequences, val_split=args.val_split, checkpoint_every=args.checkpoint_every,
         device=args.device, autocast=not args.no_autocast,
     )
     print(json.dumps({"out": args.out, **manifest.summary}, indent=2))

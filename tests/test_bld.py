@@ -1,0 +1,183 @@
+"""Blockwise local distillation: training, shards + merge, resume after a kill, coupled pairs, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from puzzle import bld
+from puzzle.bld import BLDError, lr_at, merge, train
+from puzzle.data import prepare
+from puzzle.library import Library, LibraryError, SearchSpace, assemble_child, build_library
+from puzzle.modeling import BlockConfig
+
+# 4 steps of 8 sequences x 32 tokens; 4 trainable variants per layer x 3 layers.
+SETTINGS = dict(token_budget=4 * 8 * 32, batch_size=8, lr=1e-3, warmup_fraction=0.25, seed=3, checkpoint_every=2)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_parent_factory, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Tiny parent (FFN 192), its tokens, a library and one unsharded BLD run of it."""
+    from puzzle.parents import convert
+
+    root = tmp_path_factory.mktemp("bld-tiny")
+    convert(str(tiny_parent_factory("llama", intermediate_size=192)), str(root / "child"))
+    prepare("stdlib", str(root / "child"), str(root / "tokens"), seq_len=32,
+            splits={"calibration": 8, "bld": 40, "score": 8})
+    space = SearchSpace(attention_kv_heads=(1,), ffn_fractions=(1.0, 0.5))
+    build_library(str(root / "child"), str(root / "tokens"), str(root / "lib"), space=space)
+    paths = {name: str(root / name) for name in ("child", "tokens", "lib", "full")}
+    train(paths["lib"], paths["child"], paths["tokens"], paths["full"], **SETTINGS)
+    paths["root"] = str(root)
+    return paths
+
+
+def _assert_same_library(a: Library, b: Library) -> None:
+    assert a.layers == b.layers
+    for layer in a.layers:
+        assert a.variants(layer) + a.coupled_blocks(layer) == b.variants(layer) + b.coupled_blocks(layer)
+        for name in a.variants(layer) + a.coupled_blocks(layer):
+            assert a.info(layer, name) == b.info(layer, name), (layer, name)
+            wa, wb = a.load(layer, name), b.load(layer, name)
+            assert wa.keys() == wb.keys()
+            for key in wa:
+                assert torch.equal(wa[key], wb[key]), (layer, name, key)
+
+
+def test_learning_rate_warms_up_then_decays_to_zero() -> None:
+    rates = [lr_at(s, 10, lr=1.0, warmup_steps=2) for s in range(10)]
+    assert rates[:2] == [0.5, 1.0] and rates[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(rates[1:], rates[2:])) and rates[-1] < 0.05
+
+
+def test_bld_trains_every_trainable_variant_and_records_nmse(tiny: dict[str, str]) -> None:
+    base, trained = Library.open(tiny["lib"]), Library.open(tiny["full"])
+    assert trained.meta["bld"]["tokens_per_variant"] == 4 * 8 * 32 and not trained.partial
+    for layer in trained.layers:
+        assert trained.variants(layer) == base.variants(layer)
+        for name in trained.variants(layer):
+            info = trained.info(layer, name)
+            before, after = base.load(layer, name), trained.load(layer, name)
+            if info["parent"] or name.endswith("_noop"):
+                assert not info["trained"] and all(torch.equal(before[k], after[k]) for k in before)
+                continue
+            assert info["trained"] and info["bld"]["steps"] == 4
+            assert info["bld"]["initial_nmse"] > 0 and info["bld"]["final_nmse"] > 0
+            assert any(not torch.equal(before[k], after[k]) for k in before), (layer, name)
+
+
+def test_two_shards_merge_into_the_unsharded_library(tiny: dict[str, str]) -> None:
+    root = Path(tiny["root"])
+    shards = [str(root / f"shard-{i}") for i in range(2)]
+    for i, out in enumerate(shards):
+        train(tiny["lib"], tiny["child"], tiny["tokens"], out, shard=f"{i}/2", **SETTINGS)
+    parts = [Library.open(s) for s in shards]
+    assert all(p.partial for p in parts)
+    trained_by = [{(layer, n) for layer in p.layers for n in p.variants(layer)} for p in parts]
+    assert trained_by[0] and trained_by[1] and not trained_by[0] & trained_by[1]
+    with pytest.raises(LibraryError, match="merge the shards first"):
+        assemble_child(tiny["child"], parts[0], [BlockConfig.from_name("attn_kv2+ffn_192")] * 3)
+    with pytest.raises(BLDError, match="every shard 0..1"):
+        merge(shards[:1], str(root / "half"))
+    merge(shards, str(root / "merged"))
+    _assert_same_library(Library.open(str(root / "merged")), Library.open(tiny["full"]))
+
+
+def test_killed_run_resumes_from_its_checkpoint(tiny: dict[str, str]) -> None:
+    out = str(Path(tiny["root"]) / "killed")
+
+    class Killed(RuntimeError):
+        pass
+
+    def kill_after_step_2(step: int) -> None:
+        if step == 2:
+            raise Killed  # the process dies after step 3 of 4; the checkpoint holds steps 1-2
+
+    with pytest.raises(Killed):
+        train(tiny["lib"], tiny["child"], tiny["tokens"], out, on_step=kill_after_step_2, **SETTINGS)
+    assert not Path(out, "manifest.json").exists()
+    steps: list[int] = []
+    manifest = train(tiny["lib"], tiny["child"], tiny["tokens"], out, on_step=steps.append, **SETTINGS)
+    assert steps == [2, 3] and manifest.summary["resumed_from_step"] == 2  # steps 0-1 were not trained again
+    _assert_same_library(Library.open(out), Library.open(tiny["full"]))
+    # A finished run is skipped entirely.
+    again: list[int] = []
+    train(tiny["lib"], tiny["child"], tiny["tokens"], out, on_step=again.append, **SETTINGS)
+    assert again == []
+
+
+def test_coupled_bld_trains_a_pair_used_by_assemble_child(tiny: dict[str, str]) -> None:
+    out = str(Path(tiny["root"]) / "coupled")
+    train(tiny["lib"], tiny["child"], tiny["tokens"], out, layers=[0], coupled=["attn_kv1+ffn_96"],
+          variants=["attn_kv1+ffn_96"], **SETTINGS)
+    lib = Library.open(out)
+    assert lib.coupled_blocks(0) == ["attn_kv1+ffn_96"] and lib.coupled_blocks(1) == []
+    info = lib.info(0, "attn_kv1+ffn_96")
+    assert info["kind"] == "block" and info["trained"] and info["bld"]["steps"] == 4
+    pair = lib.load(0, "attn_kv1+ffn_96")
+    assert not torch.equal(pair["mlp.down_proj.weight"], lib.load(0, "ffn_96")["mlp.down_proj.weight"])
+    child = assemble_child(tiny["child"], lib, [BlockConfig.from_name(n) for n in
+                                                ("attn_kv1+ffn_96", "attn_kv2+ffn_192", "attn_kv2+ffn_192")])
+    assert torch.equal(child.model.layers[0].mlp.down_proj.weight, pair["mlp.down_proj.weight"])
+
+
+def test_bad_settings_are_clear_errors_before_any_work(tiny: dict[str, str], tiny_parent_factory, tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    with pytest.raises(BLDError, match="too little data: token_budget=1000000 .* split 'bld' has 40"):
+        train(tiny["lib"], tiny["child"], tiny["tokens"], out, **{**SETTINGS, "token_budget": 1_000_000})
+    with pytest.raises(BLDError, match="shard must look like i/n"):
+        train(tiny["lib"], tiny["child"], tiny["tokens"], out, shard="2/2", **SETTINGS)
+    with pytest.raises(BLDError, match="not trainable variants"):
+        train(tiny["lib"], tiny["child"], tiny["tokens"], out, variants=["ffn_77"], **SETTINGS)
+    with pytest.raises(BLDError, match="bld.lr must be > 0"):
+        train(tiny["lib"], tiny["child"], tiny["tokens"], out, **{**SETTINGS, "lr": -1.0})
+    from puzzle.parents import convert
+
+    convert(str(tiny_parent_factory("llama", seed=5, intermediate_size=192)), str(tmp_path / "other"))
+    with pytest.raises(LibraryError, match="built from other weights"):
+        train(tiny["lib"], str(tmp_path / "other"), tiny["tokens"], out, **SETTINGS)
+    assert not Path(out).exists()
+
+
+def test_cli_trains_a_shard_and_reports_errors(tiny: dict[str, str], tmp_path: Path, capsys) -> None:
+    from puzzle.cli import main
+
+    common = ["--library", tiny["lib"], "--child", tiny["child"], "--tokens", tiny["tokens"], "--batch-size", "8",
+              "--seed", "3", "--warmup-fraction", "0.25", "--checkpoint-every", "2"]
+    code = main(["bld", "train", *common, "--out", str(tmp_path / "s"), "--token-budget", "1024",
+                 "--shard", "0/1", "--layers", "2", "--variants", "ffn_96"])
+    assert code == 0
+    lib = Library.open(str(tmp_path / "s"))
+    assert lib.partial and lib.layers == [2] and lib.variants(2) == ["ffn_96"]
+    # The same variant as in the unsharded run, bit for bit.
+    assert torch.equal(lib.load(2, "ffn_96")["mlp.up_proj.weight"],
+                       Library.open(tiny["full"]).load(2, "ffn_96")["mlp.up_proj.weight"])
+    code = main(["bld", "train", *common, "--out", str(tmp_path / "x"), "--token-budget", "99999999"])
+    assert code == 2 and "too little data" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_bld_lowers_normalized_mse_on_smollm2(smollm2_child: Path, smollm2_tokens: Path, tmp_path: Path) -> None:
+    """SmolLM2, layer 5, 50 % FFN (ffn_768 of 1536): 4096 tokens (16 steps x 4 x 64), lr 1e-3.
+
+    Measured: held-out normalised MSE (4 score sequences) 0.217 -> 0.173, a 20 % drop.
+    """
+    space = SearchSpace(attention_kv_heads=(3,), attention_linear=False, attention_noop=False, ffn_fractions=(0.5,),
+                        ffn_linear=False, ffn_noop=False)
+    build_library(str(smollm2_child), str(smollm2_tokens), str(tmp_path / "lib"), space=space, layers=[5])
+    train(str(tmp_path / "lib"), str(smollm2_child), str(smollm2_tokens), str(tmp_path / "bld"), token_budget=4096,
+          batch_size=4, lr=1e-3, warmup_fraction=0.1, seed=0)
+    stats = Library.open(str(tmp_path / "bld")).info(5, "ffn_768")["bld"]
+    assert stats["final_nmse"] < 0.9 * stats["initial_nmse"], stats
+
+
+def test_shard_planning_is_balanced_and_covers_every_variant(tiny: dict[str, str]) -> None:
+    lib = Library.open(tiny["lib"])
+    everything = bld.plan_units(lib)
+    assert len(everything) == 12  # attn_kv1, attn_linear, ffn_96, ffn_linear in 3 layers
+    for n in (1, 2, 5, 12):
+        parts = [bld.plan_units(lib, shard=f"{i}/{n}") for i in range(n)]
+        assert [u.key for p in parts for u in p] == [u.key for u in everything]
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
