@@ -1,0 +1,133 @@
+"""Replace-1-block scoring: rows for every (layer, variant), parent = 0, shards, modes, errors."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from puzzle import scoring
+from puzzle.data import prepare
+from puzzle.library import Library, LibraryError, SearchSpace, build_library
+from puzzle.scoring import ScoringError, merge, read_scores, score
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_parent_factory, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Tiny parent (FFN 192), its tokens, a library (attention kv2/kv1/linear/noop, FFN 192/96/linear/noop)
+    and its decoupled scores."""
+    from puzzle.parents import convert
+
+    root = tmp_path_factory.mktemp("score-tiny")
+    convert(str(tiny_parent_factory("llama", intermediate_size=192)), str(root / "child"))
+    prepare("stdlib", str(root / "child"), str(root / "tokens"), seq_len=32, splits={"calibration": 8, "score": 6})
+    build_library(str(root / "child"), str(root / "tokens"), str(root / "lib"),
+                  space=SearchSpace(ffn_fractions=(1.0, 0.5)))
+    paths = {name: str(root / name) for name in ("child", "tokens", "lib", "scores")}
+    score(paths["lib"], paths["child"], paths["tokens"], paths["scores"], batch_size=4)
+    paths["root"] = str(root)
+    return paths
+
+
+def test_every_layer_and_variant_scored_parent_zero_noop_positive(tiny: dict[str, str]) -> None:
+    lib = Library.open(tiny["lib"])
+    rows = read_scores(tiny["scores"])["rows"]
+    # Decoupled: the parent block once, every other attention variant with the parent FFN and
+    # every other FFN variant with the parent attention: 1 + 3 + 3 rows in each of 3 layers.
+    expected = set()
+    for layer in lib.layers:
+        expected |= {(layer, f"{a}+ffn_192") for a in lib.attention_variants(layer)}
+        expected |= {(layer, f"attn_kv2+{f}") for f in lib.ffn_variants(layer)}
+    assert {(r["layer"], r["block"]) for r in rows} == expected and len(rows) == 3 * 7
+    for row in rows:
+        assert row["num_tokens"] == 6 * 31
+        assert all(row[m] is not None for m in scoring.METRICS)
+        if row["block"] == "attn_kv2+ffn_192":  # the parent's own block
+            assert row["kl_div"] == pytest.approx(0.0, abs=1e-6)
+            assert row["top1"] == 1.0 and row["top5"] == 1.0 and row["cosine"] == pytest.approx(1.0, abs=1e-5)
+        elif "noop" in row["block"]:
+            assert row["kl_div"] > 1e-5 and row["cosine"] < 1.0
+        assert row["top1_agreement"] == row["top1"]
+    local = Path(tiny["scores"])
+    with (local / "scores.csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    assert list(table[0]) == list(scoring.COLUMNS) and len(table) == len(rows)
+    assert (local / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_full_mode_scores_every_pair_consistently_with_decoupled(tiny: dict[str, str]) -> None:
+    out = str(Path(tiny["root"]) / "full")
+    score(tiny["lib"], tiny["child"], tiny["tokens"], out, mode="full", layers=[1], batch_size=4)
+    full = {r["block"]: r for r in read_scores(out)["rows"]}
+    assert len(full) == 4 * 4  # every attention x FFN pair of layer 1
+    for row in read_scores(tiny["scores"])["rows"]:
+        if row["layer"] == 1:
+            assert full[row["block"]]["kl_div"] == pytest.approx(row["kl_div"], rel=1e-6, abs=1e-9)
+
+
+def test_sharded_scoring_merges_into_the_unsharded_table(tiny: dict[str, str]) -> None:
+    root = Path(tiny["root"])
+    shards = [str(root / f"shard-{i}") for i in range(3)]
+    for i, out in enumerate(shards):
+        score(tiny["lib"], tiny["child"], tiny["tokens"], out, shard=f"{i}/3", batch_size=4)
+    assert sum(len(read_scores(s)["rows"]) for s in shards) == 21
+    with pytest.raises(ScoringError, match="not every shard"):
+        merge(shards[:2], str(root / "part"))
+    merge(list(reversed(shards)), str(root / "merged"))
+    assert read_scores(str(root / "merged"))["rows"] == read_scores(tiny["scores"])["rows"]
+
+
+def test_metric_selection_and_aliases(tiny: dict[str, str]) -> None:
+    out = str(Path(tiny["root"]) / "some-metrics")
+    score(tiny["lib"], tiny["child"], tiny["tokens"], out, metrics=["kl_div", "top1_agreement"], layers=[2])
+    rows = read_scores(out)["rows"]
+    assert all(r["top1"] == r["top1_agreement"] is not None and r["lm_loss"] is None for r in rows)
+    with pytest.raises(ScoringError, match="unknown metric 'accuracy'"):
+        score(tiny["lib"], tiny["child"], tiny["tokens"], out, metrics=["accuracy"])
+
+
+def test_scoring_errors(tiny: dict[str, str], tiny_parent_factory, tmp_path: Path) -> None:
+    from puzzle.bld import train
+    from puzzle.parents import convert
+
+    with pytest.raises(ScoringError, match="no 'eval' split"):
+        score(tiny["lib"], tiny["child"], tiny["tokens"], str(tmp_path / "x"), split="eval")
+    with pytest.raises(ScoringError, match=r"layers \[5\] are not in library"):
+        score(tiny["lib"], tiny["child"], tiny["tokens"], str(tmp_path / "x"), layers=[5])
+    with pytest.raises(ScoringError, match="mode must be one of"):
+        score(tiny["lib"], tiny["child"], tiny["tokens"], str(tmp_path / "x"), mode="pairs")
+    convert(str(tiny_parent_factory("llama", hidden_size=32, intermediate_size=192)), str(tmp_path / "other"))
+    with pytest.raises(LibraryError, match="hidden_size is 64 in the library but 32 in the parent"):
+        score(tiny["lib"], str(tmp_path / "other"), tiny["tokens"], str(tmp_path / "x"))
+    train(tiny["lib"], tiny["child"], tiny["tokens"], str(tmp_path / "shard"), token_budget=32, batch_size=1, lr=1e-3,
+          shard="0/4", val_sequences=1, val_split="calibration", split="score")
+    with pytest.raises(LibraryError, match="merge the shards first"):
+        score(str(tmp_path / "shard"), tiny["child"], tiny["tokens"], str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_scores_and_merges(tiny: dict[str, str], tmp_path: Path) -> None:
+    from puzzle.cli import main
+
+    common = ["--library", tiny["lib"], "--child", tiny["child"], "--tokens", tiny["tokens"], "--batch-size", "4"]
+    for i in range(2):
+        assert main(["score", *common, "--out", str(tmp_path / f"s{i}"), "--shard", f"{i}/2"]) == 0
+    assert main(["score", "--merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "m")]) == 0
+    assert read_scores(str(tmp_path / "m"))["rows"] == read_scores(tiny["scores"])["rows"]
+
+
+@pytest.mark.integration
+def test_smollm2_scores_parent_zero_and_noop_positive(smollm2_child: Path, smollm2_tokens: Path, tmp_path: Path) -> None:
+    """The real parent's last layer with the default search space, on 4 held-out sequences."""
+    build_library(str(smollm2_child), str(smollm2_tokens), str(tmp_path / "lib"), space=SearchSpace(), layers=[29])
+    score(str(tmp_path / "lib"), str(smollm2_child), str(smollm2_tokens), str(tmp_path / "scores"), max_sequences=4)
+    rows = {r["block"]: r for r in read_scores(str(tmp_path / "scores"))["rows"]}
+    attention = ["attn_kv3", "attn_kv1", "attn_linear", "attn_noop"]
+    ffn = ["ffn_1536", "ffn_1280", "ffn_768", "ffn_512", "ffn_256", "ffn_linear", "ffn_noop"]
+    assert set(rows) == {f"{a}+ffn_1536" for a in attention} | {f"attn_kv3+{f}" for f in ffn}
+    assert rows["attn_kv3+ffn_1536"]["kl_div"] == pytest.approx(0.0, abs=1e-6)
+    assert rows["attn_noop+ffn_1536"]["kl_div"] > 1e-3 and rows["attn_kv3+ffn_noop"]["kl_div"] > 1e-3
+    # Narrower FFNs lose more: the KL grows as the width shrinks.
+    widths = [rows[f"attn_kv3+ffn_{w}"]["kl_div"] for w in (1280, 768, 512, 256)]
+    assert widths == sorted(widths), widths
