@@ -43,8 +43,8 @@ def test_flatten_and_history_file_discovery(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- phase artifacts
-# Real phases where they exist (convert, tokens, GKD, evaluation); the scoring, cost and search
-# artifacts are written through run_phase in the formats of docs/ARCHITECTURE.md.
+# Real phases where they exist (convert, tokens, library, scores, GKD, evaluation); the cost and
+# search artifacts are written through run_phase in the formats of docs/ARCHITECTURE.md.
 
 
 def _write_png(path: Path) -> None:
@@ -77,29 +77,24 @@ def _phase(kind: str, out: Path, files: dict[str, Any], summary: dict[str, Any],
 LAYERS, VARIANTS = 3, ["attn_kv2+ffn_256", "attn_kv1+ffn_256", "attn_noop+ffn_128"]
 
 
-def _score_rows() -> list[dict[str, Any]]:
-    return [
-        {"layer": layer, "variant": v, "kl_div": 0.01 * (layer + 1) * (i + 1), "lm_loss": 5.0 + 0.1 * i}
-        for layer in range(LAYERS)
-        for i, v in enumerate(VARIANTS)
-    ]
-
-
 @pytest.fixture(scope="module")
 def phase_artifacts(tiny_child: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    from puzzle import data, distill, evaluate
+    from puzzle import data, distill, evaluate, library, scoring
 
     root = tmp_path_factory.mktemp("phases")
     tokens = str(root / "tokens")
-    data.prepare("stdlib", str(tiny_child), tokens, seq_len=32, splits={"gkd": 8, "eval": 4}, seed=0)
+    data.prepare("stdlib", str(tiny_child), tokens, seq_len=32, splits={"calibration": 4, "gkd": 8, "eval": 4}, seed=0)
     gkd = str(root / "gkd")
     distill.distill(str(tiny_child), str(tiny_child), tokens, gkd, token_budget=4 * 2 * 32, batch_size=2, device="cpu")
     inputs = {"child": str(tiny_child)}
-    rows = _score_rows()
-    csv_text = "layer,variant,kl_div,lm_loss\n" + "".join(
-        f"{r['layer']},{r['variant']},{r['kl_div']},{r['lm_loss']}\n" for r in rows
+    library_uri = str(root / "library")
+    library.build_library(
+        str(tiny_child), tokens, library_uri, device="cpu", batch_size=4,
+        space=library.SearchSpace(attention_kv_heads=(1,), attention_linear=False, ffn_fractions=(0.5,), ffn_linear=False),
     )
-    scores = _phase("scores", root / "scores", {"scores.csv": csv_text, "scores.json": rows, "heatmap.png": None}, {"rows": len(rows)}, inputs)
+    scores = str(root / "scores")
+    scoring.score(library_uri, str(tiny_child), tokens, scores, split="eval", metrics=["kl_div", "lm_loss"], batch_size=4,
+                  device="cpu")
     costs = _phase(
         "costs",
         root / "costs",
@@ -173,11 +168,12 @@ def test_a_puzzle_run_logs_every_phase_to_mlflow_with_artifacts_on_s3(
     nested = client.search_runs([run.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.run_id}'")
     assert sorted(r.data.tags[tracking.TAG_PHASE] for r in nested) == sorted(phase_artifacts)
 
-    # Scores: a table with one row per (layer, variant), and the heatmap.
+    # Scores: a table with one row per scored (layer, block), and the heatmap.
     table = client.load_table(run.experiment_id, "tables/scores.json", run_ids=[ids["scores"]])
-    assert len(table) == LAYERS * len(VARIANTS)
-    assert {"layer", "variant", "kl_div", "lm_loss"} <= set(table.columns)
-    assert table["kl_div"].max() == pytest.approx(max(r["kl_div"] for r in _score_rows()))
+    rows = tracking.read_csv_rows(Path(phase_artifacts["scores"]) / "scores.csv")
+    assert len(table) == len(rows) > LAYERS
+    assert {"layer", "kl_div", "lm_loss"} <= set(table.columns)
+    assert table["kl_div"].max() == pytest.approx(max(r["kl_div"] for r in rows))
     assert "files/heatmap.png" in {a.path for a in client.list_artifacts(ids["scores"], "files")}
 
     # Costs: a table per hardware target, hardware identity and workload as params.

@@ -479,3 +479,40 @@ def test_trigger_cli_registers_parent_and_webhook_and_refuses_missing_secret(
     for h in client.list_webhooks():
         if h.name == hook:
             client.delete_webhook(h.webhook_id)
+
+
+@pytest.mark.integration
+def test_puzzle_trigger_serve_answers_health_checks_and_logs_json(mlflow_env: str, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from servers import free_port
+
+    port = free_port()
+    env = {**os.environ, "PUZZLE_TRIGGER_SECRET": SECRET, "MLFLOW_TRACKING_URI": mlflow_env}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "puzzle"), "trigger", "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--state-db", str(tmp_path / "state.sqlite"), "--reconcile-interval", "0", "--work-dir", str(tmp_path / "runs")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+    )
+    try:
+        def healthy() -> dict | None:
+            try:
+                return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).read())
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read()
+                return None
+
+        health = wait_for(healthy, 60, "puzzle trigger serve to answer /healthz")
+        assert health["status"] == "ok" and health["backend"] == "local"
+        body = tag_event("m", "1", "puzzle.request", "default")
+        assert post(port, body, signed(body, secret="wrong"))[0] == 401
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr[-2000:]  # SIGTERM is a clean shutdown
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    assert any(e["msg"] == "trigger service listening" and e["port"] == port for e in lines)
+    assert any(e["msg"] == "delivery rejected" and e["status"] == 401 for e in lines)
+    assert SECRET not in stderr

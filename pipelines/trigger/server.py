@@ -103,8 +103,12 @@ class TriggerServer:
             if self._stop.wait(interval):
                 return
 
+    def request_stop(self) -> None:
+        """Ask :meth:`serve_forever` to return (safe from a signal handler)."""
+        self._stop.set()
+
     def serve_forever(self) -> None:
-        """Run until interrupted (the CLI's ``serve``)."""
+        """Run until interrupted or :meth:`request_stop` (the CLI's ``serve``; SIGTERM in a pod)."""
         self.start()
         try:
             self._stop.wait()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -97,6 +98,8 @@ def _serve(args: argparse.Namespace) -> int:
     logs.configure(args.log_level.upper())
     settings = _settings(args, reconcile_interval=args.reconcile_interval)
     server = TriggerServer(build_service(settings), args.host, args.port)
+    # Kubernetes stops a pod with SIGTERM: finish the requests in flight, then exit.
+    signal.signal(signal.SIGTERM, lambda *_: server.request_stop())
     print(f"puzzle trigger: listening on http://{args.host}:{server.port}/webhook (health: /healthz)", flush=True)
     server.serve_forever()
     return 0
