@@ -215,7 +215,7 @@ class BLDConfig:
     """Blockwise local distillation: each variant trained alone on the parent's activations."""
 
     token_budget: int = 32768
-    """Training tokens per block variant (from the ``bld`` split, cycled if shorter)."""
+    """Training tokens per block variant, at most ``data.splits.bld`` x ``data.seq_len``."""
     batch_size: int = 8
     lr: float = 1e-3
     warmup_fraction: float = 0.05
@@ -488,6 +488,14 @@ class RunConfig:
             _fail("scoring.split", f"must be one of data.splits ({', '.join(self.data.splits)}), got {self.scoring.split!r}")
         if self.evaluate.split not in self.data.splits:
             _fail("evaluate.split", f"must be one of data.splits ({', '.join(self.data.splits)}), got {self.evaluate.split!r}")
+        bld_sequences = -(-self.bld.token_budget // self.data.seq_len)
+        if bld_sequences > self.data.splits["bld"]:
+            _fail(
+                "bld.token_budget",
+                f"({self.bld.token_budget}) needs {bld_sequences} sequences of data.seq_len={self.data.seq_len} "
+                f"(each variant sees every training token once), but data.splits.bld is {self.data.splits['bld']}: "
+                "raise data.splits.bld or lower bld.token_budget",
+            )
         if self.evaluate.workload.prompt_len + self.evaluate.workload.gen_len > 32768:
             _fail("evaluate.workload", "prompt_len + gen_len must be <= 32768")
         self._check_feasible()

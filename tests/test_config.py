@@ -82,6 +82,7 @@ def test_a_file_overrides_only_what_it_names_and_set_overrides_the_file(tmp_path
         ({"search": {"constraints": ["memory<=2parsecs"]}}, "has unknown unit 'parsecs'"),
         ({"search": {"constraints": ["memory<=0GiB"]}}, "can never be met"),
         ({"gkd": {"weight_kl": 0, "weight_cosine": 0}}, "at least one loss weight must be > 0"),
+        ({"bld": {"token_budget": 10**9}}, "bld.token_budget (1000000000) needs 7812500 sequences"),
     ],
 )
 def test_invalid_fields_are_named_with_the_fix(data: dict, message: str) -> None:
