@@ -443,6 +443,7 @@ def _train_units(
     for step in range(start_step, steps):
         rate = lr_at(step, steps, lr=lr, warmup_steps=warmup)
         batch = train_ids[order[step * batch_size : (step + 1) * batch_size]].to(device)
+        step_losses: list[torch.Tensor] = []  # read back once per step: no GPU sync per variant
         with _autocast(device, autocast):
             with torch.no_grad():
                 hidden, ctx = runner.embed(batch)
@@ -457,9 +458,11 @@ def _train_units(
                     loss.backward()
                     t.optimizer.step()
                     t.optimizer.zero_grad(set_to_none=True)
-                    t.losses.append(float(loss.detach()))
+                    step_losses.append(loss.detach())
                 with torch.no_grad():
                     hidden = parts.hidden_out if parts is not None else runner.layer(index, hidden, ctx)
+        for t, value in zip([t for index in sorted(by_layer) for t in by_layer[index]], torch.stack(step_losses).tolist()):
+            t.losses.append(value)
         bar.update(seq_tokens)
         bar.set_postfix(nmse=f"{_mean([t.losses[-1] for t in trainers]):.4f}")
         done = step + 1

@@ -288,17 +288,21 @@ def calibrate(
                 x = layer.post_attention_layernorm(mid)
                 mlp = layer.mlp
                 inter = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+                # Sums in float64 on the model's device; moved to the CPU once at the end.
                 if need_abs:
-                    acc = inter.abs().double().sum(dim=(0, 1)).cpu()
+                    acc = inter.abs().double().sum(dim=(0, 1))
                     stats.abs_activation[index] = stats.abs_activation.get(index, 0) + acc
                 if need_lstsq:
-                    flat_x = x.reshape(-1, x.shape[-1]).double().cpu()
-                    flat_y = mlp.down_proj(inter).reshape(-1, x.shape[-1]).double().cpu()
+                    flat_x = x.reshape(-1, x.shape[-1]).double()
+                    flat_y = mlp.down_proj(inter).reshape(-1, x.shape[-1]).double()
                     stats.xtx[index] = stats.xtx.get(index, 0) + flat_x.T @ flat_x
                     stats.xty[index] = stats.xty.get(index, 0) + flat_x.T @ flat_y
             hidden = runner.layer(index, hidden, ctx)
         bar.update(batch.numel())
     bar.close()
+    for table in (stats.abs_activation, stats.xtx, stats.xty):
+        for index in table:
+            table[index] = table[index].cpu()
     return stats
 
 
