@@ -244,7 +244,7 @@ def train(
     )
     t0 = time.perf_counter()
     t_first: float | None = None  # after the first step: the steady-state rate leaves warm-up out
-    bar = tqdm(range(start, steps), desc="GKD", unit="step", disable=not dist_info.is_main, initial=start, total=steps)
+    bar = tqdm(range(start, steps), desc="GKD", unit="step", disable=None if dist_info.is_main else True, initial=start, total=steps)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, warmup, settings.lr)

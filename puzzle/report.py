@@ -79,11 +79,13 @@ def headline(metrics: dict[str, Any]) -> list[str]:
         if name == PARENT or role_of(name, row) == "baseline":
             continue
         kept, speed = row.get("accuracy_kept"), row.get("speedup")
-        if kept is None or speed is None:
-            continue
+        kept_text = (
+            f"**{kept:.1%}**" if kept is not None else "an undefined share (the parent predicts none of the held-out tokens)"
+        )
+        speed_text = f"**{speed:.2f}x**" if speed is not None else "**?x**"
         lines.append(
-            f"**{name}** keeps **{kept:.1%}** of the parent's next-token accuracy at a measured "
-            f"**{speed:.2f}x** decode throughput ({where}); KL(parent‖child) {row['kl_div']:.4f}, "
+            f"**{name}** keeps {kept_text} of the parent's next-token accuracy at a measured "
+            f"{speed_text} decode throughput ({where}); KL(parent‖child) {row['kl_div']:.4f}, "
             f"perplexity {row['perplexity']:.2f} vs the parent's {metrics['models'][PARENT]['perplexity']:.2f}."
         )
     return lines

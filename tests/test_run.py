@@ -19,7 +19,7 @@ from puzzle.config import parse_config
 from puzzle.run import PHASE_DIRS, run
 
 ROOT = Path(__file__).resolve().parents[1]
-GKD_STEPS = 30
+GKD_STEPS = 20
 UPSTREAM = ["convert", "data", "library", "bld", "scores", "costs"]
 
 
@@ -74,7 +74,7 @@ def test_run_builds_every_phase_and_exports_a_checkpoint_transformers_loads_and_
     assert result.record("gkd").summary["steps"] == GKD_STEPS
 
     model = AutoModelForCausalLM.from_pretrained(result.export_uri, trust_remote_code=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(result.export_uri)
+    tokenizer = AutoTokenizer.from_pretrained(result.export_uri, trust_remote_code=True)
     ids = tokenizer("def run(", return_tensors="pt").input_ids
     generated = model.generate(ids, max_new_tokens=6, do_sample=False)
     assert generated.shape[1] == ids.shape[1] + 6
@@ -116,7 +116,7 @@ def test_a_run_killed_during_gkd_resumes_and_ends_with_the_same_number_of_steps(
     )
     deadline = time.time() + 300
     while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+        time.sleep(0.01)
     assert proc.poll() is None, "the run ended before GKD could be killed:\n" + proc.stdout.read()[-3000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
