@@ -35,12 +35,24 @@ def read_solutions(uri: str) -> list[dict[str, Any]]:
     return solutions
 
 
+SOLUTION_KEYS = ("blocks", "choices", "architecture")
+
+
 def solution_blocks(solution: dict[str, Any], where: str) -> list[BlockConfig]:
-    """The per-layer blocks of one solution (a list of block names such as ``attn_kv1+ffn_768``)."""
-    names = solution.get("blocks")
-    if not isinstance(names, list) or not names:
-        raise RealizeError(f"{where} has no 'blocks' list (one block name per layer); re-run the search")
-    return [BlockConfig.from_name(str(name)) for name in names]
+    """The per-layer blocks of one solution: a list of block names (``attn_kv1+ffn_768``), one
+    per layer, under ``blocks`` (or ``choices``); an entry may also be ``{"block": name}``."""
+    names = next((solution[k] for k in SOLUTION_KEYS if isinstance(solution.get(k), list)), None)
+    if not names:
+        raise RealizeError(
+            f"{where} has no {' / '.join(SOLUTION_KEYS)} list (one block name per layer); re-run the search"
+        )
+    blocks = []
+    for layer, entry in enumerate(names):
+        name = entry.get("block") or entry.get("name") if isinstance(entry, dict) else entry
+        if not isinstance(name, str):
+            raise RealizeError(f"{where}: layer {layer}'s choice {entry!r} is not a block name like attn_kv1+ffn_768")
+        blocks.append(BlockConfig.from_name(name))
+    return blocks
 
 
 def pick_solution(solutions_uri: str, index: int) -> tuple[dict[str, Any], list[BlockConfig]]:
@@ -87,7 +99,7 @@ def realize(
         return {
             "num_parameters": params,
             "blocks": [b.name for b in blocks],
-            "solution": {k: v for k, v in solution.items() if k != "blocks"},
+            "solution": {k: v for k, v in solution.items() if k not in SOLUTION_KEYS},
         }
 
     return artifacts.run_phase(
