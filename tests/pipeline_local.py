@@ -13,7 +13,9 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 
 TINY_OVERRIDES = [
     "data.seq_len=32",
@@ -89,6 +91,39 @@ class LocalRun:
         return self.executor_output(task)["parameterValues"][name]
 
 
+def pretrain_tiny_parent(parent: Path, out: Path, *, steps: int = 60, seq_len: int = 32, batch: int = 8) -> Path:
+    """A copy of a tiny random parent trained briefly on standard-library text (60 steps, seconds).
+
+    A random parent predicts almost no next token right, so "accuracy kept" would be undefined
+    and the registry gate could not pass; a few dozen steps teach it the easy bytes.
+    """
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from puzzle.data import iter_documents
+
+    tokenizer = AutoTokenizer.from_pretrained(parent)
+    ids: list[int] = []
+    for document in iter_documents("stdlib", seed=1):
+        ids.extend(tokenizer(document).input_ids)
+        if len(ids) >= steps * batch * seq_len:
+            break
+    data = torch.tensor(ids[: steps * batch * seq_len]).view(steps, batch, seq_len)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(parent, dtype=torch.float32).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(steps):
+        loss = model(input_ids=data[step], labels=data[step]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    shutil.copytree(parent, out)
+    model.eval().save_pretrained(out)
+    return out
+
+
 def upload_dir(local: Path, uri: str) -> None:
     from puzzle import storage
 
@@ -99,6 +134,7 @@ def upload_dir(local: Path, uri: str) -> None:
 def run_tiny_pipeline(root: Path, parent_dir: Path, bucket: str, tracking_uri: str) -> LocalRun:
     """Upload ``parent_dir`` to S3 and run the pipeline on it; exceptions are kept, not raised."""
     from kfp import local
+    from kfp.local.orchestrator import task_executor
 
     from pipelines.parameters import pipeline_arguments
     from pipelines.puzzle_pipeline import puzzle_pipeline
@@ -122,8 +158,12 @@ def run_tiny_pipeline(root: Path, parent_dir: Path, bucket: str, tracking_uri: s
         raise_on_error=True,
     )
     error: BaseException | None = None
-    with warnings.catch_warnings():
+    # kfp.local honours the GPU steps' retry policy, backoff included (1, 2, 4 min): here a failure
+    # should surface at once, so the executor's backoff sleep is skipped (the retries still run).
+    no_backoff = SimpleNamespace(sleep=lambda _seconds: None)
+    with warnings.catch_warnings(), mock.patch.object(task_executor, "time", no_backoff):
         warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*", category=UserWarning)
         try:
             puzzle_pipeline(**arguments)
         except Exception as exc:  # noqa: BLE001 - the tests report it with the task logs

@@ -20,8 +20,25 @@ def compare_baselines(
     report: Output[HTML],
     gkd: bool = True,
     objective: str = "kl_div",
-    gkd_settings: dict = {},  # noqa: B006 - KFP reads defaults from the signature
-    evaluate_settings: dict = {},  # noqa: B006
+    gkd_token_budget: int = 16384,
+    gkd_batch_size: int = 8,
+    gkd_lr: float = 1e-4,
+    gkd_warmup_fraction: float = 0.05,
+    gkd_weight_cosine: float = 1.0,
+    gkd_weight_kl: float = 1.0,
+    gkd_weight_lm: float = 0.0,
+    gkd_checkpoint_every: int = 50,
+    gkd_grad_checkpointing: bool = False,
+    gkd_seed: int = 0,
+    gkd_device: str = "auto",
+    evaluate_split: str = "eval",
+    evaluate_batch_size: int = 8,
+    workload_batch_size: int = 1,
+    workload_prompt_len: int = 64,
+    workload_gen_len: int = 64,
+    evaluate_repeats: int = 3,
+    evaluate_device: str = "auto",
+    lm_eval_tasks: list = [],  # noqa: B006 - KFP reads defaults from the signature
     tracking_uri: str = "",
     experiment: str = "",
     kfp_run_id: str = "",
@@ -46,8 +63,25 @@ def compare_baselines(
         report: its HTML report.
         gkd: give each baseline the Puzzle child's GKD budget.
         objective: the score column the baselines optimise.
-        gkd_settings: keyword arguments of puzzle.distill.distill (token_budget, batch_size, lr, ...).
-        evaluate_settings: keyword arguments of puzzle.evaluate.evaluate (split, batch_size, workload, ...).
+        gkd_token_budget: GKD training tokens per baseline (the Puzzle child's budget).
+        gkd_batch_size: GKD batch in sequences.
+        gkd_lr: GKD peak learning rate.
+        gkd_warmup_fraction: share of GKD steps for the warm-up.
+        gkd_weight_cosine: weight of the per-layer cosine loss.
+        gkd_weight_kl: weight of KL(parent || child).
+        gkd_weight_lm: weight of the LM loss.
+        gkd_checkpoint_every: steps between GKD checkpoints.
+        gkd_grad_checkpointing: recompute activations to save memory.
+        gkd_seed: GKD data order seed.
+        gkd_device: auto, cpu, cuda, cuda:N.
+        evaluate_split: the held-out split.
+        evaluate_batch_size: sequences per forward pass.
+        workload_batch_size: batch of the speed measurement.
+        workload_prompt_len: prompt tokens of the speed measurement.
+        workload_gen_len: generated tokens of the speed measurement.
+        evaluate_repeats: speed measurement repeats (median).
+        evaluate_device: auto, cpu, cuda, cuda:N.
+        lm_eval_tasks: lm-evaluation-harness tasks.
         tracking_uri: MLflow tracking URI (empty: MLFLOW_TRACKING_URI, else no tracking).
         experiment: MLflow experiment.
         kfp_run_id: the KFP run id (the MLflow run is tagged with it).
@@ -73,21 +107,23 @@ def compare_baselines(
         realize(library.path, solutions, final, solution_index=0, parent_child=parent.path)
         if gkd:
             distilled = str(work / method / "distilled")
-            # Pipeline dicts travel as JSON structs, whose numbers are floats.
-            counts = ("token_budget", "batch_size", "checkpoint_every", "seed")
-            distill(final, parent.path, tokens.path, distilled,
-                    **{k: int(v) if k in counts else v for k, v in gkd_settings.items()})
+            distill(
+                final, parent.path, tokens.path, distilled, token_budget=int(gkd_token_budget),
+                batch_size=int(gkd_batch_size), lr=float(gkd_lr), warmup_fraction=float(gkd_warmup_fraction),
+                weight_cosine=float(gkd_weight_cosine), weight_kl=float(gkd_weight_kl), weight_lm=float(gkd_weight_lm),
+                checkpoint_every=int(gkd_checkpoint_every), grad_checkpointing=bool(gkd_grad_checkpointing),
+                seed=int(gkd_seed), device=gkd_device,
+            )
             final = distilled
         children[method] = final
         details[method] = {"role": "baseline", "method": method}
-    settings = dict(evaluate_settings)
-    if "workload" in settings:
-        settings["workload"] = {k: int(v) for k, v in settings["workload"].items()}
-    for key in ("batch_size", "repeats"):
-        if key in settings:
-            settings[key] = int(settings[key])
-    manifest = evaluate(children, parent.path, tokens.path, _runtime.out_path(comparison), details=details,
-                        primary="puzzle", **settings)
+    workload = {"batch_size": int(workload_batch_size), "prompt_len": int(workload_prompt_len),
+                "gen_len": int(workload_gen_len)}
+    manifest = evaluate(
+        children, parent.path, tokens.path, _runtime.out_path(comparison), split=evaluate_split,
+        batch_size=int(evaluate_batch_size), workload=workload, device=evaluate_device, repeats=int(evaluate_repeats),
+        lm_eval_tasks=[str(t) for t in lm_eval_tasks], details=details, primary="puzzle",
+    )
     shutil.copyfile(Path(comparison.path) / "report.html", _runtime.out_path(report))
     shutil.rmtree(work, ignore_errors=True)
     _runtime.describe(comparison, manifest, methods=",".join(str(m) for m in methods))
