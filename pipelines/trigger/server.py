@@ -23,6 +23,9 @@ def _handler_for(service: TriggerService) -> type[BaseHTTPRequestHandler]:
         sys_version = ""
         protocol_version = "HTTP/1.1"
         timeout = READ_TIMEOUT_S  # a client that stalls mid-body is dropped
+        # Headers and body go out in separate writes: without TCP_NODELAY, Nagle's algorithm and
+        # the client's delayed ACK add ~40 ms to every response on a kept-alive connection.
+        disable_nagle_algorithm = True
 
         def _send(self, response: Response, *, close: bool = False) -> None:
             body = json.dumps(response.body).encode()
