@@ -9,12 +9,14 @@ pieces, so that running every piece in order gives the model's own logits bit fo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from puzzle import artifacts, storage
 from puzzle.modeling import BlockConfig, DeciLMConfig, DeciLMForCausalLM
 from puzzle.modeling.modeling_decilm import DeciLMDecoderLayer
 
@@ -112,3 +114,19 @@ def build_layer(
         )
     layer.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
     return layer
+
+
+def child_config(child: str) -> DeciLMConfig:
+    """The config of a child artifact, checked to be one, without hashing its weights when local."""
+    if storage.is_s3(child):
+        return DeciLMConfig.from_pretrained(artifacts.materialize(child, "child"))
+    artifacts.require_manifest(child, "child")
+    return DeciLMConfig.from_pretrained(child)
+
+
+def load_verified_child(local: Path, *, dtype: str, device: Any) -> DeciLMForCausalLM:
+    """Load a child from a directory :func:`puzzle.artifacts.run_phase` has already verified."""
+    from puzzle.child import parse_dtype
+
+    model = DeciLMForCausalLM.from_pretrained(local, config=DeciLMConfig.from_pretrained(local), dtype=parse_dtype(dtype))
+    return model.to(device).eval()

@@ -39,7 +39,15 @@ import torch
 from tqdm.auto import tqdm
 
 from puzzle import artifacts
-from puzzle.activations import LayerContext, LayerRunner, SubBlockOutputs, build_layer, sub_blocks
+from puzzle.activations import (
+    LayerContext,
+    LayerRunner,
+    SubBlockOutputs,
+    build_layer,
+    child_config,
+    load_verified_child,
+    sub_blocks,
+)
 from puzzle.artifacts import Manifest
 from puzzle.errors import PuzzleError
 from puzzle.library import LIBRARY_FILE, LIBRARY_KIND, Library, LibraryError, block_state, layer_file
@@ -326,8 +334,7 @@ def train(
     if val_sequences < 1:
         raise BLDError(f"bld.val_sequences must be >= 1, got {val_sequences}")
     lib = Library.open(library)
-    child_config = DeciLMConfig.from_pretrained(artifacts.materialize(child, "child"))
-    lib.check_parent(child_config, artifacts.fingerprint(child))
+    lib.check_parent(child_config(child), artifacts.fingerprint(child))
     units = plan_units(lib, layers=layers, variants=variants, coupled=coupled, shard=shard)
     info = read_splits(tokens)
     if split not in info["splits"]:
@@ -398,13 +405,12 @@ def _train_units(
     checkpoint: Path,
     checkpoint_every: int, device: torch.device, autocast: bool, on_step: Callable[[int], None] | None,
 ) -> _Result:
-    from puzzle.child import load_child
     from puzzle.data import load_split
 
     if not units:
         return _Result({}, 0.0, 0)
     parent_dtype = "bfloat16" if device.type == "cuda" and autocast else "float32"
-    model = load_child(child, dtype=parent_dtype, device=device)
+    model = load_verified_child(Path(child), dtype=parent_dtype, device=device)
     model.requires_grad_(False)
     runner = LayerRunner(model)
     ids = load_split(tokens, split)

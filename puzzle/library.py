@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from puzzle import artifacts
-from puzzle.activations import LayerRunner, sub_blocks
+from puzzle.activations import LayerRunner, child_config, load_verified_child, sub_blocks
 from puzzle.artifacts import Manifest
 from puzzle.errors import PuzzleError
 from puzzle.modeling import AttentionConfig, BlockConfig, DeciLMConfig, DeciLMForCausalLM, FFNConfig
@@ -453,13 +453,6 @@ class Library:
             )
 
 
-def _read_child_config(child: str) -> tuple[Path, DeciLMConfig]:
-    from puzzle.child import child_dir
-
-    local = child_dir(child)
-    return local, DeciLMConfig.from_pretrained(local)
-
-
 def plan_layers(config: DeciLMConfig, space: SearchSpace, layers: list[int] | None) -> dict[int, list[str]]:
     """Variant names per layer for a parent; every error is raised here, before any weights load."""
     blocks = parent_blocks(config)
@@ -493,6 +486,7 @@ def build_library(
     layers: list[int] | None = None,
     ffn_init: str = "channel_contribution",
     calibration_split: str = "calibration",
+    calibration_sequences: int | None = None,
     batch_size: int = 8,
     seed: int = 0,
     device: str | None = None,
@@ -508,6 +502,7 @@ def build_library(
         layers: only these layers (default: all).
         ffn_init: ``"channel_contribution"`` (the method) or ``"random"`` (same number of random
             channels, seeded; a baseline for comparisons).
+        calibration_sequences: use only the split's first N sequences (default: all).
         batch_size: calibration sequences per forward pass.
         seed: for ``ffn_init="random"``.
         device: where the parent runs (default: CUDA when available, else CPU).
@@ -516,7 +511,7 @@ def build_library(
 
     if ffn_init not in FFN_INITS:
         raise SearchSpaceError(f"ffn_init must be one of {FFN_INITS}, got {ffn_init!r}")
-    _, config = _read_child_config(child)
+    config = child_config(child)
     plan = plan_layers(config, space, layers)
     splits = read_splits(tokens)["splits"]
     if calibration_split not in splits:
@@ -526,24 +521,23 @@ def build_library(
         )
     parameters = {
         "space": space.to_json(), "layers": sorted(plan), "ffn_init": ffn_init, "calibration_split": calibration_split,
-        "batch_size": batch_size, "seed": seed,
+        "calibration_sequences": calibration_sequences, "batch_size": batch_size, "seed": seed,
     }
 
     def body(staging: Path, local: dict[str, Path]) -> dict[str, Any]:
         from safetensors.torch import save_file
 
-        from puzzle.child import load_child
         from puzzle.data import load_split
 
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = load_child(str(local["child"]), dtype="float32", device=dev)
+        model = load_verified_child(local["child"], dtype="float32", device=dev)
         blocks = config.blocks
         need_linear = any("ffn_linear" in names for names in plan.values())
         need_rank = ffn_init == "channel_contribution" and any(
             n.startswith("ffn_") and n[4:].isdigit() and int(n[4:]) < blocks[i].ffn.intermediate_size
             for i, names in plan.items() for n in names
         )
-        ids = load_split(str(local["tokens"]), calibration_split)
+        ids = load_split(str(local["tokens"]), calibration_split)[:calibration_sequences]
         stats = _Calibration(tokens=0)
         if need_rank or need_linear:
             stats = calibrate(model, ids, sorted(plan), batch_size=batch_size, need_abs=need_rank, need_lstsq=need_linear)

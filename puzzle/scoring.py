@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from puzzle import artifacts
-from puzzle.activations import LayerContext, LayerRunner, build_layer
+from puzzle.activations import LayerContext, LayerRunner, build_layer, child_config, load_verified_child
 from puzzle.artifacts import Manifest
 from puzzle.bld import parse_shard
 from puzzle.errors import PuzzleError
@@ -181,13 +181,15 @@ def score_rows(
     runner = LayerRunner(model)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
+    first = min((row.layer for row in rows), default=0)
     chunks: list[_ParentChunk] = []
-    hidden: list[torch.Tensor] = []
+    hidden: list[torch.Tensor] = []  # the parent's hidden states entering the layer being scored
     for start in range(0, input_ids.shape[0], batch_size):
         ids = input_ids[start : start + batch_size].to(device)
         h, ctx = runner.embed(ids)
+        h = runner.run(h, ctx, 0, first)
         hidden.append(h)
-        final, logits = runner.head(runner.run(h, ctx, 0))
+        final, logits = runner.head(runner.run(h, ctx, first))
         log_p = F.log_softmax(logits[:, :-1].float(), dim=-1)
         probs = log_p.exp()
         neg_entropy = torch.linalg.vecdot(probs, log_p)
@@ -200,7 +202,7 @@ def score_rows(
     bar = tqdm(total=len(rows) * tokens_per_row, desc=f"scoring ({len(rows)} blocks)", unit="tok", unit_scale=True,
                leave=False)
     out: list[dict[str, Any]] = []
-    current = 0
+    current = first
     for layer in sorted(by_layer):
         # Advance the cached parent hidden states to this layer's input.
         for i, chunk in enumerate(chunks):
@@ -259,8 +261,7 @@ def score(
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ScoringError(f"scoring.batch_size must be a positive integer, got {batch_size!r}")
     lib = Library.open(library)
-    child_config = DeciLMConfig.from_pretrained(artifacts.materialize(child, "child"))
-    lib.check_parent(child_config, artifacts.fingerprint(child))
+    lib.check_parent(child_config(child), artifacts.fingerprint(child))
     rows = plan_rows(lib, mode=mode, layers=layers, shard=shard)
     splits = read_splits(tokens)["splits"]
     if split not in splits:
@@ -269,10 +270,9 @@ def score(
                   "batch_size": batch_size, "max_sequences": max_sequences, "dtype": dtype}
 
     def body(staging: Path, local: dict[str, Path]) -> dict[str, Any]:
-        from puzzle.child import load_child
         from puzzle.data import load_split
 
-        model = load_child(str(local["child"]), dtype=dtype or "float32", device=_resolve_device(device))
+        model = load_verified_child(local["child"], dtype=dtype or "float32", device=_resolve_device(device))
         ids = load_split(str(local["tokens"]), split)
         if max_sequences is not None:
             ids = ids[:max_sequences]

@@ -120,7 +120,8 @@ def test_cli_scores_and_merges(tiny: dict[str, str], tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_smollm2_scores_parent_zero_and_noop_positive(smollm2_child: Path, smollm2_tokens: Path, tmp_path: Path) -> None:
     """The real parent's last layer with the default search space, on 4 held-out sequences."""
-    build_library(str(smollm2_child), str(smollm2_tokens), str(tmp_path / "lib"), space=SearchSpace(), layers=[29])
+    build_library(str(smollm2_child), str(smollm2_tokens), str(tmp_path / "lib"), space=SearchSpace(), layers=[29],
+                  calibration_sequences=4)
     score(str(tmp_path / "lib"), str(smollm2_child), str(smollm2_tokens), str(tmp_path / "scores"), max_sequences=4)
     rows = {r["block"]: r for r in read_scores(str(tmp_path / "scores"))["rows"]}
     attention = ["attn_kv3", "attn_kv1", "attn_linear", "attn_noop"]

@@ -47,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--ffn-init", choices=("channel_contribution", "random"), default="channel_contribution",
                        help="how narrower FFNs pick channels (random: a baseline)")
     build.add_argument("--calibration-split", default="calibration", help="split of --tokens to calibrate on")
+    build.add_argument("--calibration-sequences", type=int, default=None,
+                       help="use only the calibration split's first N sequences (default: all)")
     build.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass")
     build.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     build.set_defaults(func=run_build)
@@ -71,7 +73,8 @@ def run_build(args: argparse.Namespace) -> int:
     )
     manifest = build_library(
         args.child, args.tokens, args.out, space=space, layers=args.layers, ffn_init=args.ffn_init,
-        calibration_split=args.calibration_split, batch_size=args.batch_size, device=args.device,
+        calibration_split=args.calibration_split, calibration_sequences=args.calibration_sequences,
+        batch_size=args.batch_size, device=args.device,
     )
     print(json.dumps({"out": args.out, **manifest.summary}, indent=2))
     return 0
