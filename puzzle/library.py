@@ -592,7 +592,9 @@ def build_library(
         }
         (staging / LIBRARY_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         log.info("library: %d variants over %d layers, calibrated on %d tokens", total, len(plan), stats.tokens)
-        return {"layers": len(plan), "variants": total, "calibration_tokens": stats.tokens, "trained": False}
+        names = sorted({n for variants in plan.values() for n in variants})
+        return {"layers": len(plan), "variants": total, "variant_names": names, "calibration_tokens": stats.tokens,
+                "trained": False}
 
     return artifacts.run_phase(
         LIBRARY_KIND, out, {"child": child, "tokens": tokens}, parameters, body,
