@@ -435,9 +435,9 @@ def _log_costs(run: PipelineRun, local: Path, run_id: str) -> None:
         elif value is not None and not isinstance(value, list | dict):
             params[key] = value
     run.log_params(params, run_id=run_id)
-    rows = _row_list(data, ("costs", "blocks", "entries", "rows", "subblocks"))
+    rows = _row_list(data, ("rows", "costs", "entries"))
     hardware = data.get("hardware") if isinstance(data.get("hardware"), Mapping) else {}
-    name = str(hardware.get("name") or hardware.get("gpu") or hardware.get("device") or "target")
+    name = str(hardware.get("device_name") or hardware.get("name") or hardware.get("device") or "target")
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
     run.log_table(rows, f"tables/costs_{safe}.json", run_id)
     run.log_metrics({"num_cost_entries": len(rows)}, run_id=run_id)
@@ -446,7 +446,7 @@ def _log_costs(run: PipelineRun, local: Path, run_id: str) -> None:
 def _solution_row(index: int, solution: Mapping[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"solution": index}
     for key, value in solution.items():
-        if key in ("choices", "blocks", "architecture") and isinstance(value, list):
+        if key in ("blocks", "choices", "architecture") and isinstance(value, list):
             row[key] = " | ".join(v if isinstance(v, str) else json.dumps(v, sort_keys=True) for v in value)
         else:
             row[key] = value
@@ -456,7 +456,11 @@ def _solution_row(index: int, solution: Mapping[str, Any]) -> dict[str, Any]:
 def _log_solutions(run: PipelineRun, local: Path, run_id: str) -> None:
     data = _read_json(local / "solutions.json")
     solutions = _row_list(data, ("solutions",))
-    run.log_table([_solution_row(i, s) for i, s in enumerate(solutions)], "tables/solutions.json", run_id)
+    rows = [_solution_row(i, s) for i, s in enumerate(solutions)]
+    if isinstance(data, Mapping) and isinstance(data.get("parent"), Mapping):
+        # The parent's own architecture, priced the same way: the row every solution compares to.
+        rows.append({**_solution_row(-1, data["parent"]), "solution": "parent"})
+    run.log_table(rows, "tables/solutions.json", run_id)
     if (local / "pareto.csv").is_file():
         run.log_table(read_csv_rows(local / "pareto.csv"), "tables/pareto.json", run_id)
     run.log_metrics({"num_solutions": len(solutions)}, run_id=run_id)
