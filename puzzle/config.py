@@ -60,77 +60,19 @@ def _fraction(path: str, value: float, *, open_low: bool = True) -> None:
 
 # --------------------------------------------------------------------------- constraints
 
-CONSTRAINT_METRICS: dict[str, str] = {
-    "throughput": ">=",  # generated tokens per second: a lower bound
-    "latency": "<=",  # seconds per request: an upper bound
-    "memory": "<=",  # bytes (parameters + KV cache): an upper bound
-    "parameters": "<=",  # parameter count: an upper bound
-}
-_UNITS = {
-    "": 1.0,
-    "k": 1e3,
-    "m": 1e6,
-    "b": 1e9,
-    "kb": 1e3,
-    "mb": 1e6,
-    "gb": 1e9,
-    "kib": 2.0**10,
-    "mib": 2.0**20,
-    "gib": 2.0**30,
-    "ms": 1e-3,
-    "s": 1.0,
-}
-_CONSTRAINT_RE = re.compile(
-    r"^\s*(?P<metric>[a-z_]+)\s*(?P<op><=|>=)\s*(?P<value>[0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(?P<unit>[a-z]*)\s*$",
-    re.IGNORECASE,
-)
 
+def parse_constraint(text: Any, path: str) -> Any:
+    """A search constraint (``throughput>=1.5x``, ``memory<=2GiB``, ...) parsed by the search
+    itself (:class:`puzzle.search.Constraint`), so that the config accepts exactly what the search
+    does; errors name the field."""
+    from puzzle.search import Constraint, SearchError
 
-@dataclass(frozen=True, kw_only=True)
-class Constraint:
-    """One search constraint, e.g. ``throughput>=1.5x`` (relative to the parent) or ``memory<=2GiB``.
-
-    ``relative`` constraints are multiples of the parent's own measured value on the same
-    hardware and workload; absolute ones are in tokens/s, seconds, bytes or parameters.
-    """
-
-    metric: str
-    op: str
-    value: float
-    relative: bool
-    text: str
-
-    @classmethod
-    def parse(cls, text: str, path: str = "constraint") -> Constraint:
-        if not isinstance(text, str):
-            _fail(path, f"must be a string like 'throughput>=1.5x', got {text!r}")
-        match = _CONSTRAINT_RE.match(text)
-        if match is None:
-            _fail(
-                path,
-                f"{text!r} is not a constraint: write '<metric><op><value>[x|unit]', e.g. 'throughput>=1.5x', "
-                f"'memory<=2GiB', 'parameters<=100M', 'latency<=20ms'; metrics: {', '.join(CONSTRAINT_METRICS)}",
-            )
-        metric = match["metric"].lower()
-        if metric not in CONSTRAINT_METRICS:
-            _fail(path, f"has unknown metric {metric!r}; use one of {', '.join(CONSTRAINT_METRICS)}")
-        op = match["op"]
-        if op != CONSTRAINT_METRICS[metric]:
-            bound = "lower" if CONSTRAINT_METRICS[metric] == ">=" else "upper"
-            _fail(path, f"{text!r}: {metric} takes a {bound} bound; write '{metric}{CONSTRAINT_METRICS[metric]}...'")
-        unit = match["unit"].lower()
-        value = float(match["value"])
-        relative = unit == "x"
-        if not relative:
-            if unit not in _UNITS:
-                _fail(path, f"{text!r} has unknown unit {unit!r}; use 'x' (times the parent) or one of {sorted(_UNITS)}")
-            value *= _UNITS[unit]
-        if value <= 0:
-            _fail(path, f"{text!r} can never be met: the bound must be > 0")
-        return cls(metric=metric, op=op, value=value, relative=relative, text=text.strip())
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    if not isinstance(text, str):
+        _fail(path, f"must be a string like 'throughput>=1.5x', got {text!r}")
+    try:
+        return Constraint.parse(text)
+    except SearchError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- sections
@@ -298,7 +240,7 @@ class SearchConfig:
             _fail(f"{path}.objective", f"must be one of {', '.join(SCORE_METRICS)}, got {self.objective!r}")
         if not self.constraints:
             _fail(f"{path}.constraints", "must list at least one constraint, e.g. 'throughput>=1.5x'")
-        parsed = [Constraint.parse(text, f"{path}.constraints[{i}]") for i, text in enumerate(self.constraints)]
+        parsed = [parse_constraint(text, f"{path}.constraints[{i}]") for i, text in enumerate(self.constraints)]
         seen: dict[tuple[str, bool], int] = {}
         for i, c in enumerate(parsed):
             key = (c.metric, c.relative)
@@ -306,12 +248,14 @@ class SearchConfig:
                 _fail(f"{path}.constraints[{i}]", f"repeats a {c.metric} bound (also constraints[{seen[key]}]); keep one")
             seen[key] = i
         _positive(f"{path}.num_solutions", self.num_solutions)
-        _fraction(f"{path}.alpha", self.alpha, open_low=False)
+        if not 0 < self.alpha < 1:
+            _fail(f"{path}.alpha", f"must be in (0, 1), got {self.alpha}")
         _positive(f"{path}.time_limit_s", self.time_limit_s)
 
     @property
-    def parsed_constraints(self) -> list[Constraint]:
-        return [Constraint.parse(text) for text in self.constraints]
+    def parsed_constraints(self) -> list[Any]:
+        """The constraints as :class:`puzzle.search.Constraint` objects."""
+        return [parse_constraint(text, f"search.constraints[{i}]") for i, text in enumerate(self.constraints)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -527,11 +471,11 @@ class RunConfig:
                     f"{c.text!r} is infeasible: search_space holds only the parent's blocks, so no child is "
                     "faster than the parent; allow fewer kv_heads, ffn_fractions < 1, linear or no-op variants",
                 )
-            if c.metric in ("memory", "parameters") and c.value < 1.0 and only_parent:
+            if c.metric in ("memory", "params") and c.value < 1.0 and only_parent:
                 _fail(where, f"{c.text!r} is infeasible: search_space holds only the parent's blocks")
             if c.metric == "latency" and c.value < 1.0 and only_parent:
                 _fail(where, f"{c.text!r} is infeasible: search_space holds only the parent's blocks")
-            if c.metric == "parameters" and c.value < 0.01:
+            if c.metric == "params" and c.value < 0.01:
                 _fail(where, f"{c.text!r} is infeasible: embeddings alone exceed 1% of any parent's parameters")
 
     # ------------------------------------------------------------------ helpers

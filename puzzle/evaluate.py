@@ -162,6 +162,9 @@ def speed_metrics(model: torch.nn.Module, workload: Workload, *, device: str, re
         "parameters": params,
         "memory_bytes": params * dtype.itemsize + kv_cache_bytes(model.config, workload, dtype.itemsize),
     }
+    if result.get("parameter_bytes") is not None and result.get("kv_cache_bytes") is not None:
+        # What the engine held at the workload, in its own dtype (bf16 on CUDA).
+        out["memory_bytes"] = int(result["parameter_bytes"]) + int(result["kv_cache_bytes"])
     for key in ("prefill_s", "decode_s", "total_s", "peak_memory_bytes", "device_name"):
         if result.get(key) is not None:
             out[key] = result[key]

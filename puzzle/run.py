@@ -267,7 +267,7 @@ class Runner:
             ["scores", "costs"],
             lambda: search.search(
                 scores, costs, out, objective=s.objective, constraints=list(s.constraints),
-                num_solutions=s.num_solutions, alpha=s.alpha, time_limit_s=s.time_limit_s,
+                num_solutions=s.num_solutions, diversity_alpha=s.alpha, time_limit=s.time_limit_s,
             ),
         )
         return out
