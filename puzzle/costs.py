@@ -1,0 +1,721 @@
+"""Hardware cost tables (DESIGN §3.5): measured latency and memory of every sub-block variant.
+
+Puzzle is hardware-aware: the search needs, for every variant a layer could take, what it costs
+on the GPU the child will be served on, at the workload it will serve. :func:`measure` writes a
+``costs`` artifact with, for each distinct sub-block of a block library (all layers share
+shapes, so each name is measured once) and for the embeddings + final norm + LM head (the
+``embeddings_lm_head`` entry, also under ``fixed``), at every batch size:
+
+* ``prefill_ms``: latency of the prefill of ``prompt_len`` tokens per sequence;
+* ``decode_ms``: latency of one decode step, averaged over the workload's ``gen_len - 1``
+  steps (attention reads a context that grows from ``prompt_len + 1`` to
+  ``prompt_len + gen_len - 1``; measured at the first and last step and interpolated, the
+  cost being linear in the cache length read);
+* ``runtime_ms`` = ``prefill_ms + (gen_len - 1) x decode_ms``: the sub-block's share of one
+  batch's end-to-end time (the prefill yields the first generated token);
+* ``params``, ``weight_bytes``, ``kv_bytes_per_token`` (KV heads x head dim x 2 x bytes) and
+  ``memory_bytes`` = weights + KV cache at that batch (batch x (prompt_len + gen_len) x
+  ``kv_bytes_per_token``).
+
+How a sub-block is measured (backend ``torch``, :mod:`puzzle.engine`): a model made of N copies
+of that sub-block alone (random weights of the real shapes; N large enough that the copies'
+weights do not fit in the GPU's L2 cache, as in the real model) runs in the same engine loop as
+whole models (static KV cache, CUDA graphs, bf16); its time minus the time of the model with no
+layers (embeddings, norm, LM head, sampling), divided by N, is the sub-block's time. The sum of
+the table's entries for a child's blocks plus the fixed part therefore predicts the child's
+measured time in that loop, which :func:`calibrate` checks on realized children. No-op
+sub-blocks have no module and launch no kernel: their time is exactly zero.
+
+``costs.json`` records the hardware identity (device name, driver, torch, CUDA, dtype, backend,
+host); :func:`check_same_hardware` refuses to mix tables (or a table and this machine) that
+differ in any of device type, device name, driver, torch, dtype or backend. ``costs.csv`` holds
+the same figures flat, one row per (sub-block, batch size).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import random
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
+from tqdm import tqdm
+
+from puzzle import artifacts, engine, storage
+from puzzle.errors import PuzzleError
+from puzzle.modeling import AttentionConfig, BlockConfig, BlockConfigError, DeciLMConfig, FFNConfig
+
+log = logging.getLogger(__name__)
+
+COSTS_KIND = "costs"
+COSTS_FILE = "costs.json"
+COSTS_CSV = "costs.csv"
+COSTS_FORMAT = "puzzle-costs"
+FORMAT_VERSION = 1
+FIXED = "embeddings_lm_head"
+IDENTITY_KEYS = ("device_type", "device_name", "driver", "torch", "dtype", "backend")
+"""Hardware fields that must agree for two cost measurements to be comparable."""
+
+CSV_COLUMNS = ("subblock", "kind", "batch_size", "params", "weight_bytes", "kv_bytes_per_token", "prefill_ms",
+               "decode_ms", "runtime_ms", "memory_bytes", "memory_mib")
+
+
+class CostsError(PuzzleError, ValueError):
+    """A cost table cannot be measured, read or used as asked; the message names the fix."""
+
+
+# --------------------------------------------------------------------------- workload
+
+
+@dataclass(frozen=True, kw_only=True)
+class Workload:
+    """The serving workload costs are measured for."""
+
+    batch_sizes: tuple[int, ...]
+    prompt_len: int
+    gen_len: int
+
+    def check(self) -> None:
+        if not self.batch_sizes:
+            raise CostsError("batch_sizes must list at least one batch size, e.g. [1, 16, 64]")
+        for b in self.batch_sizes:
+            if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
+                raise CostsError(f"batch_sizes must be positive integers, got {b!r} in {list(self.batch_sizes)}")
+        for name in ("prompt_len", "gen_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise CostsError(f"{name} must be a positive integer, got {value!r}")
+
+    @property
+    def contexts(self) -> list[int]:
+        return engine.decode_contexts(self.prompt_len, self.gen_len)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"batch_sizes": list(self.batch_sizes), "prompt_len": self.prompt_len, "gen_len": self.gen_len,
+                "decode_steps": self.gen_len - 1}
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def subblock_kind(name: str) -> str:
+    if name == FIXED:
+        return "fixed"
+    if name.startswith("attn_"):
+        return "attention"
+    if name.startswith("ffn_"):
+        return "ffn"
+    raise CostsError(f"{name!r} is not a sub-block name (attn_kv<N>, attn_linear, attn_noop, ffn_<W>, ffn_linear, "
+                     "ffn_noop)")
+
+
+def subblock_as_block(name: str) -> BlockConfig:
+    """The layer holding only this sub-block (the other side a no-op)."""
+    try:
+        if subblock_kind(name) == "attention":
+            return BlockConfig(attention=AttentionConfig.from_name(name), ffn=FFNConfig(no_op=True))
+        return BlockConfig(attention=AttentionConfig(no_op=True), ffn=FFNConfig.from_name(name))
+    except BlockConfigError as exc:
+        raise CostsError(str(exc)) from None
+
+
+def subblock_params(config: DeciLMConfig, name: str) -> int:
+    """Parameters of a sub-block (its norm included), counted on a weightless copy."""
+    from puzzle.modeling.modeling_decilm import DeciLMDecoderLayer
+
+    block = subblock_as_block(name)
+    try:
+        block.attention.validate_for(config.num_attention_heads)
+    except BlockConfigError as exc:
+        raise CostsError(f"sub-block {name}: {exc}") from None
+    with torch.device("meta"):
+        layer = DeciLMDecoderLayer(config, block, 0)
+    return sum(p.numel() for p in layer.parameters())
+
+
+def fixed_params(config: DeciLMConfig) -> int:
+    """Embeddings + final norm + LM head (one matrix when tied)."""
+    vocab, hidden = config.vocab_size, config.hidden_size
+    return vocab * hidden * (1 if config.tie_word_embeddings else 2) + hidden
+
+
+def kv_bytes_per_token(config: DeciLMConfig, name: str, dtype_bytes: int) -> int:
+    if name.startswith("attn_kv"):
+        kv = AttentionConfig.from_name(name).num_kv_heads or 0
+        return kv * config.head_dim * 2 * dtype_bytes
+    return 0
+
+
+def config_to_json(config: DeciLMConfig) -> dict[str, Any]:
+    return json.loads(config.to_json_string(use_diff=False))
+
+
+def config_from_json(data: Mapping[str, Any]) -> DeciLMConfig:
+    data = dict(data)
+    for key in ("model_type", "transformers_version", "architectures", "auto_map"):
+        data.pop(key, None)
+    return DeciLMConfig(**data)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class CostBackend(Protocol):
+    """How sub-blocks and whole models are timed on this machine (milliseconds per batch size)."""
+
+    name: ClassVar[str]
+
+    def hardware(self) -> dict[str, Any]: ...
+
+    def measure_fixed(self, config: DeciLMConfig, workload: Workload) -> dict[int, dict[str, float]]: ...
+
+    def measure_subblock(self, config: DeciLMConfig, name: str, workload: Workload) -> dict[int, dict[str, float]]: ...
+
+    def measure_model(self, config: DeciLMConfig, workload: Workload, *, seed: int = 0) -> dict[int, dict[str, Any]]: ...
+
+
+class TorchBackend:
+    """The project's own loop (:mod:`puzzle.engine`): static KV cache, CUDA graphs on GPU."""
+
+    name: ClassVar[str] = "torch"
+
+    def __init__(self, *, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = None,
+                 repeats: int = 3, stack_layers: int | None = None, seed: int = 0) -> None:
+        if not isinstance(repeats, int) or repeats <= 0:
+            raise CostsError(f"repeats must be a positive integer, got {repeats!r}")
+        if stack_layers is not None and stack_layers <= 0:
+            raise CostsError(f"stack_layers must be a positive integer, got {stack_layers!r}")
+        self.device = engine.resolve_device(device)
+        self.dtype = engine.default_dtype(self.device, dtype)
+        self.repeats = repeats
+        self.seed = seed
+        self._stack_layers = stack_layers
+        gpu = self.device.type == "cuda"
+        self.decode_iters = 10 if gpu else 1
+        self.prefill_iters = 3 if gpu else 1
+        self._fixed: engine.EngineWeights | None = None
+        self._fixed_key: str | None = None
+        self._hardware: dict[str, Any] | None = None
+        self._base_cache: dict[tuple[str, Workload], dict[int, dict[str, float]]] = {}
+
+    def hardware(self) -> dict[str, Any]:
+        if self._hardware is None:
+            self._hardware = engine.hardware_identity(self.device, self.dtype, self.name)
+        return dict(self._hardware)
+
+    def stack_layers(self, weight_bytes: int) -> int:
+        """How many copies of a sub-block to time together."""
+        if self._stack_layers is not None:
+            return self._stack_layers
+        if self.device.type != "cuda":
+            return 2
+        l2 = int(getattr(torch.cuda.get_device_properties(self.device), "L2_cache_size", 50 * 2**20))
+        return int(min(128, max(8, math.ceil(4 * l2 / max(1, weight_bytes)))))
+
+    def _fixed_weights(self, config: DeciLMConfig) -> tuple[engine.EngineWeights, str]:
+        """The model without layers for this parent shape (made once, shared by every stack)."""
+        shape = config_to_json(config)
+        shape.pop("block_configs", None)
+        shape.pop("num_hidden_layers", None)
+        key = json.dumps(shape, sort_keys=True)
+        if self._fixed is None or self._fixed_key != key:
+            from puzzle.child import child_config_like
+
+            self._fixed = engine.EngineWeights.random(child_config_like(config, []), device=self.device,
+                                                      dtype=self.dtype, seed=self.seed)
+            self._fixed_key = key
+        return self._fixed, key
+
+    def _time(self, weights: engine.EngineWeights, workload: Workload) -> dict[int, dict[str, float]]:
+        """Median prefill seconds and mean decode-step seconds over the workload, per batch size."""
+        out: dict[int, dict[str, float]] = {}
+        contexts = workload.contexts
+        for batch in workload.batch_sizes:
+            session = engine.Session(weights, batch_size=batch, max_len=workload.prompt_len + workload.gen_len)
+            ids = engine.random_prompts(weights.config.vocab_size, batch, workload.prompt_len, self.device, self.seed)
+            # Cache length read -> a context that reads it: the first and the last decode step.
+            points = {session.bucket_for(c): c for c in (contexts[:1] + contexts[-1:])}
+            session.prepare(workload.prompt_len, list(points.values()))
+            prefill: list[float] = []
+            decode: dict[int, list[float]] = {p: [] for p in points}
+            for _ in range(self.repeats):
+                prefill.append(engine.time_prefill(session, ids, iters=self.prefill_iters))
+                for length, context in points.items():
+                    decode[length].append(engine.time_decode(session, context, iters=self.decode_iters))
+            at = {p: statistics.median(v) for p, v in decode.items()}
+            mean_decode = 0.0
+            if contexts:
+                lo, hi = min(at), max(at)
+                slope = (at[hi] - at[lo]) / (hi - lo) if hi > lo else 0.0
+                mean_decode = sum(at[lo] + slope * (session.bucket_for(c) - lo) for c in contexts) / len(contexts)
+            out[batch] = {"prefill_s": statistics.median(prefill), "decode_s": mean_decode}
+            del session
+        return out
+
+    def _base(self, config: DeciLMConfig, workload: Workload) -> dict[int, dict[str, float]]:
+        """Timings of the model without layers (measured once per parent shape and workload)."""
+        weights, key = self._fixed_weights(config)
+        if (key, workload) not in self._base_cache:
+            self._base_cache[(key, workload)] = self._time(weights, workload)
+        return self._base_cache[(key, workload)]
+
+    def measure_fixed(self, config: DeciLMConfig, workload: Workload) -> dict[int, dict[str, float]]:
+        timed = self._base(config, workload)
+        return {b: {"prefill_ms": t["prefill_s"] * 1e3, "decode_ms": t["decode_s"] * 1e3} for b, t in timed.items()}
+
+    def measure_subblock(self, config: DeciLMConfig, name: str, workload: Workload) -> dict[int, dict[str, float]]:
+        from puzzle.child import child_config_like
+
+        block = subblock_as_block(name)
+        n = self.stack_layers(subblock_params(config, name) * self.dtype.itemsize)
+        base = self._base(config, workload)
+        fixed, _ = self._fixed_weights(config)
+        weights = engine.EngineWeights.random(child_config_like(config, [block] * n), device=self.device,
+                                              dtype=self.dtype, seed=self.seed + 1, fixed_from=fixed)
+        stacked = self._time(weights, workload)
+        del weights
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        out = {}
+        for b in workload.batch_sizes:
+            row: dict[str, float] = {"stack_layers": n}
+            for key in ("prefill", "decode"):
+                value = (stacked[b][f"{key}_s"] - base[b][f"{key}_s"]) / n * 1e3
+                if value < 0:
+                    log.warning("costs: %s at batch %d: %s time %.4f ms is below the noise; recorded as 0", name, b,
+                                key, value)
+                    value = 0.0
+                row[f"{key}_ms"] = value
+            out[b] = row
+        return out
+
+    def measure_model(self, config: DeciLMConfig, workload: Workload, *, seed: int = 0) -> dict[int, dict[str, Any]]:
+        fixed, _ = self._fixed_weights(config)
+        weights = engine.EngineWeights.random(config, device=self.device, dtype=self.dtype, seed=seed + 1,
+                                              fixed_from=fixed)
+        out = {}
+        for b in workload.batch_sizes:
+            result = engine.measure_weights(weights, batch_size=b, prompt_len=workload.prompt_len,
+                                            gen_len=workload.gen_len, repeats=self.repeats)
+            result.pop("tokens", None)
+            out[b] = result
+        del weights
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return out
+
+
+class VllmBackend:
+    """Placeholder for measuring with vLLM (which reads exported Nemotron-NAS checkpoints)."""
+
+    name: ClassVar[str] = "vllm"
+
+    def __init__(self, **_: Any) -> None:
+        try:
+            import vllm  # type: ignore[import-not-found]  # noqa: F401
+        except ImportError:
+            raise CostsError(
+                "backend 'vllm' needs the vllm package, which is not installed here; use backend='torch' "
+                "(the project's own loop), or install vllm in the image that measures costs"
+            ) from None
+        raise CostsError("backend 'vllm' is not implemented in this package yet; use backend='torch'")
+
+
+BACKENDS: dict[str, type] = {"torch": TorchBackend, "vllm": VllmBackend}
+"""Measuring backends by name; a backend implements :class:`CostBackend`."""
+
+
+def make_backend(name: str, **options: Any) -> CostBackend:
+    """A measuring backend by name (validated before any measurement)."""
+    if name not in BACKENDS:
+        raise CostsError(f"backend must be one of {sorted(BACKENDS)}, got {name!r}")
+    return BACKENDS[name](**options)
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def _entry(config: DeciLMConfig, name: str, measured: Mapping[int, Mapping[str, float]] | None, workload: Workload,
+           dtype_bytes: int) -> dict[str, Any]:
+    params = fixed_params(config) if name == FIXED else subblock_params(config, name)
+    kv = 0 if name == FIXED else kv_bytes_per_token(config, name, dtype_bytes)
+    weight_bytes = params * dtype_bytes
+    entry: dict[str, Any] = {
+        "kind": subblock_kind(name), "params": params, "weight_bytes": weight_bytes,
+        "weight_mib": weight_bytes / 2**20, "kv_bytes_per_token": kv, "measured": measured is not None,
+        "prefill_ms": {}, "decode_ms": {}, "runtime_ms": {}, "memory_bytes": {}, "batches": {},
+    }
+    for b in workload.batch_sizes:
+        m = measured[b] if measured is not None else {"prefill_ms": 0.0, "decode_ms": 0.0}
+        runtime = m["prefill_ms"] + (workload.gen_len - 1) * m["decode_ms"]
+        memory = weight_bytes + b * (workload.prompt_len + workload.gen_len) * kv
+        per_batch = {"prefill_ms": m["prefill_ms"], "decode_ms": m["decode_ms"], "runtime_ms": runtime,
+                     "memory_bytes": memory, "memory_mib": memory / 2**20}
+        for key in ("prefill_ms", "decode_ms", "runtime_ms", "memory_bytes"):
+            entry[key][str(b)] = per_batch[key]
+        entry["batches"][str(b)] = per_batch
+        if "stack_layers" in m:
+            entry["stack_layers"] = int(m["stack_layers"])
+    return entry
+
+
+def _rows(subblocks: Mapping[str, Mapping[str, Any]], workload: Workload) -> list[dict[str, Any]]:
+    rows = []
+    for name, entry in subblocks.items():
+        for b in workload.batch_sizes:
+            per = entry["batches"][str(b)]
+            rows.append({"subblock": name, "kind": entry["kind"], "batch_size": b, "params": entry["params"],
+                         "weight_bytes": entry["weight_bytes"], "kv_bytes_per_token": entry["kv_bytes_per_token"],
+                         **{k: per[k] for k in ("prefill_ms", "decode_ms", "runtime_ms", "memory_bytes", "memory_mib")}})
+    return rows
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def build_table(config: DeciLMConfig, names: Sequence[str], workload: Workload, backend: CostBackend, *,
+                parent_blocks: Sequence[str] | None = None) -> dict[str, Any]:
+    """Measure the fixed part and every sub-block in ``names``: the ``costs.json`` document."""
+    workload.check()
+    names = list(dict.fromkeys(names))
+    for name in names:
+        subblock_params(config, name)  # every name valid for this parent, before measuring
+    hardware = backend.hardware()
+    dtype_bytes = engine.default_dtype(torch.device(hardware["device"]), hardware["dtype"]).itemsize
+    started = time.perf_counter()
+    subblocks: dict[str, Any] = {FIXED: _entry(config, FIXED, backend.measure_fixed(config, workload), workload,
+                                               dtype_bytes)}
+    for name in tqdm(names, desc="costs", unit="sub-block", leave=False):
+        # A no-op sub-block has no module and launches no kernel: exactly zero time.
+        measured = None if name.endswith("_noop") else backend.measure_subblock(config, name, workload)
+        subblocks[name] = _entry(config, name, measured, workload, dtype_bytes)
+        if measured is not None:
+            log.info("costs: %-14s %s", name, "; ".join(
+                f"bs {b}: prefill {m['prefill_ms']:.3f} ms, decode {m['decode_ms']:.4f} ms" for b, m in measured.items()))
+    parent = list(parent_blocks or [b.name for b in config.blocks])
+    counts: dict[str, int] = {}
+    for block in parent:
+        counts[block] = counts.get(block, 0) + 1
+    return {
+        "format": COSTS_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "hardware": hardware,
+        "workload": workload.to_json(),
+        "measurement": {
+            "backend": backend.name,
+            "runtime_ms": "prefill_ms + (gen_len - 1) * decode_ms",
+            "decode_ms": "mean per decode step over the workload (first and last context measured, linear between)",
+            "method": "N copies of the sub-block alone in the engine loop, minus the model without layers, over N",
+            "repeats": getattr(backend, "repeats", None),
+            "bucket": engine.BUCKET if hardware["device_type"] == "cuda" else 1,
+            "build_seconds": time.perf_counter() - started,
+        },
+        "model": {"config": config_to_json(config), "parent_blocks": parent, "num_layers": len(parent),
+                  "hidden_size": config.hidden_size, "num_attention_heads": config.num_attention_heads,
+                  "head_dim": config.head_dim, "vocab_size": config.vocab_size},
+        "parent": {"block": max(counts, key=lambda k: counts[k]) if counts else None, "num_layers": len(parent)},
+        "subblocks": subblocks,
+        "fixed": subblocks[FIXED],
+        "rows": _rows(subblocks, workload),
+    }
+
+
+def _read_child_config(child: str) -> DeciLMConfig:
+    """The child's config.json alone (measuring costs needs shapes, not weights)."""
+    artifacts.require_manifest(child, ("child", "export"))
+    return config_from_json(storage.read_json(storage.join(child, "config.json")))
+
+
+def library_subblocks(library: str, config: DeciLMConfig) -> list[str]:
+    """Every distinct sub-block name of a library (attention first), checked against the parent.
+
+    Reads ``library.json`` only: the variants' weights are not needed to time their shapes.
+    """
+    from puzzle.library import LIBRARY_FILE, LIBRARY_KIND, Library, LibraryError
+
+    artifacts.require_manifest(library, LIBRARY_KIND)
+    lib = Library(library, Path("."), storage.read_json(storage.join(library, LIBRARY_FILE)))
+    try:
+        lib.check_parent(config)
+    except LibraryError as exc:
+        raise CostsError(str(exc)) from None
+    attention: dict[str, None] = {}
+    ffn: dict[str, None] = {}
+    for layer in lib.layers:
+        attention.update(dict.fromkeys(lib.attention_variants(layer)))
+        ffn.update(dict.fromkeys(lib.ffn_variants(layer)))
+    for block in config.blocks:
+        attention[block.attention.name] = None
+        ffn[block.ffn.name] = None
+    return [*attention, *ffn]
+
+
+def measure(library: str, child: str, out: str, *, batch_sizes: Sequence[int], prompt_len: int, gen_len: int,
+            device: str | None = "auto", dtype: str | None = None, repeats: int = 3, backend: str = "torch",
+            stack_layers: int | None = None) -> artifacts.Manifest:
+    """Phase: the cost table of every sub-block of ``library`` on this machine (artifact kind ``costs``).
+
+    Args:
+        library: block library artifact (its variant names; weights are not read).
+        child: the parent as an all-parent child artifact (shapes, and the parent's blocks).
+        out: where to write the ``costs`` artifact (local directory or ``s3://``).
+        batch_sizes: batch sizes of the serving workload.
+        prompt_len: prompt tokens per sequence.
+        gen_len: generated tokens per sequence.
+        device: ``auto``/None (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
+        dtype: ``bfloat16`` / ``float16`` / ``float32``; default bfloat16 on CUDA, float32 on CPU.
+        repeats: timing repeats (medians).
+        backend: measuring backend (``torch``; ``vllm`` is a named placeholder).
+        stack_layers: copies of a sub-block timed together (default: enough to exceed the L2 cache).
+
+    A re-run with the same inputs, parameters and hardware is skipped; on other hardware (or
+    another driver, torch or dtype) the table is measured afresh.
+    """
+    workload = Workload(batch_sizes=tuple(batch_sizes), prompt_len=prompt_len, gen_len=gen_len)
+    workload.check()
+    meter = make_backend(backend, device=device, dtype=dtype, repeats=repeats, stack_layers=stack_layers)
+    config = _read_child_config(child)
+    names = library_subblocks(library, config)
+    hardware = meter.hardware()
+    parameters = {
+        **workload.to_json(), "repeats": repeats, "backend": backend, "stack_layers": stack_layers,
+        "hardware": {k: hardware.get(k) for k in (*IDENTITY_KEYS, "device")},
+    }
+
+    def body(staging: Path, _local: dict[str, Path]) -> dict[str, Any]:
+        table = build_table(config, names, workload, meter)
+        (staging / COSTS_FILE).write_text(json.dumps(table, indent=2) + "\n")
+        (staging / COSTS_CSV).write_text(_csv(table["rows"]))
+        ct = CostTable(table, out)
+        summary: dict[str, Any] = {"device_name": hardware["device_name"], "dtype": hardware["dtype"],
+                                   "subblocks": len(names), "build_seconds": table["measurement"]["build_seconds"]}
+        for b in workload.batch_sizes:
+            summary[f"parent_throughput_bs{b}"] = ct.throughput(ct.parent_blocks, b)
+        return summary
+
+    return artifacts.run_phase(COSTS_KIND, out, {"library": library, "child": child}, parameters, body,
+                               materialize_inputs=False)
+
+
+# --------------------------------------------------------------------------- reading tables
+
+
+def check_same_hardware(a: CostTable | Mapping[str, Any], b: CostTable | Mapping[str, Any], *,
+                        what: str = "cost tables") -> None:
+    """Raise :class:`CostsError` unless ``a`` and ``b`` (tables or hardware dicts) were measured alike."""
+    ha = a.hardware if isinstance(a, CostTable) else a
+    hb = b.hardware if isinstance(b, CostTable) else b
+    wa = a.where if isinstance(a, CostTable) else "this machine"
+    wb = b.where if isinstance(b, CostTable) else "this machine"
+    diffs = [f"{k} {ha.get(k)!r} vs {hb.get(k)!r}" for k in IDENTITY_KEYS if ha.get(k) != hb.get(k)]
+    if diffs:
+        raise CostsError(
+            f"refusing to mix {what} from different hardware: {wa} was measured on {ha.get('device_name')!r} and {wb} "
+            f"on {hb.get('device_name')!r} ({'; '.join(diffs)}); costs are only valid where they were measured: "
+            "re-measure with `puzzle costs` on the target machine"
+        )
+
+
+class CostTable:
+    """A ``costs.json`` document with lookups by sub-block, block and architecture."""
+
+    def __init__(self, data: dict[str, Any], where: str = "") -> None:
+        if not isinstance(data, dict) or data.get("format") != COSTS_FORMAT:
+            raise CostsError(f"{where or 'the document'} is not a puzzle cost table (format {COSTS_FORMAT!r})")
+        for key in ("hardware", "workload", "subblocks", "model"):
+            if key not in data:
+                raise CostsError(f"{where}: the cost table has no {key!r} section; re-run `puzzle costs`")
+        if int(data.get("format_version", 0)) > FORMAT_VERSION:
+            raise CostsError(f"{where}: cost table format {data['format_version']} is newer than this package's")
+        self.data = data
+        self.where = where or "(unsaved table)"
+
+    @property
+    def hardware(self) -> dict[str, Any]:
+        return self.data["hardware"]
+
+    @property
+    def workload(self) -> dict[str, Any]:
+        return self.data["workload"]
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return [int(b) for b in self.workload["batch_sizes"]]
+
+    @property
+    def gen_len(self) -> int:
+        return int(self.workload["gen_len"])
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self.workload["prompt_len"])
+
+    @property
+    def names(self) -> list[str]:
+        """Measured sub-block names (without the fixed part)."""
+        return [n for n in self.data["subblocks"] if n != FIXED]
+
+    @property
+    def parent_blocks(self) -> list[str]:
+        return list(self.data["model"]["parent_blocks"])
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.parent_blocks)
+
+    def config(self) -> DeciLMConfig:
+        """The parent's config the table was measured for."""
+        return config_from_json(self.data["model"]["config"])
+
+    def check_batch_size(self, batch_size: int) -> None:
+        if batch_size not in self.batch_sizes:
+            raise CostsError(f"cost table {self.where} was not measured at batch size {batch_size} "
+                             f"(it has {self.batch_sizes}); re-run `puzzle costs --batch-sizes ...`")
+
+    def subblock(self, name: str, batch_size: int) -> dict[str, Any]:
+        """One sub-block's costs at ``batch_size``."""
+        entry = self.data["subblocks"].get(name)
+        if entry is None:
+            raise CostsError(f"cost table {self.where} has no sub-block {name!r} (it has {self.names}); measure a "
+                             "library that contains it")
+        self.check_batch_size(batch_size)
+        per = entry["batches"][str(batch_size)]
+        return {"name": name, "kind": entry["kind"], "params": entry["params"], "weight_bytes": entry["weight_bytes"],
+                "kv_bytes_per_token": entry["kv_bytes_per_token"], **per}
+
+    def fixed(self, batch_size: int) -> dict[str, Any]:
+        """Embeddings + final norm + LM head."""
+        return self.subblock(FIXED, batch_size)
+
+    def block(self, block_name: str, batch_size: int) -> dict[str, float]:
+        """A layer's costs: the sum of its attention and FFN sub-blocks."""
+        attn, sep, ffn = block_name.partition("+")
+        if not sep:
+            raise CostsError(f"block name {block_name!r} must look like '<attention>+<ffn>'")
+        a, f = self.subblock(attn, batch_size), self.subblock(ffn, batch_size)
+        keys = ("runtime_ms", "prefill_ms", "decode_ms", "params", "memory_bytes", "memory_mib", "weight_bytes")
+        return {k: a[k] + f[k] for k in keys}
+
+    def totals(self, blocks: Sequence[str], batch_size: int) -> dict[str, float]:
+        """A whole model's predicted costs: fixed part + every layer's block, and its throughput."""
+        fixed = self.fixed(batch_size)
+        keys = ("runtime_ms", "prefill_ms", "decode_ms", "params", "memory_bytes", "memory_mib")
+        out = {k: float(fixed[k]) for k in keys}
+        for block in blocks:
+            b = self.block(block, batch_size)
+            for k in keys:
+                out[k] += b[k]
+        out["throughput"] = batch_size * self.gen_len / (out["runtime_ms"] / 1e3) if out["runtime_ms"] > 0 else math.inf
+        return out
+
+    def runtime_ms(self, blocks: Sequence[str], batch_size: int) -> float:
+        return self.totals(blocks, batch_size)["runtime_ms"]
+
+    def throughput(self, blocks: Sequence[str], batch_size: int) -> float:
+        """Predicted generated tokens/s: batch x gen_len over the workload's runtime."""
+        return self.totals(blocks, batch_size)["throughput"]
+
+    def parent_runtime_ms(self, batch_size: int) -> float:
+        return self.runtime_ms(self.parent_blocks, batch_size)
+
+
+def load_costs(uri: str | Path) -> CostTable:
+    """A cost table from a ``costs`` artifact (local or ``s3://``) or a ``costs.json`` file."""
+    uri = str(uri)
+    if uri.endswith(".json"):
+        if not storage.exists(uri):
+            raise CostsError(f"no cost table at {uri}")
+        return CostTable(storage.read_json(uri), uri)
+    local = artifacts.materialize(uri, COSTS_KIND)
+    return CostTable(json.loads((local / COSTS_FILE).read_text()), uri)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def random_children(table: CostTable, count: int, *, seed: int = 0) -> list[list[str]]:
+    """``count`` architectures drawing each layer's attention and FFN at random from the table."""
+    if not isinstance(count, int) or count <= 0:
+        raise CostsError(f"the number of children to calibrate must be a positive integer, got {count!r}")
+    rng = random.Random(seed)
+    attention = [n for n in table.names if n.startswith("attn_")]
+    ffn = [n for n in table.names if n.startswith("ffn_")]
+    if not attention or not ffn:
+        raise CostsError(f"cost table {table.where} has no attention or no FFN sub-blocks to draw children from")
+    return [[f"{rng.choice(attention)}+{rng.choice(ffn)}" for _ in range(table.num_layers)] for _ in range(count)]
+
+
+def calibrate(table_uri: str | CostTable, children: Sequence[Sequence[str]] | int, *,
+              batch_sizes: Sequence[int] | None = None, device: str | None = "auto", repeats: int = 1,
+              seed: int = 0) -> dict[str, Any]:
+    """Predicted (sum of the table) vs measured throughput of whole children on this machine.
+
+    ``children``: architectures (one block name per layer) or a number of random ones. Each is
+    realized with random weights of the table's shapes and run through the same loop at the
+    table's workload (``batch_sizes``: default all of the table's). Refused when this machine
+    differs from the table's hardware. ``error_pct`` = (predicted - measured) / measured.
+    """
+    from puzzle.child import child_config_like
+
+    table = table_uri if isinstance(table_uri, CostTable) else load_costs(table_uri)
+    sizes = list(batch_sizes) if batch_sizes is not None else table.batch_sizes
+    for b in sizes:
+        table.check_batch_size(b)
+    archs = random_children(table, children, seed=seed) if isinstance(children, int) else [list(c) for c in children]
+    for arch in archs:
+        if len(arch) != table.num_layers:
+            raise CostsError(f"a child has {len(arch)} blocks but the table's parent has {table.num_layers} layers")
+        for block in arch:
+            table.block(block, sizes[0])  # every name must be in the table
+    meter = make_backend(table.hardware.get("backend", "torch"), device=device, dtype=table.hardware["dtype"],
+                         repeats=repeats, seed=seed)
+    check_same_hardware(table, meter.hardware(), what="a cost table and a measurement")
+    config = table.config()
+    workload = Workload(batch_sizes=tuple(sizes), prompt_len=table.prompt_len, gen_len=table.gen_len)
+    results = []
+    for index, arch in enumerate(tqdm(archs, desc="calibrate", unit="child", leave=False)):
+        child_config = child_config_like(config, [BlockConfig.from_name(b) for b in arch])
+        measured = meter.measure_model(child_config, workload, seed=seed + index)
+        per_batch = {}
+        for b in sizes:
+            predicted, got = table.totals(arch, b), measured[b]
+            per_batch[str(b)] = {
+                "predicted_throughput": predicted["throughput"],
+                "measured_throughput": got["throughput"],
+                "error_pct": 100.0 * (predicted["throughput"] - got["throughput"]) / got["throughput"],
+                "predicted_ms": predicted["runtime_ms"],
+                "measured_ms": got["total_s"] * 1e3,
+                "predicted_prefill_ms": predicted["prefill_ms"],
+                "measured_prefill_ms": got["prefill_s"] * 1e3,
+                "predicted_decode_ms": predicted["decode_ms"],
+                "measured_decode_ms": got["decode_s"] * 1e3 / max(1, table.gen_len - 1),
+            }
+        results.append({"blocks": arch, "batches": per_batch})
+    errors = [abs(r["batches"][str(b)]["error_pct"]) for r in results for b in sizes]
+    return {
+        "table": table.where,
+        "hardware": table.hardware,
+        "workload": workload.to_json(),
+        "children": results,
+        "summary": {
+            "children": len(results),
+            "mean_abs_error_pct": sum(errors) / len(errors) if errors else None,
+            "max_abs_error_pct": max(errors) if errors else None,
+            "within_5pct": sum(e <= 5.0 for e in errors) / len(errors) if errors else None,
+        },
+    }
