@@ -7,15 +7,18 @@ architecture: speed does not depend on weight values) at batch 64, prompt 128, 1
 tokens; quality on CPU with the real weights on held-out text: next-token accuracy kept (child /
 parent), KL(parent||child), perplexity.
 
-Three stages, because the real weights cannot travel to the GPU machine and the GPU machine has
-no MIP solver:
+Stages, because the real weights cannot travel to the GPU machine and the GPU machine has no MIP
+solver (``benchmarks/quality-inputs`` holds a few KB of shapes and architectures, not weights):
 
     # 1. CPU: convert, tokens, library, BLD, replace-1-block scores (long; run in the background)
     python benchmarks/bench_quality.py cpu-prepare --work /tmp/bq
-    # 2. GPU: block cost table at the workload, search at 1.5x and 2x, baselines calibrated to the
-    #    same measured speed, every architecture's measured throughput  (--inputs travel with the tree)
-    python benchmarks/bench_quality.py export-inputs --work /tmp/bq --inputs benchmarks/.quality-inputs
-    python3 benchmarks/bench_quality.py gpu-speed --inputs benchmarks/.quality-inputs --out $OUT
+    # 2. GPU: the block cost table at the workload; then (CPU) the MIP search at 1.5x and 2x and the
+    #    baselines at the same targets; then (GPU) every architecture's measured throughput
+    python benchmarks/bench_quality.py export-inputs --work /tmp/bq --inputs benchmarks/quality-inputs
+    python3 benchmarks/bench_quality.py gpu-costs --inputs benchmarks/quality-inputs --out $OUT
+    python benchmarks/bench_quality.py plan --work /tmp/bq --costs costs.json
+    python benchmarks/bench_quality.py export-inputs --work /tmp/bq --inputs benchmarks/quality-inputs
+    python3 benchmarks/bench_quality.py gpu-measure --inputs benchmarks/quality-inputs --out $OUT
     # 3. CPU: realize every architecture from the BLD library, the same GKD budget for each,
     #    evaluate all of them against the parent; prints the table for RESULTS.md
     python benchmarks/bench_quality.py cpu-quality --work /tmp/bq --speed $OUT/speed.json
@@ -33,7 +36,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-WORKLOAD = {"batch_size": 64, "prompt_len": 128, "gen_len": 1024}
 TARGETS = (1.5, 2.0)
 
 # Budgets (CPU-sized; the paper's are 6 orders of magnitude larger): the same for every child.
@@ -72,16 +74,208 @@ def cpu_prepare(work: Path) -> None:
     print(json.dumps({"child": child, "tokens": tokens, "bld": trained, "scores": runner.uri("scores")}, indent=2))
 
 
+# --------------------------------------------------------------------------- stage 2: GPU speed
+
+
+def export_inputs(work: Path, inputs: Path) -> None:
+    """What the GPU machine needs (a few KB): the parent's config and the library's sub-block names."""
+    from puzzle import costs
+
+    inputs.mkdir(parents=True, exist_ok=True)
+    config = costs._read_child_config(str(work / "child"))
+    names = costs.library_subblocks(str(work / "bld"), config)
+    (inputs / "parent_config.json").write_text(json.dumps(costs.config_to_json(config)))
+    (inputs / "subblocks.json").write_text(json.dumps(names))
+    plan = work / "plan.json"
+    if plan.exists():
+        (inputs / "plan.json").write_text(plan.read_text())
+    print(f"wrote {inputs}: {len(names)} sub-blocks" + (", plan" if plan.exists() else ""))
+
+
+def gpu_costs(inputs: Path, out: Path, device: str, workload: dict[str, int]) -> None:
+    """Call 1 on the GPU: the per-sub-block cost table at the benchmark workload."""
+    from puzzle import costs
+
+    config = costs.config_from_json(json.loads((inputs / "parent_config.json").read_text()))
+    names = json.loads((inputs / "subblocks.json").read_text())
+    shape = costs.Workload(batch_sizes=(workload["batch_size"],), prompt_len=workload["prompt_len"],
+                           gen_len=workload["gen_len"])
+    table = costs.build_table(config, names, shape, costs.make_backend("torch", device=device, repeats=3))
+    (out / "costs.json").write_text(json.dumps(table, indent=2) + "\n")
+    print(f"cost table of {len(names)} sub-blocks in {table['measurement']['build_seconds']:.0f} s "
+          f"on {table['hardware']['device_name']}")
+
+
+def gpu_measure(inputs: Path, out: Path, repeats: int, device: str, workload: dict[str, int]) -> None:
+    """Call 2 on the GPU: measured throughput of the parent and every planned architecture
+    (random weights of the exact shapes), at the benchmark workload."""
+    import torch
+
+    from puzzle import costs, engine
+    from puzzle.child import child_config_like
+    from puzzle.modeling import BlockConfig, DeciLMForCausalLM
+
+    config = costs.config_from_json(json.loads((inputs / "parent_config.json").read_text()))
+    plan = json.loads((inputs / "plan.json").read_text())
+    archs = {"parent": [b.name for b in config.blocks], **{k: v["blocks"] for k, v in plan.items()}}
+    results = {}
+    for name, blocks in archs.items():
+        torch.manual_seed(0)
+        model = DeciLMForCausalLM(child_config_like(config, [BlockConfig.from_name(b) for b in blocks]))
+        if device.startswith("cuda"):
+            model = model.to(torch.bfloat16)
+        r = engine.measure_throughput(model, **workload, device=device, repeats=repeats)
+        results[name] = {"throughput": r["throughput"], "total_s": r["total_s"], "decode_s": r["decode_s"],
+                         "prefill_s": r["prefill_s"], "device_name": r["device_name"], "blocks": blocks}
+        print(f"{name:>24}: {r['throughput']:10.0f} tokens/s", flush=True)
+        del model
+    base = results["parent"]["throughput"]
+    for r in results.values():
+        r["speedup"] = r["throughput"] / base
+    (out / "speed.json").write_text(json.dumps({"workload": workload, "models": results}, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- the plan (CPU, between the calls)
+
+
+def plan(work: Path, costs_json: Path) -> None:
+    """Search (MIP) for 1.5x and 2x with the GPU cost table; the baselines at the same targets."""
+    from puzzle import artifacts, baselines, search
+
+    def costs_body(staging: Path, _local: dict) -> dict:
+        (staging / "costs.json").write_text(costs_json.read_text())
+        return {}
+
+    costs_uri = str(work / "costs-gpu")
+    artifacts.run_phase("costs", costs_uri, {"table": str(costs_json)}, {}, costs_body)
+    scores = str(work / "scores")
+    result: dict[str, Any] = {}
+    for target in TARGETS:
+        constraint = f"throughput>={target}x"
+        out = work / f"solutions-{target}x"
+        search.search(scores, costs_uri, str(out), objective="kl_div", constraints=[constraint])
+        best = search.load_solutions(str(out))["solutions"][0]
+        result[f"puzzle@{target}x"] = {"blocks": best["blocks"], "predicted_speedup": best["relative_to_parent"]["throughput"],
+                                        "solutions": str(out)}
+        for method in BENCH_CONFIG["baselines"]["methods"]:
+            out = work / f"baseline-{method}-{target}x"
+            baselines.baseline(method, scores, costs_uri, str(out), library=str(work / "bld"), objective="kl_div",
+                               constraints=[constraint])
+            best = search.load_solutions(str(out))["solutions"][0]
+            result[f"{method}@{target}x"] = {"blocks": best["blocks"],
+                                              "predicted_speedup": best["relative_to_parent"]["throughput"],
+                                              "solutions": str(out)}
+    (work / "plan.json").write_text(json.dumps(result, indent=2) + "\n")
+    for name, r in result.items():
+        print(f"{name:>24}: predicted {r['predicted_speedup']:.2f}x")
+
+
+# --------------------------------------------------------------------------- stage 3: CPU quality
+
+
+def cpu_quality(work: Path, speed_json: Path) -> None:
+    """Realize every planned child from the BLD library, GKD each with the same budget, and
+    measure quality against the parent on the held-out split; print the table."""
+    from puzzle.child import load_child
+    from puzzle.data import load_split
+    from puzzle.distill import distill
+    from puzzle.evaluate import quality_metrics
+    from puzzle.realize import realize
+
+    cfg = bench_config(work)
+    g = cfg.gkd
+    speed = json.loads(speed_json.read_text())["models"]
+    plan_data = json.loads((work / "plan.json").read_text())
+    child, tokens = str(work / "child"), str(work / "tokens")
+    distilled: dict[str, str] = {}
+    realized: dict[str, str] = {}
+    for name, entry in plan_data.items():
+        slug = name.replace("@", "-")
+        realized[name] = str(work / "realized" / slug)
+        realize(str(work / "bld"), entry["solutions"], realized[name], parent_child=child)
+        distilled[name] = str(work / "distilled" / slug)
+        t0 = time.perf_counter()
+        distill(realized[name], child, tokens, distilled[name], token_budget=g.token_budget, batch_size=g.batch_size,
+                lr=g.lr, warmup_fraction=g.warmup_fraction, checkpoint_every=g.checkpoint_every, device="cpu")
+        print(f"GKD {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    held_out = load_split(tokens, "eval")
+    parent = load_child(child)
+    models = {f"{n} (before GKD)": load_child(u) for n, u in realized.items()}
+    models.update({n: load_child(u) for n, u in distilled.items()})
+    quality = quality_metrics(models, parent, held_out, batch_size=8)
+    rows = []
+    for name in plan_data:
+        q, q0 = quality[name], quality[f"{name} (before GKD)"]
+        rows.append({
+            "child": name, "predicted_speedup": plan_data[name]["predicted_speedup"],
+            "measured_speedup": speed[name]["speedup"], "throughput": speed[name]["throughput"],
+            "accuracy_kept": q["accuracy"] / quality["parent"]["accuracy"], "kl_div": q["kl_div"],
+            "perplexity": q["perplexity"], "kl_before_gkd": q0["kl_div"],
+            "accuracy_kept_before_gkd": q0["accuracy"] / quality["parent"]["accuracy"],
+        })
+    result = {"parent": {**quality["parent"], **speed["parent"]}, "children": rows,
+              "tokens": int(held_out.numel() - held_out.shape[0]), "budgets": {"bld": cfg.bld.token_budget,
+                                                                               "gkd": g.token_budget}}
+    (work / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    p = quality["parent"]
+    print(f"parent: accuracy {p['accuracy']:.4f}, perplexity {p['perplexity']:.2f}, "
+          f"{speed['parent']['throughput']:.0f} tokens/s on {speed['parent']['device_name']}")
+    print("| child | measured speedup (GPU) | predicted | accuracy kept | KL(parent‖child) | perplexity | "
+          "accuracy kept before GKD | KL before GKD |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['child']} | {r['measured_speedup']:.2f}x | {r['predicted_speedup']:.2f}x | {r['accuracy_kept']:.1%} | "
+              f"{r['kl_div']:.3f} | {r['perplexity']:.2f} | {r['accuracy_kept_before_gkd']:.1%} | {r['kl_before_gkd']:.3f} |")
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cuda", help="cuda (the benchmark); cpu only for a smoke test")
+    p.add_argument("--workload", default="64,128,1024", help="batch,prompt,generated (default 64,128,1024)")
+
+
+def parse_workload(text: str) -> dict[str, int]:
+    batch, prompt, gen = (int(x) for x in text.split(","))
+    return {"batch_size": batch, "prompt_len": prompt, "gen_len": gen}
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("cpu-prepare")
     p.add_argument("--work", type=Path, required=True)
+    p = sub.add_parser("export-inputs")
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--inputs", type=Path, required=True)
+    p = sub.add_parser("gpu-costs")
+    p.add_argument("--inputs", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    add_device_args(p)
+    p = sub.add_parser("plan")
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--costs", type=Path, required=True, help="costs.json from gpu-costs")
+    p = sub.add_parser("gpu-measure")
+    p.add_argument("--inputs", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--repeats", type=int, default=2)
+    add_device_args(p)
+    p = sub.add_parser("cpu-quality")
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--speed", type=Path, required=True, help="speed.json from gpu-measure")
     args = parser.parse_args()
     t0 = time.perf_counter()
     if args.cmd == "cpu-prepare":
         cpu_prepare(args.work)
+    elif args.cmd == "export-inputs":
+        export_inputs(args.work, args.inputs)
+    elif args.cmd == "gpu-costs":
+        gpu_costs(args.inputs, args.out, args.device, parse_workload(args.workload))
+    elif args.cmd == "plan":
+        plan(args.work, args.costs)
+    elif args.cmd == "gpu-measure":
+        gpu_measure(args.inputs, args.out, args.repeats, args.device, parse_workload(args.workload))
+    else:
+        cpu_quality(args.work, args.speed)
     print(f"{args.cmd}: {time.perf_counter() - t0:.0f} s")
 
 
