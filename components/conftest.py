@@ -23,7 +23,42 @@ _spec.loader.exec_module(shared)
 
 from _pytest.fixtures import FixtureFunctionDefinition  # noqa: E402 - pytest's own fixture type
 
-globals().update({name: obj for name, obj in vars(shared).items() if isinstance(obj, FixtureFunctionDefinition)})
+globals().update(
+    {
+        name: obj
+        for name, obj in vars(shared).items()
+        if isinstance(obj, FixtureFunctionDefinition) and name not in ("local_pipeline_run",)
+    }
+)
+
+
+@pytest.fixture(scope="session")
+def local_pipeline_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """The whole pipeline's local run (tests/pipeline_local.py), shared with tests/ when it ran there.
+
+    Re-exported session fixtures get a second instance here; asking for the servers only when no
+    run exists yet keeps the session at one S3 server, one MLflow server and one pipeline run.
+    """
+    import pipeline_local
+
+    if pipeline_local.SHARED_RUN is not None:
+        return pipeline_local.SHARED_RUN
+    return pipeline_local.session_run(
+        tmp_path_factory,
+        request.getfixturevalue("s3_server"),
+        request.getfixturevalue("mlflow_server"),
+        request.getfixturevalue("tiny_parent_factory"),
+    )
+
+
+@pytest.fixture(scope="session")
+def tracking_server(request: pytest.FixtureRequest) -> str:
+    """URL of an MLflow server: the pipeline run's when the session has one, else a new one."""
+    import pipeline_local
+
+    if pipeline_local.SHARED_RUN is not None:
+        return pipeline_local.SHARED_RUN.tracking_uri
+    return request.getfixturevalue("mlflow_server").url
 
 
 @pytest.fixture
@@ -179,4 +214,25 @@ def write_evaluation(out: Path, accuracy_kept: float, speedup: float) -> Path:
         return {}
 
     artifacts.run_phase("evaluation", str(out), {}, {"accuracy_kept": accuracy_kept, "speedup": speedup}, body)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_costs(tiny_trained_library: Path, tiny_child: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cost table of :func:`tiny_trained_library` on this CPU (a tiny workload)."""
+    from puzzle.costs import measure
+
+    out = tmp_path_factory.mktemp("tiny-costs") / "costs"
+    measure(str(tiny_trained_library), str(tiny_child), str(out), batch_sizes=[1], prompt_len=4, gen_len=3,
+            repeats=1, device="cpu")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_scores(tiny_score_shards: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`tiny_score_shards` merged into one score table."""
+    from puzzle.scoring import merge
+
+    out = tmp_path_factory.mktemp("tiny-scores-merged") / "scores"
+    merge([str(p) for p in tiny_score_shards], str(out))
     return out

@@ -188,10 +188,6 @@ def local_pipeline_run(s3_server: S3Server, mlflow_server, tiny_parent_factory, 
     """The whole Kubeflow pipeline run once under kfp.local on a tiny parent (parent and export on
     the SeaweedFS server, tracking and registry on the MLflow server); see tests/pipeline_local.py.
     The component tests (components/*/test_component_local.py) inspect their own task's outputs."""
-    from pipeline_local import pretrain_tiny_parent, run_tiny_pipeline
+    from pipeline_local import session_run
 
-    bucket = f"pipeline-{uuid.uuid4().hex[:8]}"
-    s3_server.client().create_bucket(Bucket=bucket)
-    root = tmp_path_factory.mktemp("pipeline")
-    parent = pretrain_tiny_parent(tiny_parent_factory("llama", intermediate_size=192), root / "parent")
-    return run_tiny_pipeline(root, parent, bucket, mlflow_server.url)
+    return session_run(tmp_path_factory, s3_server, mlflow_server, tiny_parent_factory)

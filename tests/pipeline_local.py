@@ -60,6 +60,7 @@ class LocalRun:
     arguments: dict[str, Any]
     parent_uri: str
     serving_uri: str
+    tracking_uri: str
     error: BaseException | None
 
     @property
@@ -168,4 +169,25 @@ def run_tiny_pipeline(root: Path, parent_dir: Path, bucket: str, tracking_uri: s
             puzzle_pipeline(**arguments)
         except Exception as exc:  # noqa: BLE001 - the tests report it with the task logs
             error = exc
-    return LocalRun(pipeline_root, arguments, parent_uri, serving_uri, error)
+    return LocalRun(pipeline_root, arguments, parent_uri, serving_uri, tracking_uri, error)
+
+
+SHARED_RUN: LocalRun | None = None
+
+
+def session_run(tmp_path_factory: Any, s3_server: Any, mlflow_server: Any, tiny_parent_factory: Any) -> LocalRun:
+    """The session's one pipeline run: made on first use, then shared by ``tests/`` and ``components/``.
+
+    pytest gives each directory its own instances of session fixtures re-exported from another
+    conftest, so the run is kept here, at module level, and made only once per process.
+    """
+    global SHARED_RUN
+    if SHARED_RUN is None:
+        import uuid
+
+        bucket = f"pipeline-{uuid.uuid4().hex[:8]}"
+        s3_server.client().create_bucket(Bucket=bucket)
+        root = tmp_path_factory.mktemp("pipeline")
+        parent = pretrain_tiny_parent(tiny_parent_factory("llama", intermediate_size=192), root / "parent")
+        SHARED_RUN = run_tiny_pipeline(root, parent, bucket, mlflow_server.url)
+    return SHARED_RUN

@@ -197,3 +197,16 @@ def test_parameters_mirror_the_run_config_with_its_defaults(docs) -> None:
     for name, value in expected.items():
         default = params[name].get("defaultValue")
         assert default == value, f"pipeline parameter {name} defaults to {default!r}, the embedded config to {value!r}"
+
+
+def test_every_component_has_an_up_to_date_readme_and_both_tests() -> None:
+    from components._readme import component_folders, load_component, render
+
+    folders = component_folders()
+    assert len(folders) >= 17
+    for folder in folders:
+        for name in ("README.md", "test_component_unit.py", "test_component_local.py"):
+            assert (folder / name).is_file(), f"{folder.name}/{name} is missing"
+        assert (folder / "README.md").read_text() == render(load_component(folder)), (
+            f"components/{folder.name}/README.md is stale: run `python -m components._readme`"
+        )

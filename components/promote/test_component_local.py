@@ -5,12 +5,12 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_promote_moves_champion_when_the_gate_passes(local_pipeline_run, mlflow_server) -> None:
+def test_promote_moves_champion_when_the_gate_passes(local_pipeline_run) -> None:
     from mlflow import MlflowClient
 
     run = local_pipeline_run
     assert run.parameter("promote", "Output") is True
-    client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    client = MlflowClient(tracking_uri=run.tracking_uri, registry_uri=run.tracking_uri)
     champion = client.get_model_version_by_alias(run.arguments["registry_model_name"], "champion")
     assert champion.version == run.parameter("register", "version")
     assert champion.tags["puzzle.gate"] == "passed"

@@ -5,12 +5,12 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_record_outcome_closes_the_mlflow_run(local_pipeline_run, mlflow_server) -> None:
+def test_record_outcome_closes_the_mlflow_run(local_pipeline_run) -> None:
     from mlflow import MlflowClient
 
     run = local_pipeline_run
     assert run.parameter("record-outcome", "Output") == "FINISHED"
-    client = MlflowClient(tracking_uri=mlflow_server.url)
+    client = MlflowClient(tracking_uri=run.tracking_uri)
     experiment = client.get_experiment_by_name(run.arguments["tracking_experiment"])
     (top,) = client.search_runs([experiment.experiment_id], filter_string="tags.`puzzle.outcome` = 'SUCCEEDED'")
     assert top.info.status == "FINISHED"

@@ -19,35 +19,35 @@ def _status(state: str, error: str | None = None) -> dsl.PipelineTaskFinalStatus
     )
 
 
-def test_a_failed_run_is_recorded_as_failed(mlflow_server) -> None:
+def test_a_failed_run_is_recorded_as_failed(tracking_server) -> None:
     from mlflow import MlflowClient
 
     from puzzle import tracking
 
     kfp_run_id = f"kfp-{uuid.uuid4().hex[:8]}"
-    with tracking.pipeline_run(name="unit", tracking_uri=mlflow_server.url, experiment="unit-outcome",
+    with tracking.pipeline_run(name="unit", tracking_uri=tracking_server, experiment="unit-outcome",
                                kfp_run_id=kfp_run_id) as run:
         run_id = run.run_id
 
     result = record_outcome.python_func(
         status=_status("FAILED", "Task distill failed: CUDA out of memory"), kfp_run_id=kfp_run_id,
-        tracking_uri=mlflow_server.url, experiment="unit-outcome",
+        tracking_uri=tracking_server, experiment="unit-outcome",
     )
 
     assert result == "FAILED"
-    mlflow_run = MlflowClient(tracking_uri=mlflow_server.url).get_run(run_id)
+    mlflow_run = MlflowClient(tracking_uri=tracking_server).get_run(run_id)
     assert mlflow_run.info.status == "FAILED"
     assert mlflow_run.data.tags["puzzle.outcome"] == "FAILED"
     assert "CUDA out of memory" in mlflow_run.data.tags["puzzle.error"]
 
 
-def test_an_outcome_without_an_mlflow_run_yet_creates_one(mlflow_server) -> None:
+def test_an_outcome_without_an_mlflow_run_yet_creates_one(tracking_server) -> None:
     from mlflow import MlflowClient
 
     kfp_run_id = f"kfp-{uuid.uuid4().hex[:8]}"
     assert record_outcome.python_func(status=_status("SUCCEEDED"), kfp_run_id=kfp_run_id,
-                                      tracking_uri=mlflow_server.url, experiment="unit-outcome") == "FINISHED"
-    client = MlflowClient(tracking_uri=mlflow_server.url)
+                                      tracking_uri=tracking_server, experiment="unit-outcome") == "FINISHED"
+    client = MlflowClient(tracking_uri=tracking_server)
     experiment = client.get_experiment_by_name("unit-outcome")
     (found,) = client.search_runs([experiment.experiment_id], filter_string=f"tags.`puzzle.kfp_run_id` = '{kfp_run_id}'")
     assert found.info.status == "FINISHED" and found.data.tags["puzzle.outcome"] == "SUCCEEDED"

@@ -5,12 +5,12 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_register_creates_a_candidate_version(local_pipeline_run, mlflow_server) -> None:
+def test_register_creates_a_candidate_version(local_pipeline_run) -> None:
     from mlflow import MlflowClient
 
     run = local_pipeline_run
     name = run.arguments["registry_model_name"]
     version = run.parameter("register", "version")
     assert run.parameter("register", "model_uri") == f"models:/{name}/{version}"
-    mv = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url).get_model_version(name, version)
+    mv = MlflowClient(tracking_uri=run.tracking_uri, registry_uri=run.tracking_uri).get_model_version(name, version)
     assert "candidate" in mv.aliases and mv.tags["puzzle.kfp_run_id"]

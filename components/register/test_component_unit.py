@@ -14,7 +14,7 @@ from components.register.component import register
 pytestmark = pytest.mark.integration
 
 
-def test_register_tags_lineage_and_does_not_duplicate(tiny_export: Path, mlflow_server, tmp_path: Path) -> None:
+def test_register_tags_lineage_and_does_not_duplicate(tiny_export: Path, tracking_server, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     name = f"unit-{uuid.uuid4().hex[:8]}"
@@ -26,7 +26,7 @@ def test_register_tags_lineage_and_does_not_duplicate(tiny_export: Path, mlflow_
         parent_uri="models:/llama-parent/4",
         constraints=["throughput>=1.5x"],
         profile="fast",
-        tracking_uri=mlflow_server.url,
+        tracking_uri=tracking_server,
         experiment="unit-register",
         kfp_run_id="run-123",
     )
@@ -35,7 +35,7 @@ def test_register_tags_lineage_and_does_not_duplicate(tiny_export: Path, mlflow_
     again_uri, again = register.python_func(**kwargs)
 
     assert model_uri == f"models:/{name}/{version}" and (again_uri, again) == (model_uri, version)
-    mv = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url).get_model_version(name, version)
+    mv = MlflowClient(tracking_uri=tracking_server, registry_uri=tracking_server).get_model_version(name, version)
     assert mv.aliases == ["candidate"]
     assert mv.tags["puzzle.parent_model"] == "llama-parent" and mv.tags["puzzle.parent_version"] == "4"
     assert float(mv.tags["puzzle.speedup"]) == pytest.approx(1.6)

@@ -46,8 +46,8 @@ def search(
         objective=objective,
         constraints=[str(c) for c in constraints],
         num_solutions=int(num_solutions),
-        alpha=float(alpha),
-        time_limit_s=float(time_limit_s),
+        diversity_alpha=float(alpha),
+        time_limit=float(time_limit_s),
     )
     _runtime.describe(solutions, manifest)
     _runtime.track(solutions, manifest, phase="search", tracking_uri=tracking_uri, experiment=experiment, kfp_run_id=kfp_run_id)
