@@ -358,26 +358,22 @@ def _random_ffn(block: BlockConfig, config: DeciLMConfig, rand: Callable[..., to
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The model's RMSNorm: statistics in float32, scale in the input dtype."""
-    dtype = x.dtype
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(dtype)
+    """RMSNorm (one fused kernel on CUDA)."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) * sin == roll(x) * signed_sin``."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
-def _linear_residual(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``residual + x @ weight.T (+ bias)`` with the add fused into the GEMM."""
-    shape = residual.shape
-    out = torch.addmm(residual.reshape(-1, shape[-1]), x.reshape(-1, x.shape[-1]), weight.t())
+def _add_linear_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``residual += x @ weight.T (+ bias)`` in place: the residual add is the GEMM's accumulation."""
+    flat = residual.view(-1, residual.shape[-1])
+    flat.addmm_(x.reshape(-1, x.shape[-1]), weight.t())
     if bias is not None:
-        out = out + bias
-    return out.view(shape)
+        flat.add_(bias)
+    return residual
 
 
 def _silu_mul(gate_up: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -394,7 +390,8 @@ def _activation(config: DeciLMConfig) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def rope_tables(config: DeciLMConfig, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin ``[length, head_dim]`` exactly as the model computes them per position."""
+    """cos and signed sin ``[length, head_dim]`` (as the model computes them per position; the
+    first half of sin negated, see :func:`rope`)."""
     from puzzle.modeling.modeling_decilm import DeciLMRotaryEmbedding
 
     rotary = DeciLMRotaryEmbedding(config)
@@ -402,8 +399,10 @@ def rope_tables(config: DeciLMConfig, length: int, device: torch.device, dtype: 
     freqs = positions[:, None] * rotary.inv_freq.float()[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     cos = (emb.cos() * rotary.attention_scaling).to(device=device, dtype=dtype)
-    sin = (emb.sin() * rotary.attention_scaling).to(device=device, dtype=dtype)
-    return cos, sin
+    sin = emb.sin() * rotary.attention_scaling
+    half = sin.shape[-1] // 2
+    signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(device=device, dtype=dtype)
+    return cos, signed_sin
 
 
 # --------------------------------------------------------------------------- a batch in flight
@@ -486,9 +485,9 @@ class Session:
                 self.k_cache[a.slot][:, :, :length].copy_(k)
                 self.v_cache[a.slot][:, :, :length].copy_(v)
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv != heads)
-                x = _linear_residual(x, o.transpose(1, 2).reshape(batch, length, heads * hd), a.o, a.o_bias)
+                x = _add_linear_(x, o.transpose(1, 2).reshape(batch, length, heads * hd), a.o, a.o_bias)
             elif isinstance(a, LinearWeights):
-                x = _linear_residual(x, rms_norm(x, a.norm, eps), a.weight, None)
+                x = _add_linear_(x, rms_norm(x, a.norm, eps), a.weight, None)
             x = self._ffn(x, layer.ffn, eps)
         last = rms_norm(x[:, -1], w.norm, eps)
         self.tokens.copy_(F.linear(last, w.lm_head).argmax(-1))
@@ -519,9 +518,9 @@ class Session:
                 # One query token: the heads sharing a KV head become that head's query rows.
                 q = q.reshape(batch, kv, heads // kv, hd)
                 o = F.scaled_dot_product_attention(q, kc[:, :, :length], vc[:, :, :length], attn_mask=mask)
-                x = _linear_residual(x, o.reshape(batch, heads * hd), a.o, a.o_bias)
+                x = _add_linear_(x, o.reshape(batch, heads * hd), a.o, a.o_bias)
             elif isinstance(a, LinearWeights):
-                x = _linear_residual(x, rms_norm(x, a.norm, eps), a.weight, None)
+                x = _add_linear_(x, rms_norm(x, a.norm, eps), a.weight, None)
             x = self._ffn(x, layer.ffn, eps)
         logits = F.linear(rms_norm(x, w.norm, eps), w.lm_head)
         self.tokens.copy_(logits.argmax(-1))
@@ -541,9 +540,9 @@ class Session:
     def _ffn(self, x: torch.Tensor, f: MLPWeights | LinearWeights | None, eps: float) -> torch.Tensor:
         if isinstance(f, MLPWeights):
             h = _silu_mul(F.linear(rms_norm(x, f.norm, eps), f.gate_up, f.gate_up_bias), self.act)
-            return _linear_residual(x, h, f.down, f.down_bias)
+            return _add_linear_(x, h, f.down, f.down_bias)
         if isinstance(f, LinearWeights):
-            return _linear_residual(x, rms_norm(x, f.norm, eps), f.weight, None)
+            return _add_linear_(x, rms_norm(x, f.norm, eps), f.weight, None)
         return x
 
     # ----------------------------------------------------------------- graphs
