@@ -145,9 +145,12 @@ def _number(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+_KEY_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-./ ")
+
+
 def _metric_key(name: str) -> str:
-    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-./ ")
-    return "".join(c if c in allowed else "_" for c in name)[:250]
+    """A metric, param or tag key MLflow accepts (other characters become ``_``)."""
+    return "".join(c if c in _KEY_CHARS else "_" for c in name)[:250]
 
 
 def _cell(value: Any) -> Any:
@@ -227,7 +230,7 @@ class PipelineRun:
         from mlflow.exceptions import MlflowException
 
         target = run_id or self.run_id
-        items = [Param(k[:250], _param_value(v)) for k, v in flatten(params).items()]
+        items = [Param(_metric_key(k), _param_value(v)) for k, v in flatten(params).items()]
         for start in range(0, len(items), 100):
             batch = items[start : start + 100]
             try:
@@ -286,7 +289,7 @@ class PipelineRun:
     def set_tags(self, tags: Mapping[str, Any], run_id: str | None = None) -> None:
         for key, value in tags.items():
             if value is not None:
-                self.client.set_tag(run_id or self.run_id, key, _param_value(value))
+                self.client.set_tag(run_id or self.run_id, _metric_key(key), _param_value(value))
 
     def log_table(self, rows: list[Mapping[str, Any]], artifact_file: str, run_id: str | None = None) -> None:
         if rows:
@@ -489,7 +492,9 @@ def _log_export(run: PipelineRun, local: Path, run_id: str) -> None:
     report = _read_json(local / "export_report.json")
     if isinstance(report, Mapping):
         engines = {e["engine"]: e.get("servable") for e in report.get("engines", []) if isinstance(e, Mapping)}
-        run.set_tags({f"engine.{name}": "servable" if ok else "no" for name, ok in engines.items()}, run_id=run_id)
+        # "vLLM (nemotron_nas)" -> tag engine.vLLM
+        run.set_tags({f"engine.{name.split(' (')[0]}": "servable" if ok else "no" for name, ok in engines.items()},
+                     run_id=run_id)
 
 
 _KIND_LOGGERS = {

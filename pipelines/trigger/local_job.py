@@ -1,8 +1,8 @@
 """One run of the local backend: ``python -m pipelines.trigger.local_job JOB.json``.
 
-``puzzle run`` on the request's config, then the child's registration (alias ``candidate``,
-lineage tags), the gate (``champion`` when the targets are met), and the outcome written back
-on the parent version: ``puzzle.state`` (running -> succeeded | failed), ``puzzle.child``
+``puzzle run`` (:func:`puzzle.run.run`) on the request's config, then the child's registration
+(alias ``candidate``, lineage tags), the gate (``champion`` when the targets are met), and the
+outcome written back on the parent version: ``puzzle.state`` (running -> succeeded | failed), ``puzzle.child``
 (``models:/CHILD/VERSION``) or ``puzzle.error``.
 """
 
@@ -20,47 +20,15 @@ from pipelines.trigger.settings import TAG_CHILD, TAG_ERROR, TAG_RUN_ID, TAG_STA
 log = logging.getLogger("pipelines.trigger.local_job")
 
 
-def find_artifacts(root: Path, kind: str) -> list[Path]:
-    """Artifact directories of ``kind`` under ``root``, newest first."""
-    found = []
-    for manifest in root.rglob("manifest.json"):
-        try:
-            data = json.loads(manifest.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if data.get("kind") == kind:
-            found.append((float(data.get("created_at", 0.0)), manifest.parent))
-    return [path for _, path in sorted(found, reverse=True)]
-
-
-def _select_evaluation(candidates: list[Path], export: Path) -> Path | None:
-    """The evaluation of the exported child (a run also evaluates baselines)."""
-    export_manifest = json.loads((export / "manifest.json").read_text())
-    child_uri = export_manifest.get("inputs", {}).get("child", {}).get("uri")
-    for path in candidates:
-        inputs = json.loads((path / "manifest.json").read_text()).get("inputs", {})
-        if child_uri and any(ref.get("uri") == child_uri for ref in inputs.values()):
-            return path
-    return candidates[0] if candidates else None
-
-
 def run_job(job: dict[str, Any]) -> str:
     """Run the job; returns the registered child's ``models:/`` URI."""
     from puzzle import registry
-    from puzzle.cli import main as puzzle_main
     from puzzle.config import load_config
+    from puzzle.run import run
 
-    config = load_config(job["config"], check_access=False)
-    code = puzzle_main(["run", "--config", job["config"]])
-    if code != 0:
-        raise RuntimeError(f"puzzle run exited with code {code}; see job.log")
-    output = Path(config.output)
-    exports = find_artifacts(output, "export")
-    if not exports:
-        raise RuntimeError(f"puzzle run finished without an exported child under {output}")
-    export = exports[0]
-    evaluation = _select_evaluation(find_artifacts(output, "evaluation"), export)
-    figures = registry.figures_from_evaluation(str(evaluation)) if evaluation else {}
+    config = load_config(job["config"])
+    result = run(config)
+    figures = registry.figures_from_evaluation(result.evaluation_uri)
     lineage = registry.Lineage(
         parent_uri=job["parent_uri"],
         constraints=list(config.search.constraints),
@@ -70,8 +38,11 @@ def run_job(job: dict[str, Any]) -> str:
         kfp_run_id=job["run_id"],
         profile=job["profile"],
     )
+    # `puzzle run` registered the child already when the config names a registered model; this
+    # returns that version (same content) and adds the lineage only the trigger knows.
     registration = registry.register_child(
-        str(export), job["child_model"], lineage, tracking_uri=job["tracking_uri"], experiment=config.tracking.experiment
+        result.export_uri, job["child_model"], lineage, tracking_uri=job["tracking_uri"],
+        experiment=config.tracking.experiment,
     )
     gates = config.registry.gates
     registry.promote(
