@@ -50,7 +50,8 @@ def evaluate(
         kfp_run_id: the KFP run id (the MLflow run is tagged with it).
 
     Returns:
-        accuracy_kept: the child's next-token accuracy over the parent's.
+        accuracy_kept: the child's next-token accuracy over the parent's (0.0 when the parent predicts
+            no token right and the ratio is undefined, so that the gate fails closed).
         speedup: the child's measured throughput over the parent's.
     """
     import json
