@@ -27,7 +27,7 @@ class ImageConfigError(PuzzleError, ValueError):
     """``pipelines/images.yaml`` is malformed or does not name the image asked for."""
 
 
-@lru_cache(maxsize=1)
+@lru_cache(maxsize=4)
 def load_images(path: Path = IMAGES_FILE) -> dict[str, Any]:
     """The parsed images file (registry, version, images by role)."""
     try:
@@ -42,20 +42,18 @@ def load_images(path: Path = IMAGES_FILE) -> dict[str, Any]:
     return data
 
 
-def image(role: str) -> str:
+def image(role: str, path: Path = IMAGES_FILE) -> str:
     """The full reference of the image for ``role`` (``gpu``, ``cpu``, ...)."""
-    data = load_images()
+    data = load_images(path)
     spec = data["images"].get(role)
     if not isinstance(spec, dict) or not spec.get("name"):
-        raise ImageConfigError(
-            f"{IMAGES_FILE}: no image for role {role!r}; known roles: {sorted(data['images'])}"
-        )
+        raise ImageConfigError(f"{path}: no image for role {role!r}; known roles: {sorted(data['images'])}")
     registry = str(data["registry"]).rstrip("/")
     version = str(spec.get("version") or data["version"])
     ref = f"{registry}/{spec['name']}:{version}"
     digest = spec.get("digest")
     if digest:
         if not _DIGEST.match(str(digest)):
-            raise ImageConfigError(f"{IMAGES_FILE}: images.{role}.digest must look like sha256:<64 hex>, got {digest!r}")
+            raise ImageConfigError(f"{path}: images.{role}.digest must look like sha256:<64 hex>, got {digest!r}")
         ref = f"{ref}@{digest}"
     return ref

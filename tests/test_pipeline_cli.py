@@ -239,3 +239,45 @@ def test_schedule_creates_then_leaves_alone_then_replaces_by_name() -> None:
     assert run.trigger.cron_schedule.cron == "0 30 4 * * 1" and run.no_catchup is True
     assert run.runtime_config.pipeline_root == "s3://runs/puzzle"
     assert client.calls == ["create_recurring_run", "delete_recurring_run", "create_recurring_run"]
+
+
+def test_submit_sends_the_config_as_arguments_and_its_output_as_pipeline_root() -> None:
+    from pipelines.cli import submit
+    from pipelines.parameters import pipeline_arguments
+    from pipelines.puzzle_pipeline import PIPELINE_FILE
+    from puzzle.config import load_config
+
+    calls: list[dict[str, Any]] = []
+
+    class Client:
+        def create_run_from_pipeline_package(self, path: str, **kwargs: Any) -> Any:
+            calls.append({"path": path, **kwargs})
+            return SimpleNamespace(run_id="run-1")
+
+    config = load_config(None, ["parent=models:/llama/3", "output=s3://runs/a"], check_access=False)
+    arguments = pipeline_arguments(config, serving_uri="s3://serving/a")
+    run_id = submit(Client(), config, arguments, package=PIPELINE_FILE, experiment="puzzle", namespace="team-a")
+
+    assert run_id == "run-1"
+    (call,) = calls
+    assert call["arguments"]["parent"] == "models:/llama/3" and call["arguments"]["serving_uri"] == "s3://serving/a"
+    assert call["pipeline_root"] == "s3://runs/a" and call["namespace"] == "team-a"
+    assert call["run_name"].startswith(f"puzzle-{config.digest}-")
+
+
+def test_images_come_from_images_yaml_and_pin_digests(tmp_path: Path) -> None:
+    from pipelines.images import ImageConfigError, image
+
+    path = tmp_path / "images.yaml"
+    digest = "sha256:" + "a" * 64
+    path.write_text(yaml.safe_dump({
+        "registry": "registry.example/puzzle", "version": "1.2.3",
+        "images": {"gpu": {"name": "puzzle-gpu", "digest": digest}, "cpu": {"name": "puzzle-cpu"},
+                   "bad": {"name": "x", "digest": "latest"}},
+    }))
+    assert image("gpu", path) == f"registry.example/puzzle/puzzle-gpu:1.2.3@{digest}"
+    assert image("cpu", path) == "registry.example/puzzle/puzzle-cpu:1.2.3"
+    with pytest.raises(ImageConfigError, match="no image for role 'tpu'"):
+        image("tpu", path)
+    with pytest.raises(ImageConfigError, match="digest must look like sha256"):
+        image("bad", path)
