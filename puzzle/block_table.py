@@ -6,9 +6,9 @@ Three readers feed it:
   artifact): one row per (layer, block) with ``kl_div``, ``lm_loss``, ``cosine``, ``top1``,
   ``top5``. In decoupled mode only blocks with one parent side are scored; a pair
   ``attn_a+ffn_f`` is then scored additively as ``s(a+pf) + s(pa+f) - s(pa+pf)``.
-* :class:`CostTable` - measured sub-block costs (``costs.json`` of a ``costs`` artifact, see
-  :mod:`puzzle.costs`): prefill and per-step decode latency per batch size, parameters, weight
-  and KV-cache memory, and the hardware they were measured on.
+* :class:`puzzle.costs.CostTable` - measured sub-block costs (``costs.json`` of a ``costs``
+  artifact): prefill and per-step decode latency per batch size, parameters, weight and
+  KV-cache memory, and the hardware they were measured on.
 * :func:`read_library` - the published Puzzle block-library JSON (``layer_N`` -> variant name ->
   ``stats``/``metrics``), whose costs are already per block.
 
@@ -28,34 +28,29 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from puzzle import storage
 from puzzle.errors import PuzzleError
 
+if TYPE_CHECKING:
+    from puzzle.costs import CostTable
+
 log = logging.getLogger(__name__)
 
 SCORES_CSV = "scores.csv"
 SCORES_JSON = "scores.json"
-COSTS_JSON = "costs.json"
-BASE_NAME = "embeddings_lm_head"
-COSTS_FORMAT = "puzzle-costs"
 
 # Score columns where bigger is better; every other column is minimised.
 MAXIMIZED = {"cosine", "top1", "top5", "top1_agreement", "top5_agreement", "accuracy"}
 _ALIASES = {"top1_agreement": "top1", "top5_agreement": "top5"}
-# Hardware fields that must agree for two cost tables to be comparable.
-HARDWARE_KEYS = ("device_type", "device_name", "driver", "torch", "dtype", "backend")
+_NOT_SCORES = {"layer", "block", "attention", "ffn", "variant", "num_tokens", "shard"}
 
 
 class TableError(PuzzleError, ValueError):
     """A score, cost or library table is missing, malformed, or does not fit the others."""
-
-
-class HardwareMismatchError(TableError):
-    """Two cost tables (or a table and this machine) come from different hardware or software."""
 
 
 def metric_key(name: str) -> str:
@@ -104,7 +99,7 @@ class ScoreTable:
                 ) from exc
             scores = {}
             for key, raw in row.items():
-                if key in ("layer", "block", "attention", "ffn", "variant") or raw in (None, ""):
+                if key in _NOT_SCORES or raw in (None, ""):
                     continue
                 try:
                     scores[metric_key(key)] = float(raw)
@@ -164,8 +159,11 @@ def _read_text(uri: str) -> str:
 
 
 def load_scores(uri: str, parent_blocks: list[str] | None = None) -> ScoreTable:
-    """Read a scores artifact directory (``scores.csv`` or ``scores.json``) or one such file."""
-    candidates = [uri] if uri.endswith((".csv", ".json")) else [storage.join(uri, SCORES_CSV), storage.join(uri, SCORES_JSON)]
+    """Read a scores artifact directory (``scores.json`` or ``scores.csv``) or one such file."""
+    if uri.endswith((".csv", ".json")):
+        candidates = [uri]
+    else:
+        candidates = [storage.join(uri, SCORES_JSON), storage.join(uri, SCORES_CSV)]
     for path in candidates:
         if not storage.exists(path):
             continue
@@ -174,105 +172,23 @@ def load_scores(uri: str, parent_blocks: list[str] | None = None) -> ScoreTable:
         else:
             data = json.loads(_read_text(path))
             rows = data if isinstance(data, list) else data.get("rows") or data.get("scores")
-            if isinstance(data, dict) and parent_blocks is None and isinstance(data.get("parent_blocks"), list):
-                parent_blocks = data["parent_blocks"]
+            if isinstance(data, dict) and parent_blocks is None:
+                parent_blocks = _parent_list(data.get("parent_blocks"))
             if not isinstance(rows, list):
                 raise TableError(f"{path}: expected a list of rows (or {{'rows': [...]}})")
         return ScoreTable.from_rows(rows, path, parent_blocks)
     raise TableError(f"no {SCORES_CSV} or {SCORES_JSON} at {uri}: run `puzzle score` first (or pass the file itself)")
 
 
-# --------------------------------------------------------------------------- costs
-
-
-@dataclass
-class CostTable:
-    """A ``costs.json``: hardware identity, workload, and per-sub-block costs per batch size."""
-
-    data: dict[str, Any]
-    where: str = ""
-
-    @classmethod
-    def load(cls, uri: str) -> CostTable:
-        path = uri if uri.endswith(".json") else storage.join(uri, COSTS_JSON)
-        if not storage.exists(path):
-            raise TableError(f"no {COSTS_JSON} at {uri}: run `puzzle costs` on the target hardware first")
-        data = json.loads(_read_text(path))
-        if not isinstance(data, dict) or data.get("format") != COSTS_FORMAT:
-            raise TableError(f"{path} is not a puzzle cost table (format {COSTS_FORMAT!r} expected)")
-        for key in ("hardware", "workload", "subblocks"):
-            if key not in data:
-                raise TableError(f"{path} has no {key!r} section; re-run `puzzle costs`")
-        return cls(data, path)
-
-    @property
-    def hardware(self) -> dict[str, Any]:
-        return self.data["hardware"]
-
-    @property
-    def workload(self) -> dict[str, Any]:
-        return self.data["workload"]
-
-    @property
-    def batch_sizes(self) -> list[int]:
-        return [int(b) for b in self.workload["batch_sizes"]]
-
-    @property
-    def subblocks(self) -> dict[str, dict[str, Any]]:
-        return self.data["subblocks"]
-
-    @property
-    def parent_blocks(self) -> list[str]:
-        return list(self.data.get("model", {}).get("parent_blocks", []))
-
-    def check_same_hardware(self, other: dict[str, Any], other_name: str = "the other table") -> None:
-        """Raise :class:`HardwareMismatchError` unless ``other`` (a hardware dict) matches."""
-        diffs = [
-            f"{key}: {self.hardware.get(key)!r} here vs {other.get(key)!r} in {other_name}"
-            for key in HARDWARE_KEYS
-            if self.hardware.get(key) != other.get(key)
-        ]
-        if diffs:
-            raise HardwareMismatchError(
-                f"cost table {self.where or '(unsaved)'} was measured on other hardware/software than {other_name} "
-                f"({'; '.join(diffs)}); costs are only valid where they were measured: re-measure with "
-                "`puzzle costs` on the target machine instead of mixing tables"
-            )
-
-    def cost(self, name: str, batch_size: int) -> dict[str, float]:
-        """One sub-block's costs at ``batch_size``: prefill_ms, decode_ms, params, memory_mib, ..."""
-        entry = self.subblocks.get(name)
-        if entry is None:
-            raise TableError(
-                f"cost table {self.where} has no sub-block {name!r} (it has {sorted(self.subblocks)}); "
-                f"re-run `puzzle costs` with it in --attention/--ffn"
-            )
-        per_batch = entry["batches"].get(str(batch_size))
-        if per_batch is None:
-            raise TableError(f"cost table {self.where} was not measured at batch size {batch_size} (has {self.batch_sizes})")
-        return {"params": float(entry["params"]), "weight_mib": float(entry["weight_mib"]), **per_batch}
-
-
-def merge_cost_tables(tables: list[CostTable]) -> CostTable:
-    """One table from several measured on the same hardware and workload (e.g. in separate runs)."""
-    if not tables:
-        raise TableError("no cost tables to merge")
-    first = tables[0]
-    merged = json.loads(json.dumps(first.data))
-    for other in tables[1:]:
-        first.check_same_hardware(other.hardware, other.where or "another table")
-        for key in ("prompt_len", "gen_len"):
-            if first.workload.get(key) != other.workload.get(key):
-                raise TableError(
-                    f"cost tables {first.where} and {other.where} differ in workload.{key} "
-                    f"({first.workload.get(key)} vs {other.workload.get(key)}); measure them with the same workload"
-                )
-        for name, entry in other.subblocks.items():
-            target = merged["subblocks"].setdefault(name, json.loads(json.dumps(entry)))
-            target["batches"].update(entry["batches"])
-        batches = sorted(set(merged["workload"]["batch_sizes"]) | set(other.workload["batch_sizes"]))
-        merged["workload"]["batch_sizes"] = batches
-    return CostTable(merged, " + ".join(t.where for t in tables))
+def _parent_list(raw: Any) -> list[str] | None:
+    """``parent_blocks`` as a list per layer (scores.json stores ``{"0": "attn_kv3+ffn_1536", ...}``)."""
+    if isinstance(raw, list) and raw:
+        return [str(b) for b in raw]
+    if isinstance(raw, dict) and raw:
+        layers = sorted(int(k) for k in raw)
+        if layers == list(range(len(layers))):
+            return [str(raw[str(k)]) for k in layers]
+    return None
 
 
 # --------------------------------------------------------------------------- the joined table
@@ -341,64 +257,89 @@ def _pad(rows: list[list[float]], fill: float = 0.0) -> np.ndarray:
     return np.array([r + [fill] * (width - len(r)) for r in rows], dtype=np.float64)
 
 
-def build_table(scores: ScoreTable | None, costs: CostTable, *, objective: str, batch_size: int) -> BlockTable:
-    """Join scores and costs for one batch size; candidates = scored attention x FFN variants."""
-    gen_len = int(costs.workload["gen_len"])
-    base_cost = costs.cost(BASE_NAME, batch_size)
+NOOP_COSTS = {"runtime_ms": 0.0, "memory_mib": 0.0, "params": 0.0, "prefill_ms": 0.0, "decode_ms": 0.0}
+
+
+def _subblock(costs: CostTable, name: str, batch_size: int) -> dict[str, Any]:
+    """A sub-block's costs; a no-op costs nothing even when the table did not list it."""
+    if name in ("attn_noop", "ffn_noop") and name not in costs.names:
+        return NOOP_COSTS
+    return costs.subblock(name, batch_size)
+
+
+def build_table(
+    scores: ScoreTable, costs: CostTable, *, objective: str, batch_size: int, include: tuple[str, ...] = ()
+) -> BlockTable:
+    """Join scores and costs for one batch size; candidates = scored attention x FFN variants.
+
+    ``include``: blocks to add to every layer even when they cannot be scored (their score is
+    NaN; baselines such as layer dropping use them, the MIP never does).
+    """
+    from puzzle.costs import CostsError
+
+    gen_len = costs.gen_len
     parent_blocks = costs.parent_blocks
-    if scores is None:
-        raise TableError("the search needs a scores table (replace-1-block scores): run `puzzle score` first")
     if parent_blocks and len(parent_blocks) != scores.num_layers:
         raise TableError(
             f"scores cover {scores.num_layers} layers but the cost table's parent has {len(parent_blocks)}: "
             "they come from different parents"
         )
-    if objective not in scores.metrics and metric_key(objective) not in scores.metrics:
+    if metric_key(objective) not in scores.metrics:
         raise TableError(f"objective {objective!r} is not a score column; the scores have {scores.metrics}")
-    names, score_rows, lat, mem, params, prefill, decode, parent = [], [], [], [], [], [], [], []
+    try:
+        fixed = costs.fixed(batch_size)
+        wanted = {n for layer in range(scores.num_layers) for n in (*scores.variants(layer)[0], *scores.variants(layer)[1])}
+        wanted |= {part for block in include for part in split_block(block)}
+        sub = {name: _subblock(costs, name, batch_size) for name in wanted}
+    except CostsError as exc:
+        raise TableError(f"the scores and the cost table do not fit: {exc}") from exc
+    names, rows = [], {k: [] for k in ("score", "latency", "memory", "params", "prefill_ms", "decode_ms")}
+    parent = []
     for layer in range(scores.num_layers):
         attns, ffns = scores.variants(layer)
-        layer_names, s_row, l_row, m_row, p_row, pre_row, dec_row = [], [], [], [], [], [], []
-        for attn in attns:
-            for ffn in ffns:
-                value = scores.score(layer, attn, ffn, objective)
-                if value is None:
+        layer_names: list[str] = []
+        row: dict[str, list[float]] = {k: [] for k in rows}
+        pairs = [(a, f) for a in attns for f in ffns]
+        pairs += [split_block(b) for b in include if split_block(b) not in pairs]
+        for attn, ffn in pairs:
+            value = scores.score(layer, attn, ffn, objective)
+            if value is None:
+                if f"{attn}+{ffn}" not in include:
                     continue
-                a, f = costs.cost(attn, batch_size), costs.cost(ffn, batch_size)
-                layer_names.append(f"{attn}+{ffn}")
-                s_row.append(value)
-                pre = a["prefill_ms"] + f["prefill_ms"]
-                dec = a["decode_ms"] + f["decode_ms"]
-                pre_row.append(pre)
-                dec_row.append(dec)
-                l_row.append(pre + (gen_len - 1) * dec)
-                m_row.append(a["memory_mib"] + f["memory_mib"])
-                p_row.append(a["params"] + f["params"])
+                value = math.nan
+            a, f = sub[attn], sub[ffn]
+            layer_names.append(f"{attn}+{ffn}")
+            row["score"].append(value)
+            row["latency"].append(a["runtime_ms"] + f["runtime_ms"])
+            row["memory"].append(a["memory_mib"] + f["memory_mib"])
+            row["params"].append(a["params"] + f["params"])
+            row["prefill_ms"].append(a["prefill_ms"] + f["prefill_ms"])
+            row["decode_ms"].append(a["decode_ms"] + f["decode_ms"])
         pa, pf = scores.parent[layer]
         parent.append(layer_names.index(f"{pa}+{pf}"))
         names.append(layer_names)
-        for dest, row in zip((score_rows, lat, mem, params, prefill, decode), (s_row, l_row, m_row, p_row, pre_row, dec_row)):
-            dest.append(row)
+        for k in rows:
+            rows[k].append(row[k])
     valid = _pad([[1.0] * len(n) for n in names]).astype(bool)
     base = {
-        "latency": base_cost["prefill_ms"] + (gen_len - 1) * base_cost["decode_ms"],
-        "memory": base_cost["memory_mib"],
-        "params": base_cost["params"],
-        "prefill_ms": base_cost["prefill_ms"],
-        "decode_ms": base_cost["decode_ms"],
+        "latency": float(fixed["runtime_ms"]),
+        "memory": float(fixed["memory_mib"]),
+        "params": float(fixed["params"]),
+        "prefill_ms": float(fixed["prefill_ms"]),
+        "decode_ms": float(fixed["decode_ms"]),
     }
     return BlockTable(
         names=names,
-        score=np.where(valid, _pad(score_rows, np.nan), np.nan),
+        score=np.where(valid, _pad(rows["score"], np.nan), np.nan),
         valid=valid,
-        cost={"latency": _pad(lat), "memory": _pad(mem), "params": _pad(params)},
+        cost={"latency": _pad(rows["latency"]), "memory": _pad(rows["memory"]), "params": _pad(rows["params"])},
         base=base,
         parent=parent,
         batch_size=batch_size,
         tokens_per_batch=float(batch_size * gen_len),
         objective=metric_key(objective),
         source=costs.where,
-        extra={"prefill_ms": _pad(prefill), "decode_ms": _pad(decode)},
+        extra={"prefill_ms": _pad(rows["prefill_ms"]), "decode_ms": _pad(rows["decode_ms"])},
     )
 
 

@@ -209,6 +209,13 @@ def lagrangian(problem: Problem, lam: np.ndarray) -> tuple[float, np.ndarray]:
 
 def heuristic(problem: Problem, start: np.ndarray, reduced: np.ndarray | None = None, *, max_rounds: int = 500) -> np.ndarray | None:
     """A feasible architecture near ``start``: greedy repair, then 1- and 2-swap improvement."""
+    choice = greedy_repair(problem, start)
+    return None if choice is None else local_search(problem, choice, reduced, max_rounds=max_rounds)
+
+
+def greedy_repair(problem: Problem, start: Sequence[int]) -> np.ndarray | None:
+    """From ``start``, repeatedly take the single-layer change with the smallest score increase per
+    unit of constraint violation it removes, until every row holds (None if it gets stuck)."""
     L = problem.num_layers
     layers = np.arange(L)
     choice = np.asarray(start, dtype=np.int64).copy()
@@ -242,7 +249,23 @@ def heuristic(problem: Problem, start: np.ndarray, reduced: np.ndarray | None = 
         used = used_of(choice)
     if np.any(used > limit + tol):
         return None
+    return choice
 
+
+def local_search(problem: Problem, choice: np.ndarray, reduced: np.ndarray | None = None, *, max_rounds: int = 500) -> np.ndarray:
+    """Improve a feasible architecture by the best single-layer and two-layer changes that keep it
+    feasible, until none helps."""
+    L = problem.num_layers
+    layers = np.arange(L)
+    choice = choice.copy()
+    score = np.where(problem.valid, problem.score, np.inf)
+    limit = problem.limit
+    tol = _tol(limit)
+
+    def used_of(c: np.ndarray) -> np.ndarray:
+        return problem.coef[:, layers, c].sum(axis=1)
+
+    used = used_of(choice)
     # Candidate moves for the 2-swap step: the options with the smallest reduced costs.
     if reduced is None:
         reduced = np.where(problem.valid, 0.0, np.inf)

@@ -34,7 +34,6 @@ from puzzle import storage
 from puzzle.artifacts import Manifest, run_phase
 from puzzle.block_table import (
     BlockTable,
-    CostTable,
     TableError,
     build_table,
     default_maximize,
@@ -207,11 +206,12 @@ def make_problem(
         coefs.append(overlap)
         limits.append(math.floor(alpha * L + 1e-9))
         names.append(f"diversity vs solution {k + 1}")
-    score = np.where(table.valid, table.score, 0.0)
+    valid = table.valid & np.isfinite(table.score)  # unscored blocks (baselines' extras) are not candidates
+    score = np.where(valid, table.score, 0.0)
     if not coefs:
         coefs, limits = [np.zeros_like(score)], [0.0]
         names = ["(none)"]
-    return Problem(-score if maximize else score, np.stack(coefs), np.array(limits), table.valid, names)
+    return Problem(-score if maximize else score, np.stack(coefs), np.array(limits), valid, names)
 
 
 def constraint_report(table: BlockTable, constraints: list[Constraint], totals: dict[str, float]) -> list[dict[str, Any]]:
@@ -305,7 +305,12 @@ def _tables(
         return [read_library(library, objective=objective)]
     if not scores or not costs:
         raise SearchError("the search needs both a scores table and a cost table (or --library FILE)")
-    cost_table = CostTable.load(costs)
+    from puzzle.costs import CostsError, load_costs
+
+    try:
+        cost_table = load_costs(costs)
+    except CostsError as exc:
+        raise TableError(str(exc)) from exc
     score_table = load_scores(scores, cost_table.parent_blocks or None)
     sizes = cost_table.batch_sizes if batch_size is None else [batch_size]
     if batch_size is not None and batch_size not in cost_table.batch_sizes:

@@ -1,0 +1,318 @@
+"""Baselines: simpler ways to pick an architecture, written as ``solutions`` like the search's.
+
+The evaluation compares the Puzzle child against these at the same constraints (and the same
+training budget), so each writes ``solutions.json`` in the search's format
+(:func:`puzzle.search.describe`), with ``method`` set:
+
+* ``greedy``: from the parent, repeatedly make the single-layer change with the smallest score
+  increase per unit of constraint violation removed, until every constraint holds (the paper's
+  greedy ablation: no global view of the trade-off).
+* ``noop_only``: the exact search restricted to a no-op-only space: each sub-block is either the
+  parent's or a no-op (the paper's "no-op only" ablation).
+* ``uniform_width``: the same block in every layer (GQA attention and SwiGLU FFN only, no no-op
+  or linear layers): among those meeting the constraints, the one with the best score.
+* ``layer_dropping``: drop whole layers (attention and FFN no-op) in order of block influence,
+  BI = 1 - cos(input, output) of each layer of the parent on calibration tokens (Men et al.,
+  ShortGPT), least influential first, until the constraints hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from puzzle import artifacts
+from puzzle.artifacts import Manifest, run_phase
+from puzzle.block_table import BlockTable, TableError, build_table, default_maximize, load_scores, metric_key
+from puzzle.errors import PuzzleError
+from puzzle.knapsack import greedy_repair
+from puzzle.search import (
+    SOLUTIONS_KIND,
+    Constraint,
+    InfeasibleConstraintError,
+    SearchError,
+    constraint_report,
+    describe,
+    make_problem,
+    solve_table,
+    write_solutions,
+)
+
+log = logging.getLogger(__name__)
+
+METHODS = ("greedy", "noop_only", "uniform_width", "layer_dropping")
+_ALIASES = {"uniform": "uniform_width", "layer_drop": "layer_dropping", "noop": "noop_only"}
+DROPPED = "attn_noop+ffn_noop"
+
+
+class BaselineError(PuzzleError, ValueError):
+    """A baseline cannot be computed as asked; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------- the methods
+
+
+def _feasible(table: BlockTable, constraints: list[Constraint], choice: list[int]) -> bool:
+    return all(c["satisfied"] for c in constraint_report(table, constraints, table.totals(choice)))
+
+
+def greedy(table: BlockTable, constraints: list[Constraint], *, maximize: bool) -> dict[str, Any]:
+    problem = make_problem(table, constraints, maximize=maximize)
+    choice = greedy_repair(problem, np.asarray(table.parent))
+    if choice is None:
+        raise InfeasibleConstraintError(
+            f"greedy: no sequence of single-layer changes meets {[c.text for c in constraints]} at batch size "
+            f"{table.batch_size}"
+        )
+    return describe(table, [int(c) for c in choice], constraints, method="greedy", status="feasible")
+
+
+def noop_only(table: BlockTable, constraints: list[Constraint], *, maximize: bool, time_limit: float) -> dict[str, Any]:
+    keep = np.zeros_like(table.valid)
+    for layer, names in enumerate(table.names):
+        pa, pf = table.names[layer][table.parent[layer]].split("+")
+        for v, name in enumerate(names):
+            attn, ffn = name.split("+")
+            keep[layer, v] = attn in (pa, "attn_noop") and ffn in (pf, "ffn_noop")
+    restricted = table.restrict(keep)
+    solution = solve_table(restricted, constraints, maximize=maximize, time_limit=time_limit)[0]
+    solution["method"] = "noop_only"
+    return solution
+
+
+def uniform_width(table: BlockTable, constraints: list[Constraint], *, maximize: bool) -> dict[str, Any]:
+    common = set(table.names[0])
+    for names in table.names[1:]:
+        common &= set(names)
+    candidates = []
+    for block in sorted(common):
+        attn, ffn = block.split("+")
+        if not attn.startswith("attn_kv") or not ffn[len("ffn_"):].isdigit():
+            continue
+        choice = [table.index(layer, block) for layer in range(table.num_layers)]
+        if _feasible(table, constraints, choice):
+            candidates.append((block, choice))
+    if not candidates:
+        raise InfeasibleConstraintError(
+            f"uniform_width: no single GQA+SwiGLU block used in every layer meets {[c.text for c in constraints]} "
+            f"at batch size {table.batch_size} (uniform blocks available: {sorted(common)})"
+        )
+
+    def key(item: tuple[str, list[int]]) -> tuple[float, float]:
+        value = table.objective_value(item[1])
+        params = table.totals(item[1])["params"]
+        if value is None:
+            return (math.inf, -params)
+        return (-value if maximize else value, -params)
+
+    block, choice = min(candidates, key=key)
+    return describe(table, choice, constraints, method="uniform_width", status="feasible", uniform_block=block)
+
+
+def layer_dropping(
+    table: BlockTable, constraints: list[Constraint], influence: list[float]
+) -> dict[str, Any]:
+    if len(influence) != table.num_layers:
+        raise BaselineError(f"block influence has {len(influence)} layers, the table {table.num_layers}")
+    choice = list(table.parent)
+    dropped: list[int] = []
+    for layer in np.argsort(influence, kind="stable"):
+        if _feasible(table, constraints, choice):
+            break
+        choice[int(layer)] = table.index(int(layer), DROPPED)
+        dropped.append(int(layer))
+    if not _feasible(table, constraints, choice):
+        raise InfeasibleConstraintError(
+            f"layer_dropping: even with every layer dropped, {[c.text for c in constraints]} is not met at batch size "
+            f"{table.batch_size}"
+        )
+    return describe(
+        table, choice, constraints, method="layer_dropping", status="feasible",
+        dropped_layers=sorted(dropped), block_influence=[float(x) for x in influence],
+    )
+
+
+# --------------------------------------------------------------------------- block influence
+
+
+@torch.no_grad()
+def block_influence(model: torch.nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8) -> list[float]:
+    """Per layer, 1 - mean cosine similarity between the hidden state entering and leaving it."""
+    layers = model.model.layers
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    count = 0
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(index: int):
+        def fn(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            hidden_in = args[0] if args else kwargs["hidden_states"]
+            hidden_out = output[0] if isinstance(output, tuple) else output
+            captured[index] = (hidden_in.detach(), hidden_out.detach())
+
+        return fn
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        device = next(model.parameters()).device
+        for start in range(0, len(input_ids), batch_size):
+            ids = input_ids[start : start + batch_size].to(device)
+            model(input_ids=ids, use_cache=False)
+            for i, (h_in, h_out) in captured.items():
+                cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
+                sums[i] += (1.0 - cos).double().sum().cpu()
+            count += ids.numel()
+            captured.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (sums / max(count, 1)).tolist()
+
+
+def _input_uri(uri: str | None, name: str) -> str | None:
+    """An input ``name`` recorded in the manifest of the artifact at ``uri`` (None if absent)."""
+    if not uri:
+        return None
+    manifest = artifacts.read_manifest(uri)
+    if manifest is None:
+        return None
+    ref = manifest.inputs.get(name)
+    return ref.get("uri") if ref else None
+
+
+def _resolve(child: str | None, tokens: str | None, scores: str, library: str | None) -> tuple[str, str]:
+    """The parent child and tokens: given, or the ones the scores (or library) were made from."""
+    for source in (scores, library):
+        child = child or _input_uri(source, "child")
+        tokens = tokens or _input_uri(source, "tokens")
+    if not child or not tokens:
+        raise BaselineError(
+            "layer_dropping needs the parent (child=...) and calibration tokens (tokens=...) to measure block "
+            "influence; they could not be found in the scores' or library's manifest either"
+        )
+    return child, tokens
+
+
+# --------------------------------------------------------------------------- the phase
+
+
+def baseline(
+    method: str,
+    scores: str,
+    costs: str,
+    out: str,
+    *,
+    library: str | None = None,
+    objective: str = "kl_div",
+    maximize: bool | None = None,
+    constraints: list[str] | tuple[str, ...] = (),
+    batch_size: int | None = None,
+    child: str | None = None,
+    tokens: str | None = None,
+    split: str = "calibration",
+    max_sequences: int = 32,
+    device: str = "cpu",
+    time_limit: float = 60.0,
+    force: bool = False,
+) -> Manifest:
+    """Write the ``method`` baseline's solution at ``out`` (a ``solutions`` artifact).
+
+    ``batch_size`` None: every batch size of the cost table, keeping the best-scoring result.
+    ``layer_dropping`` measures block influence on ``max_sequences`` sequences of ``split`` of
+    ``tokens`` with the parent ``child``; both default to those the scores were computed from.
+    """
+    method = _ALIASES.get(method, method)
+    if method not in METHODS:
+        raise BaselineError(f"unknown baseline {method!r}; use one of {', '.join(METHODS)}")
+    parsed = [Constraint.parse(c) for c in constraints]
+    if not parsed:
+        raise SearchError("a baseline needs at least one constraint (e.g. 'throughput>=1.5x'), or it is the parent")
+    maximize = default_maximize(objective) if maximize is None else maximize
+    from puzzle.costs import CostsError, load_costs
+
+    try:
+        cost_table = load_costs(costs)
+    except CostsError as exc:
+        raise TableError(str(exc)) from exc
+    score_table = load_scores(scores, cost_table.parent_blocks or None)
+    sizes = cost_table.batch_sizes if batch_size is None else [batch_size]
+    if batch_size is not None and batch_size not in cost_table.batch_sizes:
+        raise SearchError(f"batch_size {batch_size} was not measured; the cost table has {cost_table.batch_sizes}")
+    include = (DROPPED,) if method == "layer_dropping" else ()
+    tables = [build_table(score_table, cost_table, objective=objective, batch_size=b, include=include) for b in sizes]
+    inputs = {"scores": scores, "costs": costs}
+    if method == "layer_dropping":
+        child, tokens = _resolve(child, tokens, scores, library)
+        inputs.update(child=child, tokens=tokens)
+    parameters = {
+        "method": method, "objective": metric_key(objective), "maximize": maximize,
+        "constraints": [c.text for c in parsed], "batch_size": batch_size, "split": split,
+        "max_sequences": max_sequences,
+    }
+
+    def body(staging: Path, _local: dict[str, Path]) -> dict[str, Any]:
+        started = time.perf_counter()
+        influence: list[float] | None = None
+        if method == "layer_dropping":
+            from puzzle.child import load_child
+            from puzzle.data import load_split
+
+            model = load_child(child, dtype="float32", device=device)
+            ids = load_split(tokens, split)[:max_sequences]
+            influence = block_influence(model, ids)
+            del model
+            log.info("block influence per layer: %s", ", ".join(f"{x:.3g}" for x in influence))
+        results, errors = [], []
+        for table in tables:
+            try:
+                if method == "greedy":
+                    sol = greedy(table, parsed, maximize=maximize)
+                elif method == "noop_only":
+                    sol = noop_only(table, parsed, maximize=maximize, time_limit=time_limit)
+                elif method == "uniform_width":
+                    sol = uniform_width(table, parsed, maximize=maximize)
+                else:
+                    assert influence is not None
+                    sol = layer_dropping(table, parsed, influence)
+            except InfeasibleConstraintError as exc:
+                errors.append(str(exc))
+                continue
+            results.append((table, sol))
+        if not results:
+            raise InfeasibleConstraintError(errors[0] if len(errors) == 1 else "\n".join(errors))
+        table, best = min(results, key=lambda item: _rank(item[1], maximize))
+        best.update(rank=1, method=method, solve_seconds=time.perf_counter() - started)
+        payload = {
+            "objective": metric_key(objective),
+            "maximize": maximize,
+            "method": method,
+            "constraints": [c.text for c in parsed],
+            "source": {"scores": scores, "costs": costs},
+            "batch_sizes": {str(t.batch_size): {"objective": s["objective"], "throughput": s["totals"]["throughput"]}
+                            for t, s in results},
+            "parent": describe(table, table.parent, parsed, method="parent"),
+            "solutions": [best],
+        }
+        write_solutions(staging, payload)
+        return {
+            "method": method,
+            "objective": best["objective"],
+            "batch_size": best["batch_size"],
+            "throughput": best["totals"]["throughput"],
+            "speedup": best["relative_to_parent"]["throughput"],
+        }
+
+    return run_phase(SOLUTIONS_KIND, out, inputs, parameters, body, materialize_inputs=False, force=force)
+
+
+def _rank(solution: dict[str, Any], maximize: bool) -> tuple[float, float]:
+    value = solution["objective"]
+    speed = -solution["totals"]["throughput"]
+    if value is None or not math.isfinite(value):
+        return (math.inf, speed)
+    return (-value if maximize else value, speed)
