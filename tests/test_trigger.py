@@ -417,6 +417,16 @@ def test_tagging_a_parent_version_in_mlflow_runs_puzzle_once_and_registers_the_c
         experiment = client.get_experiment_by_name("puzzle-trigger-e2e")
         pipeline_run = tracking.find_kfp_run(client, experiment.experiment_id, run_id)
         assert pipeline_run is not None and child.tags[registry.TAG_PIPELINE_RUN] == pipeline_run.info.run_id
+        nested = client.search_runs(
+            [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{pipeline_run.info.run_id}'"
+        )
+        phases = {r.data.tags.get(tracking.TAG_PHASE): r.info.run_id for r in nested}
+        assert {"convert", "bld", "scores", "costs", "search", "gkd", "evaluate", "export"} <= set(phases)
+        tables = {kind: {a.path for a in client.list_artifacts(phases[kind], "tables")} for kind in ("scores", "search")}
+        assert "tables/scores.json" in tables["scores"] and "tables/solutions.json" in tables["search"]
+        assert any(a.path.startswith("tables/costs_") for a in client.list_artifacts(phases["costs"], "tables"))
+        assert len(client.get_metric_history(phases["gkd"], "gkd/loss")) >= 2
+        assert "speedup" in client.get_run(pipeline_run.info.run_id).data.metrics
 
         # Exactly one run: the service's own tag writes came back as webhooks and were ignored,
         # and MLflow's delivery replayed by an attacker (or a retry) starts nothing.
