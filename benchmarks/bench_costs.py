@@ -153,7 +153,13 @@ def main() -> None:
         backend = costs.TorchBackend(device=device, repeats=args.repeats)
         workload = costs.Workload(batch_sizes=tuple(sizes), prompt_len=prompt_len, gen_len=gen_len)
         t0 = time.perf_counter()
-        data = costs.build_table(config, names, workload, backend)
+        try:
+            data = costs.build_table(config, names, workload, backend)
+        except Exception as exc:  # noqa: BLE001 - record it and go on with the other shape
+            log.exception("table of %s failed", shape)
+            results.data["shapes"][shape] = {"error": repr(exc)}
+            results.save()
+            continue
         build_s = time.perf_counter() - t0
         (out / f"costs_{shape}.json").write_text(json.dumps(data, indent=2) + "\n")
         table = costs.CostTable(data, f"costs_{shape}.json")
@@ -166,7 +172,13 @@ def main() -> None:
         print_table(table)
         results.save()
         if shape != "smollm2" or len(shapes) == 1:
-            bw = bandwidth_check(backend, table, args.bandwidth_batch, copy_bw)
+            try:
+                bw = bandwidth_check(backend, table, args.bandwidth_batch, copy_bw)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("bandwidth check failed")
+                entry["bandwidth"] = {"error": repr(exc)}
+                results.save()
+                continue
             entry["bandwidth"] = bw
             print(f"  {shape} parent at bs {bw['batch_size']}: decode step {bw['decode_step_ms']:.2f} ms, "
                   f"{bw['bytes_per_step'] / 1e9:.2f} GB/step -> bound {bw['bound_ms']:.2f} ms: "
@@ -180,6 +192,8 @@ def main() -> None:
     plan = [(shape, b) for b in order for shape in shapes if b in sizes]
     plan.sort(key=lambda sb: (sb[1] != args.bandwidth_batch, sb[0] != "smollm2"))
     for shape, batch in plan:
+        if shape not in tables:
+            continue
         table, backend = tables[shape], backends[shape]
         children = costs.random_children(table, args.children, seed=1)
         entry = results.data["shapes"][shape].setdefault("calibration", {})
@@ -193,7 +207,13 @@ def main() -> None:
             config = child_config_like(table.config(), [BlockConfig.from_name(b) for b in arch])
             workload = costs.Workload(batch_sizes=(batch,), prompt_len=table.prompt_len, gen_len=table.gen_len)
             t0 = time.perf_counter()
-            got = backend.measure_model(config, workload, seed=index + 1)[batch]
+            try:
+                got = backend.measure_model(config, workload, seed=index + 1)[batch]
+            except Exception as exc:  # noqa: BLE001
+                log.exception("calibration of %s child %d at batch %d failed", shape, index, batch)
+                results.data["skipped"].append(f"{shape} child {index} at batch {batch}: {exc!r}")
+                results.save()
+                continue
             predicted = table.totals(arch, batch)
             row = {
                 "child": index, "blocks": arch, "predicted_throughput": predicted["throughput"],
