@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 
 def _sizes(text: str) -> list[int]:
@@ -19,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "costs",
         help="measure prefill/decode latency and memory of every block variant on this machine",
-        description=(
+        description=textwrap.fill(
             "Measure, on the current device, the cost of every distinct sub-block of a block library (attention "
             "attn_kv<N>/attn_linear/attn_noop, FFN ffn_<W>/ffn_linear/ffn_noop) and of the embeddings + final norm + "
             "LM head, at each batch size of the serving workload: prefill latency for PROMPT_LEN tokens, decode "
@@ -28,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "(static KV cache, CUDA graphs and bf16 on GPU) with random weights of the real shapes, so no weights "
             "are read. Writes a `costs` artifact (costs.json with the hardware identity, costs.csv); tables from "
             "other hardware, drivers, torch versions or dtypes are refused by the search. Run it on the GPU the "
-            "child will be served on."
+            "child will be served on.",
+            width=100,
         ),
         epilog=(
             "examples:\n"
