@@ -9,8 +9,8 @@ training budget), so each writes ``solutions.json`` in the search's format
   greedy ablation: no global view of the trade-off).
 * ``noop_only``: the exact search restricted to a no-op-only space: each sub-block is either the
   parent's or a no-op (the paper's "no-op only" ablation).
-* ``uniform_width``: the same block in every layer (GQA attention and SwiGLU FFN only, no no-op
-  or linear layers): among those meeting the constraints, the one with the best score.
+* ``uniform_width``: the same block in every layer (any but the all-no-op one): among those
+  meeting the constraints, the one with the best score (usually the widest that fits).
 * ``layer_dropping``: drop whole layers (attention and FFN no-op) in order of block influence,
   BI = 1 - cos(input, output) of each layer of the parent on calibration tokens (Men et al.,
   ShortGPT), least influential first, until the constraints hold.
@@ -91,16 +91,13 @@ def uniform_width(table: BlockTable, constraints: list[Constraint], *, maximize:
     for names in table.names[1:]:
         common &= set(names)
     candidates = []
-    for block in sorted(common):
-        attn, ffn = block.split("+")
-        if not attn.startswith("attn_kv") or not ffn[len("ffn_"):].isdigit():
-            continue
+    for block in sorted(common - {DROPPED}):
         choice = [table.index(layer, block) for layer in range(table.num_layers)]
         if _feasible(table, constraints, choice):
             candidates.append((block, choice))
     if not candidates:
         raise InfeasibleConstraintError(
-            f"uniform_width: no single GQA+SwiGLU block used in every layer meets {[c.text for c in constraints]} "
+            f"uniform_width: no single block used in every layer meets {[c.text for c in constraints]} "
             f"at batch size {table.batch_size} (uniform blocks available: {sorted(common)})"
         )
 
@@ -245,6 +242,10 @@ def baseline(
         raise SearchError(f"batch_size {batch_size} was not measured; the cost table has {cost_table.batch_sizes}")
     include = (DROPPED,) if method == "layer_dropping" else ()
     tables = [build_table(score_table, cost_table, objective=objective, batch_size=b, include=include) for b in sizes]
+    for c in parsed:  # fail before any model is loaded when a bound is out of reach everywhere
+        reachable = [t for t in tables if _reachable(t, c)]
+        if not reachable:
+            make_problem(tables[0], [c], maximize=maximize)  # raises, naming the best reachable value
     inputs = {"scores": scores, "costs": costs}
     if method == "layer_dropping":
         child, tokens = _resolve(child, tokens, scores, library)
@@ -308,6 +309,14 @@ def baseline(
         }
 
     return run_phase(SOLUTIONS_KIND, out, inputs, parameters, body, materialize_inputs=False, force=force)
+
+
+def _reachable(table: BlockTable, constraint: Constraint) -> bool:
+    try:
+        make_problem(table, [constraint], maximize=False)
+    except InfeasibleConstraintError:
+        return False
+    return True
 
 
 def _rank(solution: dict[str, Any], maximize: bool) -> tuple[float, float]:

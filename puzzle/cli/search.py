@@ -75,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Pick an architecture the simple way, at the same limits as the search, and write it as a `solutions` "
             "artifact the realize and evaluate phases read like the search's: greedy (best score per unit of "
             "cost, from the parent), noop_only (the exact search over parent-or-no-op sub-blocks), uniform_width "
-            "(the same GQA+SwiGLU block in every layer, best score among those meeting the limits), "
+            "(the same block in every layer, best score among those meeting the limits), "
             "layer_dropping (drop whole layers by block influence 1 - cos(input, output), least first)."
         ),
         epilog=(
