@@ -68,11 +68,14 @@ class HeadlessChromium:
             raise RuntimeError(f"{expression}: {result['exceptionDetails'].get('exception', {}).get('description')}")
         return result["result"].get("value")
 
+    def page_text(self, chars: int = 600) -> str:
+        return str(self.js("document.body ? document.body.innerText : ''"))[:chars]
+
     def wait_for(self, selector: str) -> None:
         deadline = time.time() + self.timeout
         while not self.js(f"!!document.querySelector({json.dumps(selector)})"):
             if time.time() > deadline:
-                raise TimeoutError(f"{selector} did not appear in the MLflow UI")
+                raise TimeoutError(f"{selector} did not appear in the MLflow UI; the page shows: {self.page_text()!r}")
             time.sleep(0.2)
 
     def click(self, selector: str) -> None:
@@ -102,7 +105,8 @@ def add_model_version_tag_in_ui(mlflow_url: str, name: str, version: str, key: s
     binary = chromium_binary()
     if binary is None:
         raise RuntimeError("no chromium binary")
-    browser = HeadlessChromium(binary)
+    # Generous: on a loaded 2-core machine the UI's JavaScript alone can take tens of seconds.
+    browser = HeadlessChromium(binary, timeout=90)
     try:
         browser.call("Page.enable")
         browser.call("Page.navigate", url=f"{mlflow_url}/#/models/{name}/versions/{version}")
@@ -115,7 +119,7 @@ def add_model_version_tag_in_ui(mlflow_url: str, name: str, version: str, key: s
         section = json.dumps('[data-testid="tags-section"]')
         while not browser.js(f"document.querySelector({section}).innerText.includes({json.dumps(key)})"):
             if time.time() > deadline:
-                raise TimeoutError(f"the tag {key} never showed in the MLflow UI")
+                raise TimeoutError(f"the tag {key} never showed in the MLflow UI; the page shows: {browser.page_text()!r}")
             time.sleep(0.2)
     finally:
         browser.close()

@@ -462,7 +462,7 @@ def test_a_tag_added_in_the_mlflow_ui_reaches_the_trigger_service(
     hook = register_webhook(client, f"http://127.0.0.1:{server.port}/webhook", SECRET, name=f"ui-{name}")
     try:
         add_model_version_tag_in_ui(mlflow_env, name, version, "puzzle.request", "default")
-        wait_for(lambda: backend.requests, 60, "the UI's tag to reach the trigger service")
+        wait_for(lambda: backend.requests, 120, "the UI's tag to reach the trigger service")
         assert [r.parent_uri for r in backend.requests] == [f"models:/{name}/{version}"]
         tags = wait_for(lambda: (t := client.get_model_version(name, version).tags).get(TAG_RUN_ID) and t, 30, "tags")
         assert tags[TAG_RUN_ID] == "rec-1" and tags[TAG_STATE] == "submitted"
