@@ -387,10 +387,18 @@ def _undominated(score: np.ndarray, use: np.ndarray, cap: int) -> np.ndarray:
     return out
 
 
-def _prune(groups: list[_Group], limit: np.ndarray, gap: float, dominance_cap: int) -> list[_Group]:
+def _prune(groups: list[_Group], limit: np.ndarray, gap: float, dominance_cap: int, fresh: set[int]) -> list[_Group]:
+    """Drop dominated combinations of the ``fresh`` groups (new ones), then, until nothing
+    changes, those that break a row or the bound even with the cheapest choice elsewhere.
+
+    Dominance needs checking once per group: a combination dominated by another one is pruned
+    by the row and bound tests whenever the dominating one is (it has no smaller score, use or
+    reduced cost), so later passes cannot make it undominated.
+    """
     tol = _tol(limit)
     gap_tol = gap + float(_tol(gap)) if math.isfinite(gap) else math.inf
-    for _ in range(4):
+    groups = [g.take(_undominated(g.score, g.use, dominance_cap)) if i in fresh else g for i, g in enumerate(groups)]
+    while True:
         before = sum(len(g) for g in groups)
         min_use = np.stack([g.use.min(axis=1) for g in groups], axis=1)  # [K, G]
         min_red = np.array([g.red.min() for g in groups])
@@ -402,12 +410,10 @@ def _prune(groups: list[_Group], limit: np.ndarray, gap: float, dominance_cap: i
             ok &= g.red + (total_red - min_red[i]) <= gap_tol
             if not ok.any():
                 raise InfeasibleError("no architecture satisfies every constraint together")
-            g = g.take(ok)
-            out.append(g.take(_undominated(g.score, g.use, dominance_cap)))
+            out.append(g if ok.all() else g.take(ok))
         groups = out
         if sum(len(g) for g in groups) == before:
-            break
-    return groups
+            return groups
 
 
 def aggregate(
@@ -432,15 +438,17 @@ def aggregate(
         groups.append(
             _Group([layer], problem.score[layer, opts], problem.coef[:, layer, opts], reduced[layer, opts], opts[:, None])
         )
-    groups = _prune(groups, problem.limit, gap, dominance_cap)
+    groups = _prune(groups, problem.limit, gap, dominance_cap, set(range(len(groups))))
     while len(groups) > max_groups and time.perf_counter() < deadline:
         groups.sort(key=len)
         merged: list[_Group] = []
+        fresh: set[int] = set()
         changed = False
         i = 0
         while i < len(groups):
             wanted = len(merged) + (len(groups) - i) > max_groups and time.perf_counter() < deadline
             if wanted and i + 1 < len(groups) and len(groups[i]) * len(groups[i + 1]) <= max_group_size:
+                fresh.add(len(merged))
                 merged.append(_merge(groups[i], groups[i + 1]))
                 changed = True
                 i += 2
@@ -449,7 +457,7 @@ def aggregate(
                 i += 1
         if not changed:
             break
-        groups = _prune(merged, problem.limit, gap, dominance_cap)
+        groups = _prune(merged, problem.limit, gap, dominance_cap, fresh)
     return groups
 
 
@@ -548,7 +556,7 @@ def _deepening_dp(
     """
     full = state.upper - bound
     # Start near the bound: real libraries have their optimum within ~0.05 % of it.
-    gap = min(full, max(full / 256, 1e-5 * abs(bound), float(_tol(bound)))) if math.isfinite(full) else math.inf
+    gap = min(full, max(full / 64, 1e-5 * abs(bound), float(_tol(bound)))) if math.isfinite(full) else math.inf
     while time.perf_counter() < deadline:
         gap = min(gap, state.upper - bound)
         state.gaps.append(gap)
