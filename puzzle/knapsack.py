@@ -51,6 +51,8 @@ import numpy as np
 from puzzle.errors import PuzzleError
 
 log = logging.getLogger(__name__)
+# python-mip logs every warm start at INFO ("Adding default start values ..."): keep it quiet.
+logging.getLogger("mip").setLevel(logging.WARNING)
 
 _REL_TOL = 1e-9
 
