@@ -417,6 +417,7 @@ def test_tagging_a_parent_version_in_mlflow_runs_puzzle_once_and_registers_the_c
         experiment = client.get_experiment_by_name("puzzle-trigger-e2e")
         pipeline_run = tracking.find_kfp_run(client, experiment.experiment_id, run_id)
         assert pipeline_run is not None and child.tags[registry.TAG_PIPELINE_RUN] == pipeline_run.info.run_id
+        assert client.get_run(pipeline_run.info.run_id).info.status == "FINISHED"
         nested = client.search_runs(
             [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{pipeline_run.info.run_id}'"
         )

@@ -87,6 +87,7 @@ class LocalBackend:
             "child_model": request.child_model,
             "config": str(run_dir / "config.yaml"),
             "tracking_uri": self.tracking_uri,
+            "experiment": config.tracking.experiment,
         }
         (run_dir / "job.json").write_text(json.dumps(job, indent=2))
         thread = threading.Thread(target=self._run, args=(run_id, run_dir), name=f"local-run-{run_id}", daemon=True)

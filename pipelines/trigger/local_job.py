@@ -67,6 +67,19 @@ def _pipeline_run_id(job: dict[str, Any], experiment: str) -> str | None:
     return run.info.run_id if run else None
 
 
+def _close_tracking(job: dict[str, Any], status: str) -> None:
+    """End the MLflow run of this job: runs tagged with a run id are left open by ``puzzle run``
+    (in Kubeflow the exit handler closes them; here the job is the exit handler)."""
+    from puzzle import tracking
+
+    try:
+        tracking.finish_pipeline_run(
+            job["run_id"], status, tracking_uri=job["tracking_uri"], experiment=job.get("experiment", "puzzle")
+        )
+    except Exception:  # noqa: BLE001 - the outcome tags on the parent version matter more
+        log.exception("could not close the MLflow run of %s", job["run_id"])
+
+
 def main(argv: list[str] | None = None) -> int:
     from puzzle import tracking
 
@@ -91,9 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         child_uri = run_job(job)
     except BaseException as exc:
         log.exception("run %s failed", job["run_id"])
+        _close_tracking(job, "FAILED")
         tag(TAG_ERROR, f"{type(exc).__name__}: {exc}"[:500])
         tag(TAG_STATE, "failed")
         return 1
+    _close_tracking(job, "FINISHED")
     tag(TAG_CHILD, child_uri)
     tag(TAG_STATE, "succeeded")
     log.info("run %s succeeded: %s", job["run_id"], child_uri)
