@@ -40,7 +40,7 @@ def tiny_config_data(parent: Path, output: Path, text: Path) -> dict:
         "evaluate": {"batch_size": 4, "workload": {"batch_size": 1, "prompt_len": 8, "gen_len": 8},
                      "device": "cpu", "repeats": 1},
         "tracking": {"uri": None},
-        "baselines": {"methods": ["uniform_width", "layer_dropping"], "gkd": True},
+        "baselines": {"methods": ["layer_dropping"], "gkd": True},
     }
 
 
@@ -69,8 +69,7 @@ def test_run_builds_every_phase_and_exports_a_checkpoint_transformers_loads_and_
     out = Path(tiny_run["data"]["output"])
     for phase, directory in PHASE_DIRS.items():
         assert artifacts.read_manifest(str(out / directory)) is not None, phase
-    for method in ("uniform_width", "layer_dropping"):
-        assert artifacts.read_manifest(str(out / "baselines" / method / "distilled")) is not None
+    assert artifacts.read_manifest(str(out / "baselines" / "layer_dropping" / "distilled")) is not None
     assert result.record("gkd").summary["steps"] == GKD_STEPS
 
     model = AutoModelForCausalLM.from_pretrained(result.export_uri, trust_remote_code=True).eval()
@@ -83,8 +82,7 @@ def test_run_builds_every_phase_and_exports_a_checkpoint_transformers_loads_and_
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in parent.parameters())
 
     report = (out / "evaluation" / "report.md").read_text()
-    assert "**puzzle** keeps" in report and "| uniform_width | baseline |" in report
-    assert "| layer_dropping | baseline |" in report
+    assert "**puzzle** keeps" in report and "| layer_dropping | baseline |" in report
 
 
 def test_running_again_skips_every_phase(tiny_run) -> None:
