@@ -536,3 +536,31 @@ def test_puzzle_trigger_serve_answers_health_checks_and_logs_json(mlflow_env: st
     assert any(e["msg"] == "trigger service listening" and e["port"] == port for e in lines)
     assert any(e["msg"] == "delivery rejected" and e["status"] == 401 for e in lines)
     assert SECRET not in stderr
+
+
+@pytest.mark.integration
+def test_the_request_alias_runs_the_alias_profile_and_other_aliases_do_nothing(
+    recording_service, parent_version: tuple[str, str], mlflow_env: str
+) -> None:
+    from mlflow import MlflowClient
+
+    from pipelines.trigger.webhooks import register_webhook
+
+    service, backend, server = recording_service
+    name, version = parent_version
+    client = MlflowClient(mlflow_env)
+    hook = register_webhook(client, f"http://127.0.0.1:{server.port}/webhook", SECRET, name=f"alias-{name}")
+    try:
+        client.set_registered_model_alias(name, "champion", version)  # not the request alias
+        wait_for(lambda: service.stats.snapshot().get("ignored", 0) >= 1, 60, "the champion alias's webhook")
+        assert backend.requests == []
+        client.set_registered_model_alias(name, "puzzle-request", version)
+        wait_for(lambda: backend.requests, 60, "the request alias's webhook")
+        assert [(r.parent_uri, r.profile) for r in backend.requests] == [(f"models:/{name}/{version}", "default")]
+    finally:
+        client.delete_webhook(hook.webhook_id)
+    # A signed event for a version that does not exist is answered, not retried forever.
+    body = tag_event(name, "999", "puzzle.request", "default")
+    assert post(server.port, body, signed(body)) == (
+        200, {"status": "ignored", "reason": f"model version {name}/999 does not exist"})
+    assert len(backend.requests) == 1

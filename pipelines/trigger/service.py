@@ -173,8 +173,15 @@ class TriggerService:
 
     def request(self, name: str, version: str, profile: str, *, source: str, retry_failed: bool) -> dict[str, Any]:
         """Submit a run of ``profile`` for ``name``/``version`` unless one is already settled."""
+        from mlflow.exceptions import MlflowException
+
         with self._decide:
-            tags = dict(self.client.get_model_version(name, version).tags)
+            try:
+                tags = dict(self.client.get_model_version(name, version).tags)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                return {"status": "ignored", "reason": f"model version {name}/{version} does not exist"}
             state = tags.get(TAG_STATE)
             if tags.get(TAG_PROFILE) == profile and state is not None:
                 if state in SETTLED or not retry_failed:
