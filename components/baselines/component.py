@@ -101,8 +101,9 @@ def compare_baselines(
     details = {"puzzle": {"role": "child", "method": "puzzle"}}
     for method in [str(m) for m in methods]:
         solutions = str(work / method / "solutions")
+        # The parent and tokens are passed explicitly: the paths recorded in the scores are another pod's.
         baseline(method, scores.path, costs.path, solutions, library=library.path, objective=objective,
-                 constraints=[str(c) for c in constraints])
+                 constraints=[str(c) for c in constraints], child=parent.path, tokens=tokens.path)
         final = str(work / method / "realized")
         realize(library.path, solutions, final, solution_index=0, parent_child=parent.path)
         if gkd:
