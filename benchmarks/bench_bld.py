@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -194,12 +195,18 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
     config = parse_config(None)
     root = Path(args.dir)
     times: dict[str, float] = {}
+    cpu_times: dict[str, float] = {}
+
+    def cpu_seconds() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
 
     def timed(name: str, fn) -> Any:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), cpu_seconds()
         out = fn()
         times[name] = round(time.perf_counter() - started, 1)
-        print(f"{name}: {times[name]} s", flush=True)
+        cpu_times[name] = round(cpu_seconds() - cpu_started, 1)
+        print(f"{name}: {times[name]} s wall, {cpu_times[name]} s CPU, load {os.getloadavg()[0]:.1f}", flush=True)
         return out
 
     child, tokens = str(root / "child"), str(root / "tokens")
@@ -224,7 +231,7 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
         "device": "cpu", "threads": args.threads, "cpus": os.cpu_count(), "torch": torch.__version__,
         "budget": {"seq_len": d.seq_len, "splits": dict(d.splits), "space": space.to_json(),
                    "bld_token_budget": b.token_budget, "bld_batch": b.batch_size, "score_batch": sc.batch_size},
-        "seconds": times,
+        "seconds": times, "cpu_seconds": cpu_times, "load_average_at_end": os.getloadavg(),
         "library_bld_scoring_s": round(times["library"] + times["bld"] + times["scoring"], 1),
         "bld": trained.summary, "scoring": scored.summary,
     }
