@@ -98,8 +98,10 @@ def run(args: argparse.Namespace) -> int:
     for name, row in metrics["models"].items():
         if name == "parent":
             continue
+        kept = row.get("accuracy_kept")
+        kept_text = "undefined (parent accuracy 0)" if kept is None else f"{kept:.1%}"
         print(
-            f"{name:>16}: accuracy kept {row['accuracy_kept']:.1%} at {row['speedup']:.2f}x measured throughput, "
+            f"{name:>16}: accuracy kept {kept_text} at {row['speedup']:.2f}x measured throughput, "
             f"KL {row['kl_div']:.4f}, perplexity {row['perplexity']:.2f}"
         )
     print(f"\nreport: {result.evaluation_uri}/report.md (and report.html)")
