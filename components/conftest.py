@@ -1,7 +1,10 @@
-"""Fixtures for the component tests: the project's shared fixtures plus KFP local execution.
+"""Fixtures for the component tests: the project's shared fixtures, tiny phase outputs, KFP local.
 
-The shared fixtures (tiny parents, the SeaweedFS server) live in ``tests/conftest.py``; pytest
-only applies a conftest to its own folder, so every fixture defined there is re-exported here.
+The shared fixtures (tiny parents, the SeaweedFS and MLflow servers) live in ``tests/conftest.py``;
+pytest only applies a conftest to its own folder, so every fixture defined there is re-exported
+here. The expensive ones (the whole pipeline's local run and the MLflow server) are taken from
+``tests/`` when it already made them in this session (see :func:`local_pipeline_run`). The
+``tiny_*`` fixtures run each phase once on the tiny parent, for the unit tests' inputs.
 """
 
 from __future__ import annotations
