@@ -287,7 +287,7 @@ def evaluate(
             "tokens": int(ids.shape[0] * (ids.shape[1] - 1)),
             "workload": asdict(workload),
             "device": run_device,
-            "device_name": _device_name(run_device),
+            "device_name": results[PARENT].get("device_name") or _device_name(run_device),
             "parent": read_parent_info(local["parent"]).get("reference"),
             "models": results,
             "lm_eval": lm_eval_results,

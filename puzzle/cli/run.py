@@ -95,9 +95,9 @@ def run(args: argparse.Namespace) -> int:
     result = run_all(config, on_phase=show, check_access=False)
     metrics = read_metrics(result.evaluation_uri)
     print()
-    for name, row in metrics["models"].items():
-        if name == "parent":
-            continue
+    primary = metrics.get("primary")
+    for name in sorted((n for n in metrics["models"] if n != "parent"), key=lambda n: (n != primary, n)):
+        row = metrics["models"][name]
         kept = row.get("accuracy_kept")
         kept_text = "undefined (parent accuracy 0)" if kept is None else f"{kept:.1%}"
         print(
