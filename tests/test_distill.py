@@ -153,7 +153,7 @@ def test_gkd_lowers_smollm2_childs_kl_to_the_parent_on_held_out_tokens(smollm2_c
 
     tokens = tmp_path / "tokens"
     prepare("stdlib", str(smollm2_child), str(tokens), seq_len=64,
-            splits={"calibration": 8, "bld": 1, "score": 1, "gkd": 12, "eval": 8})
+            splits={"calibration": 8, "bld": 1, "score": 1, "gkd": 20, "eval": 8})
     layers = list(range(4, 12))
     space = SearchSpace(attention_kv_heads=(1,), attention_linear=False, attention_noop=False,
                         ffn_fractions=(0.5,), ffn_linear=False, ffn_noop=False)
