@@ -19,7 +19,7 @@ from puzzle.config import parse_config
 from puzzle.run import PHASE_DIRS, run
 
 ROOT = Path(__file__).resolve().parents[1]
-GKD_STEPS = 20
+GKD_STEPS = 40
 UPSTREAM = ["convert", "data", "library", "bld", "scores", "costs"]
 
 
