@@ -37,12 +37,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PEAK_BF16 = 989e12
 SHAPES = {
-    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                     rope_theta=500000.0),
-    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
-                    rope_theta=100000.0),
-    "tiny": dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
-                 rope_theta=10000.0),
+    "llama-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rope_theta=500000.0,
+    ),
+    "smollm2": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        rope_theta=100000.0,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=10000.0,
+    ),
 }
 
 
@@ -59,7 +74,9 @@ def save_tokenizer(directory: Path, vocab_size: int) -> None:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<0>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<1>", eos_token="<2>", unk_token="<0>").save_pretrained(directory)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<1>", eos_token="<2>", unk_token="<0>"
+    ).save_pretrained(directory)
 
 
 def make_random_parent(out: Path, shape: str, *, layers: int, vocab_size: int, seq_len: int) -> str:
@@ -72,8 +89,14 @@ def make_random_parent(out: Path, shape: str, *, layers: int, vocab_size: int, s
 
     def body(staging: Path, _local: dict) -> dict:
         torch.manual_seed(0)
-        config = LlamaConfig(**SHAPES[shape], vocab_size=vocab_size, num_hidden_layers=layers,
-                             max_position_embeddings=max(4096, seq_len), bos_token_id=1, eos_token_id=2)
+        config = LlamaConfig(
+            **SHAPES[shape],
+            vocab_size=vocab_size,
+            num_hidden_layers=layers,
+            max_position_embeddings=max(4096, seq_len),
+            bos_token_id=1,
+            eos_token_id=2,
+        )
         model = parent_to_child(LlamaForCausalLM(config))
         save_child(model, None, staging, {"reference": f"random {shape}", "family": "llama"})
         save_tokenizer(staging, vocab_size)
@@ -132,9 +155,15 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
 
     root = Path(args.dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    parent = make_random_parent(root / "parent", args.shape, layers=1, vocab_size=args.vocab, seq_len=args.seq_len)
-    tokens = make_random_tokens(root / "tokens", vocab_size=args.vocab, seq_len=args.seq_len,
-                                splits={"calibration": 4, "bld": args.steps * args.batch, "score": 2})
+    parent = make_random_parent(
+        root / "parent", args.shape, layers=1, vocab_size=args.vocab, seq_len=args.seq_len
+    )
+    tokens = make_random_tokens(
+        root / "tokens",
+        vocab_size=args.vocab,
+        seq_len=args.seq_len,
+        splits={"calibration": 4, "bld": args.steps * args.batch, "score": 2},
+    )
     started = time.perf_counter()
     build_library(parent, tokens, str(root / "library"), space=SearchSpace(), batch_size=2, device=device)
     library_s = time.perf_counter() - started
@@ -142,9 +171,15 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     config = json.loads((Path(parent) / "config.json").read_text())
     d_attn = config["num_attention_heads"] * config["head_dim"]
     results: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__,
-        "shape": args.shape, "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps,
-        "library_build_s": round(library_s, 1), "variants": lib.variants(0), "objectives": {},
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "shape": args.shape,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "steps": args.steps,
+        "library_build_s": round(library_s, 1),
+        "variants": lib.variants(0),
+        "objectives": {},
     }
     for objective in args.objectives.split(","):
         stamps: list[float] = []
@@ -157,10 +192,21 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        manifest = bld.train(str(root / "library"), parent, tokens, str(root / f"bld-{objective}"),
-                             token_budget=args.steps * args.batch * args.seq_len, batch_size=args.batch, lr=1e-4,
-                             warmup_fraction=0.1, objective=objective, val_sequences=2, checkpoint_every=10**6,
-                             device=device, on_step=on_step)
+        manifest = bld.train(
+            str(root / "library"),
+            parent,
+            tokens,
+            str(root / f"bld-{objective}"),
+            token_budget=args.steps * args.batch * args.seq_len,
+            batch_size=args.batch,
+            lr=1e-4,
+            warmup_fraction=0.1,
+            objective=objective,
+            val_sequences=2,
+            checkpoint_every=10**6,
+            device=device,
+            on_step=on_step,
+        )
         phase_s = time.perf_counter() - started
         warm = 2 if len(stamps) > 3 else 0
         per_step = (stamps[-1] - stamps[warm]) / (len(stamps) - 1 - warm)
@@ -176,7 +222,9 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
             "mfu": round(flops["total"] * tokens_per_s / PEAK_BF16, 4),
             "share_of_flops_in_frozen_parent_ffn": round(flops["frozen_parent_ffn"] / flops["total"], 3),
             "phase_wall_s": round(phase_s, 1),
-            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device == "cuda" else None,
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)
+            if device == "cuda"
+            else None,
             "mean_nmse": [manifest.summary["mean_initial_nmse"], manifest.summary["mean_final_nmse"]],
         }
         print(json.dumps({objective: results["objectives"][objective]}), flush=True)
@@ -206,34 +254,83 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
         out = fn()
         times[name] = round(time.perf_counter() - started, 1)
         cpu_times[name] = round(cpu_seconds() - cpu_started, 1)
-        print(f"{name}: {times[name]} s wall, {cpu_times[name]} s CPU, load {os.getloadavg()[0]:.1f}", flush=True)
+        print(
+            f"{name}: {times[name]} s wall, {cpu_times[name]} s CPU, load {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
         return out
 
     child, tokens = str(root / "child"), str(root / "tokens")
     timed("convert", lambda: convert(config.parent, child))
     d = config.data
-    timed("data", lambda: prepare(d.source, child, tokens, seq_len=d.seq_len, splits=dict(d.splits), seed=d.seed))
+    timed(
+        "data",
+        lambda: prepare(d.source, child, tokens, seq_len=d.seq_len, splits=dict(d.splits), seed=d.seed),
+    )
     s = config.search_space
-    space = SearchSpace(attention_kv_heads=tuple(s.kv_heads) if s.kv_heads else None,
-                        attention_linear=s.attention_linear, attention_noop=s.attention_noop,
-                        ffn_fractions=tuple(s.ffn_fractions), ffn_linear=s.ffn_linear, ffn_noop=s.ffn_noop)
+    space = SearchSpace(
+        attention_kv_heads=tuple(s.kv_heads) if s.kv_heads else None,
+        attention_linear=s.attention_linear,
+        attention_noop=s.attention_noop,
+        ffn_fractions=tuple(s.ffn_fractions),
+        ffn_linear=s.ffn_linear,
+        ffn_noop=s.ffn_noop,
+    )
     b = config.bld
-    timed("library", lambda: build_library(child, tokens, str(root / "library"), space=space,
-                                           batch_size=b.batch_size, device="cpu"))
-    trained = timed("bld", lambda: bld.train(str(root / "library"), child, tokens, str(root / "bld"),
-                                             token_budget=b.token_budget, batch_size=b.batch_size, lr=b.lr,
-                                             warmup_fraction=b.warmup_fraction, seed=b.seed, device="cpu"))
+    timed(
+        "library",
+        lambda: build_library(
+            child, tokens, str(root / "library"), space=space, batch_size=b.batch_size, device="cpu"
+        ),
+    )
+    trained = timed(
+        "bld",
+        lambda: bld.train(
+            str(root / "library"),
+            child,
+            tokens,
+            str(root / "bld"),
+            token_budget=b.token_budget,
+            batch_size=b.batch_size,
+            lr=b.lr,
+            warmup_fraction=b.warmup_fraction,
+            seed=b.seed,
+            device="cpu",
+        ),
+    )
     sc = config.scoring
-    scored = timed("scoring", lambda: scoring.score(str(root / "bld"), child, tokens, str(root / "scores"),
-                                                    metrics=list(sc.metrics), split=sc.split,
-                                                    batch_size=sc.batch_size, device="cpu"))
+    scored = timed(
+        "scoring",
+        lambda: scoring.score(
+            str(root / "bld"),
+            child,
+            tokens,
+            str(root / "scores"),
+            metrics=list(sc.metrics),
+            split=sc.split,
+            batch_size=sc.batch_size,
+            device="cpu",
+        ),
+    )
     return {
-        "device": "cpu", "threads": args.threads, "cpus": os.cpu_count(), "torch": torch.__version__,
-        "budget": {"seq_len": d.seq_len, "splits": dict(d.splits), "space": space.to_json(),
-                   "bld_token_budget": b.token_budget, "bld_batch": b.batch_size, "score_batch": sc.batch_size},
-        "seconds": times, "cpu_seconds": cpu_times, "load_average_at_end": os.getloadavg(),
+        "device": "cpu",
+        "threads": args.threads,
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "budget": {
+            "seq_len": d.seq_len,
+            "splits": dict(d.splits),
+            "space": space.to_json(),
+            "bld_token_budget": b.token_budget,
+            "bld_batch": b.batch_size,
+            "score_batch": sc.batch_size,
+        },
+        "seconds": times,
+        "cpu_seconds": cpu_times,
+        "load_average_at_end": os.getloadavg(),
         "library_bld_scoring_s": round(times["library"] + times["bld"] + times["scoring"], 1),
-        "bld": trained.summary, "scoring": scored.summary,
+        "bld": trained.summary,
+        "scoring": scored.summary,
     }
 
 
@@ -254,7 +351,9 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     results = run_gpu(args) if args.mode == "gpu" else run_cpu(args)
-    text = json.dumps(results, indent=2, default=lambda x: x if not isinstance(x, float) or math.isfinite(x) else None)
+    text = json.dumps(
+        results, indent=2, default=lambda x: x if not isinstance(x, float) or math.isfinite(x) else None
+    )
     print(text)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

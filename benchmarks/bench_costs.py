@@ -40,17 +40,49 @@ from puzzle.library import SearchSpace, plan_layers  # noqa: E402
 from puzzle.modeling import BlockConfig, DeciLMConfig  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
-    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5,
-                    rope_theta=100000.0, tie_word_embeddings=True),
-    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-                         rms_norm_eps=1e-5, tie_word_embeddings=False,
-                         rope_scaling={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                       "original_max_position_embeddings": 8192}, rope_theta=500000.0),
-    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "smollm2": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    ),
+    "llama-3.1-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_scaling={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        rope_theta=500000.0,
+    ),
+    "tiny": dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
 }
 
 log = logging.getLogger("bench_costs")
@@ -77,17 +109,25 @@ class Results:
 
 def print_table(table: costs.CostTable) -> None:
     sizes = table.batch_sizes
-    print(f"  {'sub-block':<20}{'params':>13}" + "".join(f"{'bs ' + str(b) + ' dec ms':>16}" for b in sizes)
-          + "".join(f"{'bs ' + str(b) + ' run ms':>16}" for b in sizes))
+    print(
+        f"  {'sub-block':<20}{'params':>13}"
+        + "".join(f"{'bs ' + str(b) + ' dec ms':>16}" for b in sizes)
+        + "".join(f"{'bs ' + str(b) + ' run ms':>16}" for b in sizes)
+    )
     for name in [costs.FIXED, *table.names]:
         e = {b: table.subblock(name, b) for b in sizes}
-        print(f"  {name:<20}{e[sizes[0]]['params']:>13,}" + "".join(f"{e[b]['decode_ms']:>16.4f}" for b in sizes)
-              + "".join(f"{e[b]['runtime_ms']:>16.1f}" for b in sizes))
+        print(
+            f"  {name:<20}{e[sizes[0]]['params']:>13,}"
+            + "".join(f"{e[b]['decode_ms']:>16.4f}" for b in sizes)
+            + "".join(f"{e[b]['runtime_ms']:>16.1f}" for b in sizes)
+        )
     for b in sizes:
         print(f"  parent predicted at bs {b}: {table.throughput(table.parent_blocks, b):,.0f} tokens/s")
 
 
-def bandwidth_check(backend: costs.TorchBackend, table: costs.CostTable, batch: int, copy_bw: float) -> dict[str, Any]:
+def bandwidth_check(
+    backend: costs.TorchBackend, table: costs.CostTable, batch: int, copy_bw: float
+) -> dict[str, Any]:
     """The parent at ``batch``: measured decode step vs bytes read over the copy bandwidth."""
     config = table.config()
     workload = costs.Workload(batch_sizes=(batch,), prompt_len=table.prompt_len, gen_len=table.gen_len)
@@ -119,7 +159,9 @@ def main() -> None:
     parser.add_argument("--children", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3, help="table timing repeats (calibration runs once)")
     parser.add_argument("--bandwidth-batch", type=int, default=64)
-    parser.add_argument("--budget-s", type=float, default=None, help="skip calibrations that would end after this")
+    parser.add_argument(
+        "--budget-s", type=float, default=None, help="skip calibrations that would end after this"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     started = time.perf_counter()
@@ -135,10 +177,16 @@ def main() -> None:
     dev = engine.resolve_device(device)
     results = Results(out / "bench_costs.json")
     copy_bw = engine.copy_bandwidth(dev, megabytes=1024 if dev.type == "cuda" else 64)
-    results.data.update(device=engine.device_name(dev), torch=torch.__version__, copy_bandwidth_tb_s=copy_bw / 1e12,
-                        workload={"batch_sizes": sizes, "prompt_len": prompt_len, "gen_len": gen_len},
-                        command=" ".join(sys.argv))
-    print(f"device {results.data['device']}, torch {torch.__version__}, copy bandwidth {copy_bw / 1e12:.2f} TB/s")
+    results.data.update(
+        device=engine.device_name(dev),
+        torch=torch.__version__,
+        copy_bandwidth_tb_s=copy_bw / 1e12,
+        workload={"batch_sizes": sizes, "prompt_len": prompt_len, "gen_len": gen_len},
+        command=" ".join(sys.argv),
+    )
+    print(
+        f"device {results.data['device']}, torch {torch.__version__}, copy bandwidth {copy_bw / 1e12:.2f} TB/s"
+    )
     results.save()
 
     def left() -> float:
@@ -149,7 +197,9 @@ def main() -> None:
     # 1. Tables (and the bandwidth check right after the 8B table, while its backend is warm).
     for shape in shapes:
         config = shape_config(shape)
-        names = list(dict.fromkeys(n for layer in plan_layers(config, SearchSpace(), None).values() for n in layer))
+        names = list(
+            dict.fromkeys(n for layer in plan_layers(config, SearchSpace(), None).values() for n in layer)
+        )
         backend = costs.TorchBackend(device=device, repeats=args.repeats)
         workload = costs.Workload(batch_sizes=tuple(sizes), prompt_len=prompt_len, gen_len=gen_len)
         t0 = time.perf_counter()
@@ -165,9 +215,13 @@ def main() -> None:
         table = costs.CostTable(data, f"costs_{shape}.json")
         tables[shape], backends[shape] = table, backend
         entry = results.data["shapes"].setdefault(shape, {})
-        entry.update(build_seconds=build_s, subblocks=names, hardware=data["hardware"],
-                     stack_layers={n: data["subblocks"][n].get("stack_layers") for n in names},
-                     parent_predicted_throughput={b: table.throughput(table.parent_blocks, b) for b in sizes})
+        entry.update(
+            build_seconds=build_s,
+            subblocks=names,
+            hardware=data["hardware"],
+            stack_layers={n: data["subblocks"][n].get("stack_layers") for n in names},
+            parent_predicted_throughput={b: table.throughput(table.parent_blocks, b) for b in sizes},
+        )
         print(f"\n{shape}: table of {len(names)} sub-blocks + fixed built in {build_s:.1f} s")
         print_table(table)
         results.save()
@@ -180,11 +234,13 @@ def main() -> None:
                 results.save()
                 continue
             entry["bandwidth"] = bw
-            print(f"  {shape} parent at bs {bw['batch_size']}: decode step {bw['decode_step_ms']:.2f} ms, "
-                  f"{bw['bytes_per_step'] / 1e9:.2f} GB/step -> bound {bw['bound_ms']:.2f} ms: "
-                  f"{100 * bw['fraction_of_bound']:.1f} % of the copy-bandwidth bound "
-                  f"({bw['achieved_bandwidth_tb_s']:.2f} TB/s); parent predicted {bw['predicted_throughput']:,.0f} vs "
-                  f"measured {bw['measured_throughput']:,.0f} tokens/s ({bw['error_pct']:+.1f} %)")
+            print(
+                f"  {shape} parent at bs {bw['batch_size']}: decode step {bw['decode_step_ms']:.2f} ms, "
+                f"{bw['bytes_per_step'] / 1e9:.2f} GB/step -> bound {bw['bound_ms']:.2f} ms: "
+                f"{100 * bw['fraction_of_bound']:.1f} % of the copy-bandwidth bound "
+                f"({bw['achieved_bandwidth_tb_s']:.2f} TB/s); parent predicted {bw['predicted_throughput']:,.0f} vs "
+                f"measured {bw['measured_throughput']:,.0f} tokens/s ({bw['error_pct']:+.1f} %)"
+            )
             results.save()
 
     # 2. Calibration, in order of priority: the bandwidth batch first, then the others.
@@ -201,11 +257,17 @@ def main() -> None:
         for index, arch in enumerate(children):
             estimate = 1.3 * table.runtime_ms(arch, batch) / 1e3 + 3.0
             if estimate > left():
-                results.data["skipped"].append(f"{shape} child {index} at batch {batch} (~{estimate:.0f} s left out)")
-                print(f"  skipped {shape} child {index} at bs {batch}: ~{estimate:.0f} s, {left():.0f} s left")
+                results.data["skipped"].append(
+                    f"{shape} child {index} at batch {batch} (~{estimate:.0f} s left out)"
+                )
+                print(
+                    f"  skipped {shape} child {index} at bs {batch}: ~{estimate:.0f} s, {left():.0f} s left"
+                )
                 continue
             config = child_config_like(table.config(), [BlockConfig.from_name(b) for b in arch])
-            workload = costs.Workload(batch_sizes=(batch,), prompt_len=table.prompt_len, gen_len=table.gen_len)
+            workload = costs.Workload(
+                batch_sizes=(batch,), prompt_len=table.prompt_len, gen_len=table.gen_len
+            )
             t0 = time.perf_counter()
             try:
                 got = backend.measure_model(config, workload, seed=index + 1)[batch]
@@ -216,30 +278,41 @@ def main() -> None:
                 continue
             predicted = table.totals(arch, batch)
             row = {
-                "child": index, "blocks": arch, "predicted_throughput": predicted["throughput"],
+                "child": index,
+                "blocks": arch,
+                "predicted_throughput": predicted["throughput"],
                 "measured_throughput": got["throughput"],
                 "error_pct": 100.0 * (predicted["throughput"] - got["throughput"]) / got["throughput"],
-                "predicted_prefill_ms": predicted["prefill_ms"], "measured_prefill_ms": got["prefill_s"] * 1e3,
-                "predicted_decode_ms": predicted["decode_ms"], "measured_decode_ms": got["decode_step_s"] * 1e3,
+                "predicted_prefill_ms": predicted["prefill_ms"],
+                "measured_prefill_ms": got["prefill_s"] * 1e3,
+                "predicted_decode_ms": predicted["decode_ms"],
+                "measured_decode_ms": got["decode_step_s"] * 1e3,
                 "seconds": time.perf_counter() - t0,
             }
             rows.append(row)
             entry[str(batch)] = rows
             results.save()
-            print(f"  {shape} child {index} bs {batch}: predicted {row['predicted_throughput']:,.0f}, measured "
-                  f"{row['measured_throughput']:,.0f} tokens/s ({row['error_pct']:+.1f} %); decode step "
-                  f"{row['predicted_decode_ms']:.3f} vs {row['measured_decode_ms']:.3f} ms, prefill "
-                  f"{row['predicted_prefill_ms']:.1f} vs {row['measured_prefill_ms']:.1f} ms ({row['seconds']:.1f} s)")
+            print(
+                f"  {shape} child {index} bs {batch}: predicted {row['predicted_throughput']:,.0f}, measured "
+                f"{row['measured_throughput']:,.0f} tokens/s ({row['error_pct']:+.1f} %); decode step "
+                f"{row['predicted_decode_ms']:.3f} vs {row['measured_decode_ms']:.3f} ms, prefill "
+                f"{row['predicted_prefill_ms']:.1f} vs {row['measured_prefill_ms']:.1f} ms ({row['seconds']:.1f} s)"
+            )
     for shape in shapes:
         calib = results.data["shapes"][shape].get("calibration", {})
         errors = [abs(r["error_pct"]) for rows in calib.values() for r in rows]
         if errors:
             results.data["shapes"][shape]["calibration_summary"] = {
-                "runs": len(errors), "mean_abs_error_pct": sum(errors) / len(errors), "max_abs_error_pct": max(errors),
-                "within_5pct": sum(e <= 5 for e in errors) / len(errors)}
+                "runs": len(errors),
+                "mean_abs_error_pct": sum(errors) / len(errors),
+                "max_abs_error_pct": max(errors),
+                "within_5pct": sum(e <= 5 for e in errors) / len(errors),
+            }
             s = results.data["shapes"][shape]["calibration_summary"]
-            print(f"{shape}: {s['runs']} runs, mean |error| {s['mean_abs_error_pct']:.2f} %, max "
-                  f"{s['max_abs_error_pct']:.2f} %, {100 * s['within_5pct']:.0f} % within 5 %")
+            print(
+                f"{shape}: {s['runs']} runs, mean |error| {s['mean_abs_error_pct']:.2f} %, max "
+                f"{s['max_abs_error_pct']:.2f} %, {100 * s['within_5pct']:.0f} % within 5 %"
+            )
     results.data["total_seconds"] = time.perf_counter() - started
     results.save()
     print(f"total {results.data['total_seconds']:.0f} s; results in {results.path}")

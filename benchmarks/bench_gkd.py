@@ -31,12 +31,36 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = {
-    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0),
-    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True, rope_theta=500000.0),
-    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0),
+    "smollm2": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+    ),
+    "llama-1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+    ),
+    "tiny": dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+    ),
 }
 PEAK_BF16 = 989e12
 
@@ -46,7 +70,8 @@ def child_blocks(config):
 
     narrow = config.blocks[0].ffn.intermediate_size // 2
     return [
-        BlockConfig.from_name(f"attn_kv1+ffn_{narrow}") if i % 2 else block for i, block in enumerate(config.blocks)
+        BlockConfig.from_name(f"attn_kv1+ffn_{narrow}") if i % 2 else block
+        for i, block in enumerate(config.blocks)
     ]
 
 
@@ -61,8 +86,9 @@ def prepare(directory: Path, shape: str, seq_len: int, sequences: int) -> None:
 
     torch.manual_seed(0)
     dims = SHAPES[shape]
-    llama = LlamaForCausalLM(LlamaConfig(**dims, max_position_embeddings=max(2048, seq_len), bos_token_id=1,
-                                         eos_token_id=2))
+    llama = LlamaForCausalLM(
+        LlamaConfig(**dims, max_position_embeddings=max(2048, seq_len), bos_token_id=1, eos_token_id=2)
+    )
     parent = parent_to_child(llama)
 
     def save(model, name):
@@ -80,12 +106,18 @@ def prepare(directory: Path, shape: str, seq_len: int, sequences: int) -> None:
     def tokens_body(staging: Path, _local) -> dict:
         ids = torch.randint(3, dims["vocab_size"], (sequences, seq_len), dtype=torch.int32)
         save_file({"input_ids": ids}, str(staging / "gkd.safetensors"))
-        info = {"seq_len": seq_len, "splits": {"gkd": {"file": "gkd.safetensors", "sequences": sequences,
-                                                        "tokens": sequences * seq_len}}}
+        info = {
+            "seq_len": seq_len,
+            "splits": {
+                "gkd": {"file": "gkd.safetensors", "sequences": sequences, "tokens": sequences * seq_len}
+            },
+        }
         (staging / "splits.json").write_text(json.dumps(info))
         return {}
 
-    artifacts.run_phase("tokens", str(directory / "tokens"), {}, {"seq_len": seq_len, "n": sequences}, tokens_body)
+    artifacts.run_phase(
+        "tokens", str(directory / "tokens"), {}, {"seq_len": seq_len, "n": sequences}, tokens_body
+    )
 
 
 def save_tiny_tokenizer(directory: Path, vocab_size: int) -> None:
@@ -122,9 +154,16 @@ def train(directory: Path, steps: int, batch_per_gpu: int, out: Path | None) -> 
     batch = batch_per_gpu * info.world_size
     target = directory / f"distilled-{info.world_size}gpu"
     manifest = distill(
-        str(directory / "child"), str(directory / "parent"), str(directory / "tokens"), str(target),
-        token_budget=steps * batch * seq_len, batch_size=batch, lr=1e-4, warmup_fraction=0.0,
-        checkpoint_every=10**9, device="auto",
+        str(directory / "child"),
+        str(directory / "parent"),
+        str(directory / "tokens"),
+        str(target),
+        token_budget=steps * batch * seq_len,
+        batch_size=batch,
+        lr=1e-4,
+        warmup_fraction=0.0,
+        checkpoint_every=10**9,
+        device="auto",
     )
     if not info.is_main:
         return
@@ -157,7 +196,9 @@ def train(directory: Path, steps: int, batch_per_gpu: int, out: Path | None) -> 
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare")
     p.add_argument("--dir", type=Path, required=True)

@@ -22,14 +22,31 @@ import torch
 
 SHAPES = {
     "smollm2-135m": dict(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0,
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
     ),
     "llama-3.1-8b": dict(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
     ),
 }
 
@@ -46,11 +63,15 @@ def gpu_forward(shape: str, batch: int, seq: int, repeats: int) -> dict:
         config.rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
     torch.manual_seed(0)
     with torch.device("cuda"):
-        reference = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+        reference = LlamaForCausalLM._from_config(
+            config, dtype=torch.bfloat16, attn_implementation="sdpa"
+        ).eval()
     ours = parent_to_child(reference).cuda().eval()  # shares the same weight tensors
     ids = torch.randint(0, config.vocab_size, (batch, seq), device="cuda")
     with torch.no_grad():
-        diff = (reference(ids[:2, :128]).logits.float() - ours(ids[:2, :128]).logits.float()).abs().max().item()
+        diff = (
+            (reference(ids[:2, :128]).logits.float() - ours(ids[:2, :128]).logits.float()).abs().max().item()
+        )
 
     def timed(model) -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -70,10 +91,16 @@ def gpu_forward(shape: str, batch: int, seq: int, repeats: int) -> dict:
     tokens = batch * seq
     ref, our = statistics.median(ref_ms), statistics.median(our_ms)
     result = {
-        "shape": shape, "batch": batch, "seq": seq, "dtype": "bfloat16",
-        "transformers_ms": round(ref, 3), "ours_ms": round(our, 3),
-        "transformers_tok_s": round(tokens / ref * 1e3), "ours_tok_s": round(tokens / our * 1e3),
-        "ratio": round(ref / our, 4), "max_abs_logit_diff_bf16": diff,
+        "shape": shape,
+        "batch": batch,
+        "seq": seq,
+        "dtype": "bfloat16",
+        "transformers_ms": round(ref, 3),
+        "ours_ms": round(our, 3),
+        "transformers_tok_s": round(tokens / ref * 1e3),
+        "ours_tok_s": round(tokens / our * 1e3),
+        "ratio": round(ref / our, 4),
+        "max_abs_logit_diff_bf16": diff,
         "spread_ours_ms": [round(min(our_ms), 3), round(max(our_ms), 3)],
     }
     del reference, ours
@@ -95,7 +122,9 @@ def cpu_convert_export() -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cpu-convert", action="store_true")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=1024)

@@ -41,12 +41,26 @@ TARGETS = (1.5, 2.0)
 # Budgets (CPU-sized; the paper's are 6 orders of magnitude larger): the same for every child.
 BENCH_CONFIG: dict[str, Any] = {
     "parent": "smollm2",
-    "data": {"source": "stdlib", "seq_len": 128,
-             "splits": {"calibration": 32, "bld": 128, "score": 8, "gkd": 256, "eval": 64}, "seed": 0},
-    "search_space": {"kv_heads": None, "attention_linear": True, "attention_noop": True,
-                     "ffn_fractions": [1.0, 0.875, 0.75, 0.5, 0.25, 0.2, 0.1], "ffn_linear": True, "ffn_noop": True},
+    "data": {
+        "source": "stdlib",
+        "seq_len": 128,
+        "splits": {"calibration": 32, "bld": 128, "score": 8, "gkd": 256, "eval": 64},
+        "seed": 0,
+    },
+    "search_space": {
+        "kv_heads": None,
+        "attention_linear": True,
+        "attention_noop": True,
+        "ffn_fractions": [1.0, 0.875, 0.75, 0.5, 0.25, 0.2, 0.1],
+        "ffn_linear": True,
+        "ffn_noop": True,
+    },
     "bld": {"token_budget": 16384, "batch_size": 8, "lr": 1e-3, "device": "cpu"},
-    "scoring": {"metrics": ["kl_div", "lm_loss", "cosine", "top1_agreement"], "batch_size": 8, "device": "cpu"},
+    "scoring": {
+        "metrics": ["kl_div", "lm_loss", "cosine", "top1_agreement"],
+        "batch_size": 8,
+        "device": "cpu",
+    },
     "gkd": {"token_budget": 16384, "batch_size": 8, "lr": 1e-4, "checkpoint_every": 8, "device": "cpu"},
     "evaluate": {"batch_size": 8, "device": "cpu"},
     "tracking": {"uri": None},
@@ -64,14 +78,22 @@ def cpu_prepare(work: Path) -> None:
     """Stage 1: the phases up to the scores, with the project's own runner."""
     from puzzle.run import Runner
 
-    runner = Runner(bench_config(work), on_phase=lambda r: print(
-        f"[{r.phase:>8}] {'built' if r.rebuilt else 'up to date'} in {r.seconds:.0f} s", flush=True))
+    runner = Runner(
+        bench_config(work),
+        on_phase=lambda r: print(
+            f"[{r.phase:>8}] {'built' if r.rebuilt else 'up to date'} in {r.seconds:.0f} s", flush=True
+        ),
+    )
     child = runner.convert()
     tokens = runner.data(child)
     library = runner.library(child, tokens)
     trained = runner.bld(library, child, tokens)
     runner.scores(trained, child, tokens)
-    print(json.dumps({"child": child, "tokens": tokens, "bld": trained, "scores": runner.uri("scores")}, indent=2))
+    print(
+        json.dumps(
+            {"child": child, "tokens": tokens, "bld": trained, "scores": runner.uri("scores")}, indent=2
+        )
+    )
 
 
 # --------------------------------------------------------------------------- stage 2: GPU speed
@@ -98,12 +120,15 @@ def gpu_costs(inputs: Path, out: Path, device: str, workload: dict[str, int]) ->
 
     config = costs.config_from_json(json.loads((inputs / "parent_config.json").read_text()))
     names = json.loads((inputs / "subblocks.json").read_text())
-    shape = costs.Workload(batch_sizes=(workload["batch_size"],), prompt_len=workload["prompt_len"],
-                           gen_len=workload["gen_len"])
+    shape = costs.Workload(
+        batch_sizes=(workload["batch_size"],), prompt_len=workload["prompt_len"], gen_len=workload["gen_len"]
+    )
     table = costs.build_table(config, names, shape, costs.make_backend("torch", device=device, repeats=3))
     (out / "costs.json").write_text(json.dumps(table, indent=2) + "\n")
-    print(f"cost table of {len(names)} sub-blocks in {table['measurement']['build_seconds']:.0f} s "
-          f"on {table['hardware']['device_name']}")
+    print(
+        f"cost table of {len(names)} sub-blocks in {table['measurement']['build_seconds']:.0f} s "
+        f"on {table['hardware']['device_name']}"
+    )
 
 
 def gpu_measure(inputs: Path, out: Path, repeats: int, device: str, workload: dict[str, int]) -> None:
@@ -125,8 +150,14 @@ def gpu_measure(inputs: Path, out: Path, repeats: int, device: str, workload: di
         if device.startswith("cuda"):
             model = model.to(torch.bfloat16)
         r = engine.measure_throughput(model, **workload, device=device, repeats=repeats)
-        results[name] = {"throughput": r["throughput"], "total_s": r["total_s"], "decode_s": r["decode_s"],
-                         "prefill_s": r["prefill_s"], "device_name": r["device_name"], "blocks": blocks}
+        results[name] = {
+            "throughput": r["throughput"],
+            "total_s": r["total_s"],
+            "decode_s": r["decode_s"],
+            "prefill_s": r["prefill_s"],
+            "device_name": r["device_name"],
+            "blocks": blocks,
+        }
         print(f"{name:>24}: {r['throughput']:10.0f} tokens/s", flush=True)
         del model
     base = results["parent"]["throughput"]
@@ -155,16 +186,28 @@ def plan(work: Path, costs_json: Path) -> None:
         out = work / f"solutions-{target}x"
         search.search(scores, costs_uri, str(out), objective="kl_div", constraints=[constraint])
         best = search.load_solutions(str(out))["solutions"][0]
-        result[f"puzzle@{target}x"] = {"blocks": best["blocks"], "predicted_speedup": best["relative_to_parent"]["throughput"],
-                                        "solutions": str(out)}
+        result[f"puzzle@{target}x"] = {
+            "blocks": best["blocks"],
+            "predicted_speedup": best["relative_to_parent"]["throughput"],
+            "solutions": str(out),
+        }
         for method in BENCH_CONFIG["baselines"]["methods"]:
             out = work / f"baseline-{method}-{target}x"
-            baselines.baseline(method, scores, costs_uri, str(out), library=str(work / "bld"), objective="kl_div",
-                               constraints=[constraint])
+            baselines.baseline(
+                method,
+                scores,
+                costs_uri,
+                str(out),
+                library=str(work / "bld"),
+                objective="kl_div",
+                constraints=[constraint],
+            )
             best = search.load_solutions(str(out))["solutions"][0]
-            result[f"{method}@{target}x"] = {"blocks": best["blocks"],
-                                              "predicted_speedup": best["relative_to_parent"]["throughput"],
-                                              "solutions": str(out)}
+            result[f"{method}@{target}x"] = {
+                "blocks": best["blocks"],
+                "predicted_speedup": best["relative_to_parent"]["throughput"],
+                "solutions": str(out),
+            }
     (work / "plan.json").write_text(json.dumps(result, indent=2) + "\n")
     for name, r in result.items():
         print(f"{name:>24}: predicted {r['predicted_speedup']:.2f}x")
@@ -195,8 +238,18 @@ def cpu_quality(work: Path, speed_json: Path) -> None:
         realize(str(work / "bld"), entry["solutions"], realized[name], parent_child=child)
         distilled[name] = str(work / "distilled" / slug)
         t0 = time.perf_counter()
-        distill(realized[name], child, tokens, distilled[name], token_budget=g.token_budget, batch_size=g.batch_size,
-                lr=g.lr, warmup_fraction=g.warmup_fraction, checkpoint_every=g.checkpoint_every, device="cpu")
+        distill(
+            realized[name],
+            child,
+            tokens,
+            distilled[name],
+            token_budget=g.token_budget,
+            batch_size=g.batch_size,
+            lr=g.lr,
+            warmup_fraction=g.warmup_fraction,
+            checkpoint_every=g.checkpoint_every,
+            device="cpu",
+        )
         print(f"GKD {name}: {time.perf_counter() - t0:.0f} s", flush=True)
     held_out = load_split(tokens, "eval")
     parent = load_child(child)
@@ -206,26 +259,41 @@ def cpu_quality(work: Path, speed_json: Path) -> None:
     rows = []
     for name in plan_data:
         q, q0 = quality[name], quality[f"{name} (before GKD)"]
-        rows.append({
-            "child": name, "predicted_speedup": plan_data[name]["predicted_speedup"],
-            "measured_speedup": speed[name]["speedup"], "throughput": speed[name]["throughput"],
-            "accuracy_kept": q["accuracy"] / quality["parent"]["accuracy"], "kl_div": q["kl_div"],
-            "perplexity": q["perplexity"], "kl_before_gkd": q0["kl_div"],
-            "accuracy_kept_before_gkd": q0["accuracy"] / quality["parent"]["accuracy"],
-        })
-    result = {"parent": {**quality["parent"], **speed["parent"]}, "children": rows,
-              "tokens": int(held_out.numel() - held_out.shape[0]), "budgets": {"bld": cfg.bld.token_budget,
-                                                                               "gkd": g.token_budget}}
+        rows.append(
+            {
+                "child": name,
+                "predicted_speedup": plan_data[name]["predicted_speedup"],
+                "measured_speedup": speed[name]["speedup"],
+                "throughput": speed[name]["throughput"],
+                "accuracy_kept": q["accuracy"] / quality["parent"]["accuracy"],
+                "kl_div": q["kl_div"],
+                "perplexity": q["perplexity"],
+                "kl_before_gkd": q0["kl_div"],
+                "accuracy_kept_before_gkd": q0["accuracy"] / quality["parent"]["accuracy"],
+            }
+        )
+    result = {
+        "parent": {**quality["parent"], **speed["parent"]},
+        "children": rows,
+        "tokens": int(held_out.numel() - held_out.shape[0]),
+        "budgets": {"bld": cfg.bld.token_budget, "gkd": g.token_budget},
+    }
     (work / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
     p = quality["parent"]
-    print(f"parent: accuracy {p['accuracy']:.4f}, perplexity {p['perplexity']:.2f}, "
-          f"{speed['parent']['throughput']:.0f} tokens/s on {speed['parent']['device_name']}")
-    print("| child | measured speedup (GPU) | predicted | accuracy kept | KL(parent‖child) | perplexity | "
-          "accuracy kept before GKD | KL before GKD |")
+    print(
+        f"parent: accuracy {p['accuracy']:.4f}, perplexity {p['perplexity']:.2f}, "
+        f"{speed['parent']['throughput']:.0f} tokens/s on {speed['parent']['device_name']}"
+    )
+    print(
+        "| child | measured speedup (GPU) | predicted | accuracy kept | KL(parent‖child) | perplexity | "
+        "accuracy kept before GKD | KL before GKD |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['child']} | {r['measured_speedup']:.2f}x | {r['predicted_speedup']:.2f}x | {r['accuracy_kept']:.1%} | "
-              f"{r['kl_div']:.3f} | {r['perplexity']:.2f} | {r['accuracy_kept_before_gkd']:.1%} | {r['kl_before_gkd']:.3f} |")
+        print(
+            f"| {r['child']} | {r['measured_speedup']:.2f}x | {r['predicted_speedup']:.2f}x | {r['accuracy_kept']:.1%} | "
+            f"{r['kl_div']:.3f} | {r['perplexity']:.2f} | {r['accuracy_kept_before_gkd']:.1%} | {r['kl_before_gkd']:.3f} |"
+        )
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
@@ -240,7 +308,9 @@ def parse_workload(text: str) -> dict[str, int]:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("cpu-prepare")
     p.add_argument("--work", type=Path, required=True)

@@ -53,13 +53,23 @@ def main() -> None:
     root = Path(args.dir)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     parent = make_random_parent(root / "parent", "smollm2", layers=30, vocab_size=49152, seq_len=args.seq_len)
-    tokens = make_random_tokens(root / "tokens", vocab_size=49152, seq_len=args.seq_len,
-                                splits={"calibration": 4, "score": args.sequences})
+    tokens = make_random_tokens(
+        root / "tokens",
+        vocab_size=49152,
+        seq_len=args.seq_len,
+        splits={"calibration": 4, "score": args.sequences},
+    )
     build_library(parent, tokens, str(root / "library"), space=SearchSpace(), layers=layers, device=device)
     results: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "sequences": args.sequences, "seq_len": args.seq_len, "batch": args.batch,
-        "layers": layers or "all", "runs": {},
+        "device": torch.cuda.get_device_name(0)
+        if device.startswith("cuda")
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "sequences": args.sequences,
+        "seq_len": args.seq_len,
+        "batch": args.batch,
+        "layers": layers or "all",
+        "runs": {},
     }
     lib = Library.open(str(root / "library"))
     rows = scoring.plan_rows(lib, layers=layers)
@@ -75,7 +85,9 @@ def main() -> None:
             torch.cuda.synchronize()
         loop = time.perf_counter() - started
         results["runs"][dtype] = {
-            "rows": len(rows), "scoring_s": round(loop, 2), "seconds_per_variant": round(loop / len(rows), 4),
+            "rows": len(rows),
+            "scoring_s": round(loop, 2),
+            "seconds_per_variant": round(loop / len(rows), 4),
             "scored_tokens_per_s": round(len(rows) * ids.shape[0] * (args.seq_len - 1) / loop, 1),
         }
         print(json.dumps({dtype: results["runs"][dtype]}), flush=True)

@@ -31,7 +31,9 @@ from puzzle import knapsack  # noqa: E402
 from puzzle.block_table import read_library  # noqa: E402
 from puzzle.search import Constraint, load_solutions, make_problem, search  # noqa: E402
 
-DEFAULT_LIBRARY = Path(__file__).resolve().parents[2] / "shared/data/llama-3.3-70b-block-library/block_library.json"
+DEFAULT_LIBRARY = (
+    Path(__file__).resolve().parents[2] / "shared/data/llama-3.3-70b-block-library/block_library.json"
+)
 
 
 def library_runs(path: Path, repeats: int) -> None:
@@ -45,26 +47,41 @@ def library_runs(path: Path, repeats: int) -> None:
             times.append(result.seconds)
         assert result is not None
         s = result.stats
-        print(f"  runtime <= {fraction:.0%} of the parent: kl_div {result.objective:.6f}, {result.status} "
-              f"(proof: {s['proof']}; CBC: {s['cbc_status']} {s['cbc_objective']:.6f}), cold {times[0]:.3f} s, "
-              f"warm median {statistics.median(times[1:]):.3f} s [LP {s['lp_bound']:.6f}, heuristic "
-              f"{s['heuristic_objective']:.6f}, DP gaps tried {len(s['dp_gaps'])}, {s['mip_variables']} MIP vars]")
+        print(
+            f"  runtime <= {fraction:.0%} of the parent: kl_div {result.objective:.6f}, {result.status} "
+            f"(proof: {s['proof']}; CBC: {s['cbc_status']} {s['cbc_objective']:.6f}), cold {times[0]:.3f} s, "
+            f"warm median {statistics.median(times[1:]):.3f} s [LP {s['lp_bound']:.6f}, heuristic "
+            f"{s['heuristic_objective']:.6f}, DP gaps tried {len(s['dp_gaps'])}, {s['mip_variables']} MIP vars]"
+        )
 
 
 def diverse_run(path: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        search(None, None, f"{tmp}/out", library=str(path), constraints=["latency<=0.5x"], num_solutions=10,
-               diversity_alpha=0.8)
+        search(
+            None,
+            None,
+            f"{tmp}/out",
+            library=str(path),
+            constraints=["latency<=0.5x"],
+            num_solutions=10,
+            diversity_alpha=0.8,
+        )
         elapsed = time.perf_counter() - started
         solutions = load_solutions(f"{tmp}/out")["solutions"]
-    diffs = [sum(a != b for a, b in zip(x["blocks"], y["blocks"])) for x, y in itertools.combinations(solutions, 2)]
-    print(f"  10 diverse solutions (alpha 0.8): {elapsed:.2f} s in all, smallest pairwise difference "
-          f"{min(diffs)} of {len(solutions[0]['blocks'])} layers")
+    diffs = [
+        sum(a != b for a, b in zip(x["blocks"], y["blocks"])) for x, y in itertools.combinations(solutions, 2)
+    ]
+    print(
+        f"  10 diverse solutions (alpha 0.8): {elapsed:.2f} s in all, smallest pairwise difference "
+        f"{min(diffs)} of {len(solutions[0]['blocks'])} layers"
+    )
     for s in solutions:
         gap = s["solver"].get("gap", 0.0)
-        print(f"    #{s['rank']:>2}: kl_div {s['objective']:.6f} {s['status']:<8} gap {gap:.2e} "
-              f"({s['solve_seconds']:.2f} s)")
+        print(
+            f"    #{s['rank']:>2}: kl_div {s['objective']:.6f} {s['status']:<8} gap {gap:.2e} "
+            f"({s['solve_seconds']:.2f} s)"
+        )
 
 
 def synthetic(L: int, V: int, kind: str, seed: int = 0) -> knapsack.Problem:
@@ -87,8 +104,10 @@ def synthetic_runs() -> None:
         problem = synthetic(200, 50, kind)
         result = knapsack.solve(problem)
         s = result.stats
-        print(f"  synthetic 200 x 50 ({kind}): objective {result.objective:.6f}, {result.status} (proof {s['proof']}), "
-              f"{result.seconds:.3f} s [{s['mip_variables']} MIP vars]")
+        print(
+            f"  synthetic 200 x 50 ({kind}): objective {result.objective:.6f}, {result.status} (proof {s['proof']}), "
+            f"{result.seconds:.3f} s [{s['mip_variables']} MIP vars]"
+        )
 
 
 def plain_cbc(path: Path) -> None:
@@ -104,18 +123,25 @@ def plain_cbc(path: Path) -> None:
             x = [[model.add_var(var_type=mip.BINARY) for _ in range(V)] for _ in range(L)]
             for layer in range(L):
                 model += mip.xsum(x[layer]) == 1
-            model += mip.xsum(float(problem.coef[0, i, j]) * x[i][j] for i in range(L) for j in range(V)) <= float(
-                problem.limit[0])
-            model.objective = mip.xsum(float(problem.score[i, j]) * x[i][j] for i in range(L) for j in range(V))
+            model += mip.xsum(
+                float(problem.coef[0, i, j]) * x[i][j] for i in range(L) for j in range(V)
+            ) <= float(problem.limit[0])
+            model.objective = mip.xsum(
+                float(problem.score[i, j]) * x[i][j] for i in range(L) for j in range(V)
+            )
             model.max_mip_gap, model.max_mip_gap_abs = gap, 1e-10
             started = time.perf_counter()
             status = model.optimize()
             elapsed, value = time.perf_counter() - started, model.objective_value
-        print(f"  plain CBC on all {L * V} variables, relative gap {gap:g}: {value:.6f} ({status.name}) in {elapsed:.2f} s")
+        print(
+            f"  plain CBC on all {L * V} variables, relative gap {gap:g}: {value:.6f} ({status.name}) in {elapsed:.2f} s"
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--library", type=Path, default=DEFAULT_LIBRARY)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--plain-cbc", action="store_true", help="also time CBC on the unreduced model")

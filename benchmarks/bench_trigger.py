@@ -48,8 +48,11 @@ class CountingBackend:
 
 def set_tag(url: str, name: str, version: str, key: str, value: str) -> None:
     body = json.dumps({"name": name, "version": version, "key": key, "value": value}).encode()
-    req = urllib.request.Request(f"{url}/api/2.0/mlflow/model-versions/set-tag", data=body,
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{url}/api/2.0/mlflow/model-versions/set-tag",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
     urllib.request.urlopen(req, timeout=30).read()
 
 
@@ -59,13 +62,26 @@ def throughput(port: int, n: int, *, forged: bool) -> float:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     start = time.perf_counter()
     for i in range(n):
-        body = json.dumps({"entity": "model_version_tag", "action": "set",
-                           "data": {"name": "m", "version": "1", "key": "other.tag", "value": str(i)}}).encode()
+        body = json.dumps(
+            {
+                "entity": "model_version_tag",
+                "action": "set",
+                "data": {"name": "m", "version": "1", "key": "other.tag", "value": str(i)},
+            }
+        ).encode()
         delivery, ts = str(uuid.uuid4()), str(int(time.time()))
         sig = "v1," + "A" * 44 if forged else signature.sign(SECRET, delivery, ts, body)
-        conn.request("POST", "/webhook", body=body, headers={
-            "Content-Type": "application/json", "X-MLflow-Delivery-Id": delivery, "X-MLflow-Timestamp": ts,
-            "X-MLflow-Signature": sig})
+        conn.request(
+            "POST",
+            "/webhook",
+            body=body,
+            headers={
+                "Content-Type": "application/json",
+                "X-MLflow-Delivery-Id": delivery,
+                "X-MLflow-Timestamp": ts,
+                "X-MLflow-Signature": sig,
+            },
+        )
         resp = conn.getresponse()
         resp.read()
         expected = 401 if forged else 200
@@ -77,7 +93,9 @@ def throughput(port: int, n: int, *, forged: bool) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--versions", type=int, default=20)
     parser.add_argument("--deliveries", type=int, default=2000)
     args = parser.parse_args()
@@ -103,11 +121,18 @@ def main() -> None:
         client.create_registered_model(name)
         run = client.create_run("0")
         client.set_terminated(run.info.run_id)
-        versions = [client.create_model_version(name, source=run.info.artifact_uri, run_id=run.info.run_id).version
-                    for _ in range(args.versions)]
+        versions = [
+            client.create_model_version(name, source=run.info.artifact_uri, run_id=run.info.run_id).version
+            for _ in range(args.versions)
+        ]
         backend = CountingBackend()
-        settings = TriggerSettings(tracking_uri=mlflow.url, secret=SECRET, state_db=str(work / "state.sqlite"),
-                                   reconcile_interval_s=0, window_s=300)
+        settings = TriggerSettings(
+            tracking_uri=mlflow.url,
+            secret=SECRET,
+            state_db=str(work / "state.sqlite"),
+            reconcile_interval_s=0,
+            window_s=300,
+        )
         server = TriggerServer(build_service(settings, backend), "127.0.0.1", 0).start()
         register_webhook(client, f"http://127.0.0.1:{server.port}/webhook", SECRET)
         time.sleep(2)  # let MLflow's webhook cache (TTL 1 s) see the new webhook
@@ -127,8 +152,10 @@ def main() -> None:
         accepted = throughput(server.port, args.deliveries, forged=False)
         rejected = throughput(server.port, args.deliveries, forged=True)
         server.stop()
-        print(f"tag set (REST) -> run submitted, {len(latencies)} versions: median {statistics.median(latencies)*1000:.0f} ms, "
-              f"p95 {p95*1000:.0f} ms, max {latencies[-1]*1000:.0f} ms")
+        print(
+            f"tag set (REST) -> run submitted, {len(latencies)} versions: median {statistics.median(latencies) * 1000:.0f} ms, "
+            f"p95 {p95 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms"
+        )
         print(f"verified deliveries (ignored tag), {args.deliveries} over one connection: {accepted:.0f}/s")
         print(f"forged deliveries (401 after the HMAC check), {args.deliveries}: {rejected:.0f}/s")
     finally:

@@ -26,9 +26,17 @@ def component_folders() -> list[Path]:
 def load_component(folder: Path) -> Any:
     """The component defined in ``folder/component.py`` (the one object with a component_spec)."""
     module = importlib.import_module(f"components.{folder.name}.component")
-    found = [v for v in vars(module).values() if hasattr(v, "component_spec") and getattr(v, "__module__", "") == module.__name__]
+    found = [
+        v
+        for v in vars(module).values()
+        if hasattr(v, "component_spec") and getattr(v, "__module__", "") == module.__name__
+    ]
     if len(found) != 1:
-        found = [v for v in vars(module).values() if hasattr(v, "python_func") and v.python_func.__module__ == module.__name__]
+        found = [
+            v
+            for v in vars(module).values()
+            if hasattr(v, "python_func") and v.python_func.__module__ == module.__name__
+        ]
     (component,) = found
     return component
 
@@ -73,8 +81,13 @@ def render(component: Any) -> str:
     func = component.python_func
     description, args, returns = _sections(func.__doc__ or "")
     image = spec.implementation.container.image
-    calls = sorted({f"`{m}.{name.strip()}`" if not name.strip().startswith("(") else f"`{m}`"
-                    for m, names in _PUZZLE_IMPORT.findall(inspect.getsource(func)) for name in names.split(",")})
+    calls = sorted(
+        {
+            f"`{m}.{name.strip()}`" if not name.strip().startswith("(") else f"`{m}`"
+            for m, names in _PUZZLE_IMPORT.findall(inspect.getsource(func))
+            for name in names.split(",")
+        }
+    )
     calls = [c.replace(" as ", "` as `") for c in calls]
     lines = [
         f"# `{spec.name}`",

@@ -66,7 +66,9 @@ def copy_artifact(local: str, uri: str) -> bool:
 
     manifest = artifacts.read_manifest(local)
     if manifest is None:
-        raise artifacts.ArtifactError(f"{local} has no manifest.json: the phase did not finish; nothing to copy")
+        raise artifacts.ArtifactError(
+            f"{local} has no manifest.json: the phase did not finish; nothing to copy"
+        )
     existing = artifacts.read_manifest(uri) if storage.exists(storage.join(uri, artifacts.MANIFEST)) else None
     if existing is not None and existing.content_hash == manifest.content_hash:
         logging.getLogger(__name__).info("%s already holds this artifact; not copying", uri)
@@ -110,7 +112,9 @@ def track(
             phase_run = run.log_phase(manifest.kind, artifact.path, manifest, name=phase)
             run.set_tags({tracking.TAG_ARTIFACT_URI: artifact.uri}, run_id=phase_run)
     except Exception as exc:  # noqa: BLE001 - see the docstring
-        logging.getLogger(__name__).error("tracking %s in MLflow failed: %s: %s", phase, type(exc).__name__, exc)
+        logging.getLogger(__name__).error(
+            "tracking %s in MLflow failed: %s: %s", phase, type(exc).__name__, exc
+        )
         artifact.metadata["tracking_error"] = f"{type(exc).__name__}: {exc}"
         return None
     artifact.metadata["mlflow_run_id"] = phase_run

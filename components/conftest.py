@@ -97,7 +97,12 @@ def tiny_tokens(tiny_child: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 TINY_SPACE = dict(
-    kv_heads=[1], attention_linear=True, attention_noop=True, ffn_fractions=[1.0, 0.5], ffn_linear=False, ffn_noop=True
+    kv_heads=[1],
+    attention_linear=True,
+    attention_noop=True,
+    ffn_fractions=[1.0, 0.5],
+    ffn_linear=False,
+    ffn_noop=True,
 )
 
 
@@ -162,7 +167,15 @@ def tiny_bld_shards(tiny_library: Path, tiny_child: Path, tiny_tokens: Path, tmp
     outs = []
     for index in range(2):
         out = root / f"shard-{index}"
-        train(str(tiny_library), str(tiny_child), str(tiny_tokens), str(out), shard=f"{index}/2", device="cpu", **TINY_BLD)
+        train(
+            str(tiny_library),
+            str(tiny_child),
+            str(tiny_tokens),
+            str(out),
+            shard=f"{index}/2",
+            device="cpu",
+            **TINY_BLD,
+        )
         outs.append(out)
     return outs
 
@@ -181,7 +194,9 @@ TINY_METRICS = ["kl_div", "lm_loss"]
 
 
 @pytest.fixture(scope="session")
-def tiny_score_shards(tiny_trained_library: Path, tiny_child: Path, tiny_tokens: Path, tmp_path_factory) -> list[Path]:
+def tiny_score_shards(
+    tiny_trained_library: Path, tiny_child: Path, tiny_tokens: Path, tmp_path_factory
+) -> list[Path]:
     """Both shards (of 2) of the replace-1-block scores of :func:`tiny_trained_library`."""
     from puzzle.scoring import score
 
@@ -189,8 +204,16 @@ def tiny_score_shards(tiny_trained_library: Path, tiny_child: Path, tiny_tokens:
     outs = []
     for index in range(2):
         out = root / f"shard-{index}"
-        score(str(tiny_trained_library), str(tiny_child), str(tiny_tokens), str(out), metrics=TINY_METRICS,
-              shard=f"{index}/2", batch_size=4, device="cpu")
+        score(
+            str(tiny_trained_library),
+            str(tiny_child),
+            str(tiny_tokens),
+            str(out),
+            metrics=TINY_METRICS,
+            shard=f"{index}/2",
+            batch_size=4,
+            device="cpu",
+        )
         outs.append(out)
     return outs
 
@@ -216,18 +239,30 @@ def write_evaluation(out: Path, accuracy_kept: float, speedup: float) -> Path:
         (staging / "metrics.json").write_text(json.dumps(metrics))
         return {}
 
-    artifacts.run_phase("evaluation", str(out), {}, {"accuracy_kept": accuracy_kept, "speedup": speedup}, body)
+    artifacts.run_phase(
+        "evaluation", str(out), {}, {"accuracy_kept": accuracy_kept, "speedup": speedup}, body
+    )
     return out
 
 
 @pytest.fixture(scope="session")
-def tiny_costs(tiny_trained_library: Path, tiny_child: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_costs(
+    tiny_trained_library: Path, tiny_child: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """The cost table of :func:`tiny_trained_library` on this CPU (a tiny workload)."""
     from puzzle.costs import measure
 
     out = tmp_path_factory.mktemp("tiny-costs") / "costs"
-    measure(str(tiny_trained_library), str(tiny_child), str(out), batch_sizes=[1], prompt_len=4, gen_len=3,
-            repeats=1, device="cpu")
+    measure(
+        str(tiny_trained_library),
+        str(tiny_child),
+        str(out),
+        batch_sizes=[1],
+        prompt_len=4,
+        gen_len=3,
+        repeats=1,
+        device="cpu",
+    )
     return out
 
 

@@ -87,7 +87,12 @@ _CRON_FIELDS = (
     ("minutes", 0, 59, {}),
     ("hours", 0, 23, {}),
     ("day of month", 1, 31, {}),
-    ("month", 1, 12, {m: i + 1 for i, m in enumerate("JAN FEB MAR APR MAY JUN JUL AUG SEP OCT NOV DEC".split())}),
+    (
+        "month",
+        1,
+        12,
+        {m: i + 1 for i, m in enumerate("JAN FEB MAR APR MAY JUN JUL AUG SEP OCT NOV DEC".split())},
+    ),
     ("day of week", 0, 6, {d: i for i, d in enumerate("SUN MON TUE WED THU FRI SAT".split())}),
 )
 _CRON_DESCRIPTORS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
@@ -115,7 +120,9 @@ def validate_cron(expression: str) -> str:
     return text
 
 
-def _check_cron_part(part: str, name: str, low: int, high: int, names: dict[str, int], expression: str) -> None:
+def _check_cron_part(
+    part: str, name: str, low: int, high: int, names: dict[str, int], expression: str
+) -> None:
     def bad(why: str) -> PipelineCLIError:
         return PipelineCLIError(f"cron {expression!r}: {name} field {part!r} {why}")
 
@@ -145,7 +152,9 @@ def _check_cron_part(part: str, name: str, low: int, high: int, names: dict[str,
 
 def serving_uri_for(uri: str) -> str:
     if uri and not uri.startswith("s3://"):
-        raise PipelineCLIError(f"--serving-uri must be s3://bucket/prefix (what serving engines read), got {uri!r}")
+        raise PipelineCLIError(
+            f"--serving-uri must be s3://bucket/prefix (what serving engines read), got {uri!r}"
+        )
     return uri
 
 
@@ -168,7 +177,9 @@ def token_path(explicit: str | None = None) -> str | None:
 def check_reachable(host: str, timeout: float = 10.0) -> None:
     """Fail fast, naming the URL, when nothing answers at the KFP API (any HTTP answer will do)."""
     if not host:
-        raise PipelineCLIError(f"no KFP API endpoint: pass --host or set ${HOST_ENV} (e.g. http://ml-pipeline.kubeflow:8888)")
+        raise PipelineCLIError(
+            f"no KFP API endpoint: pass --host or set ${HOST_ENV} (e.g. http://ml-pipeline.kubeflow:8888)"
+        )
     if not host.startswith(("http://", "https://")):
         raise PipelineCLIError(f"--host must be an http(s):// URL of the KFP API, got {host!r}")
     url = host.rstrip("/") + HEALTHZ
@@ -226,7 +237,9 @@ class Upload:
     created: bool
 
 
-def upload(client: Any, package: str | Path, *, name: str = DEFAULT_PIPELINE_NAME, version: str | None = None) -> Upload:
+def upload(
+    client: Any, package: str | Path, *, name: str = DEFAULT_PIPELINE_NAME, version: str | None = None
+) -> Upload:
     """Upload ``package`` as version ``version`` of pipeline ``name``; an existing version is kept."""
     path = _check_package(package)
     version = version or package_version(path)
@@ -238,7 +251,9 @@ def upload(client: Any, package: str | Path, *, name: str = DEFAULT_PIPELINE_NAM
     existing = _find_version(client, pipeline_id, version)
     if existing is not None:
         return Upload(pipeline_id, existing.pipeline_version_id, version, created=False)
-    uploaded = client.upload_pipeline_version(str(path), pipeline_version_name=version, pipeline_id=pipeline_id)
+    uploaded = client.upload_pipeline_version(
+        str(path), pipeline_version_name=version, pipeline_id=pipeline_id
+    )
     return Upload(pipeline_id, uploaded.pipeline_version_id, version, created=True)
 
 
@@ -262,10 +277,14 @@ def latest_version(client: Any, name: str) -> tuple[str, str]:
     """(pipeline id, id of its newest version) of an uploaded pipeline."""
     pipeline_id = client.get_pipeline_id(name)
     if pipeline_id is None:
-        raise PipelineCLIError(f"no pipeline named {name!r} in KFP: run `puzzle pipeline upload --name {name}` first")
+        raise PipelineCLIError(
+            f"no pipeline named {name!r} in KFP: run `puzzle pipeline upload --name {name}` first"
+        )
     response = client.list_pipeline_versions(pipeline_id, page_size=1, sort_by="created_at desc")
     if not response.pipeline_versions:
-        raise PipelineCLIError(f"pipeline {name!r} has no version: run `puzzle pipeline upload --name {name}`")
+        raise PipelineCLIError(
+            f"pipeline {name!r} has no version: run `puzzle pipeline upload --name {name}`"
+        )
     return pipeline_id, response.pipeline_versions[0].pipeline_version_id
 
 
@@ -369,7 +388,9 @@ def _find_recurring_run(client: Any, experiment_id: str, name: str, namespace: s
     )
     runs = [r for r in (response.recurring_runs or []) if r.display_name == name]
     if len(runs) > 1:
-        raise PipelineCLIError(f"{len(runs)} recurring runs are named {name!r}; delete the extra ones in the KFP UI")
+        raise PipelineCLIError(
+            f"{len(runs)} recurring runs are named {name!r}; delete the extra ones in the KFP UI"
+        )
     return runs[0] if runs else None
 
 

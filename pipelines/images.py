@@ -54,6 +54,8 @@ def image(role: str, path: Path = IMAGES_FILE) -> str:
     digest = spec.get("digest")
     if digest:
         if not _DIGEST.match(str(digest)):
-            raise ImageConfigError(f"{path}: images.{role}.digest must look like sha256:<64 hex>, got {digest!r}")
+            raise ImageConfigError(
+                f"{path}: images.{role}.digest must look like sha256:<64 hex>, got {digest!r}"
+            )
         ref = f"{ref}@{digest}"
     return ref

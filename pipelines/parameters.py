@@ -98,7 +98,9 @@ def pipeline_arguments(
     """
     unknown = sorted(set(cluster) - set(CLUSTER_PARAMETERS))
     if unknown:
-        raise PipelineParameterError(f"unknown pipeline parameters {unknown}; known: {sorted(CLUSTER_PARAMETERS)}")
+        raise PipelineParameterError(
+            f"unknown pipeline parameters {unknown}; known: {sorted(CLUSTER_PARAMETERS)}"
+        )
     if serving_uri and not serving_uri.startswith("s3://"):
         raise PipelineParameterError(
             f"serving_uri must be an s3://bucket/prefix that serving engines read, got {serving_uri!r}"

@@ -74,8 +74,12 @@ def _environment(task: dsl.PipelineTask, s3_secret, mlflow_secret, env_config_ma
     tracking server without authentication needs no MLflow secret.
     """
     kubernetes.use_secret_as_env(task, secret_name=s3_secret, secret_key_to_env=S3_KEYS, optional=True)
-    kubernetes.use_secret_as_env(task, secret_name=mlflow_secret, secret_key_to_env=MLFLOW_KEYS, optional=True)
-    kubernetes.use_config_map_as_env(task, config_map_name=env_config_map, config_map_key_to_env=ENV_KEYS, optional=True)
+    kubernetes.use_secret_as_env(
+        task, secret_name=mlflow_secret, secret_key_to_env=MLFLOW_KEYS, optional=True
+    )
+    kubernetes.use_config_map_as_env(
+        task, config_map_name=env_config_map, config_map_key_to_env=ENV_KEYS, optional=True
+    )
     return task
 
 
@@ -92,11 +96,17 @@ def _gpu_step(task: dsl.PipelineTask, env: tuple, *, gpus=1, node_selector=None)
     """
     task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpus)
     task.set_cpu_request(GPU_CPU).set_memory_request(GPU_MEMORY)
-    task.set_retry(num_retries=RETRIES, backoff_duration=BACKOFF, backoff_factor=BACKOFF_FACTOR,
-                   backoff_max_duration=BACKOFF_MAX)
+    task.set_retry(
+        num_retries=RETRIES,
+        backoff_duration=BACKOFF,
+        backoff_factor=BACKOFF_FACTOR,
+        backoff_max_duration=BACKOFF_MAX,
+    )
     task.set_caching_options(enable_caching=True)
     kubernetes.add_toleration(task, key=GPU_TAINT, operator="Exists", effect="NoSchedule")
-    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=SHM_SIZE)
+    kubernetes.empty_dir_mount(
+        task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=SHM_SIZE
+    )
     if node_selector is not None:
         kubernetes.add_node_selector_json(task, node_selector_json=node_selector)
     return _environment(task, *env)
@@ -188,7 +198,9 @@ def puzzle_pipeline(
     tracked = dict(tracking_uri=tracking_uri, experiment=tracking_experiment, kfp_run_id=run_id)
 
     outcome = _cpu_step(
-        record_outcome(kfp_run_id=run_id, tracking_uri=tracking_uri, experiment=tracking_experiment), env, cache=False
+        record_outcome(kfp_run_id=run_id, tracking_uri=tracking_uri, experiment=tracking_experiment),
+        env,
+        cache=False,
     )
     with dsl.ExitHandler(outcome, name="puzzle-run"):
         child = _cpu_step(convert(parent=parent), env).set_display_name("convert parent")
@@ -245,7 +257,9 @@ def puzzle_pipeline(
                 env,
             ).set_display_name("BLD shard")
         trained = _cpu_step(
-            merge_library(base=library.outputs["library"], shards=dsl.Collected(bld_shard.outputs["trained"]), **tracked),
+            merge_library(
+                base=library.outputs["library"], shards=dsl.Collected(bld_shard.outputs["trained"]), **tracked
+            ),
             env,
         ).set_display_name("merge BLD shards")
 
@@ -266,7 +280,9 @@ def puzzle_pipeline(
         ).set_display_name("measure costs on the target GPU")
 
         score_plan = _cpu_step(shard_plan(shards=scoring_shards), env).set_display_name("plan scoring shards")
-        with dsl.ParallelFor(score_plan.output, parallelism=SCORING_PARALLELISM, name="scoring-shards") as score_index:
+        with dsl.ParallelFor(
+            score_plan.output, parallelism=SCORING_PARALLELISM, name="scoring-shards"
+        ) as score_index:
             score_shard = _gpu_step(
                 score_blocks(
                     library=trained.outputs["library"],
@@ -385,7 +401,10 @@ def puzzle_pipeline(
             node_selector=gpu_node_selector,
         ).set_display_name("compare with baselines")
         exported = _cpu_step(
-            export(child=distilled.outputs["distilled"], serving_uri=serving_uri, dtype=export_dtype, **tracked), env
+            export(
+                child=distilled.outputs["distilled"], serving_uri=serving_uri, dtype=export_dtype, **tracked
+            ),
+            env,
         ).set_display_name("export checkpoint")
 
         with dsl.If(registry_model_name != "", name="registry-configured"):
@@ -406,7 +425,8 @@ def puzzle_pipeline(
             ).set_display_name("register candidate")
             # The gate: champion only when the evaluation meets both targets.
             with dsl.If(
-                evaluation.outputs["accuracy_kept"] >= registry_gates_min_accuracy_kept, name="accuracy-kept-gate"
+                evaluation.outputs["accuracy_kept"] >= registry_gates_min_accuracy_kept,
+                name="accuracy-kept-gate",
             ):
                 with dsl.If(evaluation.outputs["speedup"] >= registry_gates_min_speedup, name="speedup-gate"):
                     _cpu_step(

@@ -59,7 +59,13 @@ class LayerRunner:
         inner = self.model.model
         position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         mask_fn = create_sliding_window_causal_mask if self.config.sliding_window else create_causal_mask
-        mask = mask_fn(config=self.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids)
+        mask = mask_fn(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=None,
+            cache=None,
+            position_ids=position_ids,
+        )
         return LayerContext(inner.rotary_emb(hidden, position_ids), mask)
 
     def embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, LayerContext]:
@@ -69,7 +75,9 @@ class LayerRunner:
     def layer(self, index: int, hidden: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         return run_layer(self.layers[index], hidden, ctx)
 
-    def run(self, hidden: torch.Tensor, ctx: LayerContext, start: int, stop: int | None = None) -> torch.Tensor:
+    def run(
+        self, hidden: torch.Tensor, ctx: LayerContext, start: int, stop: int | None = None
+    ) -> torch.Tensor:
         """Layers ``start`` .. ``stop - 1`` of the model."""
         for index in range(start, self.num_layers if stop is None else stop):
             hidden = self.layer(index, hidden, ctx)
@@ -90,7 +98,9 @@ def sub_blocks(layer: DeciLMDecoderLayer, hidden: torch.Tensor, ctx: LayerContex
     attn = torch.zeros_like(hidden)
     if layer.self_attn is not None:
         attn = layer.self_attn(
-            layer.input_layernorm(hidden), position_embeddings=ctx.position_embeddings, attention_mask=ctx.attention_mask
+            layer.input_layernorm(hidden),
+            position_embeddings=ctx.position_embeddings,
+            attention_mask=ctx.attention_mask,
         )
     mid = hidden + attn
     ffn = torch.zeros_like(hidden)
@@ -100,7 +110,11 @@ def sub_blocks(layer: DeciLMDecoderLayer, hidden: torch.Tensor, ctx: LayerContex
 
 
 def build_layer(
-    config: DeciLMConfig, block: BlockConfig, state: dict[str, torch.Tensor], *, device: Any = None,
+    config: DeciLMConfig,
+    block: BlockConfig,
+    state: dict[str, torch.Tensor],
+    *,
+    device: Any = None,
     dtype: torch.dtype | None = None,
 ) -> DeciLMDecoderLayer:
     """A standalone decoder layer for ``block`` holding ``state`` (layer-relative Llama names)."""
@@ -128,5 +142,7 @@ def load_verified_child(local: Path, *, dtype: str, device: Any) -> DeciLMForCau
     """Load a child from a directory :func:`puzzle.artifacts.run_phase` has already verified."""
     from puzzle.child import parse_dtype
 
-    model = DeciLMForCausalLM.from_pretrained(local, config=DeciLMConfig.from_pretrained(local), dtype=parse_dtype(dtype))
+    model = DeciLMForCausalLM.from_pretrained(
+        local, config=DeciLMConfig.from_pretrained(local), dtype=parse_dtype(dtype)
+    )
     return model.to(device).eval()

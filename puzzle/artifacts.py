@@ -55,7 +55,11 @@ class Manifest:
     def content_hash(self) -> str:
         """Hash of the artifact's content: every file's checksum, the kind and the schema."""
         payload = json.dumps(
-            {"kind": self.kind, "schema": self.schema_version, "files": {k: v["sha256"] for k, v in self.files.items()}},
+            {
+                "kind": self.kind,
+                "schema": self.schema_version,
+                "files": {k: v["sha256"] for k, v in self.files.items()},
+            },
             sort_keys=True,
         )
         return hashlib.sha256(payload.encode()).hexdigest()
@@ -79,7 +83,9 @@ class Manifest:
                 created_at=float(data.get("created_at", 0.0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise ArtifactError(f"{where}: manifest.json is malformed ({exc!r}); re-create the artifact") from exc
+            raise ArtifactError(
+                f"{where}: manifest.json is malformed ({exc!r}); re-create the artifact"
+            ) from exc
 
 
 def read_manifest(uri: str) -> Manifest | None:
@@ -126,7 +132,9 @@ def verify_local(local: Path, manifest: Manifest, where: str) -> None:
     for rel, meta in manifest.files.items():
         path = local / rel
         if not path.is_file():
-            raise ArtifactError(f"{where}: file {rel} listed in manifest.json is missing; re-create the artifact")
+            raise ArtifactError(
+                f"{where}: file {rel} listed in manifest.json is missing; re-create the artifact"
+            )
         if path.stat().st_size != meta["size"]:
             raise ArtifactError(
                 f"{where}: {rel} is {path.stat().st_size} bytes, manifest says {meta['size']} "
@@ -191,7 +199,9 @@ def fingerprint(uri: str) -> str:
     return digest.hexdigest()
 
 
-def is_current(out: str, kind: str, inputs: Mapping[str, str], parameters: Mapping[str, Any]) -> Manifest | None:
+def is_current(
+    out: str, kind: str, inputs: Mapping[str, str], parameters: Mapping[str, Any]
+) -> Manifest | None:
     """The existing output's manifest when it was made from the same inputs and parameters."""
     try:
         existing = read_manifest(out)
@@ -269,7 +279,13 @@ def run_phase(
     work = staging / ".work"
     if work.exists():
         shutil.rmtree(work)
-    manifest = Manifest(kind=kind, inputs=input_refs, parameters=params, files=checksum_dir(staging), summary=_canonical(summary))
+    manifest = Manifest(
+        kind=kind,
+        inputs=input_refs,
+        parameters=params,
+        files=checksum_dir(staging),
+        summary=_canonical(summary),
+    )
     publish(staging, out, manifest)
     return manifest
 

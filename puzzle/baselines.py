@@ -73,7 +73,9 @@ def greedy(table: BlockTable, constraints: list[Constraint], *, maximize: bool) 
     return describe(table, [int(c) for c in choice], constraints, method="greedy", status="feasible")
 
 
-def noop_only(table: BlockTable, constraints: list[Constraint], *, maximize: bool, time_limit: float) -> dict[str, Any]:
+def noop_only(
+    table: BlockTable, constraints: list[Constraint], *, maximize: bool, time_limit: float
+) -> dict[str, Any]:
     keep = np.zeros_like(table.valid)
     for layer, names in enumerate(table.names):
         pa, pf = table.names[layer][table.parent[layer]].split("+")
@@ -109,7 +111,9 @@ def uniform_width(table: BlockTable, constraints: list[Constraint], *, maximize:
         return (-value if maximize else value, -params)
 
     block, choice = min(candidates, key=key)
-    return describe(table, choice, constraints, method="uniform_width", status="feasible", uniform_block=block)
+    return describe(
+        table, choice, constraints, method="uniform_width", status="feasible", uniform_block=block
+    )
 
 
 def layer_dropping(
@@ -130,8 +134,13 @@ def layer_dropping(
             f"{table.batch_size}"
         )
     return describe(
-        table, choice, constraints, method="layer_dropping", status="feasible",
-        dropped_layers=sorted(dropped), block_influence=[float(x) for x in influence],
+        table,
+        choice,
+        constraints,
+        method="layer_dropping",
+        status="feasible",
+        dropped_layers=sorted(dropped),
+        block_influence=[float(x) for x in influence],
     )
 
 
@@ -228,7 +237,9 @@ def baseline(
         raise BaselineError(f"unknown baseline {method!r}; use one of {', '.join(METHODS)}")
     parsed = [Constraint.parse(c) for c in constraints]
     if not parsed:
-        raise SearchError("a baseline needs at least one constraint (e.g. 'throughput>=1.5x'), or it is the parent")
+        raise SearchError(
+            "a baseline needs at least one constraint (e.g. 'throughput>=1.5x'), or it is the parent"
+        )
     maximize = default_maximize(objective) if maximize is None else maximize
     from puzzle.costs import CostsError, load_costs
 
@@ -239,9 +250,14 @@ def baseline(
     score_table = load_scores(scores, cost_table.parent_blocks or None)
     sizes = cost_table.batch_sizes if batch_size is None else [batch_size]
     if batch_size is not None and batch_size not in cost_table.batch_sizes:
-        raise SearchError(f"batch_size {batch_size} was not measured; the cost table has {cost_table.batch_sizes}")
+        raise SearchError(
+            f"batch_size {batch_size} was not measured; the cost table has {cost_table.batch_sizes}"
+        )
     include = (DROPPED,) if method == "layer_dropping" else ()
-    tables = [build_table(score_table, cost_table, objective=objective, batch_size=b, include=include) for b in sizes]
+    tables = [
+        build_table(score_table, cost_table, objective=objective, batch_size=b, include=include)
+        for b in sizes
+    ]
     for c in parsed:  # fail before any model is loaded when a bound is out of reach everywhere
         reachable = [t for t in tables if _reachable(t, c)]
         if not reachable:
@@ -251,8 +267,12 @@ def baseline(
         child, tokens = _resolve(child, tokens, scores, library)
         inputs.update(child=child, tokens=tokens)
     parameters = {
-        "method": method, "objective": metric_key(objective), "maximize": maximize,
-        "constraints": [c.text for c in parsed], "batch_size": batch_size, "split": split,
+        "method": method,
+        "objective": metric_key(objective),
+        "maximize": maximize,
+        "constraints": [c.text for c in parsed],
+        "batch_size": batch_size,
+        "split": split,
         "max_sequences": max_sequences,
     }
 
@@ -294,8 +314,10 @@ def baseline(
             "method": method,
             "constraints": [c.text for c in parsed],
             "source": {"scores": scores, "costs": costs},
-            "batch_sizes": {str(t.batch_size): {"objective": s["objective"], "throughput": s["totals"]["throughput"]}
-                            for t, s in results},
+            "batch_sizes": {
+                str(t.batch_size): {"objective": s["objective"], "throughput": s["totals"]["throughput"]}
+                for t, s in results
+            },
             "parent": describe(table, table.parent, parsed, method="parent"),
             "solutions": [best],
         }

@@ -122,13 +122,17 @@ def plan_units(
         for block in blocks:
             for sub in (block.attention.name, block.ffn.name):
                 if sub not in lib.variants(layer) and sub not in (parent.attention.name, parent.ffn.name):
-                    raise BLDError(f"coupled block {block.name}: layer {layer} has no variant {sub} in the library")
+                    raise BLDError(
+                        f"coupled block {block.name}: layer {layer} has no variant {sub} in the library"
+                    )
             units.append(Unit(layer, block.name, "block"))
     if variants is not None:
         known = {u.name for u in units}
         unknown = sorted(set(variants) - known)
         if unknown:
-            raise BLDError(f"variants {unknown} are not trainable variants of the selected layers (trainable: {sorted(known)})")
+            raise BLDError(
+                f"variants {unknown} are not trainable variants of the selected layers (trainable: {sorted(known)})"
+            )
         units = [u for u in units if u.name in set(variants)]
     parsed = parse_shard(shard)
     if parsed is not None:
@@ -201,7 +205,11 @@ def _unit_delta(
     if kind == "ffn":
         # The attention is the parent's: reuse its output instead of recomputing it.
         mid = hidden + parent.attn_delta
-        ffn = layer.mlp(layer.post_attention_layernorm(mid)) if layer.mlp is not None else torch.zeros_like(hidden)
+        ffn = (
+            layer.mlp(layer.post_attention_layernorm(mid))
+            if layer.mlp is not None
+            else torch.zeros_like(hidden)
+        )
         if objective == "subblock":
             return ffn, parent.ffn_delta
         return parent.attn_delta + ffn, parent.block_delta
@@ -216,7 +224,9 @@ def sub_blocks_attention(layer: DeciLMDecoderLayer, hidden: torch.Tensor, ctx: L
     if layer.self_attn is None:
         return torch.zeros_like(hidden)
     return layer.self_attn(
-        layer.input_layernorm(hidden), position_embeddings=ctx.position_embeddings, attention_mask=ctx.attention_mask
+        layer.input_layernorm(hidden),
+        position_embeddings=ctx.position_embeddings,
+        attention_mask=ctx.attention_mask,
     )
 
 
@@ -228,8 +238,13 @@ def _autocast(device: torch.device, enabled: bool) -> Any:
 
 @torch.no_grad()
 def _evaluate(
-    runner: LayerRunner, trainers: list[_Trainer], ids: torch.Tensor, batch_size: int, objective: str,
-    device: torch.device, autocast: bool,
+    runner: LayerRunner,
+    trainers: list[_Trainer],
+    ids: torch.Tensor,
+    batch_size: int,
+    objective: str,
+    device: torch.device,
+    autocast: bool,
 ) -> dict[str, float]:
     """Normalised MSE of every unit on held-out sequences (sums over batches, then the ratio)."""
     num = {t.unit.key: 0.0 for t in trainers}
@@ -324,7 +339,11 @@ def train(
 
     if objective not in OBJECTIVES:
         raise BLDError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    for name, value in (("token_budget", token_budget), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
+    for name, value in (
+        ("token_budget", token_budget),
+        ("batch_size", batch_size),
+        ("checkpoint_every", checkpoint_every),
+    ):
         if not isinstance(value, int) or value <= 0:
             raise BLDError(f"bld.{name} must be a positive integer, got {value!r}")
     if not lr > 0:
@@ -341,7 +360,12 @@ def train(
         raise BLDError(f"tokens {tokens} have no {split!r} split (they have {sorted(info['splits'])})")
     seq_len = info["seq_len"]
     if val_split is not None and val_split not in info["splits"]:
-        log.info("bld: tokens have no %r split; holding out %d %r sequences for validation", val_split, val_sequences, split)
+        log.info(
+            "bld: tokens have no %r split; holding out %d %r sequences for validation",
+            val_split,
+            val_sequences,
+            split,
+        )
         val_split = None
     if val_split == split:
         raise BLDError(f"bld.val_split must differ from the training split {split!r} (or be None)")
@@ -357,33 +381,72 @@ def train(
             f"{split!r} sequences"
         )
     parameters = {
-        "token_budget": token_budget, "batch_size": batch_size, "lr": lr, "warmup_fraction": warmup_fraction,
-        "seed": seed, "shard": shard, "layers": layers, "variants": variants, "coupled": coupled, "split": split,
-        "objective": objective, "weight_decay": weight_decay, "val_sequences": val_sequences, "val_split": val_split,
+        "token_budget": token_budget,
+        "batch_size": batch_size,
+        "lr": lr,
+        "warmup_fraction": warmup_fraction,
+        "seed": seed,
+        "shard": shard,
+        "layers": layers,
+        "variants": variants,
+        "coupled": coupled,
+        "split": split,
+        "objective": objective,
+        "weight_decay": weight_decay,
+        "val_sequences": val_sequences,
+        "val_split": val_split,
     }
 
     def body(staging: Path, local: dict[str, Path]) -> dict[str, Any]:
         result = _train_units(
-            lib, str(local["child"]), str(local["tokens"]), units, split=split, steps=steps, batch_size=batch_size,
-            lr=lr, warmup_fraction=warmup_fraction, seed=seed, objective=objective, weight_decay=weight_decay,
-            val_sequences=val_sequences, val_split=val_split, checkpoint=staging / ".work" / CHECKPOINT, checkpoint_every=checkpoint_every,
-            device=_resolve_device(device), autocast=autocast, on_step=on_step,
+            lib,
+            str(local["child"]),
+            str(local["tokens"]),
+            units,
+            split=split,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            warmup_fraction=warmup_fraction,
+            seed=seed,
+            objective=objective,
+            weight_decay=weight_decay,
+            val_sequences=val_sequences,
+            val_split=val_split,
+            checkpoint=staging / ".work" / CHECKPOINT,
+            checkpoint_every=checkpoint_every,
+            device=_resolve_device(device),
+            autocast=autocast,
+            on_step=on_step,
         )
-        bld_meta = {**parameters, "seq_len": seq_len, "steps": steps, "tokens_per_variant": steps * batch_size * seq_len}
+        bld_meta = {
+            **parameters,
+            "seq_len": seq_len,
+            "steps": steps,
+            "tokens_per_variant": steps * batch_size * seq_len,
+        }
         if shard is None:
             _write_full_library(staging, lib, result.trained, bld_meta)
         else:
             _write_shard(staging, lib, result.trained, bld_meta, shard)
         return {
-            "trained_variants": len(units), "steps": steps, "tokens_per_variant": steps * batch_size * seq_len,
-            "tokens_per_second": result.tokens_per_second, "resumed_from_step": result.resumed_from,
+            "trained_variants": len(units),
+            "steps": steps,
+            "tokens_per_variant": steps * batch_size * seq_len,
+            "tokens_per_second": result.tokens_per_second,
+            "resumed_from_step": result.resumed_from,
             "mean_initial_nmse": _mean([v["bld"]["initial_nmse"] for v in result.trained.values()]),
             "mean_final_nmse": _mean([v["bld"]["final_nmse"] for v in result.trained.values()]),
-            "shard": shard, "partial": shard is not None,
+            "shard": shard,
+            "partial": shard is not None,
         }
 
     return artifacts.run_phase(
-        LIBRARY_KIND, out, {"library": library, "child": child, "tokens": tokens}, parameters, body,
+        LIBRARY_KIND,
+        out,
+        {"library": library, "child": child, "tokens": tokens},
+        parameters,
+        body,
         input_kinds={"library": LIBRARY_KIND, "child": "child", "tokens": "tokens"},
     )
 
@@ -400,10 +463,26 @@ class _Result:
 
 
 def _train_units(
-    lib: Library, child: str, tokens: str, units: list[Unit], *, split: str, steps: int, batch_size: int, lr: float,
-    warmup_fraction: float, seed: int, objective: str, weight_decay: float, val_sequences: int, val_split: str | None,
+    lib: Library,
+    child: str,
+    tokens: str,
+    units: list[Unit],
+    *,
+    split: str,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    warmup_fraction: float,
+    seed: int,
+    objective: str,
+    weight_decay: float,
+    val_sequences: int,
+    val_split: str | None,
     checkpoint: Path,
-    checkpoint_every: int, device: torch.device, autocast: bool, on_step: Callable[[int], None] | None,
+    checkpoint_every: int,
+    device: torch.device,
+    autocast: bool,
+    on_step: Callable[[int], None] | None,
 ) -> _Result:
     from puzzle.data import load_split
 
@@ -443,8 +522,14 @@ def _train_units(
         by_layer.setdefault(t.unit.layer, []).append(t)
     last = max(by_layer)
     seq_tokens = batch_size * train_ids.shape[1]
-    bar = tqdm(total=steps * seq_tokens, initial=start_step * seq_tokens, desc=f"bld ({len(units)} variants)",
-               unit="tok", unit_scale=True, leave=False)
+    bar = tqdm(
+        total=steps * seq_tokens,
+        initial=start_step * seq_tokens,
+        desc=f"bld ({len(units)} variants)",
+        unit="tok",
+        unit_scale=True,
+        leave=False,
+    )
     started = time.perf_counter()
     for step in range(start_step, steps):
         rate = lr_at(step, steps, lr=lr, warmup_steps=warmup)
@@ -467,17 +552,31 @@ def _train_units(
                     step_losses.append(loss.detach())
                 with torch.no_grad():
                     hidden = parts.hidden_out if parts is not None else runner.layer(index, hidden, ctx)
-        for t, value in zip([t for index in sorted(by_layer) for t in by_layer[index]], torch.stack(step_losses).tolist()):
+        for t, value in zip(
+            [t for index in sorted(by_layer) for t in by_layer[index]], torch.stack(step_losses).tolist()
+        ):
             t.losses.append(value)
         bar.update(seq_tokens)
         bar.set_postfix(nmse=f"{_mean([t.losses[-1] for t in trainers]):.4f}")
         done = step + 1
         if done % checkpoint_every == 0 and done < steps:
-            _save_checkpoint(checkpoint, {
-                "step": done, "initial": initial,
-                "units": {t.unit.key: {"weights": {n: p.detach() for n, p in t.layer.named_parameters() if p.requires_grad},
-                                       "optimizer": t.optimizer.state_dict(), "losses": t.losses} for t in trainers},
-            })
+            _save_checkpoint(
+                checkpoint,
+                {
+                    "step": done,
+                    "initial": initial,
+                    "units": {
+                        t.unit.key: {
+                            "weights": {
+                                n: p.detach() for n, p in t.layer.named_parameters() if p.requires_grad
+                            },
+                            "optimizer": t.optimizer.state_dict(),
+                            "losses": t.losses,
+                        }
+                        for t in trainers
+                    },
+                },
+            )
         if on_step is not None:
             on_step(step)
     bar.close()
@@ -487,16 +586,27 @@ def _train_units(
     final = _evaluate(runner, trainers, val_ids, batch_size, objective, device, autocast)
     trained = {}
     for t in trainers:
-        tensors = {n: p.detach().float().cpu().contiguous() for n, p in t.layer.named_parameters() if p.requires_grad}
+        tensors = {
+            n: p.detach().float().cpu().contiguous() for n, p in t.layer.named_parameters() if p.requires_grad
+        }
         curve = t.losses[:: max(1, len(t.losses) // 50)]
         trained[(t.unit.layer, t.unit.name)] = {
             "kind": t.unit.kind,
             "tensors": tensors,
-            "bld": {"initial_nmse": initial[t.unit.key], "final_nmse": final[t.unit.key], "steps": steps,
-                    "train_nmse_curve": curve},
+            "bld": {
+                "initial_nmse": initial[t.unit.key],
+                "final_nmse": final[t.unit.key],
+                "steps": steps,
+                "train_nmse_curve": curve,
+            },
         }
-        log.info("bld: layer %d %s: held-out nmse %.4f -> %.4f", t.unit.layer, t.unit.name,
-                 initial[t.unit.key], final[t.unit.key])
+        log.info(
+            "bld: layer %d %s: held-out nmse %.4f -> %.4f",
+            t.unit.layer,
+            t.unit.name,
+            initial[t.unit.key],
+            final[t.unit.key],
+        )
     tokens_done = (steps - start_step) * seq_tokens
     return _Result(trained, tokens_done / elapsed if elapsed > 0 else 0.0, start_step)
 
@@ -504,11 +614,19 @@ def _train_units(
 # --------------------------------------------------------------------------- writing libraries
 
 
-def _variant_info(lib: Library, layer: int, name: str, kind: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _variant_info(
+    lib: Library, layer: int, name: str, kind: str, tensors: dict[str, torch.Tensor]
+) -> dict[str, Any]:
     if kind == "block":
         block = BlockConfig.from_name(name)
-        return {"kind": "block", "parent": False, "init": "coupled_from_variants", "attention": block.attention.name,
-                "ffn": block.ffn.name, "params": int(sum(t.numel() for t in tensors.values()))}
+        return {
+            "kind": "block",
+            "parent": False,
+            "init": "coupled_from_variants",
+            "attention": block.attention.name,
+            "ffn": block.ffn.name,
+            "params": int(sum(t.numel() for t in tensors.values())),
+        }
     return dict(lib.info(layer, name))
 
 
@@ -549,7 +667,11 @@ def _write_full_library(
 
 
 def _write_shard(
-    staging: Path, base: Library, trained: dict[tuple[int, str], dict[str, Any]], bld_meta: dict[str, Any], shard: str
+    staging: Path,
+    base: Library,
+    trained: dict[tuple[int, str], dict[str, Any]],
+    bld_meta: dict[str, Any],
+    shard: str,
 ) -> None:
     """Only this shard's trained variants, with a reference to the base library for :func:`merge`."""
     from safetensors.torch import save_file
@@ -595,16 +717,22 @@ def merge(shard_uris: list[str], out: str, *, base: str | None = None) -> Manife
             raise BLDError(f"{shard.uri} is a complete library, not a BLD shard output")
     hashes = {s.meta["base"]["hash"] for s in shards}
     if len(hashes) != 1:
-        raise BLDError("the shards were trained from different base libraries; re-run them from the same library")
+        raise BLDError(
+            "the shards were trained from different base libraries; re-run them from the same library"
+        )
     settings = [{k: v for k, v in s.meta["bld"].items() if k != "shard"} for s in shards]
     if any(s != settings[0] for s in settings):
-        raise BLDError("the shards were trained with different BLD settings; re-run them with the same settings")
+        raise BLDError(
+            "the shards were trained with different BLD settings; re-run them with the same settings"
+        )
     counts = {parse_shard(s.meta["shard"])[1] for s in shards}
     if len(counts) == 1 and next(iter(counts)) > 1:
         total = next(iter(counts))
         indices = sorted(parse_shard(s.meta["shard"])[0] for s in shards)
         if indices != list(range(total)):
-            raise BLDError(f"shards {indices} of {total} given: merge needs every shard 0..{total - 1} exactly once")
+            raise BLDError(
+                f"shards {indices} of {total} given: merge needs every shard 0..{total - 1} exactly once"
+            )
     base_uri = base or shards[0].meta["base"]["uri"]
 
     def body(staging: Path, local: dict[str, Path]) -> dict[str, Any]:
@@ -618,11 +746,21 @@ def merge(shard_uris: list[str], out: str, *, base: str | None = None) -> Manife
                     if (layer, name) in trained:
                         raise BLDError(f"layer {layer} variant {name} was trained by more than one shard")
                     info = shard.info(layer, name)
-                    trained[(layer, name)] = {"kind": info["kind"], "tensors": shard.load(layer, name), "bld": info["bld"]}
+                    trained[(layer, name)] = {
+                        "kind": info["kind"],
+                        "tensors": shard.load(layer, name),
+                        "bld": info["bld"],
+                    }
         bld_meta = {**settings[0], "shard": None, "merged_from": len(shards)}
         _write_full_library(staging, base_lib, trained, bld_meta)
         return {"trained_variants": len(trained), "merged_shards": len(shards), "partial": False}
 
     inputs = {"base": base_uri, **{f"shard_{i}": uri for i, uri in enumerate(shard_uris)}}
-    return artifacts.run_phase(LIBRARY_KIND, out, inputs, {"shards": len(shard_uris)}, body,
-                               input_kinds={k: LIBRARY_KIND for k in inputs})
+    return artifacts.run_phase(
+        LIBRARY_KIND,
+        out,
+        inputs,
+        {"shards": len(shard_uris)},
+        body,
+        input_kinds={k: LIBRARY_KIND for k in inputs},
+    )

@@ -64,7 +64,9 @@ def default_maximize(metric: str) -> bool:
 def split_block(name: str) -> tuple[str, str]:
     attn, sep, ffn = name.partition("+")
     if not sep or not attn.startswith("attn_") or not ffn.startswith("ffn_"):
-        raise TableError(f"block name {name!r} must look like 'attn_<variant>+ffn_<variant>', e.g. 'attn_kv1+ffn_768'")
+        raise TableError(
+            f"block name {name!r} must look like 'attn_<variant>+ffn_<variant>', e.g. 'attn_kv1+ffn_768'"
+        )
     return attn, ffn
 
 
@@ -81,7 +83,9 @@ class ScoreTable:
     parent: list[tuple[str, str]] = field(default_factory=list)
 
     @classmethod
-    def from_rows(cls, rows: list[dict[str, Any]], where: str, parent_blocks: list[str] | None = None) -> ScoreTable:
+    def from_rows(
+        cls, rows: list[dict[str, Any]], where: str, parent_blocks: list[str] | None = None
+    ) -> ScoreTable:
         if not rows:
             raise TableError(f"{where}: no score rows")
         values: dict[tuple[int, str, str], dict[str, float]] = {}
@@ -177,7 +181,9 @@ def load_scores(uri: str, parent_blocks: list[str] | None = None) -> ScoreTable:
             if not isinstance(rows, list):
                 raise TableError(f"{path}: expected a list of rows (or {{'rows': [...]}})")
         return ScoreTable.from_rows(rows, path, parent_blocks)
-    raise TableError(f"no {SCORES_CSV} or {SCORES_JSON} at {uri}: run `puzzle score` first (or pass the file itself)")
+    raise TableError(
+        f"no {SCORES_CSV} or {SCORES_JSON} at {uri}: run `puzzle score` first (or pass the file itself)"
+    )
 
 
 def _parent_list(raw: Any) -> list[str] | None:
@@ -229,10 +235,14 @@ class BlockTable:
         """Every metric of one architecture (throughput in tokens/s, latency ms, memory MiB)."""
         layers = np.arange(self.num_layers)
         idx = np.asarray(choice)
-        out = {name: float(arr[layers, idx].sum() + self.base.get(name, 0.0)) for name, arr in self.cost.items()}
+        out = {
+            name: float(arr[layers, idx].sum() + self.base.get(name, 0.0)) for name, arr in self.cost.items()
+        }
         for name, arr in self.extra.items():
             out[name] = float(arr[layers, idx].sum() + self.base.get(name, 0.0))
-        out["throughput"] = self.tokens_per_batch * 1000.0 / out["latency"] if out["latency"] > 0 else math.inf
+        out["throughput"] = (
+            self.tokens_per_batch * 1000.0 / out["latency"] if out["latency"] > 0 else math.inf
+        )
         return out
 
     def objective_value(self, choice: list[int]) -> float | None:
@@ -247,8 +257,17 @@ class BlockTable:
         keep = keep.copy()
         keep[np.arange(self.num_layers), self.parent] = True
         return BlockTable(
-            self.names, self.score, self.valid & keep, self.cost, self.base, self.parent, self.batch_size,
-            self.tokens_per_batch, self.objective, self.source, self.extra,
+            self.names,
+            self.score,
+            self.valid & keep,
+            self.cost,
+            self.base,
+            self.parent,
+            self.batch_size,
+            self.tokens_per_batch,
+            self.objective,
+            self.source,
+            self.extra,
         )
 
 
@@ -288,7 +307,11 @@ def build_table(
         raise TableError(f"objective {objective!r} is not a score column; the scores have {scores.metrics}")
     try:
         fixed = costs.fixed(batch_size)
-        wanted = {n for layer in range(scores.num_layers) for n in (*scores.variants(layer)[0], *scores.variants(layer)[1])}
+        wanted = {
+            n
+            for layer in range(scores.num_layers)
+            for n in (*scores.variants(layer)[0], *scores.variants(layer)[1])
+        }
         wanted |= {part for block in include for part in split_block(block)}
         sub = {name: _subblock(costs, name, batch_size) for name in wanted}
     except CostsError as exc:
@@ -332,7 +355,11 @@ def build_table(
         names=names,
         score=np.where(valid, _pad(rows["score"], np.nan), np.nan),
         valid=valid,
-        cost={"latency": _pad(rows["latency"]), "memory": _pad(rows["memory"]), "params": _pad(rows["params"])},
+        cost={
+            "latency": _pad(rows["latency"]),
+            "memory": _pad(rows["memory"]),
+            "params": _pad(rows["params"]),
+        },
         base=base,
         parent=parent,
         batch_size=batch_size,
@@ -368,7 +395,9 @@ def _library_block_name(variant: str, stats: dict[str, Any]) -> str:
     else:
         width = stats.get("ffn_intermediate_size")
         if not width:
-            raise TableError(f"cannot read the FFN width of library variant {variant!r} (no stats.ffn_intermediate_size)")
+            raise TableError(
+                f"cannot read the FFN width of library variant {variant!r} (no stats.ffn_intermediate_size)"
+            )
         ffn = f"ffn_{int(width)}"
     return f"{attn}+{ffn}"
 
@@ -398,7 +427,9 @@ def read_library(path: str, *, objective: str = "kl_div") -> BlockTable:
         for variant, entry in data[key].items():
             stats, metrics = entry.get("stats", {}), entry.get("metrics", {})
             if objective not in metrics:
-                raise TableError(f"{path}: {key} variant {variant!r} has no metric {objective!r} (has {sorted(metrics)})")
+                raise TableError(
+                    f"{path}: {key} variant {variant!r} has no metric {objective!r} (has {sorted(metrics)})"
+                )
             layer_names.append(_library_block_name(variant, stats))
             s_row.append(float(metrics[objective]))
             l_row.append(float(stats["runtime_ms"]))

@@ -34,13 +34,17 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def save_child(model: DeciLMForCausalLM, tokenizer: Any, directory: Path, parent_info: dict[str, Any]) -> None:
+def save_child(
+    model: DeciLMForCausalLM, tokenizer: Any, directory: Path, parent_info: dict[str, Any]
+) -> None:
     """Write a child's files (weights, config, tokenizer, generation config, parent info)."""
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True, max_shard_size="100GB")
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-    (directory / PARENT_INFO).write_text(json.dumps(parent_info, indent=2, sort_keys=True, default=str) + "\n")
+    (directory / PARENT_INFO).write_text(
+        json.dumps(parent_info, indent=2, sort_keys=True, default=str) + "\n"
+    )
 
 
 def child_dir(uri: str) -> Path:
@@ -52,7 +56,11 @@ def load_child(
     uri: str | Path, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> DeciLMForCausalLM:
     """Load a child artifact (or an exported checkpoint) as :class:`DeciLMForCausalLM`."""
-    local = Path(uri) if Path(uri).is_dir() and not (Path(uri) / artifacts.MANIFEST).exists() else child_dir(str(uri))
+    local = (
+        Path(uri)
+        if Path(uri).is_dir() and not (Path(uri) / artifacts.MANIFEST).exists()
+        else child_dir(str(uri))
+    )
     config = DeciLMConfig.from_pretrained(local)
     model = DeciLMForCausalLM.from_pretrained(local, config=config, dtype=parse_dtype(dtype) or "auto")
     return model.to(device).eval()
@@ -61,7 +69,11 @@ def load_child(
 def load_tokenizer(uri: str | Path) -> Any:
     from transformers import AutoTokenizer
 
-    local = Path(uri) if Path(uri).is_dir() and not (Path(uri) / artifacts.MANIFEST).exists() else child_dir(str(uri))
+    local = (
+        Path(uri)
+        if Path(uri).is_dir() and not (Path(uri) / artifacts.MANIFEST).exists()
+        else child_dir(str(uri))
+    )
     return AutoTokenizer.from_pretrained(local, trust_remote_code=True)
 
 
@@ -74,7 +86,8 @@ def child_config_like(parent: DeciLMConfig, blocks: list[BlockConfig]) -> DeciLM
     """A config equal to ``parent`` except for the per-layer architecture."""
     data = parent.to_dict()
     data["block_configs"] = [
-        b.to_json(hidden_size=parent.hidden_size, num_attention_heads=parent.num_attention_heads) for b in blocks
+        b.to_json(hidden_size=parent.hidden_size, num_attention_heads=parent.num_attention_heads)
+        for b in blocks
     ]
     data["num_hidden_layers"] = len(blocks)
     for key in ("model_type", "transformers_version", "architectures", "auto_map"):

@@ -103,7 +103,10 @@ class DataConfig:
             _fail(f"{path}.seq_len", f"must be >= 8, got {self.seq_len}")
         for name in self.REQUIRED_SPLITS:
             if name not in self.splits:
-                _fail(f"{path}.splits", f"needs a '{name}' entry (number of sequences), got {sorted(self.splits)}")
+                _fail(
+                    f"{path}.splits",
+                    f"needs a '{name}' entry (number of sequences), got {sorted(self.splits)}",
+                )
         for name, count in self.splits.items():
             _positive(f"{path}.splits.{name}", count)
 
@@ -125,7 +128,9 @@ class SearchSpaceConfig:
     def check(self, path: str) -> None:
         if self.kv_heads is not None:
             if not self.kv_heads:
-                _fail(f"{path}.kv_heads", "must not be empty: list KV-head counts or use null for every divisor")
+                _fail(
+                    f"{path}.kv_heads", "must not be empty: list KV-head counts or use null for every divisor"
+                )
             for i, n in enumerate(self.kv_heads):
                 _positive(f"{path}.kv_heads[{i}]", n)
         if not self.ffn_fractions:
@@ -240,12 +245,17 @@ class SearchConfig:
             _fail(f"{path}.objective", f"must be one of {', '.join(SCORE_METRICS)}, got {self.objective!r}")
         if not self.constraints:
             _fail(f"{path}.constraints", "must list at least one constraint, e.g. 'throughput>=1.5x'")
-        parsed = [parse_constraint(text, f"{path}.constraints[{i}]") for i, text in enumerate(self.constraints)]
+        parsed = [
+            parse_constraint(text, f"{path}.constraints[{i}]") for i, text in enumerate(self.constraints)
+        ]
         seen: dict[tuple[str, bool], int] = {}
         for i, c in enumerate(parsed):
             key = (c.metric, c.relative)
             if key in seen:
-                _fail(f"{path}.constraints[{i}]", f"repeats a {c.metric} bound (also constraints[{seen[key]}]); keep one")
+                _fail(
+                    f"{path}.constraints[{i}]",
+                    f"repeats a {c.metric} bound (also constraints[{seen[key]}]); keep one",
+                )
             seen[key] = i
         _positive(f"{path}.num_solutions", self.num_solutions)
         if not 0 < self.alpha < 1:
@@ -286,7 +296,10 @@ class GKDConfig:
         for name in ("weight_cosine", "weight_kl", "weight_lm"):
             _non_negative(f"{path}.{name}", getattr(self, name))
         if self.weight_cosine + self.weight_kl + self.weight_lm <= 0:
-            _fail(f"{path}.weight_kl", "and weight_cosine / weight_lm are all 0: at least one loss weight must be > 0")
+            _fail(
+                f"{path}.weight_kl",
+                "and weight_cosine / weight_lm are all 0: at least one loss weight must be > 0",
+            )
         _positive(f"{path}.checkpoint_every", self.checkpoint_every)
         _check_device(f"{path}.device", self.device)
 
@@ -429,9 +442,15 @@ class RunConfig:
             if dataclasses.is_dataclass(value):
                 value.check(f.name)
         if self.scoring.split not in self.data.splits:
-            _fail("scoring.split", f"must be one of data.splits ({', '.join(self.data.splits)}), got {self.scoring.split!r}")
+            _fail(
+                "scoring.split",
+                f"must be one of data.splits ({', '.join(self.data.splits)}), got {self.scoring.split!r}",
+            )
         if self.evaluate.split not in self.data.splits:
-            _fail("evaluate.split", f"must be one of data.splits ({', '.join(self.data.splits)}), got {self.evaluate.split!r}")
+            _fail(
+                "evaluate.split",
+                f"must be one of data.splits ({', '.join(self.data.splits)}), got {self.evaluate.split!r}",
+            )
         bld_sequences = -(-self.bld.token_budget // self.data.seq_len)
         if bld_sequences > self.data.splits["bld"]:
             _fail(
@@ -476,7 +495,9 @@ class RunConfig:
             if c.metric == "latency" and c.value < 1.0 and only_parent:
                 _fail(where, f"{c.text!r} is infeasible: search_space holds only the parent's blocks")
             if c.metric == "params" and c.value < 0.01:
-                _fail(where, f"{c.text!r} is infeasible: embeddings alone exceed 1% of any parent's parameters")
+                _fail(
+                    where, f"{c.text!r} is infeasible: embeddings alone exceed 1% of any parent's parameters"
+                )
 
     # ------------------------------------------------------------------ helpers
 
@@ -614,7 +635,9 @@ def _build(cls: type, data: Any, path: str) -> Any:
             where = f"{path}.{key}" if path else str(key)
             close = _closest(str(key), known)
             hint = f" (did you mean {close!r}?)" if close else ""
-            raise ConfigError(f"unknown field {where}{hint}; known fields{' of ' + path if path else ''}: {', '.join(known)}")
+            raise ConfigError(
+                f"unknown field {where}{hint}; known fields{' of ' + path if path else ''}: {', '.join(known)}"
+            )
     kwargs = {}
     for name in known:
         if name in data:
@@ -710,7 +733,11 @@ def check_storage(config: RunConfig) -> None:
 
     from puzzle import storage
 
-    if config.tracking.uri == "run-dir" and storage.is_s3(config.output) and not os.environ.get("MLFLOW_TRACKING_URI"):
+    if (
+        config.tracking.uri == "run-dir"
+        and storage.is_s3(config.output)
+        and not os.environ.get("MLFLOW_TRACKING_URI")
+    ):
         raise ConfigError(
             "tracking.uri 'run-dir' keeps a SQLite MLflow store under the output root, which must then be local "
             f"(output is {config.output!r}): set tracking.uri to an MLflow server (http://host:5000), null, "
@@ -727,7 +754,9 @@ def check_storage(config: RunConfig) -> None:
             except storage.StorageError as exc:
                 raise ConfigError(f"{name} {uri!r} is not reachable: {exc}") from exc
         elif name == "data.source" and uri != "stdlib" and not Path(uri).exists():
-            raise ConfigError(f"data.source {uri!r} does not exist: use 'stdlib' or a path / s3:// URI of text files")
+            raise ConfigError(
+                f"data.source {uri!r} does not exist: use 'stdlib' or a path / s3:// URI of text files"
+            )
 
 
 def load_config(

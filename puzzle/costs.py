@@ -65,8 +65,19 @@ FIXED = "embeddings_lm_head"
 IDENTITY_KEYS = ("device_type", "device_name", "driver", "torch", "dtype", "backend")
 """Hardware fields that must agree for two cost measurements to be comparable."""
 
-CSV_COLUMNS = ("subblock", "kind", "batch_size", "params", "weight_bytes", "kv_bytes_per_token", "prefill_ms",
-               "decode_ms", "runtime_ms", "memory_bytes", "memory_mib")
+CSV_COLUMNS = (
+    "subblock",
+    "kind",
+    "batch_size",
+    "params",
+    "weight_bytes",
+    "kv_bytes_per_token",
+    "prefill_ms",
+    "decode_ms",
+    "runtime_ms",
+    "memory_bytes",
+    "memory_mib",
+)
 
 
 class CostsError(PuzzleError, ValueError):
@@ -89,7 +100,9 @@ class Workload:
             raise CostsError("batch_sizes must list at least one batch size, e.g. [1, 16, 64]")
         for b in self.batch_sizes:
             if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
-                raise CostsError(f"batch_sizes must be positive integers, got {b!r} in {list(self.batch_sizes)}")
+                raise CostsError(
+                    f"batch_sizes must be positive integers, got {b!r} in {list(self.batch_sizes)}"
+                )
         for name in ("prompt_len", "gen_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -100,8 +113,12 @@ class Workload:
         return engine.decode_contexts(self.prompt_len, self.gen_len)
 
     def to_json(self) -> dict[str, Any]:
-        return {"batch_sizes": list(self.batch_sizes), "prompt_len": self.prompt_len, "gen_len": self.gen_len,
-                "decode_steps": self.gen_len - 1}
+        return {
+            "batch_sizes": list(self.batch_sizes),
+            "prompt_len": self.prompt_len,
+            "gen_len": self.gen_len,
+            "decode_steps": self.gen_len - 1,
+        }
 
 
 # --------------------------------------------------------------------------- shapes
@@ -114,8 +131,10 @@ def subblock_kind(name: str) -> str:
         return "attention"
     if name.startswith("ffn_"):
         return "ffn"
-    raise CostsError(f"{name!r} is not a sub-block name (attn_kv<N>, attn_linear, attn_noop, ffn_<W>, ffn_linear, "
-                     "ffn_noop)")
+    raise CostsError(
+        f"{name!r} is not a sub-block name (attn_kv<N>, attn_linear, attn_noop, ffn_<W>, ffn_linear, "
+        "ffn_noop)"
+    )
 
 
 def subblock_as_block(name: str) -> BlockConfig:
@@ -178,9 +197,13 @@ class CostBackend(Protocol):
 
     def measure_fixed(self, config: DeciLMConfig, workload: Workload) -> dict[int, dict[str, float]]: ...
 
-    def measure_subblock(self, config: DeciLMConfig, name: str, workload: Workload) -> dict[int, dict[str, float]]: ...
+    def measure_subblock(
+        self, config: DeciLMConfig, name: str, workload: Workload
+    ) -> dict[int, dict[str, float]]: ...
 
-    def measure_model(self, config: DeciLMConfig, workload: Workload, *, seed: int = 0) -> dict[int, dict[str, Any]]: ...
+    def measure_model(
+        self, config: DeciLMConfig, workload: Workload, *, seed: int = 0
+    ) -> dict[int, dict[str, Any]]: ...
 
 
 class TorchBackend:
@@ -188,8 +211,15 @@ class TorchBackend:
 
     name: ClassVar[str] = "torch"
 
-    def __init__(self, *, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = None,
-                 repeats: int = 3, stack_layers: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        device: str | torch.device | None = "auto",
+        dtype: str | torch.dtype | None = None,
+        repeats: int = 3,
+        stack_layers: int | None = None,
+        seed: int = 0,
+    ) -> None:
         if not isinstance(repeats, int) or repeats <= 0:
             raise CostsError(f"repeats must be a positive integer, got {repeats!r}")
         if stack_layers is not None and stack_layers <= 0:
@@ -230,8 +260,9 @@ class TorchBackend:
         if self._fixed is None or self._fixed_key != key:
             from puzzle.child import child_config_like
 
-            self._fixed = engine.EngineWeights.random(child_config_like(config, []), device=self.device,
-                                                      dtype=self.dtype, seed=self.seed)
+            self._fixed = engine.EngineWeights.random(
+                child_config_like(config, []), device=self.device, dtype=self.dtype, seed=self.seed
+            )
             self._fixed_key = key
         return self._fixed, key
 
@@ -240,8 +271,12 @@ class TorchBackend:
         out: dict[int, dict[str, float]] = {}
         contexts = workload.contexts
         for batch in workload.batch_sizes:
-            session = engine.Session(weights, batch_size=batch, max_len=workload.prompt_len + workload.gen_len)
-            ids = engine.random_prompts(weights.config.vocab_size, batch, workload.prompt_len, self.device, self.seed)
+            session = engine.Session(
+                weights, batch_size=batch, max_len=workload.prompt_len + workload.gen_len
+            )
+            ids = engine.random_prompts(
+                weights.config.vocab_size, batch, workload.prompt_len, self.device, self.seed
+            )
             # Cache length read -> a context that reads it: the first and the last decode step.
             points = {session.bucket_for(c): c for c in (contexts[:1] + contexts[-1:])}
             session.prepare(workload.prompt_len, list(points.values()))
@@ -256,7 +291,9 @@ class TorchBackend:
             if contexts:
                 lo, hi = min(at), max(at)
                 slope = (at[hi] - at[lo]) / (hi - lo) if hi > lo else 0.0
-                mean_decode = sum(at[lo] + slope * (session.bucket_for(c) - lo) for c in contexts) / len(contexts)
+                mean_decode = sum(at[lo] + slope * (session.bucket_for(c) - lo) for c in contexts) / len(
+                    contexts
+                )
             out[batch] = {"prefill_s": statistics.median(prefill), "decode_s": mean_decode}
             del session
         return out
@@ -270,17 +307,27 @@ class TorchBackend:
 
     def measure_fixed(self, config: DeciLMConfig, workload: Workload) -> dict[int, dict[str, float]]:
         timed = self._base(config, workload)
-        return {b: {"prefill_ms": t["prefill_s"] * 1e3, "decode_ms": t["decode_s"] * 1e3} for b, t in timed.items()}
+        return {
+            b: {"prefill_ms": t["prefill_s"] * 1e3, "decode_ms": t["decode_s"] * 1e3}
+            for b, t in timed.items()
+        }
 
-    def measure_subblock(self, config: DeciLMConfig, name: str, workload: Workload) -> dict[int, dict[str, float]]:
+    def measure_subblock(
+        self, config: DeciLMConfig, name: str, workload: Workload
+    ) -> dict[int, dict[str, float]]:
         from puzzle.child import child_config_like
 
         block = subblock_as_block(name)
         n = self.stack_layers(subblock_params(config, name) * self.dtype.itemsize)
         base = self._base(config, workload)
         fixed, _ = self._fixed_weights(config)
-        weights = engine.EngineWeights.random(child_config_like(config, [block] * n), device=self.device,
-                                              dtype=self.dtype, seed=self.seed + 1, fixed_from=fixed)
+        weights = engine.EngineWeights.random(
+            child_config_like(config, [block] * n),
+            device=self.device,
+            dtype=self.dtype,
+            seed=self.seed + 1,
+            fixed_from=fixed,
+        )
         stacked = self._time(weights, workload)
         del weights
         if self.device.type == "cuda":
@@ -291,21 +338,34 @@ class TorchBackend:
             for key in ("prefill", "decode"):
                 value = (stacked[b][f"{key}_s"] - base[b][f"{key}_s"]) / n * 1e3
                 if value < 0:
-                    log.warning("costs: %s at batch %d: %s time %.4f ms is below the noise; recorded as 0", name, b,
-                                key, value)
+                    log.warning(
+                        "costs: %s at batch %d: %s time %.4f ms is below the noise; recorded as 0",
+                        name,
+                        b,
+                        key,
+                        value,
+                    )
                     value = 0.0
                 row[f"{key}_ms"] = value
             out[b] = row
         return out
 
-    def measure_model(self, config: DeciLMConfig, workload: Workload, *, seed: int = 0) -> dict[int, dict[str, Any]]:
+    def measure_model(
+        self, config: DeciLMConfig, workload: Workload, *, seed: int = 0
+    ) -> dict[int, dict[str, Any]]:
         fixed, _ = self._fixed_weights(config)
-        weights = engine.EngineWeights.random(config, device=self.device, dtype=self.dtype, seed=seed + 1,
-                                              fixed_from=fixed)
+        weights = engine.EngineWeights.random(
+            config, device=self.device, dtype=self.dtype, seed=seed + 1, fixed_from=fixed
+        )
         out = {}
         for b in workload.batch_sizes:
-            result = engine.measure_weights(weights, batch_size=b, prompt_len=workload.prompt_len,
-                                            gen_len=workload.gen_len, repeats=self.repeats)
+            result = engine.measure_weights(
+                weights,
+                batch_size=b,
+                prompt_len=workload.prompt_len,
+                gen_len=workload.gen_len,
+                repeats=self.repeats,
+            )
             result.pop("tokens", None)
             out[b] = result
         del weights
@@ -344,22 +404,40 @@ def make_backend(name: str, **options: Any) -> CostBackend:
 # --------------------------------------------------------------------------- the table
 
 
-def _entry(config: DeciLMConfig, name: str, measured: Mapping[int, Mapping[str, float]] | None, workload: Workload,
-           dtype_bytes: int) -> dict[str, Any]:
+def _entry(
+    config: DeciLMConfig,
+    name: str,
+    measured: Mapping[int, Mapping[str, float]] | None,
+    workload: Workload,
+    dtype_bytes: int,
+) -> dict[str, Any]:
     params = fixed_params(config) if name == FIXED else subblock_params(config, name)
     kv = 0 if name == FIXED else kv_bytes_per_token(config, name, dtype_bytes)
     weight_bytes = params * dtype_bytes
     entry: dict[str, Any] = {
-        "kind": subblock_kind(name), "params": params, "weight_bytes": weight_bytes,
-        "weight_mib": weight_bytes / 2**20, "kv_bytes_per_token": kv, "measured": measured is not None,
-        "prefill_ms": {}, "decode_ms": {}, "runtime_ms": {}, "memory_bytes": {}, "batches": {},
+        "kind": subblock_kind(name),
+        "params": params,
+        "weight_bytes": weight_bytes,
+        "weight_mib": weight_bytes / 2**20,
+        "kv_bytes_per_token": kv,
+        "measured": measured is not None,
+        "prefill_ms": {},
+        "decode_ms": {},
+        "runtime_ms": {},
+        "memory_bytes": {},
+        "batches": {},
     }
     for b in workload.batch_sizes:
         m = measured[b] if measured is not None else {"prefill_ms": 0.0, "decode_ms": 0.0}
         runtime = m["prefill_ms"] + (workload.gen_len - 1) * m["decode_ms"]
         memory = weight_bytes + b * (workload.prompt_len + workload.gen_len) * kv
-        per_batch = {"prefill_ms": m["prefill_ms"], "decode_ms": m["decode_ms"], "runtime_ms": runtime,
-                     "memory_bytes": memory, "memory_mib": memory / 2**20}
+        per_batch = {
+            "prefill_ms": m["prefill_ms"],
+            "decode_ms": m["decode_ms"],
+            "runtime_ms": runtime,
+            "memory_bytes": memory,
+            "memory_mib": memory / 2**20,
+        }
         for key in ("prefill_ms", "decode_ms", "runtime_ms", "memory_bytes"):
             entry[key][str(b)] = per_batch[key]
         entry["batches"][str(b)] = per_batch
@@ -373,9 +451,20 @@ def _rows(subblocks: Mapping[str, Mapping[str, Any]], workload: Workload) -> lis
     for name, entry in subblocks.items():
         for b in workload.batch_sizes:
             per = entry["batches"][str(b)]
-            rows.append({"subblock": name, "kind": entry["kind"], "batch_size": b, "params": entry["params"],
-                         "weight_bytes": entry["weight_bytes"], "kv_bytes_per_token": entry["kv_bytes_per_token"],
-                         **{k: per[k] for k in ("prefill_ms", "decode_ms", "runtime_ms", "memory_bytes", "memory_mib")}})
+            rows.append(
+                {
+                    "subblock": name,
+                    "kind": entry["kind"],
+                    "batch_size": b,
+                    "params": entry["params"],
+                    "weight_bytes": entry["weight_bytes"],
+                    "kv_bytes_per_token": entry["kv_bytes_per_token"],
+                    **{
+                        k: per[k]
+                        for k in ("prefill_ms", "decode_ms", "runtime_ms", "memory_bytes", "memory_mib")
+                    },
+                }
+            )
     return rows
 
 
@@ -388,8 +477,14 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def build_table(config: DeciLMConfig, names: Sequence[str], workload: Workload, backend: CostBackend, *,
-                parent_blocks: Sequence[str] | None = None) -> dict[str, Any]:
+def build_table(
+    config: DeciLMConfig,
+    names: Sequence[str],
+    workload: Workload,
+    backend: CostBackend,
+    *,
+    parent_blocks: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """Measure the fixed part and every sub-block in ``names``: the ``costs.json`` document."""
     workload.check()
     names = list(dict.fromkeys(names))
@@ -398,15 +493,22 @@ def build_table(config: DeciLMConfig, names: Sequence[str], workload: Workload, 
     hardware = backend.hardware()
     dtype_bytes = engine.default_dtype(torch.device(hardware["device"]), hardware["dtype"]).itemsize
     started = time.perf_counter()
-    subblocks: dict[str, Any] = {FIXED: _entry(config, FIXED, backend.measure_fixed(config, workload), workload,
-                                               dtype_bytes)}
+    subblocks: dict[str, Any] = {
+        FIXED: _entry(config, FIXED, backend.measure_fixed(config, workload), workload, dtype_bytes)
+    }
     for name in tqdm(names, desc="costs", unit="sub-block", leave=False):
         # A no-op sub-block has no module and launches no kernel: exactly zero time.
         measured = None if name.endswith("_noop") else backend.measure_subblock(config, name, workload)
         subblocks[name] = _entry(config, name, measured, workload, dtype_bytes)
         if measured is not None:
-            log.info("costs: %-14s %s", name, "; ".join(
-                f"bs {b}: prefill {m['prefill_ms']:.3f} ms, decode {m['decode_ms']:.4f} ms" for b, m in measured.items()))
+            log.info(
+                "costs: %-14s %s",
+                name,
+                "; ".join(
+                    f"bs {b}: prefill {m['prefill_ms']:.3f} ms, decode {m['decode_ms']:.4f} ms"
+                    for b, m in measured.items()
+                ),
+            )
     parent = list(parent_blocks or [b.name for b in config.blocks])
     counts: dict[str, int] = {}
     for block in parent:
@@ -425,10 +527,19 @@ def build_table(config: DeciLMConfig, names: Sequence[str], workload: Workload, 
             "bucket": engine.BUCKET if hardware["device_type"] == "cuda" else 1,
             "build_seconds": time.perf_counter() - started,
         },
-        "model": {"config": config_to_json(config), "parent_blocks": parent, "num_layers": len(parent),
-                  "hidden_size": config.hidden_size, "num_attention_heads": config.num_attention_heads,
-                  "head_dim": config.head_dim, "vocab_size": config.vocab_size},
-        "parent": {"block": max(counts, key=lambda k: counts[k]) if counts else None, "num_layers": len(parent)},
+        "model": {
+            "config": config_to_json(config),
+            "parent_blocks": parent,
+            "num_layers": len(parent),
+            "hidden_size": config.hidden_size,
+            "num_attention_heads": config.num_attention_heads,
+            "head_dim": config.head_dim,
+            "vocab_size": config.vocab_size,
+        },
+        "parent": {
+            "block": max(counts, key=lambda k: counts[k]) if counts else None,
+            "num_layers": len(parent),
+        },
         "subblocks": subblocks,
         "fixed": subblocks[FIXED],
         "rows": _rows(subblocks, workload),
@@ -465,9 +576,20 @@ def library_subblocks(library: str, config: DeciLMConfig) -> list[str]:
     return [*attention, *ffn]
 
 
-def measure(library: str, child: str, out: str, *, batch_sizes: Sequence[int], prompt_len: int, gen_len: int,
-            device: str | None = "auto", dtype: str | None = None, repeats: int = 3, backend: str = "torch",
-            stack_layers: int | None = None) -> artifacts.Manifest:
+def measure(
+    library: str,
+    child: str,
+    out: str,
+    *,
+    batch_sizes: Sequence[int],
+    prompt_len: int,
+    gen_len: int,
+    device: str | None = "auto",
+    dtype: str | None = None,
+    repeats: int = 3,
+    backend: str = "torch",
+    stack_layers: int | None = None,
+) -> artifacts.Manifest:
     """Phase: the cost table of every sub-block of ``library`` on this machine (artifact kind ``costs``).
 
     Args:
@@ -493,7 +615,10 @@ def measure(library: str, child: str, out: str, *, batch_sizes: Sequence[int], p
     names = library_subblocks(library, config)
     hardware = meter.hardware()
     parameters = {
-        **workload.to_json(), "repeats": repeats, "backend": backend, "stack_layers": stack_layers,
+        **workload.to_json(),
+        "repeats": repeats,
+        "backend": backend,
+        "stack_layers": stack_layers,
         "hardware": {k: hardware.get(k) for k in (*IDENTITY_KEYS, "device")},
     }
 
@@ -502,21 +627,27 @@ def measure(library: str, child: str, out: str, *, batch_sizes: Sequence[int], p
         (staging / COSTS_FILE).write_text(json.dumps(table, indent=2) + "\n")
         (staging / COSTS_CSV).write_text(_csv(table["rows"]))
         ct = CostTable(table, out)
-        summary: dict[str, Any] = {"device_name": hardware["device_name"], "dtype": hardware["dtype"],
-                                   "subblocks": len(names), "build_seconds": table["measurement"]["build_seconds"]}
+        summary: dict[str, Any] = {
+            "device_name": hardware["device_name"],
+            "dtype": hardware["dtype"],
+            "subblocks": len(names),
+            "build_seconds": table["measurement"]["build_seconds"],
+        }
         for b in workload.batch_sizes:
             summary[f"parent_throughput_bs{b}"] = ct.throughput(ct.parent_blocks, b)
         return summary
 
-    return artifacts.run_phase(COSTS_KIND, out, {"library": library, "child": child}, parameters, body,
-                               materialize_inputs=False)
+    return artifacts.run_phase(
+        COSTS_KIND, out, {"library": library, "child": child}, parameters, body, materialize_inputs=False
+    )
 
 
 # --------------------------------------------------------------------------- reading tables
 
 
-def check_same_hardware(a: CostTable | Mapping[str, Any], b: CostTable | Mapping[str, Any], *,
-                        what: str = "cost tables") -> None:
+def check_same_hardware(
+    a: CostTable | Mapping[str, Any], b: CostTable | Mapping[str, Any], *, what: str = "cost tables"
+) -> None:
     """Raise :class:`CostsError` unless ``a`` and ``b`` (tables or hardware dicts) were measured alike."""
     ha = a.hardware if isinstance(a, CostTable) else a
     hb = b.hardware if isinstance(b, CostTable) else b
@@ -536,12 +667,16 @@ class CostTable:
 
     def __init__(self, data: dict[str, Any], where: str = "") -> None:
         if not isinstance(data, dict) or data.get("format") != COSTS_FORMAT:
-            raise CostsError(f"{where or 'the document'} is not a puzzle cost table (format {COSTS_FORMAT!r})")
+            raise CostsError(
+                f"{where or 'the document'} is not a puzzle cost table (format {COSTS_FORMAT!r})"
+            )
         for key in ("hardware", "workload", "subblocks", "model"):
             if key not in data:
                 raise CostsError(f"{where}: the cost table has no {key!r} section; re-run `puzzle costs`")
         if int(data.get("format_version", 0)) > FORMAT_VERSION:
-            raise CostsError(f"{where}: cost table format {data['format_version']} is newer than this package's")
+            raise CostsError(
+                f"{where}: cost table format {data['format_version']} is newer than this package's"
+            )
         self.data = data
         self.where = where or "(unsaved table)"
 
@@ -584,19 +719,29 @@ class CostTable:
 
     def check_batch_size(self, batch_size: int) -> None:
         if batch_size not in self.batch_sizes:
-            raise CostsError(f"cost table {self.where} was not measured at batch size {batch_size} "
-                             f"(it has {self.batch_sizes}); re-run `puzzle costs --batch-sizes ...`")
+            raise CostsError(
+                f"cost table {self.where} was not measured at batch size {batch_size} "
+                f"(it has {self.batch_sizes}); re-run `puzzle costs --batch-sizes ...`"
+            )
 
     def subblock(self, name: str, batch_size: int) -> dict[str, Any]:
         """One sub-block's costs at ``batch_size``."""
         entry = self.data["subblocks"].get(name)
         if entry is None:
-            raise CostsError(f"cost table {self.where} has no sub-block {name!r} (it has {self.names}); measure a "
-                             "library that contains it")
+            raise CostsError(
+                f"cost table {self.where} has no sub-block {name!r} (it has {self.names}); measure a "
+                "library that contains it"
+            )
         self.check_batch_size(batch_size)
         per = entry["batches"][str(batch_size)]
-        return {"name": name, "kind": entry["kind"], "params": entry["params"], "weight_bytes": entry["weight_bytes"],
-                "kv_bytes_per_token": entry["kv_bytes_per_token"], **per}
+        return {
+            "name": name,
+            "kind": entry["kind"],
+            "params": entry["params"],
+            "weight_bytes": entry["weight_bytes"],
+            "kv_bytes_per_token": entry["kv_bytes_per_token"],
+            **per,
+        }
 
     def fixed(self, batch_size: int) -> dict[str, Any]:
         """Embeddings + final norm + LM head."""
@@ -608,7 +753,15 @@ class CostTable:
         if not sep:
             raise CostsError(f"block name {block_name!r} must look like '<attention>+<ffn>'")
         a, f = self.subblock(attn, batch_size), self.subblock(ffn, batch_size)
-        keys = ("runtime_ms", "prefill_ms", "decode_ms", "params", "memory_bytes", "memory_mib", "weight_bytes")
+        keys = (
+            "runtime_ms",
+            "prefill_ms",
+            "decode_ms",
+            "params",
+            "memory_bytes",
+            "memory_mib",
+            "weight_bytes",
+        )
         return {k: a[k] + f[k] for k in keys}
 
     def totals(self, blocks: Sequence[str], batch_size: int) -> dict[str, float]:
@@ -620,7 +773,9 @@ class CostTable:
             b = self.block(block, batch_size)
             for k in keys:
                 out[k] += b[k]
-        out["throughput"] = batch_size * self.gen_len / (out["runtime_ms"] / 1e3) if out["runtime_ms"] > 0 else math.inf
+        out["throughput"] = (
+            batch_size * self.gen_len / (out["runtime_ms"] / 1e3) if out["runtime_ms"] > 0 else math.inf
+        )
         return out
 
     def runtime_ms(self, blocks: Sequence[str], batch_size: int) -> float:
@@ -656,13 +811,23 @@ def random_children(table: CostTable, count: int, *, seed: int = 0) -> list[list
     attention = [n for n in table.names if n.startswith("attn_")]
     ffn = [n for n in table.names if n.startswith("ffn_")]
     if not attention or not ffn:
-        raise CostsError(f"cost table {table.where} has no attention or no FFN sub-blocks to draw children from")
-    return [[f"{rng.choice(attention)}+{rng.choice(ffn)}" for _ in range(table.num_layers)] for _ in range(count)]
+        raise CostsError(
+            f"cost table {table.where} has no attention or no FFN sub-blocks to draw children from"
+        )
+    return [
+        [f"{rng.choice(attention)}+{rng.choice(ffn)}" for _ in range(table.num_layers)] for _ in range(count)
+    ]
 
 
-def calibrate(table_uri: str | CostTable, children: Sequence[Sequence[str]] | int, *,
-              batch_sizes: Sequence[int] | None = None, device: str | None = "auto", repeats: int = 1,
-              seed: int = 0) -> dict[str, Any]:
+def calibrate(
+    table_uri: str | CostTable,
+    children: Sequence[Sequence[str]] | int,
+    *,
+    batch_sizes: Sequence[int] | None = None,
+    device: str | None = "auto",
+    repeats: int = 1,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Predicted (sum of the table) vs measured throughput of whole children on this machine.
 
     ``children``: architectures (one block name per layer) or a number of random ones. Each is
@@ -676,14 +841,25 @@ def calibrate(table_uri: str | CostTable, children: Sequence[Sequence[str]] | in
     sizes = list(batch_sizes) if batch_sizes is not None else table.batch_sizes
     for b in sizes:
         table.check_batch_size(b)
-    archs = random_children(table, children, seed=seed) if isinstance(children, int) else [list(c) for c in children]
+    archs = (
+        random_children(table, children, seed=seed)
+        if isinstance(children, int)
+        else [list(c) for c in children]
+    )
     for arch in archs:
         if len(arch) != table.num_layers:
-            raise CostsError(f"a child has {len(arch)} blocks but the table's parent has {table.num_layers} layers")
+            raise CostsError(
+                f"a child has {len(arch)} blocks but the table's parent has {table.num_layers} layers"
+            )
         for block in arch:
             table.block(block, sizes[0])  # every name must be in the table
-    meter = make_backend(table.hardware.get("backend", "torch"), device=device, dtype=table.hardware["dtype"],
-                         repeats=repeats, seed=seed)
+    meter = make_backend(
+        table.hardware.get("backend", "torch"),
+        device=device,
+        dtype=table.hardware["dtype"],
+        repeats=repeats,
+        seed=seed,
+    )
     check_same_hardware(table, meter.hardware(), what="a cost table and a measurement")
     config = table.config()
     workload = Workload(batch_sizes=tuple(sizes), prompt_len=table.prompt_len, gen_len=table.gen_len)

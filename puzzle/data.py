@@ -50,7 +50,15 @@ TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text"}
 JSONL_SUFFIXES = {".jsonl", ".json"}
 # Test suites, vendored packages and generated code tables (encodings/) are not natural text.
 _STDLIB_SKIP = {
-    "test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "lib2to3", "turtledemo", "encodings",
+    "test",
+    "tests",
+    "idlelib",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "lib2to3",
+    "turtledemo",
+    "encodings",
 }
 _SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _TOKENIZE_BATCH = 32
@@ -109,7 +117,10 @@ def _local_files(root: Path) -> list[Path]:
     if root.is_file():
         return [root]
     suffixes = TEXT_SUFFIXES | JSONL_SUFFIXES
-    return sorted((p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes), key=lambda p: str(p.relative_to(root)))
+    return sorted(
+        (p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes),
+        key=lambda p: str(p.relative_to(root)),
+    )
 
 
 def _s3_files(uri: str) -> list[Path]:
@@ -145,10 +156,14 @@ def _read_documents(path: Path, text_field: str) -> Iterator[str]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{number} is not valid JSON ({exc}); JSONL needs one object per line") from exc
+                    raise DataError(
+                        f"{path}:{number} is not valid JSON ({exc}); JSONL needs one object per line"
+                    ) from exc
                 text = record.get(text_field) if isinstance(record, dict) else None
                 if not isinstance(text, str):
-                    raise DataError(f"{path}:{number} has no string field {text_field!r}; set text_field to the right key")
+                    raise DataError(
+                        f"{path}:{number} has no string field {text_field!r}; set text_field to the right key"
+                    )
                 yield text
         return
     yield path.read_text(encoding="utf-8", errors="replace")
@@ -159,12 +174,16 @@ def _hf_documents(source: str, text_field: str, seed: int) -> Iterator[str]:
     try:
         import datasets
     except ImportError as exc:
-        raise DataError(f"{source} needs the 'datasets' package: pip install datasets (or use a local file)") from exc
+        raise DataError(
+            f"{source} needs the 'datasets' package: pip install datasets (or use a local file)"
+        ) from exc
     try:
         dataset = datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as exc:  # noqa: BLE001 - any hub/dataset failure has the same fix
-        raise DataError(f"cannot load Hugging Face dataset {source} ({type(exc).__name__}: {exc}); "
-                        "download it and pass a local JSONL file instead") from exc
+        raise DataError(
+            f"cannot load Hugging Face dataset {source} ({type(exc).__name__}: {exc}); "
+            "download it and pass a local JSONL file instead"
+        ) from exc
     for record in dataset.shuffle(seed=seed, buffer_size=1000):
         text = record.get(text_field)
         if isinstance(text, str) and text:
@@ -259,7 +278,13 @@ def prepare(
     inputs = {"tokenizer": tokenizer}
     if source not in ("stdlib",) and not source.startswith("hf:"):
         inputs["source"] = source
-    parameters = {"source": source, "seq_len": seq_len, "splits": dict(splits), "seed": seed, "text_field": text_field}
+    parameters = {
+        "source": source,
+        "seq_len": seq_len,
+        "splits": dict(splits),
+        "seed": seed,
+        "text_field": text_field,
+    }
 
     def body(staging: Path, local: dict[str, Path]) -> dict[str, Any]:
         from safetensors.torch import save_file
@@ -276,7 +301,9 @@ def prepare(
             )
         vocab = len(tok)
         if int(ids.max()) >= vocab:
-            raise DataError(f"token id {int(ids.max())} >= tokenizer size {vocab}: the tokenizer is inconsistent")
+            raise DataError(
+                f"token id {int(ids.max())} >= tokenizer size {vocab}: the tokenizer is inconsistent"
+            )
         order = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(seed))
         ids = ids[order]
         table: dict[str, Any] = {}
@@ -298,7 +325,13 @@ def prepare(
             "python_version": sys.version.split()[0] if source == "stdlib" else None,
         }
         (staging / SPLITS_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        log.info("tokens: %d sequences x %d tokens from %d documents of %s", needed, seq_len, stats["documents"], source)
+        log.info(
+            "tokens: %d sequences x %d tokens from %d documents of %s",
+            needed,
+            seq_len,
+            stats["documents"],
+            source,
+        )
         return {"seq_len": seq_len, "splits": {k: v for k, v in splits.items()}, "tokens": needed * seq_len}
 
     return artifacts.run_phase(

@@ -89,7 +89,9 @@ def kl_parent_child(parent_logits: torch.Tensor, child_logits: torch.Tensor) -> 
     return (p_log.exp() * (p_log - c_log)).sum(-1).mean()
 
 
-def cosine_distance_sum(child_hidden: tuple[torch.Tensor, ...], parent_hidden: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def cosine_distance_sum(
+    child_hidden: tuple[torch.Tensor, ...], parent_hidden: tuple[torch.Tensor, ...]
+) -> torch.Tensor:
     """Sum over layers of the mean (over tokens) of 1 - cos(h_child, h_parent).
 
     The models return the hidden state entering every layer plus the final (normed) output;
@@ -112,7 +114,9 @@ def gkd_loss(
         parts["kl"] = kl_parent_child(parent_out.logits, child_out.logits)
     if settings.weight_lm:
         logits = child_out.logits[:, :-1].float()
-        parts["lm"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1).long())
+        parts["lm"] = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1).long()
+        )
     weights = {"cosine": settings.weight_cosine, "kl": settings.weight_kl, "lm": settings.weight_lm}
     loss = sum(weights[name] * value for name, value in parts.items())
     return loss, {name: float(value.detach()) for name, value in parts.items()}
@@ -204,7 +208,9 @@ def train(
     """
     n, seq_len = input_ids.shape
     if n == 0:
-        raise DistillError(f"split {settings.split!r} is empty: give data.splits.{settings.split} > 0 sequences")
+        raise DistillError(
+            f"split {settings.split!r} is empty: give data.splits.{settings.split} > 0 sequences"
+        )
     if settings.batch_size % dist_info.world_size:
         raise DistillError(
             f"gkd.batch_size={settings.batch_size} must be divisible by the number of GPUs ({dist_info.world_size})"
@@ -227,7 +233,10 @@ def train(
 
         model = DistributedDataParallel(child, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(
-        [p for p in child.parameters() if p.requires_grad], lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.0
+        [p for p in child.parameters() if p.requires_grad],
+        lr=settings.lr,
+        betas=(0.9, 0.95),
+        weight_decay=0.0,
     )
 
     start, history = 0, []
@@ -239,12 +248,17 @@ def train(
         log.info("GKD: resuming from step %d of %d", start, steps)
     resumed_from = start
 
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    )
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     t0 = time.perf_counter()
     t_first: float | None = None  # after the first step: the steady-state rate leaves warm-up out
-    bar = tqdm(range(start, steps), desc="GKD", unit="step", disable=None if dist_info.is_main else True, initial=start, total=steps)
+    bar = tqdm(
+        range(start, steps),
+        desc="GKD",
+        unit="step",
+        disable=None if dist_info.is_main else True,
+        initial=start,
+        total=steps,
+    )
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, warmup, settings.lr)
@@ -260,7 +274,12 @@ def train(
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(child.parameters(), 1.0)
         optimizer.step()
-        record = {"step": step + 1, "loss": float(loss.detach()), "lr": optimizer.param_groups[0]["lr"], **parts}
+        record = {
+            "step": step + 1,
+            "loss": float(loss.detach()),
+            "lr": optimizer.param_groups[0]["lr"],
+            **parts,
+        }
         record["grad_norm"] = float(grad_norm)
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -270,7 +289,12 @@ def train(
         if work_dir is not None and dist_info.is_main and (done % checkpoint_every == 0) and done < steps:
             save_checkpoint(
                 work_dir / CHECKPOINT,
-                {"step": done, "model": child.state_dict(), "optimizer": optimizer.state_dict(), "history": history},
+                {
+                    "step": done,
+                    "model": child.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "history": history,
+                },
             )
     end = time.perf_counter()
     if settings.grad_checkpointing:
@@ -392,7 +416,9 @@ def distill(
     return artifacts.run_phase(CHILD_KIND, out, inputs, parameters, build, input_kinds={"child": CHILD_KIND})
 
 
-def _save(student: torch.nn.Module, local: dict[str, Path], staging: Path, summary: dict[str, Any], child: str) -> None:
+def _save(
+    student: torch.nn.Module, local: dict[str, Path], staging: Path, summary: dict[str, Any], child: str
+) -> None:
     student.config.use_cache = True
     info = read_parent_info(local["child"])
     info["distilled_from"] = child
@@ -431,10 +457,13 @@ def _distill_distributed(
 
 def _check_compatible(child: torch.nn.Module, parent: torch.nn.Module) -> None:
     cc, pc = child.config, parent.config
-    if (cc.num_hidden_layers, cc.hidden_size, cc.vocab_size) != (pc.num_hidden_layers, pc.hidden_size, pc.vocab_size):
+    if (cc.num_hidden_layers, cc.hidden_size, cc.vocab_size) != (
+        pc.num_hidden_layers,
+        pc.hidden_size,
+        pc.vocab_size,
+    ):
         raise DistillError(
             f"child ({cc.num_hidden_layers} layers, hidden {cc.hidden_size}, vocab {cc.vocab_size}) does not "
             f"match the parent ({pc.num_hidden_layers}, {pc.hidden_size}, {pc.vocab_size}): pass the parent the "
             "child was realized from"
         )
-

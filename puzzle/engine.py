@@ -66,7 +66,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EngineError(f"device {device!r} was asked for but CUDA is not available here; use device='cpu' or 'auto'")
+        raise EngineError(
+            f"device {device!r} was asked for but CUDA is not available here; use device='cpu' or 'auto'"
+        )
     return dev
 
 
@@ -115,8 +117,17 @@ def _driver_version() -> str | None:
     smi = shutil.which("nvidia-smi")
     if smi:
         try:
-            out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                                 text=True, timeout=20, check=True).stdout.strip().splitlines()
+            out = (
+                subprocess.run(
+                    [smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+                    capture_output=True,
+                    text=True,
+                    timeout=20,
+                    check=True,
+                )
+                .stdout.strip()
+                .splitlines()
+            )
             if out:
                 return out[0].strip()
         except (OSError, subprocess.SubprocessError):
@@ -227,7 +238,11 @@ class EngineWeights:
         for layer in self.layers:
             for part in (layer.attention, layer.ffn):
                 if part is not None:
-                    out.extend(getattr(part, f) for f in part.__dataclass_fields__ if isinstance(getattr(part, f), torch.Tensor))
+                    out.extend(
+                        getattr(part, f)
+                        for f in part.__dataclass_fields__
+                        if isinstance(getattr(part, f), torch.Tensor)
+                    )
         return out
 
     @classmethod
@@ -267,7 +282,9 @@ class EngineWeights:
                         slot=attn.layer_idx,
                     )
                 elif isinstance(attn, DeciLMLinearAttention):
-                    attention = LinearWeights(norm=take(layer.input_layernorm.weight), weight=take(attn.linear_attn.weight))
+                    attention = LinearWeights(
+                        norm=take(layer.input_layernorm.weight), weight=take(attn.linear_attn.weight)
+                    )
                 elif attn is not None:
                     raise EngineError(f"unsupported attention module {type(attn).__name__}")
                 ffn: MLPWeights | LinearWeights | None = None
@@ -281,7 +298,9 @@ class EngineWeights:
                         down_bias=take(mlp.down_proj.bias),
                     )
                 elif isinstance(mlp, DeciLMLinearMLP):
-                    ffn = LinearWeights(norm=take(layer.post_attention_layernorm.weight), weight=take(mlp.linear_mlp.weight))
+                    ffn = LinearWeights(
+                        norm=take(layer.post_attention_layernorm.weight), weight=take(mlp.linear_mlp.weight)
+                    )
                 elif mlp is not None:
                     raise EngineError(f"unsupported FFN module {type(mlp).__name__}")
                 layers.append(EngineLayer(attention, ffn))
@@ -292,8 +311,15 @@ class EngineWeights:
         return cls(config, embed, norm, lm_head, layers, device, dtype)  # type: ignore[arg-type]
 
     @classmethod
-    def random(cls, config: DeciLMConfig, *, device: torch.device, dtype: torch.dtype, seed: int = 0,
-               fixed_from: EngineWeights | None = None) -> EngineWeights:
+    def random(
+        cls,
+        config: DeciLMConfig,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        seed: int = 0,
+        fixed_from: EngineWeights | None = None,
+    ) -> EngineWeights:
         """Random weights of ``config``'s shapes (speed does not depend on the values).
 
         ``fixed_from``: reuse that model's embeddings, final norm and LM head (same shapes), which
@@ -312,7 +338,11 @@ class EngineWeights:
         layers: list[EngineLayer] = []
         slot = 0
         for block in config.blocks:
-            layers.append(EngineLayer(_random_attention(block, config, rand, ones, slot), _random_ffn(block, config, rand, ones)))
+            layers.append(
+                EngineLayer(
+                    _random_attention(block, config, rand, ones, slot), _random_ffn(block, config, rand, ones)
+                )
+            )
             slot += int(block.attention.is_gqa)
         if fixed_from is not None:
             return cls(config, fixed_from.embed, fixed_from.norm, fixed_from.lm_head, layers, device, dtype)
@@ -321,8 +351,13 @@ class EngineWeights:
         return cls(config, embed, ones(hidden), lm_head, layers, device, dtype)
 
 
-def _random_attention(block: BlockConfig, config: DeciLMConfig, rand: Callable[..., torch.Tensor],
-                      ones: Callable[[int], torch.Tensor], slot: int) -> AttentionWeights | LinearWeights | None:
+def _random_attention(
+    block: BlockConfig,
+    config: DeciLMConfig,
+    rand: Callable[..., torch.Tensor],
+    ones: Callable[[int], torch.Tensor],
+    slot: int,
+) -> AttentionWeights | LinearWeights | None:
     hidden, heads, hd = config.hidden_size, config.num_attention_heads, config.head_dim
     a = block.attention
     if a.no_op:
@@ -332,15 +367,24 @@ def _random_attention(block: BlockConfig, config: DeciLMConfig, rand: Callable[.
     kv = a.num_kv_heads or 0
     rows = (heads + 2 * kv) * hd
     return AttentionWeights(
-        norm=ones(hidden), qkv=rand(rows, hidden), qkv_bias=rand(rows) if config.qkv_bias else None,
-        o=rand(hidden, heads * hd), o_bias=rand(hidden) if config.o_proj_bias else None,
-        q_norm=ones(hd) if config.qk_norm else None, k_norm=ones(hd) if config.qk_norm else None,
-        num_kv_heads=kv, slot=slot,
+        norm=ones(hidden),
+        qkv=rand(rows, hidden),
+        qkv_bias=rand(rows) if config.qkv_bias else None,
+        o=rand(hidden, heads * hd),
+        o_bias=rand(hidden) if config.o_proj_bias else None,
+        q_norm=ones(hd) if config.qk_norm else None,
+        k_norm=ones(hd) if config.qk_norm else None,
+        num_kv_heads=kv,
+        slot=slot,
     )
 
 
-def _random_ffn(block: BlockConfig, config: DeciLMConfig, rand: Callable[..., torch.Tensor],
-                ones: Callable[[int], torch.Tensor]) -> MLPWeights | LinearWeights | None:
+def _random_ffn(
+    block: BlockConfig,
+    config: DeciLMConfig,
+    rand: Callable[..., torch.Tensor],
+    ones: Callable[[int], torch.Tensor],
+) -> MLPWeights | LinearWeights | None:
     hidden = config.hidden_size
     f = block.ffn
     if f.no_op:
@@ -349,8 +393,11 @@ def _random_ffn(block: BlockConfig, config: DeciLMConfig, rand: Callable[..., to
         return LinearWeights(norm=ones(hidden), weight=rand(hidden, hidden))
     width = f.intermediate_size or 0
     return MLPWeights(
-        norm=ones(hidden), gate_up=rand(2 * width, hidden), gate_up_bias=rand(2 * width) if config.mlp_bias else None,
-        down=rand(hidden, width), down_bias=rand(hidden) if config.mlp_bias else None,
+        norm=ones(hidden),
+        gate_up=rand(2 * width, hidden),
+        gate_up_bias=rand(2 * width) if config.mlp_bias else None,
+        down=rand(hidden, width),
+        down_bias=rand(hidden) if config.mlp_bias else None,
     )
 
 
@@ -367,7 +414,9 @@ def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
-def _add_linear_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _add_linear_(
+    residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """``residual += x @ weight.T (+ bias)`` in place: the residual add is the GEMM's accumulation."""
     flat = residual.view(-1, residual.shape[-1])
     flat.addmm_(x.reshape(-1, x.shape[-1]), weight.t())
@@ -389,7 +438,9 @@ def _activation(config: DeciLMConfig) -> Callable[[torch.Tensor], torch.Tensor]:
     return ACT2FN[config.hidden_act]
 
 
-def rope_tables(config: DeciLMConfig, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    config: DeciLMConfig, length: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and signed sin ``[length, head_dim]`` (as the model computes them per position; the
     first half of sin negated, see :func:`rope`)."""
     from puzzle.modeling.modeling_decilm import DeciLMRotaryEmbedding
@@ -424,8 +475,15 @@ class Session:
     ``tokens``; each ``step()`` feeds ``tokens`` at the current position and leaves the next one.
     """
 
-    def __init__(self, weights: EngineWeights, *, batch_size: int, max_len: int, graphs: bool | None = None,
-                 bucket: int | None = None) -> None:
+    def __init__(
+        self,
+        weights: EngineWeights,
+        *,
+        batch_size: int,
+        max_len: int,
+        graphs: bool | None = None,
+        bucket: int | None = None,
+    ) -> None:
         cfg = weights.config
         if cfg.sliding_window and max_len > cfg.sliding_window:
             raise EngineError(
@@ -479,7 +537,9 @@ class Session:
             a = layer.attention
             if isinstance(a, AttentionWeights):
                 kv = a.num_kv_heads
-                qkv = F.linear(rms_norm(x, a.norm, eps), a.qkv, a.qkv_bias).view(batch, length, heads + 2 * kv, hd)
+                qkv = F.linear(rms_norm(x, a.norm, eps), a.qkv, a.qkv_bias).view(
+                    batch, length, heads + 2 * kv, hd
+                )
                 q, k, v = self._qk_rope(qkv, a, cos, sin, heads, kv)
                 q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
                 self.k_cache[a.slot][:, :, :length].copy_(k)
@@ -526,8 +586,15 @@ class Session:
         self.tokens.copy_(logits.argmax(-1))
         self.pos.add_(1)
 
-    def _qk_rope(self, qkv: torch.Tensor, a: AttentionWeights, cos: torch.Tensor, sin: torch.Tensor, heads: int,
-                 kv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qk_rope(
+        self,
+        qkv: torch.Tensor,
+        a: AttentionWeights,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        heads: int,
+        kv: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         v = qkv[..., heads + kv :, :]
         if a.q_norm is None:
             qk = rope(qkv[..., : heads + kv, :], cos, sin)
@@ -700,19 +767,34 @@ def time_decode(session: Session, context: int, *, iters: int) -> float:
     return timer.seconds(start, timer.mark()) / iters
 
 
-def random_prompts(vocab_size: int, batch_size: int, prompt_len: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+def random_prompts(
+    vocab_size: int, batch_size: int, prompt_len: int, device: torch.device, seed: int = 0
+) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch_size, prompt_len), generator=gen).to(device)
 
 
 def check_workload(*, batch_size: int, prompt_len: int, gen_len: int, repeats: int) -> None:
-    for name, value in (("batch_size", batch_size), ("prompt_len", prompt_len), ("gen_len", gen_len), ("repeats", repeats)):
+    for name, value in (
+        ("batch_size", batch_size),
+        ("prompt_len", prompt_len),
+        ("gen_len", gen_len),
+        ("repeats", repeats),
+    ):
         if not isinstance(value, int) or value <= 0:
             raise EngineError(f"{name} must be a positive integer, got {value!r}")
 
 
-def measure_weights(weights: EngineWeights, *, batch_size: int, prompt_len: int, gen_len: int, repeats: int,
-                    graphs: bool | None = None, seed: int = 0) -> dict[str, Any]:
+def measure_weights(
+    weights: EngineWeights,
+    *,
+    batch_size: int,
+    prompt_len: int,
+    gen_len: int,
+    repeats: int,
+    graphs: bool | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Throughput of ``weights`` at the workload: a warm-up, then medians over ``repeats`` runs."""
     check_workload(batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats)
     device = weights.device
@@ -743,7 +825,8 @@ def measure_weights(weights: EngineWeights, *, batch_size: int, prompt_len: int,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "parameter_bytes": weights.parameter_bytes(),
         "kv_cache_bytes": batch_size * (prompt_len + gen_len) * kv_per_token,
-        "decode_bytes_per_step": weights.bytes_read_per_decode_step(batch_size) + int(batch_size * mean_context * kv_per_token),
+        "decode_bytes_per_step": weights.bytes_read_per_decode_step(batch_size)
+        + int(batch_size * mean_context * kv_per_token),
         "device": str(device),
         "device_name": device_name(device),
         "dtype": str(weights.dtype).removeprefix("torch."),
@@ -758,8 +841,17 @@ def measure_weights(weights: EngineWeights, *, batch_size: int, prompt_len: int,
     return result
 
 
-def measure_throughput(model: Any, *, batch_size: int, prompt_len: int, gen_len: int, device: str | torch.device | None,
-                       repeats: int, dtype: str | torch.dtype | None = None, graphs: bool | None = None) -> dict[str, Any]:
+def measure_throughput(
+    model: Any,
+    *,
+    batch_size: int,
+    prompt_len: int,
+    gen_len: int,
+    device: str | torch.device | None,
+    repeats: int,
+    dtype: str | torch.dtype | None = None,
+    graphs: bool | None = None,
+) -> dict[str, Any]:
     """Measured speed of ``model`` (a :class:`DeciLMForCausalLM`) at a workload on ``device``.
 
     Copies the weights into the engine's fused layout (``dtype``: default bfloat16 on CUDA,
@@ -772,11 +864,18 @@ def measure_throughput(model: Any, *, batch_size: int, prompt_len: int, gen_len:
     check_workload(batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats)
     dev = resolve_device(device)
     weights = EngineWeights.from_model(model, device=dev, dtype=default_dtype(dev, dtype))
-    result = measure_weights(weights, batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats,
-                             graphs=graphs)
+    result = measure_weights(
+        weights, batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats, graphs=graphs
+    )
     result.pop("tokens")
-    log.info("engine: %s at batch %d: %.1f tokens/s (prefill %.3f s, decode %.3f s)", result["device_name"], batch_size,
-             result["throughput"], result["prefill_s"], result["decode_s"])
+    log.info(
+        "engine: %s at batch %d: %.1f tokens/s (prefill %.3f s, decode %.3f s)",
+        result["device_name"],
+        batch_size,
+        result["throughput"],
+        result["prefill_s"],
+        result["decode_s"],
+    )
     return result
 
 

@@ -81,7 +81,9 @@ class _Totals:
     def add(self, logits: torch.Tensor, targets: torch.Tensor, parent_log: torch.Tensor | None) -> None:
         log_probs = F.log_softmax(logits.float(), dim=-1)
         self.tokens += targets.numel()
-        self.nll += float(F.nll_loss(log_probs.reshape(-1, log_probs.shape[-1]), targets.reshape(-1), reduction="sum"))
+        self.nll += float(
+            F.nll_loss(log_probs.reshape(-1, log_probs.shape[-1]), targets.reshape(-1), reduction="sum")
+        )
         argmax = log_probs.argmax(-1)
         self.correct += int((argmax == targets).sum())
         if parent_log is not None:
@@ -96,7 +98,9 @@ class _Totals:
         lm_loss = self.nll / n
         out = {"lm_loss": lm_loss, "perplexity": math.exp(min(lm_loss, 50.0)), "accuracy": self.correct / n}
         if with_parent:
-            out.update({"kl_div": self.kl / n, "top1_agreement": self.top1 / n, "top5_agreement": self.top5 / n})
+            out.update(
+                {"kl_div": self.kl / n, "top1_agreement": self.top1 / n, "top5_agreement": self.top5 / n}
+            )
         return out
 
 
@@ -174,7 +178,9 @@ def speed_metrics(model: torch.nn.Module, workload: Workload, *, device: str, re
 # --------------------------------------------------------------------------- lm-evaluation-harness
 
 
-def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: list[str], *, batch_size: int, device: str) -> dict[str, Any]:
+def run_lm_eval(
+    model: torch.nn.Module, tokenizer: Any, tasks: list[str], *, batch_size: int, device: str
+) -> dict[str, Any]:
     """lm-evaluation-harness task accuracies, or ``{"skipped": reason}``."""
     if not tasks:
         return {}
@@ -188,7 +194,10 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: list[str], *, bat
         results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks))
     except Exception as exc:  # noqa: BLE001 - missing task data offline is the usual cause
         return {"skipped": f"lm_eval failed ({type(exc).__name__}: {exc}); the task data may be unavailable"}
-    return {task: {k: v for k, v in res.items() if isinstance(v, (int, float))} for task, res in results["results"].items()}
+    return {
+        task: {k: v for k, v in res.items() if isinstance(v, (int, float))}
+        for task, res in results["results"].items()
+    }
 
 
 # --------------------------------------------------------------------------- phase
@@ -231,7 +240,9 @@ def evaluate(
     if PARENT in children:
         raise EvaluateError(f"{PARENT!r} is reserved for the parent; name the child differently")
     if batch_size <= 0 or repeats <= 0:
-        raise EvaluateError(f"evaluate.batch_size and evaluate.repeats must be > 0, got {batch_size}, {repeats}")
+        raise EvaluateError(
+            f"evaluate.batch_size and evaluate.repeats must be > 0, got {batch_size}, {repeats}"
+        )
     for uri in children.values():
         artifacts.require_manifest(uri, (CHILD_KIND, "export"))
     artifacts.require_manifest(parent_child, CHILD_KIND)
@@ -241,7 +252,11 @@ def evaluate(
         raise EvaluateError(f"primary={primary!r} is not one of the children ({', '.join(children)})")
     details = {name: dict((details or {}).get(name, {})) for name in children}
     run_device = resolve_device(device)
-    inputs = {"parent": parent_child, "tokens": tokens, **{f"child:{name}": uri for name, uri in children.items()}}
+    inputs = {
+        "parent": parent_child,
+        "tokens": tokens,
+        **{f"child:{name}": uri for name, uri in children.items()},
+    }
     parameters = {
         "split": split,
         "batch_size": batch_size,
@@ -263,7 +278,10 @@ def evaluate(
         results: dict[str, dict[str, Any]] = {}
         for name, model in [(PARENT, parent), *models.items()]:
             log.info("evaluate: measuring the speed of %s", name)
-            results[name] = {**quality[name], **speed_metrics(model, workload, device=run_device, repeats=repeats)}
+            results[name] = {
+                **quality[name],
+                **speed_metrics(model, workload, device=run_device, repeats=repeats),
+            }
             results[name]["blocks"] = [b.name for b in model.config.blocks]
         base = results[PARENT]
         for name in children:
@@ -278,7 +296,9 @@ def evaluate(
 
             tok = load_tokenizer(local["parent"])
             for name, model in [(PARENT, parent), *models.items()]:
-                lm_eval_results[name] = run_lm_eval(model, tok, list(lm_eval_tasks), batch_size=batch_size, device=run_device)
+                lm_eval_results[name] = run_lm_eval(
+                    model, tok, list(lm_eval_tasks), batch_size=batch_size, device=run_device
+                )
         metrics = {
             "primary": primary,
             "accuracy_kept": results[primary]["accuracy_kept"],
@@ -293,7 +313,9 @@ def evaluate(
             "lm_eval": lm_eval_results,
         }
         (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        report.write_report(staging, metrics, models={PARENT: parent.config, **{n: m.config for n, m in models.items()}})
+        report.write_report(
+            staging, metrics, models={PARENT: parent.config, **{n: m.config for n, m in models.items()}}
+        )
         summary = {}
         for name in children:
             for key in ("accuracy_kept", "speedup", "kl_div", "perplexity"):

@@ -36,7 +36,12 @@ REPORT_JSON = "export_report.json"
 MODELING_FILES = ("block_config.py", "configuration_decilm.py", "modeling_decilm.py")
 
 # Fields engines read from config.json beyond the ones DeciLMConfig keeps.
-ENGINES = ("vLLM (nemotron_nas)", "TensorRT-LLM (NemotronNASForCausalLM)", "llama.cpp (DECI)", "mlx-lm (nemotron-nas)")
+ENGINES = (
+    "vLLM (nemotron_nas)",
+    "TensorRT-LLM (NemotronNASForCausalLM)",
+    "llama.cpp (DECI)",
+    "mlx-lm (nemotron-nas)",
+)
 
 
 @dataclass
@@ -56,8 +61,10 @@ def _layers_where(blocks: list[BlockConfig], predicate: Any) -> list[int]:
 
 
 def _fmt_layers(layers: list[int]) -> str:
-    return ("layer " if len(layers) == 1 else "layers ") + ", ".join(map(str, layers[:8])) + (
-        ", ..." if len(layers) > 8 else ""
+    return (
+        ("layer " if len(layers) == 1 else "layers ")
+        + ", ".join(map(str, layers[:8]))
+        + (", ..." if len(layers) > 8 else "")
     )
 
 
@@ -74,7 +81,9 @@ def engine_verdicts(config: DeciLMConfig) -> list[EngineVerdict]:
         extras.append(f"sliding window {config.sliding_window} (Mistral) is not read")
     common: list[str] = []
     if odd_width:
-        common.append(f"{_fmt_layers(odd_width)} use FFN widths that ffn_mult cannot express (not multiples of 256)")
+        common.append(
+            f"{_fmt_layers(odd_width)} use FFN widths that ffn_mult cannot express (not multiples of 256)"
+        )
 
     vllm = list(common) + extras
     if lin_attn:
@@ -88,7 +97,9 @@ def engine_verdicts(config: DeciLMConfig) -> list[EngineVerdict]:
     trt = list(common) + extras + family_bias
     llama_cpp = list(common) + extras + family_bias
     if lin_ffn:
-        llama_cpp.append(f"{_fmt_layers(lin_ffn)} use a linear FFN (the DECI converter supports only linear attention)")
+        llama_cpp.append(
+            f"{_fmt_layers(lin_ffn)} use a linear FFN (the DECI converter supports only linear attention)"
+        )
     mlx = list(common) + extras + family_bias
     return [
         EngineVerdict(ENGINES[0], not vllm, vllm),
@@ -108,8 +119,16 @@ def layer_table(model: Any) -> list[dict[str, Any]]:
         rows.append(
             {
                 "layer": i,
-                "attention": "no-op" if attn.no_op else "linear" if attn.linear else f"GQA, {attn.num_kv_heads} KV heads",
-                "ffn": "no-op" if ffn.no_op else "linear" if ffn.linear else f"SwiGLU, width {ffn.intermediate_size}",
+                "attention": "no-op"
+                if attn.no_op
+                else "linear"
+                if attn.linear
+                else f"GQA, {attn.num_kv_heads} KV heads",
+                "ffn": "no-op"
+                if ffn.no_op
+                else "linear"
+                if ffn.linear
+                else f"SwiGLU, width {ffn.intermediate_size}",
                 "block": block.name,
                 "parameters": sum(p.numel() for p in layer.parameters()),
             }
@@ -170,7 +189,9 @@ def render_report(
     return "\n".join(lines) + "\n"
 
 
-def export(child: str, out: str, *, dtype: str | None = None, max_shard_size: str = "2GB") -> artifacts.Manifest:
+def export(
+    child: str, out: str, *, dtype: str | None = None, max_shard_size: str = "2GB"
+) -> artifacts.Manifest:
     """Phase: write the child at ``child`` as a servable Hugging Face checkpoint at ``out``."""
     artifacts.require_manifest(child, CHILD_KIND)
     torch_dtype = parse_dtype(dtype)
@@ -205,7 +226,9 @@ def export(child: str, out: str, *, dtype: str | None = None, max_shard_size: st
                     **meta,
                     "parameters": total,
                     "layers": rows,
-                    "engines": [{"engine": v.engine, "servable": v.servable, "reasons": v.reasons} for v in verdicts],
+                    "engines": [
+                        {"engine": v.engine, "servable": v.servable, "reasons": v.reasons} for v in verdicts
+                    ],
                 },
                 indent=2,
             )
@@ -214,7 +237,11 @@ def export(child: str, out: str, *, dtype: str | None = None, max_shard_size: st
         if (local / PARENT_INFO).exists():
             shutil.copyfile(local / PARENT_INFO, staging / PARENT_INFO)
         log.info("exported %s (%s parameters) to %s", child, f"{total:,}", out)
-        return {"parameters": total, "dtype": meta["dtype"], "engines": {v.engine: v.servable for v in verdicts}}
+        return {
+            "parameters": total,
+            "dtype": meta["dtype"],
+            "engines": {v.engine: v.servable for v in verdicts},
+        }
 
     return artifacts.run_phase(
         EXPORT_KIND,
@@ -231,7 +258,9 @@ def export_dir(uri: str) -> Path:
     return child_dir(uri)
 
 
-def verify(export_uri: str, reference_child: str, *, prompt: str = "The capital of Germany is", new_tokens: int = 20) -> dict[str, Any]:
+def verify(
+    export_uri: str, reference_child: str, *, prompt: str = "The capital of Germany is", new_tokens: int = 20
+) -> dict[str, Any]:
     """Reload the export with plain transformers (``trust_remote_code=True``) and compare it
     with ``reference_child`` (our loader): max |logit difference| and greedy generations."""
     import torch

@@ -186,7 +186,11 @@ def _lp_duals_unguarded(problem: Problem, mip: Any) -> tuple[np.ndarray, float] 
     rows = []
     for k in range(problem.num_rows):
         coefs = problem.coef[k][problem.valid]
-        rows.append(model.add_constr(mip.xsum(float(c) * v for c, v in zip(coefs, xs) if c != 0.0) <= float(problem.limit[k])))
+        rows.append(
+            model.add_constr(
+                mip.xsum(float(c) * v for c, v in zip(coefs, xs) if c != 0.0) <= float(problem.limit[k])
+            )
+        )
     model.objective = mip.xsum(float(c) * v for c, v in zip(problem.score[problem.valid], xs))
     status = model.optimize(relax=True)
     if status == mip.OptimizationStatus.INFEASIBLE:
@@ -209,7 +213,9 @@ def lagrangian(problem: Problem, lam: np.ndarray) -> tuple[float, np.ndarray]:
 # --------------------------------------------------------------------------- incumbent
 
 
-def heuristic(problem: Problem, start: np.ndarray, reduced: np.ndarray | None = None, *, max_rounds: int = 500) -> np.ndarray | None:
+def heuristic(
+    problem: Problem, start: np.ndarray, reduced: np.ndarray | None = None, *, max_rounds: int = 500
+) -> np.ndarray | None:
     """A feasible architecture near ``start``: greedy repair, then 1- and 2-swap improvement."""
     choice = greedy_repair(problem, start)
     return None if choice is None else local_search(problem, choice, reduced, max_rounds=max_rounds)
@@ -224,7 +230,10 @@ def greedy_repair(problem: Problem, start: Sequence[int]) -> np.ndarray | None:
     score = np.where(problem.valid, problem.score, np.inf)
     limit = problem.limit
     tol = _tol(limit)
-    spread = (np.where(problem.valid[None], problem.coef, -np.inf).max(axis=2) - np.where(problem.valid[None], problem.coef, np.inf).min(axis=2)).sum(axis=1)
+    spread = (
+        np.where(problem.valid[None], problem.coef, -np.inf).max(axis=2)
+        - np.where(problem.valid[None], problem.coef, np.inf).min(axis=2)
+    ).sum(axis=1)
     scale = np.maximum(np.maximum(np.abs(limit), spread), 1e-12)
 
     def used_of(c: np.ndarray) -> np.ndarray:
@@ -237,7 +246,9 @@ def greedy_repair(problem: Problem, start: Sequence[int]) -> np.ndarray | None:
             break
         cur_coef = problem.coef[:, layers, choice]  # [K, L]
         new_used = used[:, None, None] + problem.coef - cur_coef[:, :, None]  # [K, L, V]
-        new_over = (np.maximum(0.0, new_used - (limit + tol)[:, None, None]) / scale[:, None, None]).sum(axis=0)
+        new_over = (np.maximum(0.0, new_used - (limit + tol)[:, None, None]) / scale[:, None, None]).sum(
+            axis=0
+        )
         gain = over.sum() - new_over
         d_score = score - score[layers, choice][:, None]
         ok = problem.valid & (gain > 1e-15)
@@ -254,7 +265,9 @@ def greedy_repair(problem: Problem, start: Sequence[int]) -> np.ndarray | None:
     return choice
 
 
-def local_search(problem: Problem, choice: np.ndarray, reduced: np.ndarray | None = None, *, max_rounds: int = 500) -> np.ndarray:
+def local_search(
+    problem: Problem, choice: np.ndarray, reduced: np.ndarray | None = None, *, max_rounds: int = 500
+) -> np.ndarray:
     """Improve a feasible architecture by the best single-layer and two-layer changes that keep it
     feasible, until none helps."""
     L = problem.num_layers
@@ -389,7 +402,9 @@ def _undominated(score: np.ndarray, use: np.ndarray, cap: int) -> np.ndarray:
     return out
 
 
-def _prune(groups: list[_Group], limit: np.ndarray, gap: float, dominance_cap: int, fresh: set[int]) -> list[_Group]:
+def _prune(
+    groups: list[_Group], limit: np.ndarray, gap: float, dominance_cap: int, fresh: set[int]
+) -> list[_Group]:
     """Drop dominated combinations of the ``fresh`` groups (new ones), then, until nothing
     changes, those that break a row or the bound even with the cheapest choice elsewhere.
 
@@ -399,7 +414,9 @@ def _prune(groups: list[_Group], limit: np.ndarray, gap: float, dominance_cap: i
     """
     tol = _tol(limit)
     gap_tol = gap + float(_tol(gap)) if math.isfinite(gap) else math.inf
-    groups = [g.take(_undominated(g.score, g.use, dominance_cap)) if i in fresh else g for i, g in enumerate(groups)]
+    groups = [
+        g.take(_undominated(g.score, g.use, dominance_cap)) if i in fresh else g for i, g in enumerate(groups)
+    ]
     while True:
         before = sum(len(g) for g in groups)
         min_use = np.stack([g.use.min(axis=1) for g in groups], axis=1)  # [K, G]
@@ -438,7 +455,13 @@ def aggregate(
     for layer in range(problem.num_layers):
         opts = np.flatnonzero(problem.valid[layer])
         groups.append(
-            _Group([layer], problem.score[layer, opts], problem.coef[:, layer, opts], reduced[layer, opts], opts[:, None])
+            _Group(
+                [layer],
+                problem.score[layer, opts],
+                problem.coef[:, layer, opts],
+                reduced[layer, opts],
+                opts[:, None],
+            )
         )
     groups = _prune(groups, problem.limit, gap, dominance_cap, set(range(len(groups))))
     while len(groups) > max_groups and time.perf_counter() < deadline:
@@ -481,9 +504,16 @@ def _solve_groups(
         for y in ys:
             model.add_constr(mip.xsum(y) == 1)
         for k in range(problem.num_rows):
-            terms = [float(g.use[k, i]) * y[i] for g, y in zip(groups, ys) for i in range(len(g)) if g.use[k, i] != 0.0]
+            terms = [
+                float(g.use[k, i]) * y[i]
+                for g, y in zip(groups, ys)
+                for i in range(len(g))
+                if g.use[k, i] != 0.0
+            ]
             model.add_constr(mip.xsum(terms) <= float(problem.limit[k]))
-        model.objective = mip.xsum(float(g.score[i]) * y[i] for g, y in zip(groups, ys) for i in range(len(g)))
+        model.objective = mip.xsum(
+            float(g.score[i]) * y[i] for g, y in zip(groups, ys) for i in range(len(g))
+        )
         if start is not None:
             pairs = []
             for g, y in zip(groups, ys):
@@ -558,12 +588,16 @@ def _deepening_dp(
     """
     full = state.upper - bound
     # Start near the bound: real libraries have their optimum within ~0.05 % of it.
-    gap = min(full, max(full / 64, 1e-5 * abs(bound), float(_tol(bound)))) if math.isfinite(full) else math.inf
+    gap = (
+        min(full, max(full / 64, 1e-5 * abs(bound), float(_tol(bound)))) if math.isfinite(full) else math.inf
+    )
     while time.perf_counter() < deadline:
         gap = min(gap, state.upper - bound)
         state.gaps.append(gap)
         try:
-            groups = aggregate(problem, reduced, gap, max_groups=1, max_group_size=max_group_size, deadline=deadline)
+            groups = aggregate(
+                problem, reduced, gap, max_groups=1, max_group_size=max_group_size, deadline=deadline
+            )
         except InfeasibleError:
             groups = []  # nothing within this gap
         if len(groups) > 1:
@@ -629,27 +663,42 @@ def solve(
             groups = []
         if len(groups) != 1:
             assert state.best is not None
-            groups = [_Group(list(range(problem.num_layers)), np.array([state.upper]),
-                             problem.totals(state.best)[1][:, None], np.zeros(1), state.best[None, :])]
+            groups = [
+                _Group(
+                    list(range(problem.num_layers)),
+                    np.array([state.upper]),
+                    problem.totals(state.best)[1][:, None],
+                    np.zeros(1),
+                    state.best[None, :],
+                )
+            ]
         proof = "dp"
     else:
         gap = state.upper - bound
-        groups = aggregate(problem, reduced, gap, max_groups=problem.num_layers, max_group_size=max_group_size)
+        groups = aggregate(
+            problem, reduced, gap, max_groups=problem.num_layers, max_group_size=max_group_size
+        )
         proof = "none"
-    choice, cbc_status = _solve_groups(problem, groups, state.best, max(0.2, deadline - time.perf_counter()), threads)
+    choice, cbc_status = _solve_groups(
+        problem, groups, state.best, max(0.2, deadline - time.perf_counter()), threads
+    )
     t_mip = time.perf_counter()
     cbc_objective = problem.totals(choice)[0] if choice is not None else None
     if state.proven and cbc_objective is not None and cbc_objective > state.upper + float(_tol(state.upper)):
         log.warning(
             "CBC returned %.9g (%s) where the exact DP proves %.9g; keeping the DP's optimum",
-            cbc_objective, cbc_status, state.upper,
+            cbc_objective,
+            cbc_status,
+            state.upper,
         )
     if not state.proven:
         state.offer(problem, choice)
         if cbc_status == "optimal" and choice is not None and problem.totals(choice)[0] <= state.upper:
             proof = "cbc"
     if state.best is None:
-        raise InfeasibleError(f"no architecture found: CBC ended with status {cbc_status} and the heuristic found none")
+        raise InfeasibleError(
+            f"no architecture found: CBC ended with status {cbc_status} and the heuristic found none"
+        )
     status = "optimal" if proof in ("dp", "cbc") else "feasible"
     objective = state.upper
     stats = {

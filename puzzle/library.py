@@ -103,7 +103,9 @@ class SearchSpace:
                 )
         object.__setattr__(self, "ffn_fractions", fractions)
         if not isinstance(self.ffn_multiple, int) or self.ffn_multiple <= 0:
-            raise SearchSpaceError(f"space.ffn_multiple must be a positive integer, got {self.ffn_multiple!r}")
+            raise SearchSpaceError(
+                f"space.ffn_multiple must be a positive integer, got {self.ffn_multiple!r}"
+            )
 
     def kv_heads_for(self, num_attention_heads: int, parent_kv_heads: int) -> list[int]:
         """The KV-head counts for a parent, largest first; raises on counts that cannot be built."""
@@ -133,7 +135,9 @@ class SearchSpace:
         return sorted(widths, reverse=True)
 
     def attention_variants(self, num_attention_heads: int, parent_kv_heads: int) -> list[AttentionConfig]:
-        out = [AttentionConfig(num_kv_heads=n) for n in self.kv_heads_for(num_attention_heads, parent_kv_heads)]
+        out = [
+            AttentionConfig(num_kv_heads=n) for n in self.kv_heads_for(num_attention_heads, parent_kv_heads)
+        ]
         if self.attention_linear:
             out.append(AttentionConfig(linear=True))
         if self.attention_noop:
@@ -150,7 +154,9 @@ class SearchSpace:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        data["attention_kv_heads"] = list(self.attention_kv_heads) if self.attention_kv_heads is not None else None
+        data["attention_kv_heads"] = (
+            list(self.attention_kv_heads) if self.attention_kv_heads is not None else None
+        )
         data["ffn_fractions"] = list(self.ffn_fractions)
         return data
 
@@ -211,7 +217,9 @@ def parent_blocks(config: DeciLMConfig) -> list[BlockConfig]:
 # --------------------------------------------------------------------------- initialisation
 
 
-def pool_kv_heads(weight: torch.Tensor, *, num_heads: int, parent_kv: int, new_kv: int, head_dim: int) -> torch.Tensor:
+def pool_kv_heads(
+    weight: torch.Tensor, *, num_heads: int, parent_kv: int, new_kv: int, head_dim: int
+) -> torch.Tensor:
     """K or V projection (weight [kv*hd, H] or bias [kv*hd]) with ``new_kv`` heads by mean-pooling.
 
     New KV head ``j`` serves query heads ``j*g' .. (j+1)*g' - 1``; it becomes the mean of the
@@ -220,11 +228,15 @@ def pool_kv_heads(weight: torch.Tensor, *, num_heads: int, parent_kv: int, new_k
     per_head = weight.reshape(parent_kv, head_dim, *weight.shape[1:])
     parent_group, new_group = num_heads // parent_kv, num_heads // new_kv
     source = torch.arange(num_heads) // parent_group  # parent KV head of every query head
-    pooled = torch.stack([per_head[source[j * new_group : (j + 1) * new_group]].mean(0) for j in range(new_kv)])
+    pooled = torch.stack(
+        [per_head[source[j * new_group : (j + 1) * new_group]].mean(0) for j in range(new_kv)]
+    )
     return pooled.reshape(new_kv * head_dim, *weight.shape[1:]).contiguous()
 
 
-def linear_attention_weight(state: dict[str, torch.Tensor], *, num_heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+def linear_attention_weight(
+    state: dict[str, torch.Tensor], *, num_heads: int, kv_heads: int, head_dim: int
+) -> torch.Tensor:
     """``W_O . W_V`` with V repeated per query head: attention where each token sees only itself."""
     v = state["self_attn.v_proj.weight"]
     hidden = v.shape[1]
@@ -267,8 +279,13 @@ class _Calibration:
 
 @torch.no_grad()
 def calibrate(
-    model: DeciLMForCausalLM, input_ids: torch.Tensor, layers: list[int], *, batch_size: int = 8,
-    need_abs: bool = True, need_lstsq: bool = True,
+    model: DeciLMForCausalLM,
+    input_ids: torch.Tensor,
+    layers: list[int],
+    *,
+    batch_size: int = 8,
+    need_abs: bool = True,
+    need_lstsq: bool = True,
 ) -> _Calibration:
     """Statistics of the parent's FFNs on calibration tokens (one pass through the parent)."""
     runner = LayerRunner(model)
@@ -310,36 +327,50 @@ def _layer_state(model: DeciLMForCausalLM, index: int) -> dict[str, torch.Tensor
     return {k: v.detach().cpu() for k, v in model.model.layers[index].state_dict().items()}
 
 
-def attention_weights(state: dict[str, torch.Tensor], variant: AttentionConfig, config: DeciLMConfig,
-                      parent_kv: int) -> dict[str, torch.Tensor]:
+def attention_weights(
+    state: dict[str, torch.Tensor], variant: AttentionConfig, config: DeciLMConfig, parent_kv: int
+) -> dict[str, torch.Tensor]:
     """Initial weights of an attention variant from the parent layer's ``state``."""
     if variant.no_op:
         return {}
     norm = {"input_layernorm.weight": state["input_layernorm.weight"].clone()}
     heads, head_dim = config.num_attention_heads, config.head_dim
     if variant.linear:
-        return {**norm, "self_attn.linear_attn.weight": linear_attention_weight(
-            state, num_heads=heads, kv_heads=parent_kv, head_dim=head_dim)}
+        return {
+            **norm,
+            "self_attn.linear_attn.weight": linear_attention_weight(
+                state, num_heads=heads, kv_heads=parent_kv, head_dim=head_dim
+            ),
+        }
     out = {**norm}
     for name, tensor in state.items():
         if not name.startswith("self_attn."):
             continue
         if name.startswith(("self_attn.k_proj.", "self_attn.v_proj.")) and variant.num_kv_heads != parent_kv:
-            tensor = pool_kv_heads(tensor, num_heads=heads, parent_kv=parent_kv, new_kv=variant.num_kv_heads,
-                                   head_dim=head_dim)
+            tensor = pool_kv_heads(
+                tensor, num_heads=heads, parent_kv=parent_kv, new_kv=variant.num_kv_heads, head_dim=head_dim
+            )
         out[name] = tensor.clone()
     return out
 
 
-def ffn_weights(state: dict[str, torch.Tensor], variant: FFNConfig, parent_width: int, *, ranking: torch.Tensor | None,
-                linear: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def ffn_weights(
+    state: dict[str, torch.Tensor],
+    variant: FFNConfig,
+    parent_width: int,
+    *,
+    ranking: torch.Tensor | None,
+    linear: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
     """Initial weights of an FFN variant: ``ranking`` orders channels best first; ``linear`` is the LS map."""
     if variant.no_op:
         return {}
     if variant.linear:
         assert linear is not None
-        return {"post_attention_layernorm.weight": state["post_attention_layernorm.weight"].clone(),
-                "mlp.linear_mlp.weight": linear.float()}
+        return {
+            "post_attention_layernorm.weight": state["post_attention_layernorm.weight"].clone(),
+            "mlp.linear_mlp.weight": linear.float(),
+        }
     width = variant.intermediate_size
     if width == parent_width:
         return {k: v.clone() for k, v in state.items() if k.startswith(("mlp.", "post_attention_layernorm."))}
@@ -364,7 +395,9 @@ class Library:
         local = artifacts.materialize(str(uri), LIBRARY_KIND)
         meta = json.loads((local / LIBRARY_FILE).read_text())
         if meta.get("format_version", 0) > LIBRARY_FORMAT:
-            raise LibraryError(f"library {uri} has format {meta['format_version']}, newer than this package's")
+            raise LibraryError(
+                f"library {uri} has format {meta['format_version']}, newer than this package's"
+            )
         return cls(str(uri), local, meta)
 
     @property
@@ -389,11 +422,17 @@ class Library:
         try:
             return self.meta["layers"][str(layer)]
         except KeyError:
-            raise LibraryError(f"library {self.uri} has no layer {layer} (it has layers {self.layers})") from None
+            raise LibraryError(
+                f"library {self.uri} has no layer {layer} (it has layers {self.layers})"
+            ) from None
 
     def variants(self, layer: int) -> list[str]:
         """Sub-block variant names of a layer: attention variants first, then FFN variants."""
-        return [name for name, info in self._layer(layer)["variants"].items() if info["kind"] in ("attention", "ffn")]
+        return [
+            name
+            for name, info in self._layer(layer)["variants"].items()
+            if info["kind"] in ("attention", "ffn")
+        ]
 
     def attention_variants(self, layer: int) -> list[str]:
         return [n for n, i in self._layer(layer)["variants"].items() if i["kind"] == "attention"]
@@ -409,7 +448,9 @@ class Library:
         """Statistics of one variant (init method, parameter count, BLD losses when trained)."""
         variants = self._layer(layer)["variants"]
         if variant not in variants:
-            raise LibraryError(f"library {self.uri} has no variant {variant!r} in layer {layer}; it has {list(variants)}")
+            raise LibraryError(
+                f"library {self.uri} has no variant {variant!r} in layer {layer}; it has {list(variants)}"
+            )
         return variants[variant]
 
     def load(self, layer: int, variant: str) -> dict[str, torch.Tensor]:
@@ -428,14 +469,23 @@ class Library:
                     out[key[len(prefix) :]] = fh.get_tensor(key)
         return out
 
-    def check_parent(self, config: DeciLMConfig, parent_hash: str | None = None, *, where: str = "parent") -> None:
+    def check_parent(
+        self, config: DeciLMConfig, parent_hash: str | None = None, *, where: str = "parent"
+    ) -> None:
         """Raise :class:`LibraryError` when the library was not built for this parent."""
         if self.partial:
             raise LibraryError(
                 f"library {self.uri} is one BLD shard's output; merge the shards first (`puzzle bld merge`)"
             )
         mine, theirs = self.parent_shape, ParentShape.of(config)
-        for name in ("hidden_size", "num_attention_heads", "head_dim", "num_hidden_layers", "vocab_size", "blocks"):
+        for name in (
+            "hidden_size",
+            "num_attention_heads",
+            "head_dim",
+            "num_hidden_layers",
+            "vocab_size",
+            "blocks",
+        ):
             a, b = getattr(mine, name), getattr(theirs, name)
             if a != b:
                 shown = (a, b) if name != "blocks" else (sorted(set(a)), sorted(set(b)))
@@ -461,7 +511,9 @@ def plan_layers(config: DeciLMConfig, space: SearchSpace, layers: list[int] | No
         raise SearchSpaceError("layers is empty: pass None for every layer or a list of layer indices")
     for index in chosen:
         if not isinstance(index, int) or not 0 <= index < config.num_hidden_layers:
-            raise SearchSpaceError(f"layers: {index!r} is not a layer of the parent (0..{config.num_hidden_layers - 1})")
+            raise SearchSpaceError(
+                f"layers: {index!r} is not a layer of the parent (0..{config.num_hidden_layers - 1})"
+            )
     if len(set(chosen)) != len(chosen):
         raise SearchSpaceError(f"layers lists a layer twice: {chosen}")
     plan = {}
@@ -520,8 +572,13 @@ def build_library(
             f"`puzzle data prepare` with --split {calibration_split}=N"
         )
     parameters = {
-        "space": space.to_json(), "layers": sorted(plan), "ffn_init": ffn_init, "calibration_split": calibration_split,
-        "calibration_sequences": calibration_sequences, "batch_size": batch_size, "seed": seed,
+        "space": space.to_json(),
+        "layers": sorted(plan),
+        "ffn_init": ffn_init,
+        "calibration_split": calibration_split,
+        "calibration_sequences": calibration_sequences,
+        "batch_size": batch_size,
+        "seed": seed,
     }
 
     def body(staging: Path, local: dict[str, Path]) -> dict[str, Any]:
@@ -535,12 +592,15 @@ def build_library(
         need_linear = any("ffn_linear" in names for names in plan.values())
         need_rank = ffn_init == "channel_contribution" and any(
             n.startswith("ffn_") and n[4:].isdigit() and int(n[4:]) < blocks[i].ffn.intermediate_size
-            for i, names in plan.items() for n in names
+            for i, names in plan.items()
+            for n in names
         )
         ids = load_split(str(local["tokens"]), calibration_split)[:calibration_sequences]
         stats = _Calibration(tokens=0)
         if need_rank or need_linear:
-            stats = calibrate(model, ids, sorted(plan), batch_size=batch_size, need_abs=need_rank, need_lstsq=need_linear)
+            stats = calibrate(
+                model, ids, sorted(plan), batch_size=batch_size, need_abs=need_rank, need_lstsq=need_linear
+            )
         generator = torch.Generator().manual_seed(seed)
         (staging / "layers").mkdir(exist_ok=True)
         layers_meta: dict[str, Any] = {}
@@ -552,7 +612,9 @@ def build_library(
             ranking = None
             if need_rank:
                 mean_abs = (stats.abs_activation[index] / stats.tokens).float()
-                ranking = channel_contribution(mean_abs, state["mlp.down_proj.weight"]).argsort(descending=True)
+                ranking = channel_contribution(mean_abs, state["mlp.down_proj.weight"]).argsort(
+                    descending=True
+                )
             elif ffn_init == "random":
                 ranking = torch.randperm(width, generator=generator)
             linear = least_squares_map(stats.xtx[index], stats.xty[index]) if need_linear else None
@@ -563,19 +625,34 @@ def build_library(
                     variant = AttentionConfig.from_name(name)
                     weights = attention_weights(state, variant, config, parent.attention.num_kv_heads)
                     is_parent = variant == parent.attention
-                    init = "parent" if is_parent else "none" if variant.no_op else (
-                        "linear_wo_wv" if variant.linear else "mean_pooled_kv")
+                    init = (
+                        "parent"
+                        if is_parent
+                        else "none"
+                        if variant.no_op
+                        else ("linear_wo_wv" if variant.linear else "mean_pooled_kv")
+                    )
                     kind = "attention"
                 else:
                     variant = FFNConfig.from_name(name)
                     weights = ffn_weights(state, variant, width, ranking=ranking, linear=linear)
                     is_parent = variant == parent.ffn
-                    init = "parent" if is_parent else "none" if variant.no_op else (
-                        "least_squares" if variant.linear else ffn_init)
+                    init = (
+                        "parent"
+                        if is_parent
+                        else "none"
+                        if variant.no_op
+                        else ("least_squares" if variant.linear else ffn_init)
+                    )
                     kind = "ffn"
                 tensors.update({f"{name}/{k}": v.float().contiguous() for k, v in weights.items()})
-                variants[name] = {"kind": kind, "parent": is_parent, "init": init, "params": _param_count(weights),
-                                  "trained": False}
+                variants[name] = {
+                    "kind": kind,
+                    "parent": is_parent,
+                    "init": init,
+                    "params": _param_count(weights),
+                    "trained": False,
+                }
             if tensors:
                 save_file(tensors, str(staging / layer_file(index)))
             total += len(variants)
@@ -583,7 +660,11 @@ def build_library(
         meta = {
             "format_version": LIBRARY_FORMAT,
             "partial": False,
-            "parent": {"uri": child, "hash": artifacts.fingerprint(child), "shape": ParentShape.of(config).to_json()},
+            "parent": {
+                "uri": child,
+                "hash": artifacts.fingerprint(child),
+                "shape": ParentShape.of(config).to_json(),
+            },
             "space": space.to_json(),
             "ffn_init": ffn_init,
             "calibration": {"split": calibration_split, "tokens": stats.tokens},
@@ -591,13 +672,24 @@ def build_library(
             "bld": None,
         }
         (staging / LIBRARY_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        log.info("library: %d variants over %d layers, calibrated on %d tokens", total, len(plan), stats.tokens)
+        log.info(
+            "library: %d variants over %d layers, calibrated on %d tokens", total, len(plan), stats.tokens
+        )
         names = sorted({n for variants in plan.values() for n in variants})
-        return {"layers": len(plan), "variants": total, "variant_names": names, "calibration_tokens": stats.tokens,
-                "trained": False}
+        return {
+            "layers": len(plan),
+            "variants": total,
+            "variant_names": names,
+            "calibration_tokens": stats.tokens,
+            "trained": False,
+        }
 
     return artifacts.run_phase(
-        LIBRARY_KIND, out, {"child": child, "tokens": tokens}, parameters, body,
+        LIBRARY_KIND,
+        out,
+        {"child": child, "tokens": tokens},
+        parameters,
+        body,
         input_kinds={"child": "child", "tokens": "tokens"},
     )
 
@@ -609,8 +701,9 @@ def _non_layer_state(model: DeciLMForCausalLM) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.startswith("model.layers.")}
 
 
-def block_state(library: Library, layer: int, block: BlockConfig,
-                parent_layer: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def block_state(
+    library: Library, layer: int, block: BlockConfig, parent_layer: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Layer-relative weights for ``block`` in ``layer``: a coupled entry when the library has one,
     else the attention and FFN variants (the parent's own sub-blocks may come from ``parent_layer``)."""
     in_library = layer in library.layers
@@ -637,7 +730,11 @@ def block_state(library: Library, layer: int, block: BlockConfig,
 
 
 def assemble_child(
-    parent: str | DeciLMForCausalLM, library: str | Library, blocks: list[BlockConfig], *, check_hash: bool = True
+    parent: str | DeciLMForCausalLM,
+    library: str | Library,
+    blocks: list[BlockConfig],
+    *,
+    check_hash: bool = True,
 ) -> DeciLMForCausalLM:
     """A child with the given per-layer ``blocks``, its weights taken from the library.
 
@@ -655,7 +752,9 @@ def assemble_child(
         model = load_child(parent, dtype="float32")
         lib.check_parent(model.config, artifacts.fingerprint(parent) if check_hash else None)
     if len(blocks) != model.config.num_hidden_layers:
-        raise LibraryError(f"blocks has {len(blocks)} entries; the parent has {model.config.num_hidden_layers} layers")
+        raise LibraryError(
+            f"blocks has {len(blocks)} entries; the parent has {model.config.num_hidden_layers} layers"
+        )
     config = child_config_like(model.config, list(blocks))
     config._attn_implementation = model.config._attn_implementation
     param = next(model.parameters())
@@ -671,7 +770,9 @@ def assemble_child(
     missing, unexpected = child.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise LibraryError(f"assembled weights do not fit the child: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise LibraryError(
+            f"assembled weights do not fit the child: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     if config.tie_word_embeddings:
         child.tie_weights()
     child.model.rotary_emb = type(child.model.rotary_emb)(config).to(param.device)

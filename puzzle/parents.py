@@ -93,9 +93,14 @@ def resolve(reference: str) -> ParentSource:
 def _resolve_local(reference: str, path: Path) -> ParentSource:
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ParentError(f"parent file {path} is not a .gguf file; pass a Hugging Face directory or a GGUF file")
+            raise ParentError(
+                f"parent file {path} is not a .gguf file; pass a Hugging Face directory or a GGUF file"
+            )
         return ParentSource(reference, "gguf", path.parent, path.name)
-    if (path / artifacts.MANIFEST).exists() and artifacts.read_manifest(str(path)).kind in (CHILD_KIND, "export"):
+    if (path / artifacts.MANIFEST).exists() and artifacts.read_manifest(str(path)).kind in (
+        CHILD_KIND,
+        "export",
+    ):
         return ParentSource(reference, "child", path)
     if (path / "config.json").exists():
         return ParentSource(reference, "hf_dir", path)
@@ -115,7 +120,9 @@ def _download_s3(uri: str) -> Path:
             if not local.exists():
                 storage.download_file(uri, local)
             return local
-        raise ParentError(f"no parent files under {uri}: upload a Hugging Face directory or a GGUF file there")
+        raise ParentError(
+            f"no parent files under {uri}: upload a Hugging Face directory or a GGUF file there"
+        )
     local = storage.cache_dir_for(uri, "parents")
     for rel in files:
         target = local / rel
@@ -168,14 +175,17 @@ def child_config_from_parent(config: Any) -> DeciLMConfig:
     """The DeciLM config whose every block is the parent's, with the family's extras recorded."""
     family = config.model_type
     if family not in SUPPORTED_FAMILIES:
-        raise ParentError(f"unsupported parent architecture {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
+        raise ParentError(
+            f"unsupported parent architecture {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}"
+        )
     if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
         raise ParentError(f"parent hidden_act {config.hidden_act!r} is not SwiGLU (silu); not supported")
     heads = config.num_attention_heads
     kv_heads = config.num_key_value_heads or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     block = BlockConfig(
-        attention=AttentionConfig(num_kv_heads=kv_heads), ffn=FFNConfig(intermediate_size=config.intermediate_size)
+        attention=AttentionConfig(num_kv_heads=kv_heads),
+        ffn=FFNConfig(intermediate_size=config.intermediate_size),
     )
     attention_bias = bool(getattr(config, "attention_bias", False))
     sliding_window = getattr(config, "sliding_window", None)
@@ -221,7 +231,9 @@ def parent_to_child(parent: torch.nn.Module) -> DeciLMForCausalLM:
     missing, unexpected = child.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise ParentError(f"parent weights do not map onto the child: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ParentError(
+            f"parent weights do not map onto the child: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     if config.tie_word_embeddings:
         child.tie_weights()
     device = next(parent.parameters()).device
@@ -232,7 +244,9 @@ def parent_to_child(parent: torch.nn.Module) -> DeciLMForCausalLM:
     return child.eval()
 
 
-def load_parent(reference: str, *, dtype: str | torch.dtype | None = "float32") -> tuple[torch.nn.Module, Any, ParentSource]:
+def load_parent(
+    reference: str, *, dtype: str | torch.dtype | None = "float32"
+) -> tuple[torch.nn.Module, Any, ParentSource]:
     """Load the parent model (transformers class) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -254,7 +268,9 @@ def load_parent(reference: str, *, dtype: str | torch.dtype | None = "float32") 
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=parse_dtype(dtype), **kwargs)
     except Exception as exc:  # noqa: BLE001
-        raise ParentError(f"cannot load the parent's weights from {name}: {type(exc).__name__}: {exc}") from exc
+        raise ParentError(
+            f"cannot load the parent's weights from {name}: {type(exc).__name__}: {exc}"
+        ) from exc
     return model.eval(), tokenizer, source
 
 

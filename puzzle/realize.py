@@ -50,7 +50,9 @@ def solution_blocks(solution: dict[str, Any], where: str) -> list[BlockConfig]:
     for layer, entry in enumerate(names):
         name = entry.get("block") or entry.get("name") if isinstance(entry, dict) else entry
         if not isinstance(name, str):
-            raise RealizeError(f"{where}: layer {layer}'s choice {entry!r} is not a block name like attn_kv1+ffn_768")
+            raise RealizeError(
+                f"{where}: layer {layer}'s choice {entry!r} is not a block name like attn_kv1+ffn_768"
+            )
         blocks.append(BlockConfig.from_name(name))
     return blocks
 

@@ -128,7 +128,9 @@ def _client(tracking_uri: str | None) -> Any:
 
 def _check_name(name: str) -> None:
     if not name or not name.strip() or "'" in name or "/" in name:
-        raise RegistryError(f"registry.model_name {name!r} is not a valid registered model name (no quotes or slashes)")
+        raise RegistryError(
+            f"registry.model_name {name!r} is not a valid registered model name (no quotes or slashes)"
+        )
 
 
 def find_version_by_hash(client: Any, name: str, content_hash: str) -> Any | None:
@@ -144,7 +146,8 @@ def _ensure_registered_model(client: Any, name: str) -> None:
     except MlflowException:
         try:
             client.create_registered_model(
-                name, description="Children compressed with Puzzle (distillation-based NAS); see version tags for lineage."
+                name,
+                description="Children compressed with Puzzle (distillation-based NAS); see version tags for lineage.",
             )
         except MlflowException:  # created concurrently
             client.get_registered_model(name)
@@ -200,7 +203,11 @@ def register_child(
         experiment_id = active.experiment_id
     else:
         experiment_id = tracking.experiment_id_for(client, experiment)
-    run_tags = {tracking.TAG_KIND: EXPORT_KIND, tracking.TAG_ARTIFACT_URI: export_uri, TAG_CONTENT_HASH: content_hash}
+    run_tags = {
+        tracking.TAG_KIND: EXPORT_KIND,
+        tracking.TAG_ARTIFACT_URI: export_uri,
+        TAG_CONTENT_HASH: content_hash,
+    }
     if pipeline_run_id:
         run_tags[tracking.TAG_PARENT_RUN] = pipeline_run_id
     run = client.create_run(experiment_id, run_name=f"register-{model_name}", tags=run_tags)
@@ -221,12 +228,19 @@ def register_child(
         model_name, source=source, run_id=run_id, tags=tags, description=_description(lineage, export_uri)
     )
     client.set_registered_model_alias(model_name, alias, version.version)
-    log.info("registry: registered %s as %s version %s (alias %s)", export_uri, model_name, version.version, alias)
+    log.info(
+        "registry: registered %s as %s version %s (alias %s)", export_uri, model_name, version.version, alias
+    )
     return Registration(model_name, version.version, source, created=True)
 
 
-def register_parent(source: str, model_name: str, *, tracking_uri: str | None = None,
-                    experiment: str = tracking.DEFAULT_EXPERIMENT) -> Registration:
+def register_parent(
+    source: str,
+    model_name: str,
+    *,
+    tracking_uri: str | None = None,
+    experiment: str = tracking.DEFAULT_EXPERIMENT,
+) -> Registration:
     """Register a parent checkpoint (a Hugging Face directory or a directory with one GGUF file,
     local or ``s3://``) as a version of ``model_name``, so that it can be tagged in the MLflow UI
     to request a Puzzle run. The same files registered again return the existing version."""
@@ -242,7 +256,9 @@ def register_parent(source: str, model_name: str, *, tracking_uri: str | None = 
     else:
         local = Path(source)
         if not local.is_dir():
-            raise RegistryError(f"parent {source!r} is not a directory (a Hugging Face checkpoint or a GGUF file's folder)")
+            raise RegistryError(
+                f"parent {source!r} is not a directory (a Hugging Face checkpoint or a GGUF file's folder)"
+            )
     if not (local / "config.json").is_file() and not list(local.glob("*.gguf")):
         raise RegistryError(f"{source} holds neither config.json (Hugging Face layout) nor a .gguf file")
     content_hash = artifacts.fingerprint(str(local))
@@ -251,7 +267,9 @@ def register_parent(source: str, model_name: str, *, tracking_uri: str | None = 
     if existing is not None:
         return Registration(model_name, existing.version, existing.source, created=False)
     experiment_id = tracking.experiment_id_for(client, experiment)
-    run = client.create_run(experiment_id, run_name=f"register-parent-{model_name}", tags={TAG_CONTENT_HASH: content_hash})
+    run = client.create_run(
+        experiment_id, run_name=f"register-parent-{model_name}", tags={TAG_CONTENT_HASH: content_hash}
+    )
     try:
         client.log_artifacts(run.info.run_id, str(local), artifact_path=CHECKPOINT_PATH)
     except Exception:
@@ -260,7 +278,10 @@ def register_parent(source: str, model_name: str, *, tracking_uri: str | None = 
     client.set_terminated(run.info.run_id, status="FINISHED")
     source_uri = f"{run.info.artifact_uri.rstrip('/')}/{CHECKPOINT_PATH}"
     version = client.create_model_version(
-        model_name, source=source_uri, run_id=run.info.run_id, tags={TAG_CONTENT_HASH: content_hash},
+        model_name,
+        source=source_uri,
+        run_id=run.info.run_id,
+        tags={TAG_CONTENT_HASH: content_hash},
         description=f"Parent checkpoint uploaded from `{source}`. Tag a version `puzzle.request=<profile>` to compress it.",
     )
     log.info("registry: registered parent %s as %s version %s", source, model_name, version.version)
@@ -307,7 +328,13 @@ def promote(
         reason = "; ".join(reasons)
     client.set_model_version_tag(model_name, str(version), TAG_GATE, "passed" if passed else "failed")
     client.set_model_version_tag(model_name, str(version), TAG_GATE_REASON, reason)
-    log.info("registry: gate %s for %s version %s: %s", "passed" if passed else "failed", model_name, version, reason)
+    log.info(
+        "registry: gate %s for %s version %s: %s",
+        "passed" if passed else "failed",
+        model_name,
+        version,
+        reason,
+    )
     return GateResult(passed, reasons, accuracy, speedup)
 
 

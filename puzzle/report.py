@@ -80,7 +80,9 @@ def headline(metrics: dict[str, Any]) -> list[str]:
             continue
         kept, speed = row.get("accuracy_kept"), row.get("speedup")
         kept_text = (
-            f"**{kept:.1%}**" if kept is not None else "an undefined share (the parent predicts none of the held-out tokens)"
+            f"**{kept:.1%}**"
+            if kept is not None
+            else "an undefined share (the parent predicts none of the held-out tokens)"
         )
         speed_text = f"**{speed:.2f}x**" if speed is not None else "**?x**"
         lines.append(
@@ -186,10 +188,19 @@ def plot_architecture(models: dict[str, DeciLMConfig], path: Path) -> None:
                 else:
                     share = sub.intermediate_size / max(1, ref.ffn.intermediate_size or sub.intermediate_size)
                     face, label = cmap(0.25 + 0.7 * min(1.0, share)), ""
-                ax.add_patch(Rectangle((layer, y + offset), 0.92, 0.46, facecolor=face, edgecolor="0.4", lw=0.5))
+                ax.add_patch(
+                    Rectangle((layer, y + offset), 0.92, 0.46, facecolor=face, edgecolor="0.4", lw=0.5)
+                )
                 if label:
-                    ax.text(layer + 0.46, y + offset + 0.23, label, ha="center", va="center", fontsize=6,
-                            color="white" if label != "L" else "black")
+                    ax.text(
+                        layer + 0.46,
+                        y + offset + 0.23,
+                        label,
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if label != "L" else "black",
+                    )
         ax.text(-0.4, y + 0.48, name, ha="right", va="center", fontsize=8)
     ax.set_xlim(-0.2, depth + 0.1)
     ax.set_ylim(-0.2, len(names) * 1.2)
@@ -198,8 +209,10 @@ def plot_architecture(models: dict[str, DeciLMConfig], path: Path) -> None:
     ax.set_yticks([])
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
-    ax.set_xlabel("layer (top cell: attention, number = KV heads, L = linear; bottom: FFN, shade = width; empty = no-op)",
-                  fontsize=7)
+    ax.set_xlabel(
+        "layer (top cell: attention, number = KV heads, L = linear; bottom: FFN, shade = width; empty = no-op)",
+        fontsize=7,
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -256,7 +269,11 @@ def render_html(metrics: dict[str, Any], models: dict[str, DeciLMConfig], direct
         while "**" in text:
             text = text.replace("**", "<b>", 1).replace("**", "</b>", 1)
         parts.append(f"<p>{text}</p>")
-    parts.append("<h2>Models</h2><table><tr><th>model</th>" + "".join(f"<th>{esc(lbl)}</th>" for _, lbl, _ in COLUMNS) + "</tr>")
+    parts.append(
+        "<h2>Models</h2><table><tr><th>model</th>"
+        + "".join(f"<th>{esc(lbl)}</th>" for _, lbl, _ in COLUMNS)
+        + "</tr>"
+    )
     for row in table_rows(metrics):
         parts.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
     parts.append("</table>")
@@ -264,7 +281,9 @@ def render_html(metrics: dict[str, Any], models: dict[str, DeciLMConfig], direct
         if (directory / name).exists():
             parts.append(f"<p>{_img(directory / name)}</p>")
     header, rows = layer_rows(models)
-    parts.append("<h2>Architecture per layer</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
+    parts.append(
+        "<h2>Architecture per layer</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
+    )
     for row in rows:
         parts.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
     parts.append("</table></body></html>")

@@ -186,8 +186,13 @@ class Runner:
             out,
             ["convert", "data"],
             lambda: build_library(
-                child, tokens, out, space=space, batch_size=self.config.bld.batch_size,
-                seed=self.config.bld.seed, device=auto_device(self.config.bld.device),
+                child,
+                tokens,
+                out,
+                space=space,
+                batch_size=self.config.bld.batch_size,
+                seed=self.config.bld.seed,
+                device=auto_device(self.config.bld.device),
             ),
         )
         return out
@@ -198,11 +203,20 @@ class Runner:
         b = self.config.bld
         out = self.uri(PHASE_DIRS["bld"])
         settings = dict(
-            token_budget=b.token_budget, batch_size=b.batch_size, lr=b.lr, warmup_fraction=b.warmup_fraction,
-            seed=b.seed, device=auto_device(b.device),
+            token_budget=b.token_budget,
+            batch_size=b.batch_size,
+            lr=b.lr,
+            warmup_fraction=b.warmup_fraction,
+            seed=b.seed,
+            device=auto_device(b.device),
         )
         if b.shards == 1:
-            self.step("bld", out, ["library", "convert", "data"], lambda: bld.train(library, child, tokens, out, **settings))
+            self.step(
+                "bld",
+                out,
+                ["library", "convert", "data"],
+                lambda: bld.train(library, child, tokens, out, **settings),
+            )
             return out
         shard_uris = []
         for i in range(b.shards):
@@ -211,7 +225,9 @@ class Runner:
                 f"bld-shard-{i}",
                 shard_out,
                 ["library", "convert", "data"],
-                lambda s=shard_out, i=i: bld.train(library, child, tokens, s, shard=f"{i}/{b.shards}", **settings),
+                lambda s=shard_out, i=i: bld.train(
+                    library, child, tokens, s, shard=f"{i}/{b.shards}", **settings
+                ),
             )
             shard_uris.append(shard_out)
         self.step("bld", out, [f"bld-shard-{i}" for i in range(b.shards)], lambda: bld.merge(shard_uris, out))
@@ -222,7 +238,9 @@ class Runner:
 
         sc = self.config.scoring
         out = self.uri(PHASE_DIRS["scores"])
-        settings = dict(metrics=list(sc.metrics), split=sc.split, batch_size=sc.batch_size, device=auto_device(sc.device))
+        settings = dict(
+            metrics=list(sc.metrics), split=sc.split, batch_size=sc.batch_size, device=auto_device(sc.device)
+        )
         deps = ["bld", "convert", "data"]
         if sc.shards == 1:
             self.step("scores", out, deps, lambda: scoring.score(library, child, tokens, out, **settings))
@@ -234,10 +252,17 @@ class Runner:
                 f"scores-shard-{i}",
                 shard_out,
                 deps,
-                lambda s=shard_out, i=i: scoring.score(library, child, tokens, s, shard=f"{i}/{sc.shards}", **settings),
+                lambda s=shard_out, i=i: scoring.score(
+                    library, child, tokens, s, shard=f"{i}/{sc.shards}", **settings
+                ),
             )
             shard_uris.append(shard_out)
-        self.step("scores", out, [f"scores-shard-{i}" for i in range(sc.shards)], lambda: scoring.merge(shard_uris, out))
+        self.step(
+            "scores",
+            out,
+            [f"scores-shard-{i}" for i in range(sc.shards)],
+            lambda: scoring.merge(shard_uris, out),
+        )
         return out
 
     def costs(self, library: str, child: str) -> str:
@@ -250,8 +275,15 @@ class Runner:
             out,
             ["library", "convert"],
             lambda: costs.measure(
-                library, child, out, batch_sizes=list(c.batch_sizes), prompt_len=c.prompt_len, gen_len=c.gen_len,
-                device=auto_device(c.device), dtype=None if c.dtype == "auto" else c.dtype, repeats=c.repeats,
+                library,
+                child,
+                out,
+                batch_sizes=list(c.batch_sizes),
+                prompt_len=c.prompt_len,
+                gen_len=c.gen_len,
+                device=auto_device(c.device),
+                dtype=None if c.dtype == "auto" else c.dtype,
+                repeats=c.repeats,
             ),
         )
         return out
@@ -266,8 +298,14 @@ class Runner:
             out,
             ["scores", "costs"],
             lambda: search.search(
-                scores, costs, out, objective=s.objective, constraints=list(s.constraints),
-                num_solutions=s.num_solutions, diversity_alpha=s.alpha, time_limit=s.time_limit_s,
+                scores,
+                costs,
+                out,
+                objective=s.objective,
+                constraints=list(s.constraints),
+                num_solutions=s.num_solutions,
+                diversity_alpha=s.alpha,
+                time_limit=s.time_limit_s,
             ),
         )
         return out
@@ -282,15 +320,25 @@ class Runner:
             out,
             ["scores", "costs", "bld"],
             lambda: baselines.baseline(
-                method, scores, costs, out, library=library, objective=s.objective, constraints=list(s.constraints),
+                method,
+                scores,
+                costs,
+                out,
+                library=library,
+                objective=s.objective,
+                constraints=list(s.constraints),
             ),
         )
         return out
 
-    def realize(self, library: str, solutions: str, child: str, *, phase: str, out: str, deps: list[str]) -> str:
+    def realize(
+        self, library: str, solutions: str, child: str, *, phase: str, out: str, deps: list[str]
+    ) -> str:
         from puzzle.realize import realize
 
-        self.step(phase, out, deps, lambda: realize(library, solutions, out, solution_index=0, parent_child=child))
+        self.step(
+            phase, out, deps, lambda: realize(library, solutions, out, solution_index=0, parent_child=child)
+        )
         return out
 
     def gkd(self, realized: str, child: str, tokens: str, *, phase: str, out: str, deps: list[str]) -> str:
@@ -302,16 +350,33 @@ class Runner:
             out,
             deps,
             lambda: distill(
-                realized, child, tokens, out, token_budget=g.token_budget, batch_size=g.batch_size, lr=g.lr,
-                warmup_fraction=g.warmup_fraction, weight_cosine=g.weight_cosine, weight_kl=g.weight_kl,
-                weight_lm=g.weight_lm, checkpoint_every=g.checkpoint_every, seed=g.seed,
-                grad_checkpointing=g.grad_checkpointing, device=g.device,
+                realized,
+                child,
+                tokens,
+                out,
+                token_budget=g.token_budget,
+                batch_size=g.batch_size,
+                lr=g.lr,
+                warmup_fraction=g.warmup_fraction,
+                weight_cosine=g.weight_cosine,
+                weight_kl=g.weight_kl,
+                weight_lm=g.weight_lm,
+                checkpoint_every=g.checkpoint_every,
+                seed=g.seed,
+                grad_checkpointing=g.grad_checkpointing,
+                device=g.device,
             ),
         )
         return out
 
-    def evaluate(self, children: dict[str, str], details: dict[str, dict[str, Any]], child: str, tokens: str,
-                 deps: list[str]) -> str:
+    def evaluate(
+        self,
+        children: dict[str, str],
+        details: dict[str, dict[str, Any]],
+        child: str,
+        tokens: str,
+        deps: list[str],
+    ) -> str:
         from puzzle.evaluate import evaluate
 
         e = self.config.evaluate
@@ -321,10 +386,21 @@ class Runner:
             out,
             deps,
             lambda: evaluate(
-                children, child, tokens, out, split=e.split, batch_size=e.batch_size,
-                workload={"batch_size": e.workload.batch_size, "prompt_len": e.workload.prompt_len,
-                          "gen_len": e.workload.gen_len},
-                device=e.device, repeats=e.repeats, lm_eval_tasks=list(e.lm_eval_tasks), details=details,
+                children,
+                child,
+                tokens,
+                out,
+                split=e.split,
+                batch_size=e.batch_size,
+                workload={
+                    "batch_size": e.workload.batch_size,
+                    "prompt_len": e.workload.prompt_len,
+                    "gen_len": e.workload.gen_len,
+                },
+                device=e.device,
+                repeats=e.repeats,
+                lm_eval_tasks=list(e.lm_eval_tasks),
+                details=details,
                 primary=PUZZLE_CHILD,
             ),
         )
@@ -353,12 +429,18 @@ class Runner:
             pipeline_run_id=getattr(run, "run_id", None),
         )
         self.result.registration = registry.register_child(
-            export_uri, reg.model_name, lineage, experiment=self.config.tracking.experiment,
+            export_uri,
+            reg.model_name,
+            lineage,
+            experiment=self.config.tracking.experiment,
             tracking_uri=_tracking_uri(self.config),
         )
         self.result.gate = registry.promote(
-            reg.model_name, self.result.registration.version, min_accuracy_kept=reg.gates.min_accuracy_kept,
-            min_speedup=reg.gates.min_speedup, tracking_uri=_tracking_uri(self.config),
+            reg.model_name,
+            self.result.registration.version,
+            min_accuracy_kept=reg.gates.min_accuracy_kept,
+            min_speedup=reg.gates.min_speedup,
+            tracking_uri=_tracking_uri(self.config),
         )
 
     # ------------------------------------------------------------------ the whole run
@@ -376,11 +458,19 @@ class Runner:
             costs = self.costs(trained, child)
             solutions = self.search(scores, costs)
             realized = self.realize(
-                trained, solutions, child, phase="realize", out=self.uri(PHASE_DIRS["realize"]),
+                trained,
+                solutions,
+                child,
+                phase="realize",
+                out=self.uri(PHASE_DIRS["realize"]),
                 deps=["search", "bld", "convert"],
             )
             distilled = self.gkd(
-                realized, child, tokens, phase="gkd", out=self.uri(PHASE_DIRS["gkd"]),
+                realized,
+                child,
+                tokens,
+                phase="gkd",
+                out=self.uri(PHASE_DIRS["gkd"]),
                 deps=["realize", "convert", "data"],
             )
             children = {PUZZLE_CHILD: distilled}
@@ -389,13 +479,21 @@ class Runner:
             for method in cfg.baselines.methods:
                 sol = self.baseline(method, scores, costs, trained)
                 real = self.realize(
-                    trained, sol, child, phase=f"baseline-{method}-realize",
-                    out=self.uri("baselines", method, "realized"), deps=[f"baseline-{method}", "bld", "convert"],
+                    trained,
+                    sol,
+                    child,
+                    phase=f"baseline-{method}-realize",
+                    out=self.uri("baselines", method, "realized"),
+                    deps=[f"baseline-{method}", "bld", "convert"],
                 )
                 final, last = real, f"baseline-{method}-realize"
                 if cfg.baselines.gkd:
                     final = self.gkd(
-                        real, child, tokens, phase=f"baseline-{method}-gkd", out=self.uri("baselines", method, "distilled"),
+                        real,
+                        child,
+                        tokens,
+                        phase=f"baseline-{method}-gkd",
+                        out=self.uri("baselines", method, "distilled"),
                         deps=[last, "convert", "data"],
                     )
                     last = f"baseline-{method}-gkd"
@@ -414,7 +512,9 @@ def _tracking_uri(config: RunConfig) -> str | None:
     return tracking.resolve_tracking_uri(config.tracking.uri, config.output)
 
 
-def run(config: RunConfig, *, on_phase: Callable[[PhaseRecord], None] | None = None, check_access: bool = True) -> RunResult:
+def run(
+    config: RunConfig, *, on_phase: Callable[[PhaseRecord], None] | None = None, check_access: bool = True
+) -> RunResult:
     """Run every phase of ``config`` (skipping those already done); see the module docstring."""
     config.check()
     if check_access:

@@ -78,7 +78,9 @@ def canonical_metrics(metrics: tuple[str, ...] | list[str]) -> list[str]:
     for name in metrics:
         canonical = METRIC_ALIASES.get(name, name)
         if canonical not in METRICS:
-            raise ScoringError(f"scoring.metrics: unknown metric {name!r}; choose from {list(METRICS) + list(METRIC_ALIASES)}")
+            raise ScoringError(
+                f"scoring.metrics: unknown metric {name!r}; choose from {list(METRICS) + list(METRIC_ALIASES)}"
+            )
         if canonical not in out:
             out.append(canonical)
     if not out:
@@ -86,7 +88,9 @@ def canonical_metrics(metrics: tuple[str, ...] | list[str]) -> list[str]:
     return out
 
 
-def plan_rows(lib: Library, *, mode: str = "decoupled", layers: list[int] | None = None, shard: str | None = None) -> list[Row]:
+def plan_rows(
+    lib: Library, *, mode: str = "decoupled", layers: list[int] | None = None, shard: str | None = None
+) -> list[Row]:
     """The rows to score, in (layer, variant) order; a shard is a contiguous, balanced slice."""
     if mode not in MODES:
         raise ScoringError(f"scoring.mode must be one of {MODES}, got {mode!r}")
@@ -135,7 +139,9 @@ class _Accumulator:
             del log_q
         z = logits[:, :-1]
         if "cosine" in metrics:
-            self.sums["cosine"] += float(F.cosine_similarity(final[:, :-1].float(), ref.final.float(), dim=-1).sum())
+            self.sums["cosine"] += float(
+                F.cosine_similarity(final[:, :-1].float(), ref.final.float(), dim=-1).sum()
+            )
         if "top1" in metrics:
             self.sums["top1"] += int((z.argmax(-1) == ref.top).sum())
         if "top5" in metrics:
@@ -166,15 +172,26 @@ def _resolve_device(device: str | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _row_layer(lib: Library, row: Row, parent_layer: torch.nn.Module, config: DeciLMConfig, device: torch.device,
-               dtype: torch.dtype) -> torch.nn.Module:
+def _row_layer(
+    lib: Library,
+    row: Row,
+    parent_layer: torch.nn.Module,
+    config: DeciLMConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.nn.Module:
     state = block_state(lib, row.layer, row.block, parent_layer.state_dict())
     return build_layer(config, row.block, state, device=device, dtype=dtype).eval()
 
 
 @torch.no_grad()
 def score_rows(
-    model: torch.nn.Module, lib: Library, rows: list[Row], input_ids: torch.Tensor, *, metrics: list[str],
+    model: torch.nn.Module,
+    lib: Library,
+    rows: list[Row],
+    input_ids: torch.Tensor,
+    *,
+    metrics: list[str],
     batch_size: int = 8,
 ) -> list[dict[str, Any]]:
     """Score ``rows`` of ``lib`` with ``model`` (the parent) as the reference; returns table rows."""
@@ -199,8 +216,13 @@ def score_rows(
     for row in rows:
         by_layer.setdefault(row.layer, []).append(row)
     tokens_per_row = sum(c.targets.numel() for c in chunks)
-    bar = tqdm(total=len(rows) * tokens_per_row, desc=f"scoring ({len(rows)} blocks)", unit="tok", unit_scale=True,
-               leave=False)
+    bar = tqdm(
+        total=len(rows) * tokens_per_row,
+        desc=f"scoring ({len(rows)} blocks)",
+        unit="tok",
+        unit_scale=True,
+        leave=False,
+    )
     out: list[dict[str, Any]] = []
     current = first
     for layer in sorted(by_layer):
@@ -212,14 +234,27 @@ def score_rows(
             block = _row_layer(lib, row, runner.layers[layer], model.config, device, dtype)
             acc = _Accumulator()
             for h, chunk in zip(hidden, chunks):
-                x = block(h, attention_mask=chunk.context.attention_mask, position_embeddings=chunk.context.position_embeddings)
+                x = block(
+                    h,
+                    attention_mask=chunk.context.attention_mask,
+                    position_embeddings=chunk.context.position_embeddings,
+                )
                 final, logits = runner.head(runner.run(x, chunk.context, layer + 1))
                 acc.add(final, logits, chunk, metrics)
                 bar.update(chunk.targets.numel())
             result = acc.result(metrics)
-            out.append({"layer": row.layer, "block": row.block.name, "attention": row.block.attention.name,
-                        "ffn": row.block.ffn.name, **result})
-            bar.set_postfix(layer=layer, kl=f"{result['kl_div']:.4f}" if result["kl_div"] is not None else "-")
+            out.append(
+                {
+                    "layer": row.layer,
+                    "block": row.block.name,
+                    "attention": row.block.attention.name,
+                    "ffn": row.block.ffn.name,
+                    **result,
+                }
+            )
+            bar.set_postfix(
+                layer=layer, kl=f"{result['kl_div']:.4f}" if result["kl_div"] is not None else "-"
+            )
     bar.close()
     return out
 
@@ -266,8 +301,16 @@ def score(
     splits = read_splits(tokens)["splits"]
     if split not in splits:
         raise ScoringError(f"tokens {tokens} have no {split!r} split (they have {sorted(splits)})")
-    parameters = {"split": split, "metrics": wanted, "shard": shard, "mode": mode, "layers": layers,
-                  "batch_size": batch_size, "max_sequences": max_sequences, "dtype": dtype}
+    parameters = {
+        "split": split,
+        "metrics": wanted,
+        "shard": shard,
+        "mode": mode,
+        "layers": layers,
+        "batch_size": batch_size,
+        "max_sequences": max_sequences,
+        "dtype": dtype,
+    }
 
     def body(staging: Path, local: dict[str, Path]) -> dict[str, Any]:
         from puzzle.data import load_split
@@ -279,20 +322,37 @@ def score(
         started = time.perf_counter()
         table = score_rows(model, lib, rows, ids, metrics=wanted, batch_size=batch_size)
         seconds = time.perf_counter() - started
-        info = {"mode": mode, "split": split, "metrics": wanted, "shard": shard, "library": library, "child": child,
-                "parent_blocks": {str(layer): lib.parent_block(layer).name for layer in sorted({r.layer for r in rows})},
-                "seconds": seconds}
+        info = {
+            "mode": mode,
+            "split": split,
+            "metrics": wanted,
+            "shard": shard,
+            "library": library,
+            "child": child,
+            "parent_blocks": {
+                str(layer): lib.parent_block(layer).name for layer in sorted({r.layer for r in rows})
+            },
+            "seconds": seconds,
+        }
         write_scores(staging, table, info)
         return _summary(table, wanted, seconds)
 
     return artifacts.run_phase(
-        SCORES_KIND, out, {"library": library, "child": child, "tokens": tokens}, parameters, body,
+        SCORES_KIND,
+        out,
+        {"library": library, "child": child, "tokens": tokens},
+        parameters,
+        body,
         input_kinds={"library": "library", "child": "child", "tokens": "tokens"},
     )
 
 
 def _summary(table: list[dict[str, Any]], metrics: list[str], seconds: float | None) -> dict[str, Any]:
-    summary: dict[str, Any] = {"rows": len(table), "layers": len({r["layer"] for r in table}), "metrics": metrics}
+    summary: dict[str, Any] = {
+        "rows": len(table),
+        "layers": len({r["layer"] for r in table}),
+        "metrics": metrics,
+    }
     if seconds is not None and table:
         summary["seconds_per_block"] = seconds / len(table)
     if "kl_div" in metrics and table:
@@ -310,7 +370,9 @@ def write_scores(directory: Path, table: list[dict[str, Any]], info: dict[str, A
         writer.writeheader()
         for row in table:
             writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in COLUMNS})
-    (directory / SCORES_JSON).write_text(json.dumps({**info, "columns": list(COLUMNS), "rows": table}, indent=1) + "\n")
+    (directory / SCORES_JSON).write_text(
+        json.dumps({**info, "columns": list(COLUMNS), "rows": table}, indent=1) + "\n"
+    )
     metric = info["metrics"][0]
     plot_heatmap(table, directory / HEATMAP, metric=metric, parent_blocks=info.get("parent_blocks", {}))
 
@@ -335,7 +397,9 @@ def _column_label(row: dict[str, Any], parent: str | None) -> str:
     return row["block"]
 
 
-def plot_heatmap(table: list[dict[str, Any]], path: Path, *, metric: str, parent_blocks: dict[str, str]) -> None:
+def plot_heatmap(
+    table: list[dict[str, Any]], path: Path, *, metric: str, parent_blocks: dict[str, str]
+) -> None:
     """Layers x variants, colour = ``metric`` (log scale for KL and LM loss)."""
     import matplotlib
 
@@ -366,7 +430,9 @@ def plot_heatmap(table: list[dict[str, Any]], path: Path, *, metric: str, parent
     image = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
     ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
     step = max(1, math.ceil(len(layers) / 30))
-    ax.set_yticks(range(0, len(layers), step), [str(layers[i]) for i in range(0, len(layers), step)], fontsize=8)
+    ax.set_yticks(
+        range(0, len(layers), step), [str(layers[i]) for i in range(0, len(layers), step)], fontsize=8
+    )
     ax.set_xlabel("variant (decoupled: the sub-block that differs from the parent)")
     ax.set_ylabel("layer")
     ax.set_title(f"replace-1-block {metric}")
@@ -382,9 +448,13 @@ def merge(shard_uris: list[str], out: str) -> Manifest:
         raise ScoringError("merge needs at least one scores shard")
     manifests = [artifacts.require_manifest(uri, SCORES_KIND) for uri in shard_uris]
     settings = [{k: v for k, v in m.parameters.items() if k != "shard"} for m in manifests]
-    sources = [{k: m.inputs[k]["hash"] for k in ("library", "child", "tokens") if k in m.inputs} for m in manifests]
+    sources = [
+        {k: m.inputs[k]["hash"] for k in ("library", "child", "tokens") if k in m.inputs} for m in manifests
+    ]
     if any(s != settings[0] for s in settings) or any(s != sources[0] for s in sources):
-        raise ScoringError("the scoring shards differ in library, parent, tokens or settings; re-run them alike")
+        raise ScoringError(
+            "the scoring shards differ in library, parent, tokens or settings; re-run them alike"
+        )
     shards = [m.parameters.get("shard") for m in manifests]
     parsed = [parse_shard(s) for s in shards]
     if all(p is not None for p in parsed):
@@ -417,5 +487,11 @@ def merge(shard_uris: list[str], out: str) -> Manifest:
         return {**_summary(table, info["metrics"], seconds), "merged_shards": len(shard_uris)}
 
     inputs = {f"shard_{i}": uri for i, uri in enumerate(shard_uris)}
-    return artifacts.run_phase(SCORES_KIND, out, inputs, {"shards": len(shard_uris)}, body,
-                               input_kinds={k: SCORES_KIND for k in inputs})
+    return artifacts.run_phase(
+        SCORES_KIND,
+        out,
+        inputs,
+        {"shards": len(shard_uris)},
+        body,
+        input_kinds={k: SCORES_KIND for k in inputs},
+    )

@@ -58,10 +58,24 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "memory": ("<=", "MiB", "memory"),
     "params": ("<=", "parameters", "params"),
 }
-_METRIC_ALIASES = {"parameters": "params", "runtime": "latency", "mem": "memory", "tokens_per_s": "throughput"}
+_METRIC_ALIASES = {
+    "parameters": "params",
+    "runtime": "latency",
+    "mem": "memory",
+    "tokens_per_s": "throughput",
+}
 _UNITS = {
     "latency": {"": 1.0, "ms": 1.0, "s": 1000.0},
-    "memory": {"": 1.0, "mib": 1.0, "gib": 1024.0, "kib": 1 / 1024, "b": 1 / 2**20, "kb": 1e3 / 2**20, "mb": 1e6 / 2**20, "gb": 1e9 / 2**20},
+    "memory": {
+        "": 1.0,
+        "mib": 1.0,
+        "gib": 1024.0,
+        "kib": 1 / 1024,
+        "b": 1 / 2**20,
+        "kb": 1e3 / 2**20,
+        "mb": 1e6 / 2**20,
+        "gb": 1e9 / 2**20,
+    },
     "params": {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9},
     "throughput": {"": 1.0, "tok/s": 1.0},
 }
@@ -103,11 +117,15 @@ class Constraint:
             )
         metric = _METRIC_ALIASES.get(match["metric"].lower(), match["metric"].lower())
         if metric not in METRICS:
-            raise SearchError(f"constraint {text!r}: unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+            raise SearchError(
+                f"constraint {text!r}: unknown metric {metric!r}; use one of {', '.join(METRICS)}"
+            )
         op = match["op"] if len(match["op"]) == 2 else match["op"] + "="
         if op != METRICS[metric][0]:
             bound = "lower" if METRICS[metric][0] == ">=" else "upper"
-            raise SearchError(f"constraint {text!r}: {metric} takes a {bound} bound; write '{metric}{METRICS[metric][0]}...'")
+            raise SearchError(
+                f"constraint {text!r}: {metric} takes a {bound} bound; write '{metric}{METRICS[metric][0]}...'"
+            )
         unit = match["unit"].lower()
         value = float(match["value"])
         relative = unit == "x"
@@ -131,7 +149,9 @@ def parse_sweep(text: str) -> tuple[str, list[str]]:
     """``throughput>=1x:3x:5`` -> the metric and the constraint texts of the five points."""
     match = _SWEEP.match(text)
     if match is None:
-        raise SearchError(f"sweep {text!r} must look like '<metric><op><from>:<to>:<points>', e.g. 'throughput>=1x:3x:9'")
+        raise SearchError(
+            f"sweep {text!r} must look like '<metric><op><from>:<to>:<points>', e.g. 'throughput>=1x:3x:9'"
+        )
     n = int(match["n"])
     if n < 2:
         raise SearchError(f"sweep {text!r}: needs at least 2 points")
@@ -168,7 +188,9 @@ def _format(metric: str, value: float) -> str:
 def best_reachable(table: BlockTable, metric: str) -> float:
     """The best value of ``metric`` any architecture in the table reaches (ignoring other limits)."""
     row = METRICS[metric][2]
-    cheapest = float(np.where(table.valid, table.cost[row], np.inf).min(axis=1).sum() + table.base.get(row, 0.0))
+    cheapest = float(
+        np.where(table.valid, table.cost[row], np.inf).min(axis=1).sum() + table.base.get(row, 0.0)
+    )
     if metric == "throughput":
         return table.tokens_per_batch * 1000.0 / cheapest if cheapest > 0 else math.inf
     return cheapest
@@ -188,7 +210,9 @@ def make_problem(
     for c in constraints:
         coef, limit = _row_for(table, c, parent)
         best = best_reachable(table, c.metric)
-        reachable = best >= c.bound(parent) * (1 - 1e-12) if c.op == ">=" else best <= c.bound(parent) * (1 + 1e-12)
+        reachable = (
+            best >= c.bound(parent) * (1 - 1e-12) if c.op == ">=" else best <= c.bound(parent) * (1 + 1e-12)
+        )
         if not reachable:
             rel = f" ({best / parent[c.metric]:.4g}x the parent)" if parent.get(c.metric) else ""
             raise InfeasibleConstraintError(
@@ -214,18 +238,31 @@ def make_problem(
     return Problem(-score if maximize else score, np.stack(coefs), np.array(limits), valid, names)
 
 
-def constraint_report(table: BlockTable, constraints: list[Constraint], totals: dict[str, float]) -> list[dict[str, Any]]:
+def constraint_report(
+    table: BlockTable, constraints: list[Constraint], totals: dict[str, float]
+) -> list[dict[str, Any]]:
     parent = parent_totals(table)
     out = []
     for c in constraints:
         bound = c.bound(parent)
         value = totals[c.metric]
         ok = value >= bound * (1 - 1e-9) if c.op == ">=" else value <= bound * (1 + 1e-9)
-        out.append({"constraint": c.text, "metric": c.metric, "op": c.op, "bound": bound, "value": value, "satisfied": bool(ok)})
+        out.append(
+            {
+                "constraint": c.text,
+                "metric": c.metric,
+                "op": c.op,
+                "bound": bound,
+                "value": value,
+                "satisfied": bool(ok),
+            }
+        )
     return out
 
 
-def describe(table: BlockTable, choice: list[int], constraints: list[Constraint], **fields: Any) -> dict[str, Any]:
+def describe(
+    table: BlockTable, choice: list[int], constraints: list[Constraint], **fields: Any
+) -> dict[str, Any]:
     """One solution entry of ``solutions.json``."""
     totals = table.totals(choice)
     parent = parent_totals(table)
@@ -242,7 +279,8 @@ def describe(table: BlockTable, choice: list[int], constraints: list[Constraint]
             **{k: totals[k] for k in ("prefill_ms", "decode_ms") if k in totals},
         },
         "relative_to_parent": {
-            m: (totals[m] / parent[m] if parent.get(m) else None) for m in ("throughput", "latency", "memory", "params")
+            m: (totals[m] / parent[m] if parent.get(m) else None)
+            for m in ("throughput", "latency", "memory", "params")
         },
         "constraints": constraint_report(table, constraints, totals),
     }
@@ -275,7 +313,9 @@ def solve_table(
             result = solve(problem, time_limit=time_limit if rank == 0 else diverse_time_limit)
         except InfeasibleError as exc:
             if previous:
-                log.warning("stopping at %d solutions: no further architecture is diverse enough (%s)", rank, exc)
+                log.warning(
+                    "stopping at %d solutions: no further architecture is diverse enough (%s)", rank, exc
+                )
                 break
             raise InfeasibleConstraintError(
                 f"constraints {[c.text for c in constraints]} cannot all be met together at batch size "
@@ -314,7 +354,9 @@ def _tables(
     score_table = load_scores(scores, cost_table.parent_blocks or None)
     sizes = cost_table.batch_sizes if batch_size is None else [batch_size]
     if batch_size is not None and batch_size not in cost_table.batch_sizes:
-        raise SearchError(f"batch_size {batch_size} was not measured; the cost table has {cost_table.batch_sizes}")
+        raise SearchError(
+            f"batch_size {batch_size} was not measured; the cost table has {cost_table.batch_sizes}"
+        )
     return [build_table(score_table, cost_table, objective=objective, batch_size=b) for b in sizes]
 
 
@@ -342,7 +384,9 @@ def best_over_batches(
         if best is None or _better(sol, best[1], maximize):
             best = (table, sol)
     if best is None:
-        raise InfeasibleConstraintError(errors[0] if len(errors) == 1 else "no batch size is feasible:\n" + "\n".join(errors))
+        raise InfeasibleConstraintError(
+            errors[0] if len(errors) == 1 else "no batch size is feasible:\n" + "\n".join(errors)
+        )
     return best[0], best[1], summary
 
 
@@ -432,8 +476,13 @@ def search(
         table, first, per_batch = best_over_batches(tables, parsed, maximize=maximize, time_limit=time_limit)
         if num_solutions > 1:
             solutions = solve_table(
-                table, parsed, maximize=maximize, num_solutions=num_solutions, alpha=diversity_alpha,
-                time_limit=time_limit, diverse_time_limit=diverse_time_limit,
+                table,
+                parsed,
+                maximize=maximize,
+                num_solutions=num_solutions,
+                alpha=diversity_alpha,
+                time_limit=time_limit,
+                diverse_time_limit=diverse_time_limit,
             )
         else:
             solutions = [first]
@@ -442,7 +491,9 @@ def search(
             "maximize": maximize,
             "constraints": [c.text for c in parsed],
             "diversity_alpha": diversity_alpha,
-            "source": {"library": library} if library else {"scores": scores, "costs": costs, "table": table.source},
+            "source": {"library": library}
+            if library
+            else {"scores": scores, "costs": costs, "table": table.source},
             "batch_sizes": per_batch,
             "parent": describe(table, table.parent, parsed, method="parent"),
             "solutions": solutions,
@@ -452,15 +503,35 @@ def search(
             for text in sweep_texts:
                 point = Constraint.parse(text)
                 try:
-                    _, sol, _ = best_over_batches(tables, [*parsed, point], maximize=maximize, time_limit=time_limit)
+                    _, sol, _ = best_over_batches(
+                        tables, [*parsed, point], maximize=maximize, time_limit=time_limit
+                    )
                 except InfeasibleConstraintError as exc:
                     log.info("sweep point %s is infeasible: %s", text, exc)
                     continue
-                rows.append({"sweep": text, "objective": sol["objective"], "status": sol["status"], **sol["totals"],
-                             "batch_size": sol["batch_size"], "blocks": " ".join(sol["blocks"])})
+                rows.append(
+                    {
+                        "sweep": text,
+                        "objective": sol["objective"],
+                        "status": sol["status"],
+                        **sol["totals"],
+                        "batch_size": sol["batch_size"],
+                        "blocks": " ".join(sol["blocks"]),
+                    }
+                )
                 payload.setdefault("sweep", []).append({"sweep": text, **sol})
             with (staging / PARETO_CSV).open("w", newline="") as fh:
-                fields = ["sweep", "objective", "status", "throughput", "latency_ms", "memory_mib", "params", "batch_size", "blocks"]
+                fields = [
+                    "sweep",
+                    "objective",
+                    "status",
+                    "throughput",
+                    "latency_ms",
+                    "memory_mib",
+                    "params",
+                    "batch_size",
+                    "blocks",
+                ]
                 writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
                 writer.writeheader()
                 writer.writerows(rows)

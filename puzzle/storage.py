@@ -62,7 +62,11 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 
 def s3_endpoint() -> str:
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "https://s3.amazonaws.com"
+    return (
+        os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or "https://s3.amazonaws.com"
+    )
 
 
 @lru_cache(maxsize=8)
@@ -128,7 +132,9 @@ def _s3_error(exc: Exception, uri: str, action: str) -> StorageError:
             )
         if code in {"NoSuchKey", "404", "NotFound"}:
             return StorageError(f"s3://{bucket}/{key} not found at {endpoint}")
-        return StorageError(f"S3 error {code} at {endpoint} while trying to {action} s3://{bucket}/{key}: {exc}")
+        return StorageError(
+            f"S3 error {code} at {endpoint} while trying to {action} s3://{bucket}/{key}: {exc}"
+        )
     return StorageError(f"S3 failure at {endpoint} while trying to {action} s3://{bucket}/{key}: {exc}")
 
 

@@ -74,7 +74,13 @@ MAX_REPORT_BYTES = 2 * 1024 * 1024
 # Tokenizer files are large JSON that nobody reads in the MLflow UI.
 SKIPPED_PREFIXES = ("tokenizer", "vocab", "merges", "special_tokens", "chat_template")
 # Training histories (written by the GKD phase): JSON lists or JSON-lines of {step, loss, ...}.
-HISTORY_NAMES = ("history.json", "history.jsonl", "gkd_history.json", "gkd_history.jsonl", "train_history.jsonl")
+HISTORY_NAMES = (
+    "history.json",
+    "history.jsonl",
+    "gkd_history.json",
+    "gkd_history.jsonl",
+    "train_history.jsonl",
+)
 
 _MAX_PARAM_CHARS = 6000
 _BATCH = 900
@@ -237,7 +243,9 @@ class PipelineRun:
                 self.client.log_batch(target, params=batch)
             except MlflowException as exc:
                 # Params are immutable in MLflow; a re-attached run may already hold other values.
-                log.warning("some params were already logged with other values on run %s: %s", target, exc.message)
+                log.warning(
+                    "some params were already logged with other values on run %s: %s", target, exc.message
+                )
                 existing = self.client.get_run(target).data.params
                 fresh = [p for p in batch if p.key not in existing]
                 if fresh:
@@ -337,11 +345,15 @@ class PipelineRun:
                 self.client.log_dict(phase_run, manifest.to_json(), "manifest.json")
                 for rel in sorted(p for p in local.rglob("*") if p.is_file()):
                     sub = str(rel.relative_to(local).parent)
-                    self.client.log_artifact(phase_run, str(rel), artifact_path=f"files/{sub}" if sub != "." else "files")
+                    self.client.log_artifact(
+                        phase_run, str(rel), artifact_path=f"files/{sub}" if sub != "." else "files"
+                    )
                 _log_kind(self, manifest.kind, local, phase_run)
                 history = _find_history(local)
                 if history is not None:
-                    steps = self.log_metrics_history(history, prefix=f"{_history_prefix(manifest.kind)}/", run_id=phase_run)
+                    steps = self.log_metrics_history(
+                        history, prefix=f"{_history_prefix(manifest.kind)}/", run_id=phase_run
+                    )
                     log.info("tracking: logged %d steps of training history from %s", steps, artifact_uri)
         except Exception:
             status = "FAILED"
@@ -481,8 +493,11 @@ def _log_evaluation(run: PipelineRun, local: Path, run_id: str) -> None:
         models = metrics.get("models")
         if isinstance(models, Mapping):
             # One row per evaluated model (parent, child, baselines): the comparison table.
-            run.log_table([{"model": name, **row} for name, row in models.items() if isinstance(row, Mapping)],
-                          "tables/models.json", run_id)
+            run.log_table(
+                [{"model": name, **row} for name, row in models.items() if isinstance(row, Mapping)],
+                "tables/models.json",
+                run_id,
+            )
     for report in ("report.html", "report.md"):
         if (local / report).is_file():
             run.client.log_artifact(run.run_id, str(local / report), artifact_path="report")
@@ -491,10 +506,14 @@ def _log_evaluation(run: PipelineRun, local: Path, run_id: str) -> None:
 def _log_export(run: PipelineRun, local: Path, run_id: str) -> None:
     report = _read_json(local / "export_report.json")
     if isinstance(report, Mapping):
-        engines = {e["engine"]: e.get("servable") for e in report.get("engines", []) if isinstance(e, Mapping)}
+        engines = {
+            e["engine"]: e.get("servable") for e in report.get("engines", []) if isinstance(e, Mapping)
+        }
         # "vLLM (nemotron_nas)" -> tag engine.vLLM
-        run.set_tags({f"engine.{name.split(' (')[0]}": "servable" if ok else "no" for name, ok in engines.items()},
-                     run_id=run_id)
+        run.set_tags(
+            {f"engine.{name.split(' (')[0]}": "servable" if ok else "no" for name, ok in engines.items()},
+            run_id=run_id,
+        )
 
 
 _KIND_LOGGERS = {
@@ -514,7 +533,9 @@ def _log_kind(run: PipelineRun, kind: str, local: Path, run_id: str) -> None:
 
 # --------------------------------------------------------------------------- module API
 
-_ACTIVE: contextvars.ContextVar[PipelineRun | None] = contextvars.ContextVar("puzzle_tracking_run", default=None)
+_ACTIVE: contextvars.ContextVar[PipelineRun | None] = contextvars.ContextVar(
+    "puzzle_tracking_run", default=None
+)
 
 
 def _config_dict(config: Any) -> dict[str, Any]:
@@ -654,7 +675,9 @@ def log_metrics(metrics: Mapping[str, Any], *, step: int = 0) -> None:
         run.log_metrics(metrics, step=step)
 
 
-def log_metrics_history(records: Iterable[Mapping[str, Any]], *, prefix: str = "", step_key: str = "step") -> None:
+def log_metrics_history(
+    records: Iterable[Mapping[str, Any]], *, prefix: str = "", step_key: str = "step"
+) -> None:
     """Log a history (one dict per step) as step metrics on the active pipeline run."""
     run = active_run()
     if run is not None:

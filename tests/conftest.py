@@ -91,7 +91,9 @@ def make_tiny_parent(family: str, directory: Path, seed: int = 0, **overrides) -
     dims = {**TINY_DIMS, **overrides}
     if family == "qwen3":
         dims.setdefault("head_dim", 32)
-    config = config_cls(**dims, bos_token_id=1, eos_token_id=2, tie_word_embeddings=family in ("qwen2", "qwen3"))
+    config = config_cls(
+        **dims, bos_token_id=1, eos_token_id=2, tie_word_embeddings=family in ("qwen2", "qwen3")
+    )
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     with torch.no_grad():
@@ -132,7 +134,9 @@ def tiny_parent_factory(tmp_path_factory: pytest.TempPathFactory):
     def factory(family: str = "llama", seed: int = 0, **overrides) -> Path:
         key = (family, seed, json.dumps(overrides, sort_keys=True))
         if key not in made:
-            made[key] = make_tiny_parent(family, tmp_path_factory.mktemp(f"parent-{family}"), seed, **overrides)
+            made[key] = make_tiny_parent(
+                family, tmp_path_factory.mktemp(f"parent-{family}"), seed, **overrides
+            )
         return made[key]
 
     return factory
@@ -165,8 +169,13 @@ def smollm2_tokens(smollm2_child: Path, tmp_path_factory: pytest.TempPathFactory
     from puzzle.data import prepare
 
     out = tmp_path_factory.mktemp("smollm2-tokens") / "tokens"
-    prepare("stdlib", str(smollm2_child), str(out), seq_len=64,
-            splits={"calibration": 16, "bld": 64, "score": 16, "eval": 8})
+    prepare(
+        "stdlib",
+        str(smollm2_child),
+        str(out),
+        seq_len=64,
+        splits={"calibration": 16, "bld": 64, "score": 16, "eval": 8},
+    )
     return out
 
 

@@ -28,7 +28,9 @@ def run_many_in_fresh_process(jobs: list[dict], workdir: Path) -> list[dict]:
 
 
 def run_in_fresh_process(checkpoint: Path, ids: list[list[int]], workdir: Path, new_tokens: int = 20) -> dict:
-    return run_many_in_fresh_process([{"checkpoint": checkpoint, "ids": ids, "new_tokens": new_tokens}], workdir)[0]
+    return run_many_in_fresh_process(
+        [{"checkpoint": checkpoint, "ids": ids, "new_tokens": new_tokens}], workdir
+    )[0]
 
 
 def main() -> None:
@@ -38,7 +40,9 @@ def main() -> None:
     assert "puzzle" not in sys.modules
     results = []
     for job in jobs:
-        model = AutoModelForCausalLM.from_pretrained(job["checkpoint"], trust_remote_code=True, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            job["checkpoint"], trust_remote_code=True, dtype=torch.float32
+        )
         model.eval()
         ids = torch.tensor(job["ids"])
         n = job.get("new_tokens", 20)
@@ -46,7 +50,12 @@ def main() -> None:
             logits = model(ids).logits
             generated = model.generate(ids[:1], max_new_tokens=n, do_sample=False, min_new_tokens=n)
         results.append(
-            {"logits": logits, "generated": generated, "class": type(model).__name__, "module": type(model).__module__}
+            {
+                "logits": logits,
+                "generated": generated,
+                "class": type(model).__name__,
+                "module": type(model).__module__,
+            }
         )
     torch.save(results, sys.argv[2])
 

@@ -88,7 +88,9 @@ def start_mlflow(workdir: Path, s3: S3Server, bucket: str, *, timeout: float = 1
     ]
     log_path = workdir / "mlflow.log"
     log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        args, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env, start_new_session=True
+    )
     server = MlflowServer(f"http://127.0.0.1:{port}", bucket, proc, log_path)
     try:
         wait_for_port(port, timeout=timeout, proc=proc)

@@ -32,16 +32,27 @@ class HeadlessChromium:
         self._profile = tempfile.mkdtemp(prefix="chromium-")
         port = free_port()
         self.proc = subprocess.Popen(
-            [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-             f"--remote-debugging-port={port}", f"--user-data-dir={self._profile}", "--window-size=1400,1000",
-             "about:blank"],
+            [
+                binary,
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                f"--remote-debugging-port={port}",
+                f"--user-data-dir={self._profile}",
+                "--window-size=1400,1000",
+                "about:blank",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         deadline = time.time() + timeout
         while True:
             try:
-                targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=2).read())
+                targets = json.loads(
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=2).read()
+                )
                 page = next(t for t in targets if t["type"] == "page")
                 break
             except (OSError, StopIteration, ValueError):
@@ -49,7 +60,9 @@ class HeadlessChromium:
                     self.close()
                     raise RuntimeError("headless Chromium did not start") from None
                 time.sleep(0.2)
-        self.ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=timeout, suppress_origin=True)
+        self.ws = websocket.create_connection(
+            page["webSocketDebuggerUrl"], timeout=timeout, suppress_origin=True
+        )
         self._ids = itertools.count(1)
 
     def call(self, method: str, **params: Any) -> dict[str, Any]:
@@ -65,7 +78,9 @@ class HeadlessChromium:
     def js(self, expression: str) -> Any:
         result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
         if "exceptionDetails" in result:
-            raise RuntimeError(f"{expression}: {result['exceptionDetails'].get('exception', {}).get('description')}")
+            raise RuntimeError(
+                f"{expression}: {result['exceptionDetails'].get('exception', {}).get('description')}"
+            )
         return result["result"].get("value")
 
     def page_text(self, chars: int = 600) -> str:
@@ -75,7 +90,9 @@ class HeadlessChromium:
         deadline = time.time() + self.timeout
         while not self.js(f"!!document.querySelector({json.dumps(selector)})"):
             if time.time() > deadline:
-                raise TimeoutError(f"{selector} did not appear in the MLflow UI; the page shows: {self.page_text()!r}")
+                raise TimeoutError(
+                    f"{selector} did not appear in the MLflow UI; the page shows: {self.page_text()!r}"
+                )
             time.sleep(0.2)
 
     def click(self, selector: str) -> None:
@@ -119,7 +136,9 @@ def add_model_version_tag_in_ui(mlflow_url: str, name: str, version: str, key: s
         section = json.dumps('[data-testid="tags-section"]')
         while not browser.js(f"document.querySelector({section}).innerText.includes({json.dumps(key)})"):
             if time.time() > deadline:
-                raise TimeoutError(f"the tag {key} never showed in the MLflow UI; the page shows: {browser.page_text()!r}")
+                raise TimeoutError(
+                    f"the tag {key} never showed in the MLflow UI; the page shows: {browser.page_text()!r}"
+                )
             time.sleep(0.2)
     finally:
         browser.close()

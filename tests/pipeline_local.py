@@ -92,7 +92,9 @@ class LocalRun:
         return self.executor_output(task)["parameterValues"][name]
 
 
-def pretrain_tiny_parent(parent: Path, out: Path, *, steps: int = 60, seq_len: int = 32, batch: int = 8) -> Path:
+def pretrain_tiny_parent(
+    parent: Path, out: Path, *, steps: int = 60, seq_len: int = 32, batch: int = 8
+) -> Path:
     """A copy of a tiny random parent trained briefly on standard-library text (60 steps, seconds).
 
     A random parent predicts almost no next token right, so "accuracy kept" would be undefined
@@ -146,7 +148,12 @@ def run_tiny_pipeline(root: Path, parent_dir: Path, bucket: str, tracking_uri: s
     upload_dir(parent_dir, parent_uri)
     config = load_config(
         None,
-        [*TINY_OVERRIDES, f"parent={parent_uri}", f"registry.model_name={MODEL_NAME}", f"tracking.experiment={EXPERIMENT}"],
+        [
+            *TINY_OVERRIDES,
+            f"parent={parent_uri}",
+            f"registry.model_name={MODEL_NAME}",
+            f"tracking.experiment={EXPERIMENT}",
+        ],
         check_access=False,
     )
     arguments = pipeline_arguments(config, serving_uri=serving_uri, profile="tiny")
@@ -164,7 +171,9 @@ def run_tiny_pipeline(root: Path, parent_dir: Path, bucket: str, tracking_uri: s
     no_backoff = SimpleNamespace(sleep=lambda _seconds: None)
     with warnings.catch_warnings(), mock.patch.object(task_executor, "time", no_backoff):
         warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
-        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*", category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message=".*have no effect in the current local runner.*", category=UserWarning
+        )
         try:
             puzzle_pipeline(**arguments)
         except Exception as exc:  # noqa: BLE001 - the tests report it with the task logs
@@ -175,7 +184,9 @@ def run_tiny_pipeline(root: Path, parent_dir: Path, bucket: str, tracking_uri: s
 SHARED_RUN: LocalRun | None = None
 
 
-def session_run(tmp_path_factory: Any, s3_server: Any, mlflow_server: Any, tiny_parent_factory: Any) -> LocalRun:
+def session_run(
+    tmp_path_factory: Any, s3_server: Any, mlflow_server: Any, tiny_parent_factory: Any
+) -> LocalRun:
     """The session's one pipeline run: made on first use, then shared by ``tests/`` and ``components/``.
 
     pytest gives each directory its own instances of session fixtures re-exported from another

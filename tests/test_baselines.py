@@ -56,14 +56,20 @@ def test_noop_only_uses_parent_or_noop_sub_blocks(tables, tmp_path: Path) -> Non
 
 def test_uniform_width_is_the_best_uniform_block_that_meets_the_constraint(tables, tmp_path: Path) -> None:
     scores, costs, _ = tables
-    baseline("uniform_width", scores, costs, str(tmp_path / "uniform"), constraints=[CONSTRAINT], batch_size=8)
+    baseline(
+        "uniform_width", scores, costs, str(tmp_path / "uniform"), constraints=[CONSTRAINT], batch_size=8
+    )
     sol = _best(tmp_path / "uniform")
     assert len(set(sol["blocks"])) == 1 and sol["blocks"][0] != "attn_noop+ffn_noop"
     assert all(c["satisfied"] for c in sol["constraints"])
 
     table = build_table(load_scores(scores), load_costs(costs), objective="kl_div", batch_size=8)
     parent = table.totals(table.parent)["throughput"]
-    uniform = [[table.index(layer, block) for layer in range(6)] for block in table.names[0] if block != "attn_noop+ffn_noop"]
+    uniform = [
+        [table.index(layer, block) for layer in range(6)]
+        for block in table.names[0]
+        if block != "attn_noop+ffn_noop"
+    ]
     best = min(table.objective_value(c) for c in uniform if table.totals(c)["throughput"] >= 1.6 * parent)
     assert sol["objective"] == pytest.approx(best)
 
@@ -71,17 +77,30 @@ def test_uniform_width_is_the_best_uniform_block_that_meets_the_constraint(table
 def test_a_baseline_that_cannot_meet_the_constraint_says_so(tables, tmp_path: Path) -> None:
     scores, costs, _ = tables
     with pytest.raises(InfeasibleConstraintError, match=r"throughput>=50x.*best any architecture"):
-        baseline("uniform_width", scores, costs, str(tmp_path / "u"), constraints=["throughput>=50x"], batch_size=8)
+        baseline(
+            "uniform_width", scores, costs, str(tmp_path / "u"), constraints=["throughput>=50x"], batch_size=8
+        )
     # Reachable by mixing blocks, but not with one block repeated in every layer.
     table = build_table(load_scores(scores), load_costs(costs), objective="kl_div", batch_size=8)
     parent = table.totals(table.parent)["throughput"]
-    fastest_uniform = max(table.totals([table.index(layer, b) for layer in range(6)])["throughput"]
-                          for b in table.names[0] if b != "attn_noop+ffn_noop")
-    mixed = [table.index(layer, "attn_noop+ffn_noop" if layer < 3 else "attn_noop+ffn_64") for layer in range(6)]
+    fastest_uniform = max(
+        table.totals([table.index(layer, b) for layer in range(6)])["throughput"]
+        for b in table.names[0]
+        if b != "attn_noop+ffn_noop"
+    )
+    mixed = [
+        table.index(layer, "attn_noop+ffn_noop" if layer < 3 else "attn_noop+ffn_64") for layer in range(6)
+    ]
     bound = (fastest_uniform + table.totals(mixed)["throughput"]) / 2 / parent
     with pytest.raises(InfeasibleConstraintError, match="uniform_width: no single block"):
-        baseline("uniform_width", scores, costs, str(tmp_path / "u"), constraints=[f"throughput>={bound:.4f}x"],
-                 batch_size=8)
+        baseline(
+            "uniform_width",
+            scores,
+            costs,
+            str(tmp_path / "u"),
+            constraints=[f"throughput>={bound:.4f}x"],
+            batch_size=8,
+        )
 
 
 def test_an_identity_layer_has_zero_block_influence(tiny_child: Path) -> None:
@@ -106,8 +125,16 @@ def test_layer_dropping_drops_the_least_influential_layers(tiny_child: Path, tmp
     scores = write_scores(tmp_path / "scores.csv", 3)
     costs = write_costs(tmp_path / "costs.json", 3)
     out = tmp_path / "drop"
-    baseline("layer_dropping", str(scores), str(costs), str(out), constraints=["throughput>=1.3x"], batch_size=8,
-             child=str(tiny_child), tokens=str(tokens))
+    baseline(
+        "layer_dropping",
+        str(scores),
+        str(costs),
+        str(out),
+        constraints=["throughput>=1.3x"],
+        batch_size=8,
+        child=str(tiny_child),
+        tokens=str(tokens),
+    )
     sol = _best(out)
     influence, dropped = sol["block_influence"], sol["dropped_layers"]
     assert 1 <= len(dropped) < 3

@@ -14,7 +14,9 @@ from puzzle.library import Library, LibraryError, SearchSpace, assemble_child, b
 from puzzle.modeling import BlockConfig
 
 # 4 steps of 8 sequences x 32 tokens; 4 trainable variants per layer x 3 layers.
-SETTINGS = dict(token_budget=4 * 8 * 32, batch_size=8, lr=1e-3, warmup_fraction=0.25, seed=3, checkpoint_every=2)
+SETTINGS = dict(
+    token_budget=4 * 8 * 32, batch_size=8, lr=1e-3, warmup_fraction=0.25, seed=3, checkpoint_every=2
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +26,13 @@ def tiny(tiny_parent_factory, tmp_path_factory: pytest.TempPathFactory) -> dict[
 
     root = tmp_path_factory.mktemp("bld-tiny")
     convert(str(tiny_parent_factory("llama", intermediate_size=192)), str(root / "child"))
-    prepare("stdlib", str(root / "child"), str(root / "tokens"), seq_len=32,
-            splits={"calibration": 8, "bld": 40, "score": 8})
+    prepare(
+        "stdlib",
+        str(root / "child"),
+        str(root / "tokens"),
+        seq_len=32,
+        splits={"calibration": 8, "bld": 40, "score": 8},
+    )
     space = SearchSpace(attention_kv_heads=(1,), ffn_fractions=(1.0, 0.5))
     build_library(str(root / "child"), str(root / "tokens"), str(root / "lib"), space=space)
     paths = {name: str(root / name) for name in ("child", "tokens", "lib", "full")}
@@ -110,20 +117,33 @@ def test_killed_run_resumes_from_its_checkpoint(tiny: dict[str, str]) -> None:
 
 def test_coupled_bld_trains_a_pair_used_by_assemble_child(tiny: dict[str, str]) -> None:
     out = str(Path(tiny["root"]) / "coupled")
-    train(tiny["lib"], tiny["child"], tiny["tokens"], out, layers=[0], coupled=["attn_kv1+ffn_96"],
-          variants=["attn_kv1+ffn_96"], **SETTINGS)
+    train(
+        tiny["lib"],
+        tiny["child"],
+        tiny["tokens"],
+        out,
+        layers=[0],
+        coupled=["attn_kv1+ffn_96"],
+        variants=["attn_kv1+ffn_96"],
+        **SETTINGS,
+    )
     lib = Library.open(out)
     assert lib.coupled_blocks(0) == ["attn_kv1+ffn_96"] and lib.coupled_blocks(1) == []
     info = lib.info(0, "attn_kv1+ffn_96")
     assert info["kind"] == "block" and info["trained"] and info["bld"]["steps"] == 4
     pair = lib.load(0, "attn_kv1+ffn_96")
     assert not torch.equal(pair["mlp.down_proj.weight"], lib.load(0, "ffn_96")["mlp.down_proj.weight"])
-    child = assemble_child(tiny["child"], lib, [BlockConfig.from_name(n) for n in
-                                                ("attn_kv1+ffn_96", "attn_kv2+ffn_192", "attn_kv2+ffn_192")])
+    child = assemble_child(
+        tiny["child"],
+        lib,
+        [BlockConfig.from_name(n) for n in ("attn_kv1+ffn_96", "attn_kv2+ffn_192", "attn_kv2+ffn_192")],
+    )
     assert torch.equal(child.model.layers[0].mlp.down_proj.weight, pair["mlp.down_proj.weight"])
 
 
-def test_bad_settings_are_clear_errors_before_any_work(tiny: dict[str, str], tiny_parent_factory, tmp_path: Path) -> None:
+def test_bad_settings_are_clear_errors_before_any_work(
+    tiny: dict[str, str], tiny_parent_factory, tmp_path: Path
+) -> None:
     out = str(tmp_path / "out")
     with pytest.raises(BLDError, match="too little data: token_budget=1000000 .* split 'bld' has 40"):
         train(tiny["lib"], tiny["child"], tiny["tokens"], out, **{**SETTINGS, "token_budget": 1_000_000})
@@ -144,31 +164,79 @@ def test_bad_settings_are_clear_errors_before_any_work(tiny: dict[str, str], tin
 def test_cli_trains_a_shard_and_reports_errors(tiny: dict[str, str], tmp_path: Path, capsys) -> None:
     from puzzle.cli import main
 
-    common = ["--library", tiny["lib"], "--child", tiny["child"], "--tokens", tiny["tokens"], "--batch-size", "8",
-              "--seed", "3", "--warmup-fraction", "0.25", "--checkpoint-every", "2"]
-    code = main(["bld", "train", *common, "--out", str(tmp_path / "s"), "--token-budget", "1024",
-                 "--shard", "0/1", "--layers", "2", "--variants", "ffn_96"])
+    common = [
+        "--library",
+        tiny["lib"],
+        "--child",
+        tiny["child"],
+        "--tokens",
+        tiny["tokens"],
+        "--batch-size",
+        "8",
+        "--seed",
+        "3",
+        "--warmup-fraction",
+        "0.25",
+        "--checkpoint-every",
+        "2",
+    ]
+    code = main(
+        [
+            "bld",
+            "train",
+            *common,
+            "--out",
+            str(tmp_path / "s"),
+            "--token-budget",
+            "1024",
+            "--shard",
+            "0/1",
+            "--layers",
+            "2",
+            "--variants",
+            "ffn_96",
+        ]
+    )
     assert code == 0
     lib = Library.open(str(tmp_path / "s"))
     assert lib.partial and lib.layers == [2] and lib.variants(2) == ["ffn_96"]
     # The same variant as in the unsharded run, bit for bit.
-    assert torch.equal(lib.load(2, "ffn_96")["mlp.up_proj.weight"],
-                       Library.open(tiny["full"]).load(2, "ffn_96")["mlp.up_proj.weight"])
+    assert torch.equal(
+        lib.load(2, "ffn_96")["mlp.up_proj.weight"],
+        Library.open(tiny["full"]).load(2, "ffn_96")["mlp.up_proj.weight"],
+    )
     code = main(["bld", "train", *common, "--out", str(tmp_path / "x"), "--token-budget", "99999999"])
     assert code == 2 and "too little data" in capsys.readouterr().err
 
 
 @pytest.mark.integration
-def test_bld_lowers_normalized_mse_on_smollm2(smollm2_child: Path, smollm2_tokens: Path, tmp_path: Path) -> None:
+def test_bld_lowers_normalized_mse_on_smollm2(
+    smollm2_child: Path, smollm2_tokens: Path, tmp_path: Path
+) -> None:
     """SmolLM2, layer 5, 50 % FFN (ffn_768 of 1536): 4096 tokens (16 steps x 4 x 64), lr 1e-3.
 
     Measured: held-out normalised MSE (4 score sequences) 0.217 -> 0.173, a 20 % drop.
     """
-    space = SearchSpace(attention_kv_heads=(3,), attention_linear=False, attention_noop=False, ffn_fractions=(0.5,),
-                        ffn_linear=False, ffn_noop=False)
+    space = SearchSpace(
+        attention_kv_heads=(3,),
+        attention_linear=False,
+        attention_noop=False,
+        ffn_fractions=(0.5,),
+        ffn_linear=False,
+        ffn_noop=False,
+    )
     build_library(str(smollm2_child), str(smollm2_tokens), str(tmp_path / "lib"), space=space, layers=[5])
-    train(str(tmp_path / "lib"), str(smollm2_child), str(smollm2_tokens), str(tmp_path / "bld"), token_budget=4096,
-          batch_size=4, lr=1e-3, warmup_fraction=0.1, seed=0)
+    train(
+        str(tmp_path / "lib"),
+        str(smollm2_child),
+        str(smollm2_tokens),
+        str(tmp_path / "bld"),
+        token_budget=4096,
+        batch_size=4,
+        lr=1e-3,
+        warmup_fraction=0.1,
+        seed=0,
+    )
     stats = Library.open(str(tmp_path / "bld")).info(5, "ffn_768")["bld"]
     assert stats["final_nmse"] < 0.9 * stats["initial_nmse"], stats
 

@@ -63,11 +63,15 @@ def test_n_heads_in_group_is_heads_over_kv_heads() -> None:
 
 
 def test_kv_heads_that_do_not_divide_the_head_count_are_rejected_with_the_choices() -> None:
-    with pytest.raises(BlockConfigError, match=r"does not divide num_attention_heads=9; use one of \[9, 3, 1\]"):
+    with pytest.raises(
+        BlockConfigError, match=r"does not divide num_attention_heads=9; use one of \[9, 3, 1\]"
+    ):
         AttentionConfig(num_kv_heads=2).to_json(9)
 
 
-@pytest.mark.parametrize("bad", [dict(intermediate_size=-5), dict(intermediate_size=0), dict(linear=True, no_op=True), {}])
+@pytest.mark.parametrize(
+    "bad", [dict(intermediate_size=-5), dict(intermediate_size=0), dict(linear=True, no_op=True), {}]
+)
 def test_invalid_ffn_configs_name_the_field(bad: dict) -> None:
     with pytest.raises(BlockConfigError, match="ffn"):
         FFNConfig(**bad)

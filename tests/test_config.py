@@ -43,7 +43,12 @@ def test_embedded_default_loads_with_the_real_parent_and_a_speed_constraint(tmp_
     assert config.parent == "smollm2"
     assert config.data.source == "stdlib"
     (constraint,) = config.search.parsed_constraints
-    assert (constraint.metric, constraint.op, constraint.value, constraint.relative) == ("throughput", ">=", 1.5, True)
+    assert (constraint.metric, constraint.op, constraint.value, constraint.relative) == (
+        "throughput",
+        ">=",
+        1.5,
+        True,
+    )
     # Round trip: the dumped YAML loads back to the same configuration.
     assert parse_config(yaml.safe_load(config.to_yaml())) == config
     assert config.phase_uri("bld") == str(tmp_path / "run" / "bld")
@@ -74,9 +79,15 @@ def test_a_file_overrides_only_what_it_names_and_set_overrides_the_file(tmp_path
         ({"evaluate": {"split": "test"}}, "evaluate.split must be one of data.splits"),
         ({"costs": {"device": "tpu"}}, "costs.device must be 'auto', 'cpu', 'cuda'"),
         ({"baselines": {"methods": ["random"]}}, "baselines.methods[0] must be one of uniform_width"),
-        ({"search": {"constraints": ["speed>=2x"]}}, "search.constraints[0]: constraint 'speed>=2x': unknown metric 'speed'"),
+        (
+            {"search": {"constraints": ["speed>=2x"]}},
+            "search.constraints[0]: constraint 'speed>=2x': unknown metric 'speed'",
+        ),
         ({"search": {"constraints": ["throughput<=2x"]}}, "throughput takes a lower bound"),
-        ({"search": {"constraints": ["throughput>=fast"]}}, "search.constraints[0]: constraint 'throughput>=fast' is not '<metric><op><value>"),
+        (
+            {"search": {"constraints": ["throughput>=fast"]}},
+            "search.constraints[0]: constraint 'throughput>=fast' is not '<metric><op><value>",
+        ),
         ({"search": {"constraints": ["memory<=2parsecs"]}}, "unknown unit 'parsecs' for memory"),
         ({"search": {"constraints": ["memory<=0GiB"]}}, "can never be met"),
         ({"gkd": {"weight_kl": 0, "weight_cosine": 0}}, "at least one loss weight must be > 0"),
@@ -103,7 +114,9 @@ def test_a_speed_constraint_no_child_of_the_search_space_can_meet_is_rejected(ti
         parse_config({"parent": parent, "search_space": parent_only})
     # One cheaper variant makes it feasible; KV-head counts are checked against the parent.
     parse_config({"parent": parent, "search_space": {**parent_only, "kv_heads": [2, 1]}})
-    with pytest.raises(ConfigError, match=r"search_space.kv_heads\[0\] must divide the parent's 4 attention heads"):
+    with pytest.raises(
+        ConfigError, match=r"search_space.kv_heads\[0\] must divide the parent's 4 attention heads"
+    ):
         parse_config({"parent": parent, "search_space": {"kv_heads": [3]}})
 
 
@@ -124,13 +137,19 @@ def test_bad_yaml_and_bad_overrides_are_config_errors(tmp_path: Path) -> None:
     assert load_config(None, [f"output={tmp_path}", "gkd.lr=2e-4"]).gkd.lr == 2e-4
 
 
-def test_unreachable_storage_fails_at_load_time_naming_the_field(tmp_path: Path, s3_bucket: str, monkeypatch) -> None:
+def test_unreachable_storage_fails_at_load_time_naming_the_field(
+    tmp_path: Path, s3_bucket: str, monkeypatch
+) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     ok = load_config(None, [f"output=s3://{s3_bucket}/runs/a", "tracking.uri=null"])
     assert ok.output == f"s3://{s3_bucket}/runs/a"
-    with pytest.raises(ConfigError, match=r"output 's3://no-such-bucket-x/runs' is not reachable.*(not found|does not exist)"):
+    with pytest.raises(
+        ConfigError, match=r"output 's3://no-such-bucket-x/runs' is not reachable.*(not found|does not exist)"
+    ):
         load_config(None, ["output=s3://no-such-bucket-x/runs", "tracking.uri=null"])
-    with pytest.raises(ConfigError, match=r"tracking.uri 'run-dir' keeps a SQLite MLflow store under the output root"):
+    with pytest.raises(
+        ConfigError, match=r"tracking.uri 'run-dir' keeps a SQLite MLflow store under the output root"
+    ):
         load_config(None, [f"output=s3://{s3_bucket}/runs/a"])
     with pytest.raises(ConfigError, match=r"data.source 's3://no-such-bucket-x/text' is not reachable"):
         load_config(None, [f"output={tmp_path}", "data.source=s3://no-such-bucket-x/text"])
@@ -145,7 +164,9 @@ def test_unreachable_s3_endpoint_is_reported_as_the_output_field(tmp_path: Path,
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     storage._client_for.cache_clear()
-    with pytest.raises(ConfigError, match=r"output 's3://b/p' is not reachable: cannot reach the S3 endpoint"):
+    with pytest.raises(
+        ConfigError, match=r"output 's3://b/p' is not reachable: cannot reach the S3 endpoint"
+    ):
         load_config(None, ["output=s3://b/p", "tracking.uri=null"])
     storage._client_for.cache_clear()
 

@@ -56,7 +56,12 @@ def exported_families(tiny_parent_factory, tmp_path_factory):
         jobs.append({"checkpoint": root / name / "export", "ids": ids.tolist(), "new_tokens": 20})
     results = run_many_in_fresh_process(jobs, root)
     return {
-        name: {"expected": expected[name], "result": result, "export": root / name / "export", "manifest": manifests[name]}
+        name: {
+            "expected": expected[name],
+            "result": result,
+            "export": root / name / "export",
+            "manifest": manifests[name],
+        }
         for name, result in zip(cases, results)
     }
 
@@ -129,8 +134,14 @@ def test_round_trip_through_real_s3(s3_server, s3_bucket, tiny_parent_factory, t
     export_uri = f"s3://{s3_bucket}/serving/qwen2-child"
     convert(f"s3://{s3_bucket}/parents/qwen2", child_uri)
     export(child_uri, export_uri)
-    keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="serving/qwen2-child/")["Contents"]}
-    assert {"serving/qwen2-child/config.json", "serving/qwen2-child/manifest.json", "serving/qwen2-child/modeling_decilm.py"} <= keys
+    keys = {
+        o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="serving/qwen2-child/")["Contents"]
+    }
+    assert {
+        "serving/qwen2-child/config.json",
+        "serving/qwen2-child/manifest.json",
+        "serving/qwen2-child/modeling_decilm.py",
+    } <= keys
     local = tmp_path / "download"
     for key in keys:
         target = local / key.removeprefix("serving/qwen2-child/")
@@ -156,7 +167,9 @@ def test_corrupted_s3_object_is_detected_by_checksum(s3_server, s3_bucket, tiny_
 
 
 @pytest.mark.integration
-def test_wrong_s3_credentials_name_endpoint_and_bucket(s3_server, s3_bucket, tiny_parent_factory, monkeypatch):
+def test_wrong_s3_credentials_name_endpoint_and_bucket(
+    s3_server, s3_bucket, tiny_parent_factory, monkeypatch
+):
     from puzzle import storage
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
@@ -177,8 +190,12 @@ def test_wrong_s3_credentials_name_endpoint_and_bucket(s3_server, s3_bucket, tin
 def test_unknown_architecture_lists_supported_families(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(ParentError, match=r"unsupported parent architecture 'gpt2'.*llama, mistral, qwen2, qwen3"):
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(
+        tmp_path / "gpt2"
+    )
+    with pytest.raises(
+        ParentError, match=r"unsupported parent architecture 'gpt2'.*llama, mistral, qwen2, qwen3"
+    ):
         convert(str(tmp_path / "gpt2"), str(tmp_path / "child"))
     assert not (tmp_path / "child").exists()
 

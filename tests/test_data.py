@@ -23,7 +23,9 @@ def _rows(t: torch.Tensor) -> set[tuple[int, ...]]:
     return {tuple(r.tolist()) for r in t}
 
 
-def test_splits_are_disjoint_deterministic_and_seeded(tiny_child: Path, numbered_text: Path, tmp_path: Path) -> None:
+def test_splits_are_disjoint_deterministic_and_seeded(
+    tiny_child: Path, numbered_text: Path, tmp_path: Path
+) -> None:
     splits = {"calibration": 8, "bld": 40, "score": 8, "eval": 8}
     prepare(str(numbered_text), str(tiny_child), str(tmp_path / "a"), seq_len=32, splits=splits, seed=1)
     prepare(str(numbered_text), str(tiny_child), str(tmp_path / "b"), seq_len=32, splits=splits, seed=1)
@@ -36,7 +38,11 @@ def test_splits_are_disjoint_deterministic_and_seeded(tiny_child: Path, numbered
     assert len(all_rows) == len(set(all_rows)) == sum(splits.values())  # no sequence in two splits
     assert not torch.equal(parts["bld"], load_split(str(tmp_path / "c"), "bld"))
     info = read_splits(str(tmp_path / "a"))
-    assert info["seq_len"] == 32 and info["splits"]["bld"] == {"file": "bld.safetensors", "sequences": 40, "tokens": 1280}
+    assert info["seq_len"] == 32 and info["splits"]["bld"] == {
+        "file": "bld.safetensors",
+        "sequences": 40,
+        "tokens": 1280,
+    }
     # The token stream is the tokenizer's: decoding a sequence gives back the file's text.
     from puzzle.child import load_tokenizer
 
@@ -79,7 +85,9 @@ def test_too_little_data_and_bad_requests(tiny_child: Path, numbered_text: Path,
     with pytest.raises(DataError, match="split name"):
         prepare(str(numbered_text), str(tiny_child), str(tmp_path / "x"), seq_len=8, splits={"Bad Name": 1})
     with pytest.raises(DataError, match="does not exist"):
-        prepare(str(tmp_path / "nope.txt"), str(tiny_child), str(tmp_path / "x"), seq_len=8, splits={"bld": 1})
+        prepare(
+            str(tmp_path / "nope.txt"), str(tiny_child), str(tmp_path / "x"), seq_len=8, splits={"bld": 1}
+        )
     with pytest.raises(DataError, match="hf:NAME"):
         prepare("hf:only-name", str(tiny_child), str(tmp_path / "x"), seq_len=8, splits={"bld": 1})
     prepare(str(numbered_text), str(tiny_child), str(tmp_path / "ok"), seq_len=8, splits={"bld": 2})
@@ -92,8 +100,13 @@ def test_hf_source_without_datasets_is_a_clear_error(tiny_child: Path, tmp_path:
         import datasets  # noqa: F401
     except ImportError:
         with pytest.raises(DataError, match="datasets"):
-            prepare("hf:wikitext:wikitext-2-raw-v1:train", str(tiny_child), str(tmp_path / "x"), seq_len=8,
-                    splits={"bld": 1})
+            prepare(
+                "hf:wikitext:wikitext-2-raw-v1:train",
+                str(tiny_child),
+                str(tmp_path / "x"),
+                seq_len=8,
+                splits={"bld": 1},
+            )
     else:
         pytest.skip("datasets is installed; the hub is unreachable here, so nothing to check offline")
 
@@ -105,5 +118,11 @@ def test_s3_source_and_output(tiny_child: Path, numbered_text: Path, s3_bucket: 
     storage.upload_file(numbered_text, f"s3://{s3_bucket}/corpus/numbered.txt")
     out = f"s3://{s3_bucket}/tokens"
     prepare(f"s3://{s3_bucket}/corpus", str(tiny_child), out, seq_len=32, splits={"bld": 10, "score": 4})
-    prepare(str(numbered_text), str(tiny_child), str(tmp_path / "local"), seq_len=32, splits={"bld": 10, "score": 4})
+    prepare(
+        str(numbered_text),
+        str(tiny_child),
+        str(tmp_path / "local"),
+        seq_len=32,
+        splits={"bld": 10, "score": 4},
+    )
     assert torch.equal(load_split(out, "bld"), load_split(str(tmp_path / "local"), "bld"))

@@ -53,21 +53,36 @@ def tiny_setup(tiny_child: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     text = root / "text.txt"
     text.write_text((ROOT / "puzzle" / "distill.py").read_text() * 4)
     tokens = root / "tokens"
-    prepare(str(text), str(tiny_child), str(tokens), seq_len=32,
-            splits={"calibration": 4, "bld": 4, "score": 4, "gkd": 48, "eval": 16})
-    return {"parent": str(tiny_child), "tokens": str(tokens), "child": perturbed_child(tiny_child, root / "noisy")}
+    prepare(
+        str(text),
+        str(tiny_child),
+        str(tokens),
+        seq_len=32,
+        splits={"calibration": 4, "bld": 4, "score": 4, "gkd": 48, "eval": 16},
+    )
+    return {
+        "parent": str(tiny_child),
+        "tokens": str(tokens),
+        "child": perturbed_child(tiny_child, root / "noisy"),
+    }
 
 
-def test_loss_is_zero_for_the_parent_itself_and_positive_for_a_different_child(tiny_child: Path, tiny_setup) -> None:
+def test_loss_is_zero_for_the_parent_itself_and_positive_for_a_different_child(
+    tiny_child: Path, tiny_setup
+) -> None:
     parent = load_child(str(tiny_child))
     other = load_child(tiny_setup["child"])
     ids = torch.randint(0, parent.config.vocab_size, (2, 16))
     settings = GKDSettings(token_budget=1, weight_lm=0.5)
     p_out = parent(input_ids=ids, output_hidden_states=True, use_cache=False)
-    same, parts = gkd_loss(parent(input_ids=ids, output_hidden_states=True, use_cache=False), p_out, ids, settings)
+    same, parts = gkd_loss(
+        parent(input_ids=ids, output_hidden_states=True, use_cache=False), p_out, ids, settings
+    )
     assert parts["kl"] == pytest.approx(0.0, abs=1e-6) and parts["cosine"] == pytest.approx(0.0, abs=1e-5)
     assert parts["lm"] > 0  # the LM term is the only non-zero part for the parent itself
-    diff, parts = gkd_loss(other(input_ids=ids, output_hidden_states=True, use_cache=False), p_out, ids, settings)
+    diff, parts = gkd_loss(
+        other(input_ids=ids, output_hidden_states=True, use_cache=False), p_out, ids, settings
+    )
     assert parts["kl"] > 1e-4 and parts["cosine"] > 1e-4 and float(diff.detach()) > float(same.detach())
 
 
@@ -83,10 +98,24 @@ def test_schedule_warms_up_then_decays_to_a_tenth_and_batches_depend_only_on_see
 
 def test_invalid_settings_fail_before_loading_models(tiny_setup, tmp_path: Path) -> None:
     with pytest.raises(DistillError, match="gkd.lr must be > 0"):
-        distill(tiny_setup["child"], tiny_setup["parent"], tiny_setup["tokens"], str(tmp_path / "o"), token_budget=10, lr=0)
+        distill(
+            tiny_setup["child"],
+            tiny_setup["parent"],
+            tiny_setup["tokens"],
+            str(tmp_path / "o"),
+            token_budget=10,
+            lr=0,
+        )
     with pytest.raises(DistillError, match="all 0"):
-        distill(tiny_setup["child"], tiny_setup["parent"], tiny_setup["tokens"], str(tmp_path / "o"),
-                token_budget=10, weight_cosine=0, weight_kl=0)
+        distill(
+            tiny_setup["child"],
+            tiny_setup["parent"],
+            tiny_setup["tokens"],
+            str(tmp_path / "o"),
+            token_budget=10,
+            weight_cosine=0,
+            weight_kl=0,
+        )
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 
@@ -101,7 +130,16 @@ distill(child, parent, tokens, out, token_budget=int(sys.argv[5]), batch_size=4,
 
 def run_distill_process(setup: dict[str, str], out: Path, budget: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
-    args = [sys.executable, "-c", DISTILL_SCRIPT, setup["child"], setup["parent"], setup["tokens"], str(out), str(budget)]
+    args = [
+        sys.executable,
+        "-c",
+        DISTILL_SCRIPT,
+        setup["child"],
+        setup["parent"],
+        setup["tokens"],
+        str(out),
+        str(budget),
+    ]
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -122,27 +160,53 @@ def test_a_run_killed_during_gkd_resumes_from_its_checkpoint_with_the_same_steps
     saved_step = torch.load(checkpoint, weights_only=False)["step"]
     assert 5 <= saved_step < 40
 
-    manifest = distill(tiny_setup["child"], tiny_setup["parent"], tiny_setup["tokens"], str(killed),
-                       token_budget=budget, batch_size=4, lr=2e-3, checkpoint_every=5)
+    manifest = distill(
+        tiny_setup["child"],
+        tiny_setup["parent"],
+        tiny_setup["tokens"],
+        str(killed),
+        token_budget=budget,
+        batch_size=4,
+        lr=2e-3,
+        checkpoint_every=5,
+    )
     assert manifest.summary["resumed_from_step"] >= saved_step
     assert manifest.summary["steps"] == 40
     history = json.loads((killed / HISTORY).read_text())
     assert [h["step"] for h in history] == list(range(1, 41))
 
     # An uninterrupted run with the same settings ends with the same weights.
-    whole = distill(tiny_setup["child"], tiny_setup["parent"], tiny_setup["tokens"], str(tmp_path / "whole"),
-                    token_budget=budget, batch_size=4, lr=2e-3, checkpoint_every=1000)
+    whole = distill(
+        tiny_setup["child"],
+        tiny_setup["parent"],
+        tiny_setup["tokens"],
+        str(tmp_path / "whole"),
+        token_budget=budget,
+        batch_size=4,
+        lr=2e-3,
+        checkpoint_every=1000,
+    )
     assert whole.summary["resumed_from_step"] == 0 and whole.summary["steps"] == 40
     a, b = load_child(str(killed)).state_dict(), load_child(str(tmp_path / "whole")).state_dict()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
     # The same request again is skipped (resume of a finished phase).
-    again = distill(tiny_setup["child"], tiny_setup["parent"], tiny_setup["tokens"], str(killed),
-                    token_budget=budget, batch_size=4, lr=2e-3, checkpoint_every=5)
+    again = distill(
+        tiny_setup["child"],
+        tiny_setup["parent"],
+        tiny_setup["tokens"],
+        str(killed),
+        token_budget=budget,
+        batch_size=4,
+        lr=2e-3,
+        checkpoint_every=5,
+    )
     assert again.created_at == manifest.created_at
 
 
 @pytest.mark.integration
-def test_gkd_lowers_smollm2_childs_kl_to_the_parent_on_held_out_tokens(smollm2_child: Path, tmp_path: Path) -> None:
+def test_gkd_lowers_smollm2_childs_kl_to_the_parent_on_held_out_tokens(
+    smollm2_child: Path, tmp_path: Path
+) -> None:
     """SmolLM2-135M child with 1 KV head and half-width FFNs in layers 4-11 (library init, no BLD),
     GKD on 6 steps x 2 sequences x 64 tokens = 768 tokens; KL on 8 held-out sequences (504
     predicted tokens). Measured when written: KL 1.009 -> 0.684, top-1 agreement 49 % -> 57 %."""
@@ -152,16 +216,28 @@ def test_gkd_lowers_smollm2_childs_kl_to_the_parent_on_held_out_tokens(smollm2_c
     from puzzle.modeling import BlockConfig
 
     tokens = tmp_path / "tokens"
-    prepare("stdlib", str(smollm2_child), str(tokens), seq_len=64,
-            splits={"calibration": 8, "bld": 1, "score": 1, "gkd": 20, "eval": 8})
+    prepare(
+        "stdlib",
+        str(smollm2_child),
+        str(tokens),
+        seq_len=64,
+        splits={"calibration": 8, "bld": 1, "score": 1, "gkd": 20, "eval": 8},
+    )
     layers = list(range(4, 12))
-    space = SearchSpace(attention_kv_heads=(1,), attention_linear=False, attention_noop=False,
-                        ffn_fractions=(0.5,), ffn_linear=False, ffn_noop=False)
+    space = SearchSpace(
+        attention_kv_heads=(1,),
+        attention_linear=False,
+        attention_noop=False,
+        ffn_fractions=(0.5,),
+        ffn_linear=False,
+        ffn_noop=False,
+    )
     library = tmp_path / "library"
     build_library(str(smollm2_child), str(tokens), str(library), space=space, layers=layers)
     parent = load_child(str(smollm2_child))
     blocks = [
-        BlockConfig.from_name("attn_kv1+ffn_768") if i in layers else b for i, b in enumerate(parent.config.blocks)
+        BlockConfig.from_name("attn_kv1+ffn_768") if i in layers else b
+        for i, b in enumerate(parent.config.blocks)
     ]
 
     def body(staging: Path, local: dict[str, Path]) -> dict:
@@ -172,8 +248,16 @@ def test_gkd_lowers_smollm2_childs_kl_to_the_parent_on_held_out_tokens(smollm2_c
     realized = tmp_path / "realized"
     artifacts.run_phase("child", str(realized), {"library": str(library)}, {}, body)
     distilled = tmp_path / "distilled"
-    manifest = distill(str(realized), str(smollm2_child), str(tokens), str(distilled),
-                       token_budget=6 * 2 * 64, batch_size=2, lr=3e-4, warmup_fraction=0.1)
+    manifest = distill(
+        str(realized),
+        str(smollm2_child),
+        str(tokens),
+        str(distilled),
+        token_budget=6 * 2 * 64,
+        batch_size=2,
+        lr=3e-4,
+        warmup_fraction=0.1,
+    )
     assert manifest.summary["steps"] == 6
 
     held_out = load_split(str(tokens), "eval")

@@ -19,7 +19,13 @@ from puzzle.modeling import BlockConfig, DeciLMConfig, DeciLMForCausalLM
 
 # Every kind of sub-block: GQA with 2, 1 and 4 KV heads, linear and no-op attention, SwiGLU of two
 # widths, linear and no-op FFN.
-BLOCKS = ["attn_kv2+ffn_128", "attn_linear+ffn_64", "attn_noop+ffn_linear", "attn_kv1+ffn_noop", "attn_kv4+ffn_128"]
+BLOCKS = [
+    "attn_kv2+ffn_128",
+    "attn_linear+ffn_64",
+    "attn_noop+ffn_linear",
+    "attn_kv1+ffn_noop",
+    "attn_kv4+ffn_128",
+]
 CPU = torch.device("cpu")
 
 
@@ -27,9 +33,16 @@ def tiny_model(*, seed: int = 0, blocks: list[str] = BLOCKS, **extra) -> DeciLMF
     torch.manual_seed(seed)
     parsed = [BlockConfig.from_name(n) for n in blocks]
     config = DeciLMConfig(
-        vocab_size=256, hidden_size=64, num_attention_heads=4, num_hidden_layers=len(parsed),
+        vocab_size=256,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=len(parsed),
         block_configs=[b.to_json(hidden_size=64, num_attention_heads=4) for b in parsed],
-        max_position_embeddings=512, bos_token_id=None, eos_token_id=None, pad_token_id=0, **extra,
+        max_position_embeddings=512,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+        **extra,
     )
     model = DeciLMForCausalLM(config).eval()
     with torch.no_grad():  # larger weights than the default init, so that greedy tokens vary
@@ -44,16 +57,24 @@ def tiny_model(*, seed: int = 0, blocks: list[str] = BLOCKS, **extra) -> DeciLMF
     [
         {},
         {"qkv_bias": True, "tie_word_embeddings": True},  # Qwen2-like
-        {"qk_norm": True, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                              "original_max_position_embeddings": 64}},  # Qwen3 norms, Llama-3 RoPE
+        {
+            "qk_norm": True,
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        },  # Qwen3 norms, Llama-3 RoPE
     ],
     ids=["llama", "qwen2", "qwen3-llama3rope"],
 )
 def test_greedy_tokens_equal_model_generate(extra: dict) -> None:
     model = tiny_model(**extra)
     ids = torch.randint(0, 256, (3, 9), generator=torch.Generator().manual_seed(1))
-    expected = model.generate(ids, max_new_tokens=16, do_sample=False)[:, ids.shape[1]:]
+    expected = model.generate(ids, max_new_tokens=16, do_sample=False)[:, ids.shape[1] :]
     assert len(set(expected.flatten().tolist())) > 3  # a real sequence, not one repeated token
     weights = EngineWeights.from_model(model, device=CPU, dtype=torch.float32)
     # Attention over exactly the filled prefix (CPU default), and over a bucketed cache with the
@@ -81,9 +102,15 @@ def test_engine_weights_are_fused_copies_and_leave_the_model_alone() -> None:
     weights = EngineWeights.from_model(model, device=CPU, dtype=torch.float32)
     assert weights.parameter_bytes() == count_parameters(model) * 4
     first = model.model.layers[0]
-    assert torch.equal(weights.layers[0].attention.qkv, torch.cat(
-        [first.self_attn.q_proj.weight, first.self_attn.k_proj.weight, first.self_attn.v_proj.weight]))
-    assert torch.equal(weights.layers[0].ffn.gate_up, torch.cat([first.mlp.gate_proj.weight, first.mlp.up_proj.weight]))
+    assert torch.equal(
+        weights.layers[0].attention.qkv,
+        torch.cat(
+            [first.self_attn.q_proj.weight, first.self_attn.k_proj.weight, first.self_attn.v_proj.weight]
+        ),
+    )
+    assert torch.equal(
+        weights.layers[0].ffn.gate_up, torch.cat([first.mlp.gate_proj.weight, first.mlp.up_proj.weight])
+    )
     assert weights.layers[2].attention is None and weights.layers[3].ffn is None
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     # Random weights of a config have the same layout and size.
@@ -94,8 +121,17 @@ def test_engine_weights_are_fused_copies_and_leave_the_model_alone() -> None:
 def test_measure_throughput_reports_the_contract() -> None:
     model = tiny_model()
     result = measure_throughput(model, batch_size=2, prompt_len=8, gen_len=5, device="cpu", repeats=2)
-    for key in ("throughput", "decode_throughput", "prefill_s", "decode_s", "total_s", "peak_memory_bytes",
-                "device_name", "kv_cache_bytes", "decode_bytes_per_step"):
+    for key in (
+        "throughput",
+        "decode_throughput",
+        "prefill_s",
+        "decode_s",
+        "total_s",
+        "peak_memory_bytes",
+        "device_name",
+        "kv_cache_bytes",
+        "decode_bytes_per_step",
+    ):
         assert key in result
     assert result["throughput"] == pytest.approx(2 * 5 / result["total_s"])
     assert result["total_s"] == pytest.approx(result["prefill_s"] + result["decode_s"], rel=0.5)
@@ -109,7 +145,9 @@ def test_bad_workloads_and_devices_are_clear_errors() -> None:
     with pytest.raises(EngineError, match="gen_len must be a positive integer"):
         measure_throughput(model, batch_size=1, prompt_len=4, gen_len=0, device="cpu", repeats=1)
     with pytest.raises(EngineError, match="dtype"):
-        measure_throughput(model, batch_size=1, prompt_len=4, gen_len=2, device="cpu", repeats=1, dtype="int8")
+        measure_throughput(
+            model, batch_size=1, prompt_len=4, gen_len=2, device="cpu", repeats=1, dtype="int8"
+        )
     if not torch.cuda.is_available():
         with pytest.raises(EngineError, match="CUDA is not available"):
             measure_throughput(model, batch_size=1, prompt_len=4, gen_len=2, device="cuda", repeats=1)

@@ -27,13 +27,25 @@ def tiny_eval(tiny_child: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     text = root / "text.txt"
     text.write_text((ROOT / "puzzle" / "evaluate.py").read_text() * 3)
     tokens = root / "tokens"
-    prepare(str(text), str(tiny_child), str(tokens), seq_len=32,
-            splits={"calibration": 8, "bld": 2, "score": 2, "gkd": 2, "eval": 12})
+    prepare(
+        str(text),
+        str(tiny_child),
+        str(tokens),
+        seq_len=32,
+        splits={"calibration": 8, "bld": 2, "score": 2, "gkd": 2, "eval": 12},
+    )
     library = root / "library"
-    space = SearchSpace(attention_kv_heads=(1,), attention_linear=False, ffn_fractions=(0.5,), ffn_linear=False,
-                        ffn_multiple=64)
+    space = SearchSpace(
+        attention_kv_heads=(1,),
+        attention_linear=False,
+        ffn_fractions=(0.5,),
+        ffn_linear=False,
+        ffn_multiple=64,
+    )
     build_library(str(tiny_child), str(tokens), str(library), space=space)
-    blocks = [BlockConfig.from_name(n) for n in ("attn_kv1+ffn_128", "attn_noop+ffn_256", "attn_kv2+ffn_noop")]
+    blocks = [
+        BlockConfig.from_name(n) for n in ("attn_kv1+ffn_128", "attn_noop+ffn_256", "attn_kv2+ffn_noop")
+    ]
 
     def body(staging: Path, local: dict[str, Path]) -> dict:
         child = assemble_child(str(tiny_child), str(library), blocks)
@@ -64,11 +76,15 @@ def test_quality_figures_match_their_definitions(tiny_child: Path, tiny_eval) ->
     assert q["small"]["lm_loss"] == pytest.approx(float(ce), rel=1e-4)
     assert q["small"]["perplexity"] == pytest.approx(float(ce.exp()), rel=1e-4)
     assert q["small"]["accuracy"] == pytest.approx(float((c_log.argmax(-1) == targets).float().mean()))
-    assert q["small"]["top1_agreement"] == pytest.approx(float((c_log.argmax(-1) == p_log.argmax(-1)).float().mean()))
+    assert q["small"]["top1_agreement"] == pytest.approx(
+        float((c_log.argmax(-1) == p_log.argmax(-1)).float().mean())
+    )
     assert q["small"]["top1_agreement"] <= q["small"]["top5_agreement"] <= 1.0
 
 
-def test_evaluate_writes_metrics_and_a_report_with_speedup_accuracy_kept_and_plots(tiny_eval, tmp_path: Path) -> None:
+def test_evaluate_writes_metrics_and_a_report_with_speedup_accuracy_kept_and_plots(
+    tiny_eval, tmp_path: Path
+) -> None:
     out = tmp_path / "evaluation"
     manifest = evaluate(
         {"puzzle": tiny_eval["small"], "uniform_width": tiny_eval["parent"]},
@@ -85,7 +101,11 @@ def test_evaluate_writes_metrics_and_a_report_with_speedup_accuracy_kept_and_plo
     metrics = read_metrics(str(out))
     parent, child = metrics["models"]["parent"], metrics["models"]["puzzle"]
     assert metrics["primary"] == "puzzle"
-    assert metrics["accuracy_kept"] == child["accuracy_kept"] == pytest.approx(child["accuracy"] / parent["accuracy"])
+    assert (
+        metrics["accuracy_kept"]
+        == child["accuracy_kept"]
+        == pytest.approx(child["accuracy"] / parent["accuracy"])
+    )
     assert metrics["speedup"] == child["speedup"] == pytest.approx(child["throughput"] / parent["throughput"])
     assert child["parameters"] < parent["parameters"] and child["memory_bytes"] < parent["memory_bytes"]
     assert child["blocks"] == ["attn_kv1+ffn_128", "attn_noop+ffn_256", "attn_kv2+ffn_noop"]
@@ -103,21 +123,37 @@ def test_evaluate_writes_metrics_and_a_report_with_speedup_accuracy_kept_and_plo
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Same request again: skipped.
     again = evaluate(
-        {"puzzle": tiny_eval["small"], "uniform_width": tiny_eval["parent"]}, tiny_eval["parent"], tiny_eval["tokens"],
-        str(out), batch_size=4, workload={"batch_size": 2, "prompt_len": 8, "gen_len": 8}, device="cpu", repeats=1,
-        lm_eval_tasks=["hellaswag"], details={"uniform_width": {"role": "baseline"}},
+        {"puzzle": tiny_eval["small"], "uniform_width": tiny_eval["parent"]},
+        tiny_eval["parent"],
+        tiny_eval["tokens"],
+        str(out),
+        batch_size=4,
+        workload={"batch_size": 2, "prompt_len": 8, "gen_len": 8},
+        device="cpu",
+        repeats=1,
+        lm_eval_tasks=["hellaswag"],
+        details={"uniform_width": {"role": "baseline"}},
     )
     assert again.created_at == manifest.created_at
 
 
 def test_bad_requests_fail_before_loading_models(tiny_eval, tmp_path: Path) -> None:
     with pytest.raises(EvaluateError, match="workload.gen_len must be > 0"):
-        evaluate({"c": tiny_eval["small"]}, tiny_eval["parent"], tiny_eval["tokens"], str(tmp_path / "e"),
-                 workload={"batch_size": 1, "prompt_len": 4, "gen_len": 0})
+        evaluate(
+            {"c": tiny_eval["small"]},
+            tiny_eval["parent"],
+            tiny_eval["tokens"],
+            str(tmp_path / "e"),
+            workload={"batch_size": 1, "prompt_len": 4, "gen_len": 0},
+        )
     with pytest.raises(EvaluateError, match="'parent' is reserved"):
-        evaluate({"parent": tiny_eval["small"]}, tiny_eval["parent"], tiny_eval["tokens"], str(tmp_path / "e"))
+        evaluate(
+            {"parent": tiny_eval["small"]}, tiny_eval["parent"], tiny_eval["tokens"], str(tmp_path / "e")
+        )
     with pytest.raises(artifacts.ArtifactError, match="no child/export artifact"):
-        evaluate({"c": str(tmp_path / "nothing")}, tiny_eval["parent"], tiny_eval["tokens"], str(tmp_path / "e"))
+        evaluate(
+            {"c": str(tmp_path / "nothing")}, tiny_eval["parent"], tiny_eval["tokens"], str(tmp_path / "e")
+        )
 
 
 def test_pareto_front_keeps_points_no_other_beats_on_both_axes() -> None:
@@ -128,6 +164,19 @@ def test_pareto_front_keeps_points_no_other_beats_on_both_axes() -> None:
 def test_cli_evaluate_rejects_malformed_children(tiny_eval, capsys) -> None:
     from puzzle.cli import main
 
-    assert main(["evaluate", "just-a-path", "--parent", tiny_eval["parent"], "--tokens", tiny_eval["tokens"],
-                 "--out", "x"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "just-a-path",
+                "--parent",
+                tiny_eval["parent"],
+                "--tokens",
+                tiny_eval["tokens"],
+                "--out",
+                "x",
+            ]
+        )
+        == 2
+    )
     assert "must look like NAME=URI" in capsys.readouterr().err

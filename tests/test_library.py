@@ -33,7 +33,13 @@ def tiny(tiny_parent_factory, tmp_path_factory: pytest.TempPathFactory) -> dict[
 
     root = tmp_path_factory.mktemp("lib-tiny")
     convert(str(tiny_parent_factory("llama", intermediate_size=192)), str(root / "child"))
-    prepare("stdlib", str(root / "child"), str(root / "tokens"), seq_len=32, splits={"calibration": 16, "score": 8})
+    prepare(
+        "stdlib",
+        str(root / "child"),
+        str(root / "tokens"),
+        seq_len=32,
+        splits={"calibration": 16, "score": 8},
+    )
     build_library(str(root / "child"), str(root / "tokens"), str(root / "lib"), space=SPACE)
     return {"child": str(root / "child"), "tokens": str(root / "tokens"), "lib": str(root / "lib")}
 
@@ -46,16 +52,31 @@ def test_search_space_widths_and_kv_heads() -> None:
     assert space.ffn_widths_for(14336) == [14336, 12544, 10752, 7168, 3584, 2816, 1536]
     assert space.ffn_widths_for(192) == [192, 168, 144, 96, 48, 38, 19]  # parent width not a multiple: exact
     names = [v.name for v in space.attention_variants(9, 3)] + [v.name for v in space.ffn_variants(1536)]
-    assert names == ["attn_kv3", "attn_kv1", "attn_linear", "attn_noop",
-                     "ffn_1536", "ffn_1280", "ffn_768", "ffn_512", "ffn_256", "ffn_linear", "ffn_noop"]
+    assert names == [
+        "attn_kv3",
+        "attn_kv1",
+        "attn_linear",
+        "attn_noop",
+        "ffn_1536",
+        "ffn_1280",
+        "ffn_768",
+        "ffn_512",
+        "ffn_256",
+        "ffn_linear",
+        "ffn_noop",
+    ]
     # The parent's own sub-blocks are always there, even when the space leaves them out.
-    narrow = SearchSpace(attention_kv_heads=(1,), ffn_fractions=(0.5,), attention_linear=False, ffn_noop=False)
+    narrow = SearchSpace(
+        attention_kv_heads=(1,), ffn_fractions=(0.5,), attention_linear=False, ffn_noop=False
+    )
     assert narrow.kv_heads_for(9, 3) == [3, 1] and narrow.ffn_widths_for(1536) == [1536, 768]
     assert SearchSpace.from_json(narrow.to_json()) == narrow
 
 
 def test_impossible_search_spaces_are_clear_errors(tiny: dict[str, str]) -> None:
-    with pytest.raises(SearchSpaceError, match=r"2 does not divide the parent's 9 attention heads; use some of \[3, 1\]"):
+    with pytest.raises(
+        SearchSpaceError, match=r"2 does not divide the parent's 9 attention heads; use some of \[3, 1\]"
+    ):
         SearchSpace(attention_kv_heads=(2,)).kv_heads_for(9, 3)
     with pytest.raises(SearchSpaceError, match="more than the parent's 2 KV heads"):
         SearchSpace(attention_kv_heads=(4,)).kv_heads_for(4, 2)
@@ -67,13 +88,20 @@ def test_impossible_search_spaces_are_clear_errors(tiny: dict[str, str]) -> None
         SearchSpace.from_json({"kv_heads": [1]})
     # Raised before any weights or tokens are read (the tokens path does not even exist).
     with pytest.raises(SearchSpaceError, match="does not divide"):
-        build_library(tiny["child"], "/nonexistent/tokens", "/nonexistent/out", space=SearchSpace(attention_kv_heads=(3,)))
+        build_library(
+            tiny["child"],
+            "/nonexistent/tokens",
+            "/nonexistent/out",
+            space=SearchSpace(attention_kv_heads=(3,)),
+        )
     with pytest.raises(SearchSpaceError, match="not a layer of the parent"):
         build_library(tiny["child"], "/nonexistent/tokens", "/nonexistent/out", space=SPACE, layers=[7])
 
 
 def test_kv_pooling_averages_the_heads_each_group_used() -> None:
-    weight = torch.arange(4 * 2 * 3, dtype=torch.float32).reshape(4 * 2, 3)  # 4 KV heads, head_dim 2, hidden 3
+    weight = torch.arange(4 * 2 * 3, dtype=torch.float32).reshape(
+        4 * 2, 3
+    )  # 4 KV heads, head_dim 2, hidden 3
     pooled = pool_kv_heads(weight, num_heads=8, parent_kv=4, new_kv=2, head_dim=2)
     heads = weight.reshape(4, 2, 3)
     assert torch.equal(pooled.reshape(2, 2, 3), torch.stack([heads[:2].mean(0), heads[2:].mean(0)]))
@@ -85,17 +113,31 @@ def test_library_holds_every_variant_initialised_from_the_parent(tiny: dict[str,
     lib = Library.open(tiny["lib"])
     parent = load_child(tiny["child"])
     assert lib.layers == [0, 1, 2]
-    assert lib.variants(1) == ["attn_kv2", "attn_kv1", "attn_linear", "attn_noop",
-                               "ffn_192", "ffn_96", "ffn_48", "ffn_linear", "ffn_noop"]
+    assert lib.variants(1) == [
+        "attn_kv2",
+        "attn_kv1",
+        "attn_linear",
+        "attn_noop",
+        "ffn_192",
+        "ffn_96",
+        "ffn_48",
+        "ffn_linear",
+        "ffn_noop",
+    ]
     layer_state = parent.model.layers[1].state_dict()
     for name, tensor in lib.load(1, "attn_kv2").items():
         assert torch.equal(tensor, layer_state[name])
     assert lib.load(1, "attn_noop") == {} and lib.load(1, "ffn_noop") == {}
     kv1 = lib.load(1, "attn_kv1")
     assert kv1["self_attn.k_proj.weight"].shape == (16, 64)  # one KV head of dim 16
-    assert torch.allclose(kv1["self_attn.v_proj.weight"], layer_state["self_attn.v_proj.weight"].reshape(2, 16, 64).mean(0))
+    assert torch.allclose(
+        kv1["self_attn.v_proj.weight"], layer_state["self_attn.v_proj.weight"].reshape(2, 16, 64).mean(0)
+    )
     assert lib.load(1, "ffn_96")["mlp.down_proj.weight"].shape == (64, 96)
-    assert lib.info(1, "ffn_96")["init"] == "channel_contribution" and lib.info(1, "ffn_linear")["init"] == "least_squares"
+    assert (
+        lib.info(1, "ffn_96")["init"] == "channel_contribution"
+        and lib.info(1, "ffn_linear")["init"] == "least_squares"
+    )
     with pytest.raises(LibraryError, match="no variant 'ffn_7'"):
         lib.load(1, "ffn_7")
 
@@ -105,7 +147,9 @@ def test_narrow_ffn_keeps_the_channels_with_the_largest_contribution(tiny: dict[
     parent = load_child(tiny["child"])
     stats = calibrate(parent, load_split(tiny["tokens"], "calibration"), [2], need_lstsq=False)
     mlp = parent.model.layers[2].mlp
-    contribution = channel_contribution((stats.abs_activation[2] / stats.tokens).float(), mlp.down_proj.weight)
+    contribution = channel_contribution(
+        (stats.abs_activation[2] / stats.tokens).float(), mlp.down_proj.weight
+    )
     keep = contribution.argsort(descending=True)[:48].sort().values
     assert torch.equal(lib.load(2, "ffn_48")["mlp.gate_proj.weight"], mlp.gate_proj.weight[keep])
     assert torch.equal(lib.load(2, "ffn_48")["mlp.down_proj.weight"], mlp.down_proj.weight[:, keep])
@@ -137,7 +181,9 @@ def test_assemble_child_from_library(tiny: dict[str, str]) -> None:
     same = assemble_child(tiny["child"], tiny["lib"], parent.config.blocks)
     with torch.no_grad():
         assert torch.equal(same(ids).logits, parent(ids).logits)
-    blocks = [BlockConfig.from_name(n) for n in ("attn_kv1+ffn_96", "attn_noop+ffn_linear", "attn_linear+ffn_noop")]
+    blocks = [
+        BlockConfig.from_name(n) for n in ("attn_kv1+ffn_96", "attn_noop+ffn_linear", "attn_linear+ffn_noop")
+    ]
     child = assemble_child(parent, tiny["lib"], blocks)
     assert [b.name for b in child.config.blocks] == [b.name for b in blocks]
     assert child.model.layers[1].self_attn is None and child.model.layers[2].mlp is None
@@ -147,11 +193,16 @@ def test_assemble_child_from_library(tiny: dict[str, str]) -> None:
         assemble_child(parent, tiny["lib"], [BlockConfig.from_name("attn_kv2+ffn_100")] * 3)
 
 
-def test_library_and_parent_mismatch_is_a_clear_error(tiny: dict[str, str], tiny_parent_factory, tmp_path: Path) -> None:
+def test_library_and_parent_mismatch_is_a_clear_error(
+    tiny: dict[str, str], tiny_parent_factory, tmp_path: Path
+) -> None:
     from puzzle.parents import convert
 
     convert(str(tiny_parent_factory("llama", seed=1, intermediate_size=192)), str(tmp_path / "other-weights"))
-    convert(str(tiny_parent_factory("llama", num_hidden_layers=2, intermediate_size=192)), str(tmp_path / "other-shape"))
+    convert(
+        str(tiny_parent_factory("llama", num_hidden_layers=2, intermediate_size=192)),
+        str(tmp_path / "other-shape"),
+    )
     parent_blocks = load_child(tiny["child"]).config.blocks
     with pytest.raises(LibraryError, match="built from other weights"):
         assemble_child(str(tmp_path / "other-weights"), tiny["lib"], parent_blocks)
@@ -160,21 +211,35 @@ def test_library_and_parent_mismatch_is_a_clear_error(tiny: dict[str, str], tiny
 
 
 @pytest.mark.integration
-def test_channel_contribution_beats_random_channels_on_smollm2(smollm2_child: Path, smollm2_tokens: Path,
-                                                               tmp_path: Path) -> None:
+def test_channel_contribution_beats_random_channels_on_smollm2(
+    smollm2_child: Path, smollm2_tokens: Path, tmp_path: Path
+) -> None:
     """50 % FFN width (ffn_768 of 1536) in three layers, channels ranked on 8 x 64 calibration tokens:
     replace-1-block KL on 4 held-out sequences."""
     from puzzle.scoring import Row, score_rows
 
-    space = SearchSpace(attention_kv_heads=(3,), attention_linear=False, attention_noop=False, ffn_fractions=(0.5,),
-                        ffn_linear=False, ffn_noop=False)
+    space = SearchSpace(
+        attention_kv_heads=(3,),
+        attention_linear=False,
+        attention_noop=False,
+        ffn_fractions=(0.5,),
+        ffn_linear=False,
+        ffn_noop=False,
+    )
     parent = load_child(str(smollm2_child))
     held_out = load_split(str(smollm2_tokens), "score")[:4]
     layers = [20, 24, 28]
     kl = {}
     for init in ("channel_contribution", "random"):
-        build_library(str(smollm2_child), str(smollm2_tokens), str(tmp_path / init), space=space, layers=layers,
-                      ffn_init=init, calibration_sequences=8)
+        build_library(
+            str(smollm2_child),
+            str(smollm2_tokens),
+            str(tmp_path / init),
+            space=space,
+            layers=layers,
+            ffn_init=init,
+            calibration_sequences=8,
+        )
         rows = [Row(layer, BlockConfig.from_name("attn_kv3+ffn_768")) for layer in layers]
         table = score_rows(parent, Library.open(str(tmp_path / init)), rows, held_out, metrics=["kl_div"])
         kl[init] = {r["layer"]: r["kl_div"] for r in table}

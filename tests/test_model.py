@@ -18,7 +18,9 @@ from puzzle.modeling.block_config import engine_ffn_width
 
 MIXED = [
     BlockConfig(attention=AttentionConfig(num_kv_heads=4), ffn=FFNConfig(intermediate_size=512)),  # parent
-    BlockConfig(attention=AttentionConfig(num_kv_heads=1), ffn=FFNConfig(intermediate_size=256)),  # fewer KV, narrow
+    BlockConfig(
+        attention=AttentionConfig(num_kv_heads=1), ffn=FFNConfig(intermediate_size=256)
+    ),  # fewer KV, narrow
     BlockConfig(attention=AttentionConfig(linear=True), ffn=FFNConfig(linear=True)),
     BlockConfig(attention=AttentionConfig(no_op=True), ffn=FFNConfig(intermediate_size=512)),
     BlockConfig(attention=AttentionConfig(num_kv_heads=2), ffn=FFNConfig(no_op=True)),
@@ -152,7 +154,11 @@ def test_exported_checkpoint_has_no_tensors_for_no_op_sub_blocks(mixed_export: P
     for shard in out.glob("*.safetensors"):
         with safe_open(shard, "pt") as fh:
             names.update(fh.keys())
-    assert not [n for n in names if n.startswith("model.layers.3.self_attn") or n.startswith("model.layers.3.input_layernorm")]
+    assert not [
+        n
+        for n in names
+        if n.startswith("model.layers.3.self_attn") or n.startswith("model.layers.3.input_layernorm")
+    ]
     assert not [n for n in names if n.startswith("model.layers.4.mlp") or "layers.4.post_attention" in n]
     assert "model.layers.2.self_attn.linear_attn.weight" in names
     assert "model.layers.2.mlp.linear_mlp.weight" in names
@@ -166,7 +172,15 @@ def test_exported_config_has_exactly_the_nemotron_nas_fields(mixed_export: Path)
     assert config["model_type"] == "nemotron-nas"
     assert config["num_key_value_heads"] is None and config["intermediate_size"] is None
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_decilm.DeciLMForCausalLM"
-    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "rope_theta", "vocab_size", "rms_norm_eps", "tie_word_embeddings"):
+    for key in (
+        "hidden_size",
+        "num_attention_heads",
+        "num_hidden_layers",
+        "rope_theta",
+        "vocab_size",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+    ):
         assert key in config
     assert len(config["block_configs"]) == len(MIXED)
     for entry, block in zip(config["block_configs"], MIXED):
@@ -174,9 +188,15 @@ def test_exported_config_has_exactly_the_nemotron_nas_fields(mixed_export: Path)
         assert set(entry["attention"]) == {"n_heads_in_group", "no_op", "replace_with_linear"}
         assert set(entry["ffn"]) == {"ffn_mult", "no_op", "replace_with_linear"}
         if block.ffn.intermediate_size is not None:
-            assert engine_ffn_width(entry["ffn"]["ffn_mult"], config["hidden_size"]) == block.ffn.intermediate_size
+            assert (
+                engine_ffn_width(entry["ffn"]["ffn_mult"], config["hidden_size"])
+                == block.ffn.intermediate_size
+            )
         if block.attention.num_kv_heads is not None:
-            assert config["num_attention_heads"] // entry["attention"]["n_heads_in_group"] == block.attention.num_kv_heads
+            assert (
+                config["num_attention_heads"] // entry["attention"]["n_heads_in_group"]
+                == block.attention.num_kv_heads
+            )
     for name in ("modeling_decilm.py", "configuration_decilm.py", "block_config.py"):
         assert (out / name).exists()
     report = (out / "EXPORT_REPORT.md").read_text()

@@ -29,7 +29,9 @@ def profiles(tmp_path: Path) -> Path:
     directory = tmp_path / "profiles"
     directory.mkdir()
     (directory / "default.yaml").write_text(yaml.safe_dump({"parent": "s3://models/llama"}))
-    (directory / "fast.yaml").write_text(yaml.safe_dump({"parent": "s3://models/llama", "search": {"constraints": ["throughput>=2x"]}}))
+    (directory / "fast.yaml").write_text(
+        yaml.safe_dump({"parent": "s3://models/llama", "search": {"constraints": ["throughput>=2x"]}})
+    )
     return directory
 
 
@@ -39,8 +41,19 @@ def _fails(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
 
 
 def test_unknown_profile_names_the_known_ones(capsys, profiles: Path) -> None:
-    err = _fails(capsys, ["pipeline", "submit", "--profile", "fastest", "--profiles-dir", str(profiles),
-                          "--host", "http://127.0.0.1:1"])
+    err = _fails(
+        capsys,
+        [
+            "pipeline",
+            "submit",
+            "--profile",
+            "fastest",
+            "--profiles-dir",
+            str(profiles),
+            "--host",
+            "http://127.0.0.1:1",
+        ],
+    )
     assert "unknown profile 'fastest'" in err and "default, fast" in err
 
 
@@ -65,11 +78,15 @@ def test_malformed_cron_is_refused_before_connecting(capsys, cron: str, message:
         assert validate_cron(cron) == cron
         return
     # The host is unreachable: the cron must be refused before any connection is tried.
-    err = _fails(capsys, ["pipeline", "schedule", "--name", "nightly", "--cron", cron, "--host", "http://127.0.0.1:1"])
+    err = _fails(
+        capsys, ["pipeline", "schedule", "--name", "nightly", "--cron", cron, "--host", "http://127.0.0.1:1"]
+    )
     assert message in err
 
 
-@pytest.mark.parametrize("cron", ["0 0 3 * * 0", "0 0 3 * * SUN", "30 */15 8-18 1,15 JAN-JUN MON-FRI", "@daily", "@every 6h"])
+@pytest.mark.parametrize(
+    "cron", ["0 0 3 * * 0", "0 0 3 * * SUN", "30 */15 8-18 1,15 JAN-JUN MON-FRI", "@daily", "@every 6h"]
+)
 def test_valid_cron_expressions_pass(cron: str) -> None:
     from pipelines.cli import validate_cron
 
@@ -108,7 +125,9 @@ def test_config_maps_to_every_pipeline_parameter(profiles: Path) -> None:
     from pipelines.puzzle_pipeline import PIPELINE_FILE
 
     config = load_run_config(profile="fast", profiles_dir=str(profiles), overrides=["bld.shards=4"])
-    arguments = pipeline_arguments(config, serving_uri="s3://serving/child", gpu_product="NVIDIA-H200", profile="fast")
+    arguments = pipeline_arguments(
+        config, serving_uri="s3://serving/child", gpu_product="NVIDIA-H200", profile="fast"
+    )
     spec = next(yaml.safe_load_all(PIPELINE_FILE.read_text()))
     assert set(arguments) == set(spec["root"]["inputDefinitions"]["parameters"])
     assert arguments["search_constraints"] == ["throughput>=2x"]
@@ -162,23 +181,31 @@ class RecordingKfp:
     def upload_pipeline(self, path: str, pipeline_name: str, description: str) -> Any:
         self.calls.append("upload_pipeline")
         self.pipelines[pipeline_name] = f"p-{pipeline_name}"
-        self.versions[f"p-{pipeline_name}"] = [SimpleNamespace(display_name=pipeline_name, pipeline_version_id="v0")]
+        self.versions[f"p-{pipeline_name}"] = [
+            SimpleNamespace(display_name=pipeline_name, pipeline_version_id="v0")
+        ]
         return SimpleNamespace(pipeline_id=f"p-{pipeline_name}")
 
-    def list_pipeline_versions(self, pipeline_id: str, page_size: int = 10, sort_by: str = "", filter: str | None = None) -> Any:
+    def list_pipeline_versions(
+        self, pipeline_id: str, page_size: int = 10, sort_by: str = "", filter: str | None = None
+    ) -> Any:
         versions = self.versions.get(pipeline_id, [])
         return SimpleNamespace(pipeline_versions=list(reversed(versions)) if sort_by else versions)
 
     def upload_pipeline_version(self, path: str, pipeline_version_name: str, pipeline_id: str) -> Any:
         self.calls.append("upload_pipeline_version")
-        version = SimpleNamespace(display_name=pipeline_version_name, pipeline_version_id=f"v{len(self.versions[pipeline_id])}")
+        version = SimpleNamespace(
+            display_name=pipeline_version_name, pipeline_version_id=f"v{len(self.versions[pipeline_id])}"
+        )
         self.versions[pipeline_id].append(version)
         return version
 
     def create_experiment(self, name: str, namespace: str | None = None) -> Any:
         return SimpleNamespace(experiment_id=f"e-{name}")
 
-    def list_recurring_runs(self, experiment_id: str, namespace: str | None, page_size: int, filter: str) -> Any:
+    def list_recurring_runs(
+        self, experiment_id: str, namespace: str | None, page_size: int, filter: str
+    ) -> Any:
         return SimpleNamespace(recurring_runs=list(self.recurring.values()))
 
     def delete_recurring_run(self, recurring_run_id: str) -> None:
@@ -194,8 +221,12 @@ class RecordingKfp:
             trigger=SimpleNamespace(cron_schedule=SimpleNamespace(cron=kwargs["cron_expression"])),
             max_concurrency=str(kwargs["max_concurrency"]),  # the API returns int64 as a string
             no_catchup=kwargs["no_catchup"],
-            runtime_config=SimpleNamespace(parameters=kwargs["params"], pipeline_root=kwargs["pipeline_root"]),
-            pipeline_version_reference=SimpleNamespace(pipeline_id=kwargs["pipeline_id"], pipeline_version_id=kwargs["version_id"]),
+            runtime_config=SimpleNamespace(
+                parameters=kwargs["params"], pipeline_root=kwargs["pipeline_root"]
+            ),
+            pipeline_version_reference=SimpleNamespace(
+                pipeline_id=kwargs["pipeline_id"], pipeline_version_id=kwargs["version_id"]
+            ),
         )
         self.recurring[run.display_name] = run
         return run
@@ -227,8 +258,16 @@ def test_schedule_creates_then_leaves_alone_then_replaces_by_name() -> None:
 
     def apply(cron: str) -> str:
         return schedule(
-            client, config, pipeline_arguments(config), name="puzzle-weekly", cron=cron, experiment="puzzle",
-            pipeline_id=pipeline_id, version_id=version_id, max_concurrency=1, no_catchup=True,
+            client,
+            config,
+            pipeline_arguments(config),
+            name="puzzle-weekly",
+            cron=cron,
+            experiment="puzzle",
+            pipeline_id=pipeline_id,
+            version_id=version_id,
+            max_concurrency=1,
+            no_catchup=True,
         ).action
 
     assert apply("0 0 3 * * 0") == "created"
@@ -256,11 +295,16 @@ def test_submit_sends_the_config_as_arguments_and_its_output_as_pipeline_root() 
 
     config = load_config(None, ["parent=models:/llama/3", "output=s3://runs/a"], check_access=False)
     arguments = pipeline_arguments(config, serving_uri="s3://serving/a")
-    run_id = submit(Client(), config, arguments, package=PIPELINE_FILE, experiment="puzzle", namespace="team-a")
+    run_id = submit(
+        Client(), config, arguments, package=PIPELINE_FILE, experiment="puzzle", namespace="team-a"
+    )
 
     assert run_id == "run-1"
     (call,) = calls
-    assert call["arguments"]["parent"] == "models:/llama/3" and call["arguments"]["serving_uri"] == "s3://serving/a"
+    assert (
+        call["arguments"]["parent"] == "models:/llama/3"
+        and call["arguments"]["serving_uri"] == "s3://serving/a"
+    )
     assert call["pipeline_root"] == "s3://runs/a" and call["namespace"] == "team-a"
     assert call["run_name"].startswith(f"puzzle-{config.digest}-")
 
@@ -270,11 +314,19 @@ def test_images_come_from_images_yaml_and_pin_digests(tmp_path: Path) -> None:
 
     path = tmp_path / "images.yaml"
     digest = "sha256:" + "a" * 64
-    path.write_text(yaml.safe_dump({
-        "registry": "registry.example/puzzle", "version": "1.2.3",
-        "images": {"gpu": {"name": "puzzle-gpu", "digest": digest}, "cpu": {"name": "puzzle-cpu"},
-                   "bad": {"name": "x", "digest": "latest"}},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "registry": "registry.example/puzzle",
+                "version": "1.2.3",
+                "images": {
+                    "gpu": {"name": "puzzle-gpu", "digest": digest},
+                    "cpu": {"name": "puzzle-cpu"},
+                    "bad": {"name": "x", "digest": "latest"},
+                },
+            }
+        )
+    )
     assert image("gpu", path) == f"registry.example/puzzle/puzzle-gpu:1.2.3@{digest}"
     assert image("cpu", path) == "registry.example/puzzle/puzzle-cpu:1.2.3"
     with pytest.raises(ImageConfigError, match="no image for role 'tpu'"):

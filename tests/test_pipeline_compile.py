@@ -11,7 +11,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "pipelines" / "puzzle_pipeline.yaml"
 GPU_TASKS = {
-    "build-library", "train-blocks", "measure-costs", "score-blocks", "distill", "evaluate", "compare-baselines"
+    "build-library",
+    "train-blocks",
+    "measure-costs",
+    "score-blocks",
+    "distill",
+    "evaluate",
+    "compare-baselines",
 }
 
 
@@ -52,19 +58,33 @@ def test_bld_and_scoring_fan_out_over_shards_with_bounded_parallelism(docs) -> N
 
     spec, _ = docs
     tasks = _tasks(spec)
-    loops = {task["taskInfo"]["name"]: (name, task) for name, (_, task) in tasks.items() if "parameterIterator" in task}
+    loops = {
+        task["taskInfo"]["name"]: (name, task)
+        for name, (_, task) in tasks.items()
+        if "parameterIterator" in task
+    }
     assert set(loops) == {"bld-shards", "scoring-shards"}
-    for display, limit, worker in (("bld-shards", BLD_PARALLELISM, "train-blocks"), ("scoring-shards", SCORING_PARALLELISM, "score-blocks")):
+    for display, limit, worker in (
+        ("bld-shards", BLD_PARALLELISM, "train-blocks"),
+        ("scoring-shards", SCORING_PARALLELISM, "score-blocks"),
+    ):
         name, loop = loops[display]
         assert loop["iteratorPolicy"]["parallelismLimit"] == limit
         # The items are the shard plan's output, i.e. a run parameter, not a fixed list.
         plan_task = loop["inputs"]["parameters"][loop["parameterIterator"]["items"]["inputParameter"]]
-        assert tasks[plan_task["taskOutputParameter"]["producerTask"]][1]["componentRef"]["name"].startswith("comp-shard-plan")
+        assert tasks[plan_task["taskOutputParameter"]["producerTask"]][1]["componentRef"]["name"].startswith(
+            "comp-shard-plan"
+        )
         assert worker in spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
         # Fan-in: the merge step takes the loop's collected outputs.
-        merges = [t for _, t in tasks.values() if any(
-            a.get("taskOutputArtifact", {}).get("producerTask") == name for a in t.get("inputs", {}).get("artifacts", {}).values()
-        )]
+        merges = [
+            t
+            for _, t in tasks.values()
+            if any(
+                a.get("taskOutputArtifact", {}).get("producerTask") == name
+                for a in t.get("inputs", {}).get("artifacts", {}).values()
+            )
+        ]
         assert merges, f"nothing collects the outputs of {display}"
 
 
@@ -81,10 +101,15 @@ def test_gpu_steps_request_gpus_and_only_they_do(docs) -> None:
             assert accelerator and accelerator["resourceType"] == "nvidia.com/gpu", name
             assert "gpu" in spec["deploymentSpec"]["executors"][label]["container"]["image"]
             platform = executors[label]
-            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in platform["tolerations"]
-            assert {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "16Gi", "volumeName": "dshm"} in platform[
-                "emptyDirMounts"
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in platform[
+                "tolerations"
             ]
+            assert {
+                "medium": "Memory",
+                "mountPath": "/dev/shm",
+                "sizeLimit": "16Gi",
+                "volumeName": "dshm",
+            } in platform["emptyDirMounts"]
         else:
             assert accelerator is None, f"{name} is a CPU step but requests {accelerator}"
     distill = spec["deploymentSpec"]["executors"]["exec-distill"]["container"]["resources"]["accelerator"]
@@ -128,7 +153,10 @@ def test_gpu_steps_retry_with_backoff_and_cpu_steps_do_not(docs) -> None:
     for name, (_, task) in _tasks(spec).items():
         if name in GPU_TASKS:
             assert task["retryPolicy"] == {
-                "maxRetryCount": 3, "backoffDuration": "60s", "backoffFactor": 2.0, "backoffMaxDuration": "3600s"
+                "maxRetryCount": 3,
+                "backoffDuration": "60s",
+                "backoffFactor": 2.0,
+                "backoffMaxDuration": "3600s",
             }, name
         else:
             assert "retryPolicy" not in task, name
@@ -146,7 +174,11 @@ def test_caching_is_on_except_for_steps_with_side_effects(docs) -> None:
 def test_registration_and_promotion_are_gated_on_the_evaluation(docs) -> None:
     spec, _ = docs
     tasks = _tasks(spec)
-    conditions = {t["taskInfo"]["name"]: (name, t) for name, (_, t) in tasks.items() if "triggerPolicy" in t and "condition" in t["triggerPolicy"]}
+    conditions = {
+        t["taskInfo"]["name"]: (name, t)
+        for name, (_, t) in tasks.items()
+        if "triggerPolicy" in t and "condition" in t["triggerPolicy"]
+    }
     assert set(conditions) == {"registry-configured", "accuracy-kept-gate", "speedup-gate"}
     assert conditions["registry-configured"][1]["triggerPolicy"]["condition"] == (
         "inputs.parameter_values['pipelinechannel--registry_model_name'] != ''"
@@ -172,8 +204,12 @@ def test_an_exit_handler_records_the_outcome_whatever_happens(docs) -> None:
     assert set(root) == {"exit-handler-1", "record-outcome"}
     outcome = root["record-outcome"]
     assert outcome["triggerPolicy"] == {"strategy": "ALL_UPSTREAM_TASKS_COMPLETED"}
-    assert outcome["inputs"]["parameters"]["status"] == {"taskFinalStatus": {"producerTask": "exit-handler-1"}}
-    assert outcome["inputs"]["parameters"]["kfp_run_id"] == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
+    assert outcome["inputs"]["parameters"]["status"] == {
+        "taskFinalStatus": {"producerTask": "exit-handler-1"}
+    }
+    assert outcome["inputs"]["parameters"]["kfp_run_id"] == {
+        "runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}
+    }
 
 
 def test_every_component_runs_our_images_without_installing_kfp(docs) -> None:
@@ -196,7 +232,9 @@ def test_parameters_mirror_the_run_config_with_its_defaults(docs) -> None:
     assert set(params) == set(expected)
     for name, value in expected.items():
         default = params[name].get("defaultValue")
-        assert default == value, f"pipeline parameter {name} defaults to {default!r}, the embedded config to {value!r}"
+        assert default == value, (
+            f"pipeline parameter {name} defaults to {default!r}, the embedded config to {value!r}"
+        )
 
 
 def test_every_component_has_an_up_to_date_readme_and_both_tests() -> None:

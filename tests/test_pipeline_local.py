@@ -38,14 +38,19 @@ def test_bld_ran_as_two_shards_and_merged(run) -> None:
         trained |= shard_units
     merged = json.loads((run.artifact("merge-library", "library") / "library.json").read_text())
     merged_trained = {
-        (layer, name) for layer, e in merged["layers"].items() for name, info in e["variants"].items() if info.get("trained")
+        (layer, name)
+        for layer, e in merged["layers"].items()
+        for name, info in e["variants"].items()
+        if info.get("trained")
     }
     assert merged_trained == trained
     assert run.metadata("merge-library", "library")["merged_shards"] == 2
 
 
 def test_scores_ran_as_two_shards_and_cover_every_block(run) -> None:
-    shard_rows = [json.loads((d / "scores" / "scores.json").read_text())["rows"] for d in run.task_dirs("score-blocks")]
+    shard_rows = [
+        json.loads((d / "scores" / "scores.json").read_text())["rows"] for d in run.task_dirs("score-blocks")
+    ]
     assert len(shard_rows) == 2 and all(shard_rows)
     merged = json.loads((run.artifact("merge-scores", "scores") / "scores.json").read_text())["rows"]
     assert sorted((r["layer"], r["block"]) for r in merged) == sorted(
@@ -111,7 +116,9 @@ def test_child_is_registered_and_promoted_with_lineage(run) -> None:
     assert {"candidate", "champion"} <= set(mv.aliases)
     assert mv.tags["puzzle.parent_uri"] == run.parent_uri
     assert json.loads(mv.tags["puzzle.constraints"]) == ["parameters<=0.8x"]
-    assert float(mv.tags["puzzle.accuracy_kept"]) == pytest.approx(run.parameter("evaluate", "accuracy_kept"), rel=1e-4)
+    assert float(mv.tags["puzzle.accuracy_kept"]) == pytest.approx(
+        run.parameter("evaluate", "accuracy_kept"), rel=1e-4
+    )
     assert mv.tags["puzzle.profile"] == "tiny"
     assert run.parameter("promote", "Output") is True
 
@@ -131,4 +138,14 @@ def test_exit_handler_closes_the_mlflow_run_with_the_outcome(run) -> None:
         [experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{top.info.run_id}'"
     )
     logged = {r.data.tags.get("puzzle.phase") for r in phases}
-    assert {"library", "bld", "scores", "costs", "search", "realize", "distill", "evaluate", "export"} <= logged
+    assert {
+        "library",
+        "bld",
+        "scores",
+        "costs",
+        "search",
+        "realize",
+        "distill",
+        "evaluate",
+        "export",
+    } <= logged

@@ -38,19 +38,28 @@ def library(tiny_child: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     text = root / "text.txt"
     text.write_text((ROOT / "puzzle" / "realize.py").read_text() * 3)
     tokens = root / "tokens"
-    prepare(str(text), str(tiny_child), str(tokens), seq_len=32,
-            splits={"calibration": 8, "bld": 1, "score": 1, "gkd": 1, "eval": 1})
+    prepare(
+        str(text),
+        str(tiny_child),
+        str(tokens),
+        seq_len=32,
+        splits={"calibration": 8, "bld": 1, "score": 1, "gkd": 1, "eval": 1},
+    )
     out = root / "library"
     space = SearchSpace(attention_kv_heads=(1,), ffn_fractions=(0.5,), ffn_linear=False, ffn_multiple=64)
     build_library(str(tiny_child), str(tokens), str(out), space=space)
     return str(out)
 
 
-def test_realized_child_has_the_solutions_blocks_and_the_librarys_weights(tiny_child: Path, library: str, tmp_path) -> None:
+def test_realized_child_has_the_solutions_blocks_and_the_librarys_weights(
+    tiny_child: Path, library: str, tmp_path
+) -> None:
     from puzzle.library import Library
 
-    solutions = write_solutions(tmp_path / "solutions", [{"blocks": CHOICES[0], "objective": 0.1},
-                                                         {"choices": CHOICES[1], "objective": 0.2}])
+    solutions = write_solutions(
+        tmp_path / "solutions",
+        [{"blocks": CHOICES[0], "objective": 0.1}, {"choices": CHOICES[1], "objective": 0.2}],
+    )
     manifest = realize(library, solutions, str(tmp_path / "child"), parent_child=str(tiny_child))
     child = load_child(str(tmp_path / "child"))
     assert [b.name for b in child.config.blocks] == CHOICES[0]
@@ -60,8 +69,10 @@ def test_realized_child_has_the_solutions_blocks_and_the_librarys_weights(tiny_c
     narrow = lib.load(0, "ffn_128")
     for key, value in narrow.items():
         assert torch.equal(state[f"model.layers.0.{key}"], value)
-    assert torch.equal(state["model.layers.2.self_attn.linear_attn.weight"],
-                       lib.load(2, "attn_linear")["self_attn.linear_attn.weight"])
+    assert torch.equal(
+        state["model.layers.2.self_attn.linear_attn.weight"],
+        lib.load(2, "attn_linear")["self_attn.linear_attn.weight"],
+    )
     assert child.model.layers[1].self_attn is None and child.model.layers[2].mlp is None
     assert torch.equal(state["model.embed_tokens.weight"], parent.state_dict()["model.embed_tokens.weight"])
     assert child.generate(torch.tensor([[1, 5, 7]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
@@ -76,7 +87,9 @@ def test_bad_solutions_fail_before_any_weights_are_loaded(tiny_child: Path, libr
     with pytest.raises(RealizeError, match="holds no solution"):
         realize(library, empty, str(tmp_path / "a"), parent_child=str(tiny_child))
     one = write_solutions(tmp_path / "one", [{"blocks": CHOICES[0]}])
-    with pytest.raises(RealizeError, match=r"solution_index=3 is out of range: .* holds 1 solution\(s\) \(use 0..0\)"):
+    with pytest.raises(
+        RealizeError, match=r"solution_index=3 is out of range: .* holds 1 solution\(s\) \(use 0..0\)"
+    ):
         realize(library, one, str(tmp_path / "a"), solution_index=3, parent_child=str(tiny_child))
     broken = write_solutions(tmp_path / "broken", [{"objective": 1.0}])
     with pytest.raises(RealizeError, match="has no blocks / choices / architecture list"):

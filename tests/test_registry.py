@@ -16,7 +16,11 @@ def test_models_uri_and_lineage_tags() -> None:
     assert registry.parse_models_uri("models:/llama-parent@champion") == ("llama-parent", None, "champion")
     assert registry.parse_models_uri("s3://bucket/parent") is None
     tags = registry.Lineage(
-        parent_uri="models:/p/7", constraints=["throughput>=1.5x"], accuracy_kept=0.9712345, speedup=1.5, kfp_run_id="r1"
+        parent_uri="models:/p/7",
+        constraints=["throughput>=1.5x"],
+        accuracy_kept=0.9712345,
+        speedup=1.5,
+        kfp_run_id="r1",
     ).tags()
     assert tags[registry.TAG_PARENT_MODEL] == "p" and tags[registry.TAG_PARENT_VERSION] == "7"
     assert json.loads(tags[registry.TAG_CONSTRAINTS]) == ["throughput>=1.5x"]
@@ -90,7 +94,10 @@ def test_register_child_with_lineage_once_and_servable_from_the_registry(
         expected = load_child(str(tiny_child)).eval()(ids).logits
         assert torch.allclose(served(ids).logits, expected, atol=1e-5)
     # ...and the bytes live in the S3 bucket behind the MLflow server's artifact proxy.
-    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=mlflow_server.bucket, MaxKeys=1000)["Contents"]]
+    keys = [
+        o["Key"]
+        for o in s3_server.client().list_objects_v2(Bucket=mlflow_server.bucket, MaxKeys=1000)["Contents"]
+    ]
     assert any(k.endswith("/checkpoint/config.json") and mv.run_id in k for k in keys)
 
 

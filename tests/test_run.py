@@ -27,18 +27,36 @@ def tiny_config_data(parent: Path, output: Path, text: Path) -> dict:
     return {
         "parent": str(parent),
         "output": str(output),
-        "data": {"source": str(text), "seq_len": 32,
-                 "splits": {"calibration": 8, "bld": 16, "score": 4, "gkd": 16, "eval": 8}},
-        "search_space": {"kv_heads": None, "attention_linear": True, "attention_noop": True,
-                         "ffn_fractions": [1.0, 0.5], "ffn_linear": False, "ffn_noop": True},
+        "data": {
+            "source": str(text),
+            "seq_len": 32,
+            "splits": {"calibration": 8, "bld": 16, "score": 4, "gkd": 16, "eval": 8},
+        },
+        "search_space": {
+            "kv_heads": None,
+            "attention_linear": True,
+            "attention_noop": True,
+            "ffn_fractions": [1.0, 0.5],
+            "ffn_linear": False,
+            "ffn_noop": True,
+        },
         "bld": {"token_budget": 512, "batch_size": 4, "device": "cpu"},
         "scoring": {"batch_size": 4, "device": "cpu"},
         "costs": {"batch_sizes": [1], "prompt_len": 8, "gen_len": 8, "device": "cpu", "repeats": 1},
         "search": {"constraints": ["parameters<=0.85x"], "num_solutions": 1},
-        "gkd": {"token_budget": GKD_STEPS * 4 * 32, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 2,
-                "device": "cpu"},
-        "evaluate": {"batch_size": 4, "workload": {"batch_size": 1, "prompt_len": 8, "gen_len": 8},
-                     "device": "cpu", "repeats": 1},
+        "gkd": {
+            "token_budget": GKD_STEPS * 4 * 32,
+            "batch_size": 4,
+            "lr": 1e-3,
+            "checkpoint_every": 2,
+            "device": "cpu",
+        },
+        "evaluate": {
+            "batch_size": 4,
+            "workload": {"batch_size": 1, "prompt_len": 8, "gen_len": 8},
+            "device": "cpu",
+            "repeats": 1,
+        },
         "tracking": {"uri": None},
         "baselines": {"methods": ["layer_dropping"], "gkd": True},
     }
@@ -110,7 +128,10 @@ def test_a_run_killed_during_gkd_resumes_and_ends_with_the_same_number_of_steps(
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "puzzle"), "run", "--config", str(tiny_run["config_file"])],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     deadline = time.time() + 300
     while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
@@ -132,11 +153,23 @@ def test_a_run_killed_during_gkd_resumes_and_ends_with_the_same_number_of_steps(
     [
         ({"gkd": {"lrr": 1}}, "unknown field gkd.lrr"),
         ({"bld": {"batch_size": "many"}}, "bld.batch_size must be an integer, got 'many'"),
-        ({"output": "s3://no-such-bucket-anywhere/run"}, "output 's3://no-such-bucket-anywhere/run' is not reachable"),
-        ({"search_space": {"kv_heads": [2], "attention_linear": False, "attention_noop": False,
-                           "ffn_fractions": [1.0], "ffn_noop": False},
-          "search": {"constraints": ["throughput>=1.5x"]}},
-         "search.constraints[0] 'throughput>=1.5x' is infeasible"),
+        (
+            {"output": "s3://no-such-bucket-anywhere/run"},
+            "output 's3://no-such-bucket-anywhere/run' is not reachable",
+        ),
+        (
+            {
+                "search_space": {
+                    "kv_heads": [2],
+                    "attention_linear": False,
+                    "attention_noop": False,
+                    "ffn_fractions": [1.0],
+                    "ffn_noop": False,
+                },
+                "search": {"constraints": ["throughput>=1.5x"]},
+            },
+            "search.constraints[0] 'throughput>=1.5x' is infeasible",
+        ),
     ],
 )
 def test_invalid_configs_fail_before_any_model_is_loaded(
@@ -152,7 +185,9 @@ def test_invalid_configs_fail_before_any_model_is_loaded(
     monkeypatch.setattr(parents, "convert", no_model)
     data = {**tiny_run["data"], "output": str(tmp_path / "out")}
     for key, value in change.items():
-        data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
+        data[key] = (
+            {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
+        )
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(data))
     assert main(["run", "--config", str(path)]) == 2

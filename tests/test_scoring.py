@@ -21,9 +21,15 @@ def tiny(tiny_parent_factory, tmp_path_factory: pytest.TempPathFactory) -> dict[
 
     root = tmp_path_factory.mktemp("score-tiny")
     convert(str(tiny_parent_factory("llama", intermediate_size=192)), str(root / "child"))
-    prepare("stdlib", str(root / "child"), str(root / "tokens"), seq_len=32, splits={"calibration": 8, "score": 6})
-    build_library(str(root / "child"), str(root / "tokens"), str(root / "lib"),
-                  space=SearchSpace(ffn_fractions=(1.0, 0.5)))
+    prepare(
+        "stdlib", str(root / "child"), str(root / "tokens"), seq_len=32, splits={"calibration": 8, "score": 6}
+    )
+    build_library(
+        str(root / "child"),
+        str(root / "tokens"),
+        str(root / "lib"),
+        space=SearchSpace(ffn_fractions=(1.0, 0.5)),
+    )
     paths = {name: str(root / name) for name in ("child", "tokens", "lib", "scores")}
     score(paths["lib"], paths["child"], paths["tokens"], paths["scores"], batch_size=4)
     paths["root"] = str(root)
@@ -100,8 +106,19 @@ def test_scoring_errors(tiny: dict[str, str], tiny_parent_factory, tmp_path: Pat
     convert(str(tiny_parent_factory("llama", hidden_size=32, intermediate_size=192)), str(tmp_path / "other"))
     with pytest.raises(LibraryError, match="hidden_size is 64 in the library but 32 in the parent"):
         score(tiny["lib"], str(tmp_path / "other"), tiny["tokens"], str(tmp_path / "x"))
-    train(tiny["lib"], tiny["child"], tiny["tokens"], str(tmp_path / "shard"), token_budget=32, batch_size=1, lr=1e-3,
-          shard="0/4", val_sequences=1, val_split="calibration", split="score")
+    train(
+        tiny["lib"],
+        tiny["child"],
+        tiny["tokens"],
+        str(tmp_path / "shard"),
+        token_budget=32,
+        batch_size=1,
+        lr=1e-3,
+        shard="0/4",
+        val_sequences=1,
+        val_split="calibration",
+        split="score",
+    )
     with pytest.raises(LibraryError, match="merge the shards first"):
         score(str(tmp_path / "shard"), tiny["child"], tiny["tokens"], str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
@@ -110,19 +127,45 @@ def test_scoring_errors(tiny: dict[str, str], tiny_parent_factory, tmp_path: Pat
 def test_cli_scores_and_merges(tiny: dict[str, str], tmp_path: Path) -> None:
     from puzzle.cli import main
 
-    common = ["--library", tiny["lib"], "--child", tiny["child"], "--tokens", tiny["tokens"], "--batch-size", "4"]
+    common = [
+        "--library",
+        tiny["lib"],
+        "--child",
+        tiny["child"],
+        "--tokens",
+        tiny["tokens"],
+        "--batch-size",
+        "4",
+    ]
     for i in range(2):
         assert main(["score", *common, "--out", str(tmp_path / f"s{i}"), "--shard", f"{i}/2"]) == 0
-    assert main(["score", "--merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "m")]) == 0
+    assert (
+        main(["score", "--merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "m")])
+        == 0
+    )
     assert read_scores(str(tmp_path / "m"))["rows"] == read_scores(tiny["scores"])["rows"]
 
 
 @pytest.mark.integration
-def test_smollm2_scores_parent_zero_and_noop_positive(smollm2_child: Path, smollm2_tokens: Path, tmp_path: Path) -> None:
+def test_smollm2_scores_parent_zero_and_noop_positive(
+    smollm2_child: Path, smollm2_tokens: Path, tmp_path: Path
+) -> None:
     """The real parent's last layer with the default search space, on 4 held-out sequences."""
-    build_library(str(smollm2_child), str(smollm2_tokens), str(tmp_path / "lib"), space=SearchSpace(), layers=[29],
-                  calibration_sequences=4)
-    score(str(tmp_path / "lib"), str(smollm2_child), str(smollm2_tokens), str(tmp_path / "scores"), max_sequences=4)
+    build_library(
+        str(smollm2_child),
+        str(smollm2_tokens),
+        str(tmp_path / "lib"),
+        space=SearchSpace(),
+        layers=[29],
+        calibration_sequences=4,
+    )
+    score(
+        str(tmp_path / "lib"),
+        str(smollm2_child),
+        str(smollm2_tokens),
+        str(tmp_path / "scores"),
+        max_sequences=4,
+    )
     rows = {r["block"]: r for r in read_scores(str(tmp_path / "scores"))["rows"]}
     attention = ["attn_kv3", "attn_kv1", "attn_linear", "attn_noop"]
     ffn = ["ffn_1536", "ffn_1280", "ffn_768", "ffn_512", "ffn_256", "ffn_linear", "ffn_noop"]

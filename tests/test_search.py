@@ -101,7 +101,14 @@ def test_diverse_solutions_differ_in_at_least_a_fifth_of_the_layers(tmp_path: Pa
     scores = write_scores(tmp_path / "scores.csv", 10, seed=1)
     costs = write_costs(tmp_path / "costs.json", 10)
     out = tmp_path / "search"
-    search(str(scores), str(costs), str(out), constraints=["throughput>=1.5x"], num_solutions=5, diversity_alpha=0.8)
+    search(
+        str(scores),
+        str(costs),
+        str(out),
+        constraints=["throughput>=1.5x"],
+        num_solutions=5,
+        diversity_alpha=0.8,
+    )
     solutions = load_solutions(str(out))["solutions"]
     assert len(solutions) == 5
     for a, b in itertools.combinations(solutions, 2):
@@ -118,7 +125,9 @@ def test_an_unreachable_constraint_fails_before_solving_and_names_the_best_value
 ) -> None:
     scores, costs = tables
     out = tmp_path / "search"
-    with pytest.raises(InfeasibleConstraintError, match=r"memory<=1'.*best any architecture.*reaches is [0-9.]+ MiB"):
+    with pytest.raises(
+        InfeasibleConstraintError, match=r"memory<=1'.*best any architecture.*reaches is [0-9.]+ MiB"
+    ):
         search(str(scores), str(costs), str(out), constraints=["memory<=1"])
     assert not out.exists()
     with pytest.raises(SearchError, match="lower bound"):
@@ -180,12 +189,21 @@ def test_published_library_format_is_read(tmp_path: Path) -> None:
         variants = {}
         for kv, ffn in itertools.product([8, 0], [28672, 14336, 0]):
             attn = f"{kv} kv heads (parent * 100%)" if kv else "no_op (parent * 0%)"
-            f = f"intermediate size {ffn // 1000}e3 (parent * {ffn * 100 // 28672}%)" if ffn else "no_op (parent * 0%)"
+            f = (
+                f"intermediate size {ffn // 1000}e3 (parent * {ffn * 100 // 28672}%)"
+                if ffn
+                else "no_op (parent * 0%)"
+            )
             runtime = 350.0 * bool(kv) + 460.0 * ffn / 28672
             parent = kv == 8 and ffn == 28672
             variants[f"attention = {attn}\t&&\tffn = {f}"] = {
-                "stats": {"num_kv_heads": kv, "ffn_intermediate_size": ffn, "memory_mib": runtime * 2,
-                          "runtime_ms": runtime, "num_params": int(runtime * 1e6)},
+                "stats": {
+                    "num_kv_heads": kv,
+                    "ffn_intermediate_size": ffn,
+                    "memory_mib": runtime * 2,
+                    "runtime_ms": runtime,
+                    "num_params": int(runtime * 1e6),
+                },
                 "metrics": {"kl_div": 0.0 if parent else float(rng.random()), "lm_loss": 1.6},
             }
         library[f"layer_{layer}"] = variants

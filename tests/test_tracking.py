@@ -26,7 +26,10 @@ def test_tracking_uri_precedence_and_run_dir(monkeypatch, tmp_path: Path) -> Non
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking.resolve_tracking_uri(None) is None
     assert tracking.resolve_tracking_uri("http://cfg:5000") == "http://cfg:5000"
-    assert tracking.resolve_tracking_uri("run-dir", str(tmp_path / "out")) == f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+    assert (
+        tracking.resolve_tracking_uri("run-dir", str(tmp_path / "out"))
+        == f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+    )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
     assert tracking.resolve_tracking_uri("http://cfg:5000") == "http://env:5000"
     assert tracking.resolve_tracking_uri("http://cfg:5000", override="http://arg:5000") == "http://arg:5000"
@@ -36,8 +39,14 @@ def test_tracking_uri_precedence_and_run_dir(monkeypatch, tmp_path: Path) -> Non
 
 
 def test_flatten_and_history_file_discovery(tmp_path: Path) -> None:
-    assert tracking.flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": "x"}) == {"a.b": 1, "a.c.d": [1, 2], "e": "x"}
-    (tmp_path / "gkd_history.json").write_text(json.dumps([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]))
+    assert tracking.flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": "x"}) == {
+        "a.b": 1,
+        "a.c.d": [1, 2],
+        "e": "x",
+    }
+    (tmp_path / "gkd_history.json").write_text(
+        json.dumps([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}])
+    )
     assert [r["loss"] for r in tracking._find_history(tmp_path)] == [2.0, 1.5]
 
 
@@ -53,30 +62,77 @@ def phase_artifacts(tiny_child: Path, tmp_path_factory: pytest.TempPathFactory) 
 
     root = tmp_path_factory.mktemp("phases")
     tokens = str(root / "tokens")
-    data.prepare("stdlib", str(tiny_child), tokens, seq_len=32, splits={"calibration": 4, "gkd": 8, "eval": 4}, seed=0)
+    data.prepare(
+        "stdlib", str(tiny_child), tokens, seq_len=32, splits={"calibration": 4, "gkd": 8, "eval": 4}, seed=0
+    )
     gkd = str(root / "gkd")
-    distill.distill(str(tiny_child), str(tiny_child), tokens, gkd, token_budget=4 * 2 * 32, batch_size=2, device="cpu")
+    distill.distill(
+        str(tiny_child), str(tiny_child), tokens, gkd, token_budget=4 * 2 * 32, batch_size=2, device="cpu"
+    )
     library_uri = str(root / "library")
     library.build_library(
-        str(tiny_child), tokens, library_uri, device="cpu", batch_size=4,
-        space=library.SearchSpace(attention_kv_heads=(1,), attention_linear=False, ffn_fractions=(0.5,), ffn_linear=False),
+        str(tiny_child),
+        tokens,
+        library_uri,
+        device="cpu",
+        batch_size=4,
+        space=library.SearchSpace(
+            attention_kv_heads=(1,), attention_linear=False, ffn_fractions=(0.5,), ffn_linear=False
+        ),
     )
     scores = str(root / "scores")
-    scoring.score(library_uri, str(tiny_child), tokens, scores, split="eval", metrics=["kl_div", "lm_loss"], batch_size=4,
-                  device="cpu")
+    scoring.score(
+        library_uri,
+        str(tiny_child),
+        tokens,
+        scores,
+        split="eval",
+        metrics=["kl_div", "lm_loss"],
+        batch_size=4,
+        device="cpu",
+    )
     cost_table = str(root / "costs")
-    costs.measure(library_uri, str(tiny_child), cost_table, batch_sizes=[1, 2], prompt_len=8, gen_len=4, device="cpu",
-                  repeats=1, stack_layers=2)
+    costs.measure(
+        library_uri,
+        str(tiny_child),
+        cost_table,
+        batch_sizes=[1, 2],
+        prompt_len=8,
+        gen_len=4,
+        device="cpu",
+        repeats=1,
+        stack_layers=2,
+    )
     solutions = str(root / "solutions")
-    search.search(scores, cost_table, solutions, objective="kl_div", constraints=["params<=0.9x"], num_solutions=2,
-                  diversity_alpha=0.5)
+    search.search(
+        scores,
+        cost_table,
+        solutions,
+        objective="kl_div",
+        constraints=["params<=0.9x"],
+        num_solutions=2,
+        diversity_alpha=0.5,
+    )
     evaluation = str(root / "evaluation")
     evaluate.evaluate(
-        {"child": gkd}, str(tiny_child), tokens, evaluation, split="eval", batch_size=4,
-        workload={"batch_size": 1, "prompt_len": 8, "gen_len": 4}, device="cpu", repeats=1,
+        {"child": gkd},
+        str(tiny_child),
+        tokens,
+        evaluation,
+        split="eval",
+        batch_size=4,
+        workload={"batch_size": 1, "prompt_len": 8, "gen_len": 4},
+        device="cpu",
+        repeats=1,
     )
-    return {"scores": scores, "costs": cost_table, "solutions": solutions, "gkd": gkd, "evaluation": evaluation,
-            "tokens": tokens}
+    return {
+        "scores": scores,
+        "costs": cost_table,
+        "solutions": solutions,
+        "gkd": gkd,
+        "evaluation": evaluation,
+        "tokens": tokens,
+    }
 
 
 CONFIG = {
@@ -98,7 +154,10 @@ def test_a_puzzle_run_logs_every_phase_to_mlflow_with_artifacts_on_s3(
     monkeypatch.setenv("KFP_RUN_ID", "kfp-run-123")
     with tracking.pipeline_run(CONFIG, "tiny-puzzle", close=True) as run:
         assert run is not None and tracking.active_run() is run
-        ids = {kind: tracking.log_phase(kind if kind != "gkd" else "child", uri, name=kind) for kind, uri in phase_artifacts.items()}
+        ids = {
+            kind: tracking.log_phase(kind if kind != "gkd" else "child", uri, name=kind)
+            for kind, uri in phase_artifacts.items()
+        }
         # Logging the same artifact again (a retried step) creates nothing new.
         assert tracking.log_phase("scores", phase_artifacts["scores"], name="scores") == ids["scores"]
 
@@ -108,7 +167,9 @@ def test_a_puzzle_run_logs_every_phase_to_mlflow_with_artifacts_on_s3(
     assert top.data.tags[tracking.TAG_KFP_RUN_ID] == "kfp-run-123"
     assert top.data.params["gkd.lr"] == "0.0001"
     assert json.loads(top.data.params["search.constraints"]) == ["throughput>=1.5x"]
-    nested = client.search_runs([run.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.run_id}'")
+    nested = client.search_runs(
+        [run.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.run_id}'"
+    )
     assert sorted(r.data.tags[tracking.TAG_PHASE] for r in nested) == sorted(phase_artifacts)
 
     # Scores: a table with one row per scored (layer, block), and the heatmap.
@@ -127,7 +188,9 @@ def test_a_puzzle_run_logs_every_phase_to_mlflow_with_artifacts_on_s3(
     assert json.loads(costs_run.data.params["workload.batch_sizes"]) == [1, 2]
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in table_json["hardware"]["device_name"])
     cost_rows = client.load_table(run.experiment_id, f"tables/costs_{safe}.json", run_ids=[ids["costs"]])
-    assert len(cost_rows) == len(table_json["rows"]) and {"subblock", "batch_size", "decode_ms"} <= set(cost_rows.columns)
+    assert len(cost_rows) == len(table_json["rows"]) and {"subblock", "batch_size", "decode_ms"} <= set(
+        cost_rows.columns
+    )
 
     # Solutions: every solution with its blocks, objective and constraint totals, and the parent.
     sols = client.load_table(run.experiment_id, "tables/solutions.json", run_ids=[ids["solutions"]])
@@ -166,7 +229,9 @@ def test_a_puzzle_run_logs_every_phase_to_mlflow_with_artifacts_on_s3(
 
 
 @pytest.mark.integration
-def test_kfp_components_share_one_mlflow_run(mlflow_server, phase_artifacts: dict[str, str], monkeypatch) -> None:
+def test_kfp_components_share_one_mlflow_run(
+    mlflow_server, phase_artifacts: dict[str, str], monkeypatch
+) -> None:
     from mlflow import MlflowClient
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
@@ -183,5 +248,7 @@ def test_kfp_components_share_one_mlflow_run(mlflow_server, phase_artifacts: dic
     # The exit handler closes it with the pipeline's outcome.
     assert tracking.finish_pipeline_run("kfp-abc", "FAILED", experiment="puzzle-kfp-test") == first.run_id
     assert client.get_run(first.run_id).info.status == "FAILED"
-    nested = client.search_runs([first.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{first.run_id}'")
+    nested = client.search_runs(
+        [first.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{first.run_id}'"
+    )
     assert sorted(r.data.tags[tracking.TAG_KIND] for r in nested) == ["costs", "scores"]

@@ -82,13 +82,21 @@ def test_kfp_backend_submits_the_compiled_pipeline_with_the_profile_config(tmp_p
 
     profiles = tmp_path / "profiles"
     profiles.mkdir()
-    (profiles / "fast.yaml").write_text("output: s3://runs/puzzle\ngkd: {lr: 0.0003}\nsearch: {constraints: ['throughput>=2x']}\n")
-    config = run_config("fast", "models:/p/3", profiles_dir=str(profiles), overrides=["registry.model_name=p-puzzle"])
+    (profiles / "fast.yaml").write_text(
+        "output: s3://runs/puzzle\ngkd: {lr: 0.0003}\nsearch: {constraints: ['throughput>=2x']}\n"
+    )
+    config = run_config(
+        "fast", "models:/p/3", profiles_dir=str(profiles), overrides=["registry.model_name=p-puzzle"]
+    )
     backend = KfpBackend("http://kfp", package, experiment="puzzle", client_factory=RecordingClient)
     assert backend.submit(RunRequest("p", "3", "fast", config, "p-puzzle")) == "kfp-run-42"
     (call,) = calls
     args = call["arguments"]
-    assert args["parent"] == "models:/p/3" and args["profile"] == "fast" and args["registry_model_name"] == "p-puzzle"
+    assert (
+        args["parent"] == "models:/p/3"
+        and args["profile"] == "fast"
+        and args["registry_model_name"] == "p-puzzle"
+    )
     assert args["gkd_lr"] == 3e-4 and args["search_constraints"] == ["throughput>=2x"]
     assert call["pipeline_root"] == "s3://runs/puzzle" and call["run_name"] == "puzzle-p-v3-fast"
     spec = next(d for d in yaml.safe_load_all(package.read_text()) if "root" in d)
@@ -123,13 +131,17 @@ def set_tag_via_rest(mlflow_url: str, name: str, version: str, key: str, value: 
     """What the MLflow UI does when a user adds a tag to a model version."""
     body = json.dumps({"name": name, "version": version, "key": key, "value": value}).encode()
     req = urllib.request.Request(
-        f"{mlflow_url}/api/2.0/mlflow/model-versions/set-tag", data=body, headers={"Content-Type": "application/json"}
+        f"{mlflow_url}/api/2.0/mlflow/model-versions/set-tag",
+        data=body,
+        headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(req, timeout=30) as resp:
         assert resp.status == 200
 
 
-def post(port: int, body: bytes, headers: dict[str, str], *, content_length: int | None = None) -> tuple[int, dict]:
+def post(
+    port: int, body: bytes, headers: dict[str, str], *, content_length: int | None = None
+) -> tuple[int, dict]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     conn.putrequest("POST", "/webhook")
     for key, value in headers.items():
@@ -144,7 +156,9 @@ def post(port: int, body: bytes, headers: dict[str, str], *, content_length: int
     return resp.status, payload
 
 
-def signed(body: bytes, *, secret: str = SECRET, delivery_id: str | None = None, timestamp: int | None = None) -> dict[str, str]:
+def signed(
+    body: bytes, *, secret: str = SECRET, delivery_id: str | None = None, timestamp: int | None = None
+) -> dict[str, str]:
     delivery_id = delivery_id or str(uuid.uuid4())
     ts = str(int(time.time()) if timestamp is None else timestamp)
     return {
@@ -157,8 +171,12 @@ def signed(body: bytes, *, secret: str = SECRET, delivery_id: str | None = None,
 
 def tag_event(name: str, version: str, key: str, value: str) -> bytes:
     return json.dumps(
-        {"entity": "model_version_tag", "action": "set", "timestamp": "2026-11-26T00:00:00+00:00",
-         "data": {"name": name, "version": version, "key": key, "value": value}}
+        {
+            "entity": "model_version_tag",
+            "action": "set",
+            "timestamp": "2026-11-26T00:00:00+00:00",
+            "data": {"name": name, "version": version, "key": key, "value": value},
+        }
     ).encode()
 
 
@@ -186,9 +204,14 @@ def parent_version(mlflow_env: str, tiny_parent_factory) -> tuple[str, str]:
 
 
 @pytest.fixture
-def recording_service(mlflow_env: str, tmp_path: Path) -> Iterator[tuple[Any, RecordingBackend, TriggerServer]]:
+def recording_service(
+    mlflow_env: str, tmp_path: Path
+) -> Iterator[tuple[Any, RecordingBackend, TriggerServer]]:
     settings = TriggerSettings(
-        tracking_uri=mlflow_env, secret=SECRET, state_db=str(tmp_path / "state.sqlite"), reconcile_interval_s=0,
+        tracking_uri=mlflow_env,
+        secret=SECRET,
+        state_db=str(tmp_path / "state.sqlite"),
+        reconcile_interval_s=0,
         max_body_bytes=4096,
     )
     backend = RecordingBackend()
@@ -234,14 +257,40 @@ def test_forged_stale_replayed_malformed_and_oversized_deliveries_start_nothing(
         "replayed delivery": (good, headers, 200, "duplicate"),
         "forged signature": (other, forged, 401, "invalid signature"),
         "wrong secret": (other, signed(other, secret="not-the-secret"), 401, "invalid signature"),
-        "missing signature": (other, {k: v for k, v in signed(other).items() if k != "X-MLflow-Signature"}, 401, "missing"),
+        "missing signature": (
+            other,
+            {k: v for k, v in signed(other).items() if k != "X-MLflow-Signature"},
+            401,
+            "missing",
+        ),
         "stale timestamp": (other, signed(other, timestamp=stale), 401, "window"),
         "future timestamp": (other, signed(other, timestamp=int(time.time()) + 3600), 401, "window"),
         "unknown event": (
-            (ev := json.dumps({"entity": "registered_model", "action": "created", "data": {"name": name, "version": version}}).encode()),
-            signed(ev), 400, "unsupported event"),
-        "malformed JSON": (b'{"entity": "model_version_tag", "action": ', signed(b'{"entity": "model_version_tag", "action": '), 400, "malformed JSON"),
-        "no model version": ((nv := json.dumps({"entity": "model_version_tag", "action": "set", "data": {}}).encode()), signed(nv), 400, "name"),
+            (
+                ev := json.dumps(
+                    {
+                        "entity": "registered_model",
+                        "action": "created",
+                        "data": {"name": name, "version": version},
+                    }
+                ).encode()
+            ),
+            signed(ev),
+            400,
+            "unsupported event",
+        ),
+        "malformed JSON": (
+            b'{"entity": "model_version_tag", "action": ',
+            signed(b'{"entity": "model_version_tag", "action": '),
+            400,
+            "malformed JSON",
+        ),
+        "no model version": (
+            (nv := json.dumps({"entity": "model_version_tag", "action": "set", "data": {}}).encode()),
+            signed(nv),
+            400,
+            "name",
+        ),
     }
     for label, (body, hdrs, status, reason) in cases.items():
         got_status, got = post(server.port, body, hdrs)
@@ -276,7 +325,9 @@ def test_forged_stale_replayed_malformed_and_oversized_deliveries_start_nothing(
 
 
 @pytest.mark.integration
-def test_unknown_profile_is_rejected_on_the_version(recording_service, parent_version: tuple[str, str]) -> None:
+def test_unknown_profile_is_rejected_on_the_version(
+    recording_service, parent_version: tuple[str, str]
+) -> None:
     service, backend, server = recording_service
     name, version = parent_version
     body = tag_event(name, version, "puzzle.request", "no-such-profile")
@@ -333,6 +384,7 @@ def test_register_webhook_is_idempotent(mlflow_env: str) -> None:
 
 # --------------------------------------------------------------------------- end to end
 
+
 def tiny_profile(corpus: Path) -> str:
     """A tiny run (the budgets of tests/test_run.py, no baselines): seconds per phase on CPU."""
     return f"""\
@@ -370,8 +422,12 @@ def test_tagging_a_parent_version_in_mlflow_runs_puzzle_once_and_registers_the_c
     corpus.write_text((Path(__file__).resolve().parents[1] / "puzzle" / "run.py").read_text() * 3)
     (profiles / "tiny.yaml").write_text(tiny_profile(corpus))
     settings = TriggerSettings(
-        tracking_uri=mlflow_env, secret=SECRET, state_db=str(tmp_path / "state.sqlite"), profiles_dir=str(profiles),
-        reconcile_interval_s=0, work_dir=str(tmp_path / "runs"),
+        tracking_uri=mlflow_env,
+        secret=SECRET,
+        state_db=str(tmp_path / "state.sqlite"),
+        profiles_dir=str(profiles),
+        reconcile_interval_s=0,
+        work_dir=str(tmp_path / "runs"),
     )
     backend = LocalBackend(settings.work_dir, mlflow_env)
     service = build_service(settings, backend)
@@ -419,13 +475,19 @@ def test_tagging_a_parent_version_in_mlflow_runs_puzzle_once_and_registers_the_c
         assert pipeline_run is not None and child.tags[registry.TAG_PIPELINE_RUN] == pipeline_run.info.run_id
         assert client.get_run(pipeline_run.info.run_id).info.status == "FINISHED"
         nested = client.search_runs(
-            [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{pipeline_run.info.run_id}'"
+            [experiment.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{pipeline_run.info.run_id}'",
         )
         phases = {r.data.tags.get(tracking.TAG_PHASE): r.info.run_id for r in nested}
         assert {"convert", "bld", "scores", "costs", "search", "gkd", "evaluate", "export"} <= set(phases)
-        tables = {kind: {a.path for a in client.list_artifacts(phases[kind], "tables")} for kind in ("scores", "search")}
+        tables = {
+            kind: {a.path for a in client.list_artifacts(phases[kind], "tables")}
+            for kind in ("scores", "search")
+        }
         assert "tables/scores.json" in tables["scores"] and "tables/solutions.json" in tables["search"]
-        assert any(a.path.startswith("tables/costs_") for a in client.list_artifacts(phases["costs"], "tables"))
+        assert any(
+            a.path.startswith("tables/costs_") for a in client.list_artifacts(phases["costs"], "tables")
+        )
         assert len(client.get_metric_history(phases["gkd"], "gkd/loss")) >= 2
         assert "speedup" in client.get_run(pipeline_run.info.run_id).data.metrics
 
@@ -437,7 +499,9 @@ def test_tagging_a_parent_version_in_mlflow_runs_puzzle_once_and_registers_the_c
         assert replay == (200, {"status": "duplicate"})
         assert len(service.store.submissions()) == 1
         assert service.stats.snapshot().get("ignored", 0) >= 3
-        health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10).read())
+        health = json.loads(
+            urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10).read()
+        )
         assert health["status"] == "ok" and health["counts"]["submitted_runs"] == 1
     finally:
         client.delete_webhook(hook.webhook_id)
@@ -465,7 +529,9 @@ def test_a_tag_added_in_the_mlflow_ui_reaches_the_trigger_service(
         add_model_version_tag_in_ui(mlflow_env, name, version, "puzzle.request", "default")
         wait_for(lambda: backend.requests, 120, "the UI's tag to reach the trigger service")
         assert [r.parent_uri for r in backend.requests] == [f"models:/{name}/{version}"]
-        tags = wait_for(lambda: (t := client.get_model_version(name, version).tags).get(TAG_RUN_ID) and t, 30, "tags")
+        tags = wait_for(
+            lambda: (t := client.get_model_version(name, version).tags).get(TAG_RUN_ID) and t, 30, "tags"
+        )
         assert tags[TAG_RUN_ID] == "rec-1" and tags[TAG_STATE] == "submitted"
     finally:
         client.delete_webhook(hook.webhook_id)
@@ -512,14 +578,33 @@ def test_puzzle_trigger_serve_answers_health_checks_and_logs_json(mlflow_env: st
     port = free_port()
     env = {**os.environ, "PUZZLE_TRIGGER_SECRET": SECRET, "MLFLOW_TRACKING_URI": mlflow_env}
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "puzzle"), "trigger", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--state-db", str(tmp_path / "state.sqlite"), "--reconcile-interval", "0", "--work-dir", str(tmp_path / "runs")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+        [
+            str(Path(sys.executable).parent / "puzzle"),
+            "trigger",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--state-db",
+            str(tmp_path / "state.sqlite"),
+            "--reconcile-interval",
+            "0",
+            "--work-dir",
+            str(tmp_path / "runs"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
     )
     try:
+
         def healthy() -> dict | None:
             try:
-                return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).read())
+                return json.loads(
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).read()
+                )
             except OSError:
                 assert proc.poll() is None, proc.stderr.read()
                 return None
@@ -556,11 +641,15 @@ def test_the_request_alias_runs_the_alias_profile_and_other_aliases_do_nothing(
         assert backend.requests == []
         client.set_registered_model_alias(name, "puzzle-request", version)
         wait_for(lambda: backend.requests, 60, "the request alias's webhook")
-        assert [(r.parent_uri, r.profile) for r in backend.requests] == [(f"models:/{name}/{version}", "default")]
+        assert [(r.parent_uri, r.profile) for r in backend.requests] == [
+            (f"models:/{name}/{version}", "default")
+        ]
     finally:
         client.delete_webhook(hook.webhook_id)
     # A signed event for a version that does not exist is answered, not retried forever.
     body = tag_event(name, "999", "puzzle.request", "default")
     assert post(server.port, body, signed(body)) == (
-        200, {"status": "ignored", "reason": f"model version {name}/999 does not exist"})
+        200,
+        {"status": "ignored", "reason": f"model version {name}/999 does not exist"},
+    )
     assert len(backend.requests) == 1

@@ -102,31 +102,68 @@ def compare_baselines(
     for method in [str(m) for m in methods]:
         solutions = str(work / method / "solutions")
         # The parent and tokens are passed explicitly: the paths recorded in the scores are another pod's.
-        baseline(method, scores.path, costs.path, solutions, library=library.path, objective=objective,
-                 constraints=[str(c) for c in constraints], child=parent.path, tokens=tokens.path)
+        baseline(
+            method,
+            scores.path,
+            costs.path,
+            solutions,
+            library=library.path,
+            objective=objective,
+            constraints=[str(c) for c in constraints],
+            child=parent.path,
+            tokens=tokens.path,
+        )
         final = str(work / method / "realized")
         realize(library.path, solutions, final, solution_index=0, parent_child=parent.path)
         if gkd:
             distilled = str(work / method / "distilled")
             distill(
-                final, parent.path, tokens.path, distilled, token_budget=int(gkd_token_budget),
-                batch_size=int(gkd_batch_size), lr=float(gkd_lr), warmup_fraction=float(gkd_warmup_fraction),
-                weight_cosine=float(gkd_weight_cosine), weight_kl=float(gkd_weight_kl), weight_lm=float(gkd_weight_lm),
-                checkpoint_every=int(gkd_checkpoint_every), grad_checkpointing=bool(gkd_grad_checkpointing),
-                seed=int(gkd_seed), device=gkd_device,
+                final,
+                parent.path,
+                tokens.path,
+                distilled,
+                token_budget=int(gkd_token_budget),
+                batch_size=int(gkd_batch_size),
+                lr=float(gkd_lr),
+                warmup_fraction=float(gkd_warmup_fraction),
+                weight_cosine=float(gkd_weight_cosine),
+                weight_kl=float(gkd_weight_kl),
+                weight_lm=float(gkd_weight_lm),
+                checkpoint_every=int(gkd_checkpoint_every),
+                grad_checkpointing=bool(gkd_grad_checkpointing),
+                seed=int(gkd_seed),
+                device=gkd_device,
             )
             final = distilled
         children[method] = final
         details[method] = {"role": "baseline", "method": method}
-    workload = {"batch_size": int(workload_batch_size), "prompt_len": int(workload_prompt_len),
-                "gen_len": int(workload_gen_len)}
+    workload = {
+        "batch_size": int(workload_batch_size),
+        "prompt_len": int(workload_prompt_len),
+        "gen_len": int(workload_gen_len),
+    }
     manifest = evaluate(
-        children, parent.path, tokens.path, _runtime.out_path(comparison), split=evaluate_split,
-        batch_size=int(evaluate_batch_size), workload=workload, device=evaluate_device, repeats=int(evaluate_repeats),
-        lm_eval_tasks=[str(t) for t in lm_eval_tasks], details=details, primary="puzzle",
+        children,
+        parent.path,
+        tokens.path,
+        _runtime.out_path(comparison),
+        split=evaluate_split,
+        batch_size=int(evaluate_batch_size),
+        workload=workload,
+        device=evaluate_device,
+        repeats=int(evaluate_repeats),
+        lm_eval_tasks=[str(t) for t in lm_eval_tasks],
+        details=details,
+        primary="puzzle",
     )
     shutil.copyfile(Path(comparison.path) / "report.html", _runtime.out_path(report))
     shutil.rmtree(work, ignore_errors=True)
     _runtime.describe(comparison, manifest, methods=",".join(str(m) for m in methods))
-    _runtime.track(comparison, manifest, phase="baselines", tracking_uri=tracking_uri, experiment=experiment,
-                   kfp_run_id=kfp_run_id)
+    _runtime.track(
+        comparison,
+        manifest,
+        phase="baselines",
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        kfp_run_id=kfp_run_id,
+    )

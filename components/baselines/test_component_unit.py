@@ -39,8 +39,14 @@ def _run(tmp_path: Path, methods: list[str], **inputs: Path) -> dsl.Artifact:
 def test_baselines_are_realized_distilled_and_evaluated_with_the_child(
     tiny_realized, tiny_child, tiny_trained_library, tiny_scores, tiny_costs, tiny_tokens, tmp_path: Path
 ) -> None:
-    inputs = dict(child=tiny_realized, parent=tiny_child, library=tiny_trained_library, scores=tiny_scores,
-                  costs=tiny_costs, tokens=tiny_tokens)
+    inputs = dict(
+        child=tiny_realized,
+        parent=tiny_child,
+        library=tiny_trained_library,
+        scores=tiny_scores,
+        costs=tiny_costs,
+        tokens=tiny_tokens,
+    )
     comparison = _run(tmp_path, ["uniform_width"], **inputs)
 
     metrics = json.loads((tmp_path / "comparison" / "metrics.json").read_text())
@@ -55,8 +61,17 @@ def test_baselines_are_realized_distilled_and_evaluated_with_the_child(
 def test_no_baselines_evaluates_the_child_alone(
     tiny_realized, tiny_child, tiny_trained_library, tiny_scores, tiny_costs, tiny_tokens, tmp_path: Path
 ) -> None:
-    inputs = dict(child=tiny_realized, parent=tiny_child, library=tiny_trained_library, scores=tiny_scores,
-                  costs=tiny_costs, tokens=tiny_tokens)
+    inputs = dict(
+        child=tiny_realized,
+        parent=tiny_child,
+        library=tiny_trained_library,
+        scores=tiny_scores,
+        costs=tiny_costs,
+        tokens=tiny_tokens,
+    )
     _run(tmp_path, [], **inputs)
 
-    assert set(json.loads((tmp_path / "comparison" / "metrics.json").read_text())["models"]) == {"parent", "puzzle"}
+    assert set(json.loads((tmp_path / "comparison" / "metrics.json").read_text())["models"]) == {
+        "parent",
+        "puzzle",
+    }

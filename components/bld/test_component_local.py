@@ -15,4 +15,6 @@ def test_each_bld_shard_trains_its_part(local_pipeline_run) -> None:
         assert meta["shard"] == f"{index}/2"
         results = [v["bld"] for e in meta["layers"].values() for v in e["variants"].values()]
         # bld.token_budget 64 at batch 2 x seq_len 32 = 1 step per variant, measured before and after.
-        assert results and all(r["steps"] == 1 and 0 < r["initial_nmse"] < 10 and 0 < r["final_nmse"] < 10 for r in results)
+        assert results and all(
+            r["steps"] == 1 and 0 < r["initial_nmse"] < 10 and 0 < r["final_nmse"] < 10 for r in results
+        )

@@ -17,7 +17,9 @@ def _trained_variants(library: Path) -> set[tuple[str, str]]:
     return {(layer, name) for layer, entry in meta["layers"].items() for name in entry["variants"]}
 
 
-def test_train_blocks_trains_its_shard(tiny_library: Path, tiny_child: Path, tiny_tokens: Path, tmp_path: Path) -> None:
+def test_train_blocks_trains_its_shard(
+    tiny_library: Path, tiny_child: Path, tiny_tokens: Path, tmp_path: Path
+) -> None:
     trained = dsl.Model(name="trained", uri=str(tmp_path / "shard"), metadata={})
 
     train_blocks.python_func(
@@ -32,7 +34,11 @@ def test_train_blocks_trains_its_shard(tiny_library: Path, tiny_child: Path, tin
     )
 
     # 3 layers x (attn_kv1, attn_linear): shard 1 of 2 holds the second half.
-    assert _trained_variants(tmp_path / "shard") == {("1", "attn_linear"), ("2", "attn_kv1"), ("2", "attn_linear")}
+    assert _trained_variants(tmp_path / "shard") == {
+        ("1", "attn_linear"),
+        ("2", "attn_kv1"),
+        ("2", "attn_linear"),
+    }
     assert trained.metadata["shard"] == "1/2"
     assert trained.metadata["partial"] is True
     assert trained.metadata["mean_final_nmse"] < trained.metadata["mean_initial_nmse"]

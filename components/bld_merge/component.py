@@ -1,6 +1,5 @@
 """KFP component: merge the BLD shards into one trained library (the fan-in of the BLD fan-out)."""
 
-
 from kfp import dsl
 from kfp.dsl import Input, Model, Output
 
@@ -33,4 +32,11 @@ def merge_library(
     # The base is passed explicitly: the URI recorded in a shard is a path inside its own pod.
     manifest = merge([s.path for s in shards], _runtime.out_path(library), base=base.path)
     _runtime.describe(library, manifest)
-    _runtime.track(library, manifest, phase="bld", tracking_uri=tracking_uri, experiment=experiment, kfp_run_id=kfp_run_id)
+    _runtime.track(
+        library,
+        manifest,
+        phase="bld",
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        kfp_run_id=kfp_run_id,
+    )

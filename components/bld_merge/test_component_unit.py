@@ -11,7 +11,9 @@ from kfp import dsl
 from components.bld_merge.component import merge_library
 
 
-def test_merge_library_joins_every_shard(tiny_library: Path, tiny_bld_shards: list[Path], tmp_path: Path) -> None:
+def test_merge_library_joins_every_shard(
+    tiny_library: Path, tiny_bld_shards: list[Path], tmp_path: Path
+) -> None:
     library = dsl.Model(name="library", uri=str(tmp_path / "library"), metadata={})
 
     merge_library.python_func(
@@ -32,7 +34,9 @@ def test_merge_library_joins_every_shard(tiny_library: Path, tiny_bld_shards: li
     assert library.metadata["partial"] is False
 
 
-def test_merge_library_refuses_a_missing_shard(tiny_library: Path, tiny_bld_shards: list[Path], tmp_path: Path) -> None:
+def test_merge_library_refuses_a_missing_shard(
+    tiny_library: Path, tiny_bld_shards: list[Path], tmp_path: Path
+) -> None:
     from puzzle.errors import PuzzleError
 
     with pytest.raises(PuzzleError, match="every shard"):

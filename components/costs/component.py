@@ -56,4 +56,11 @@ def measure_costs(
         repeats=int(repeats),
     )
     _runtime.describe(costs, manifest)
-    _runtime.track(costs, manifest, phase="costs", tracking_uri=tracking_uri, experiment=experiment, kfp_run_id=kfp_run_id)
+    _runtime.track(
+        costs,
+        manifest,
+        phase="costs",
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        kfp_run_id=kfp_run_id,
+    )

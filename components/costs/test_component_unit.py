@@ -35,7 +35,9 @@ def test_measure_costs_covers_every_subblock(tiny_library: Path, tiny_child: Pat
     assert costs.metadata["kind"] == "costs"
 
 
-def test_measure_costs_rejects_an_empty_workload(tiny_library: Path, tiny_child: Path, tmp_path: Path) -> None:
+def test_measure_costs_rejects_an_empty_workload(
+    tiny_library: Path, tiny_child: Path, tmp_path: Path
+) -> None:
     from puzzle.errors import PuzzleError
 
     with pytest.raises(PuzzleError):

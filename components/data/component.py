@@ -32,5 +32,7 @@ def prepare_data(
     # A pipeline dict arrives as a JSON struct (numbers as floats) or, when it is built from run
     # parameters, with each value substituted as text ("8", "8.0").
     counts = {str(name): int(float(count)) for name, count in splits.items()}
-    manifest = prepare(source, child.path, _runtime.out_path(tokens), seq_len=int(seq_len), splits=counts, seed=int(seed))
+    manifest = prepare(
+        source, child.path, _runtime.out_path(tokens), seq_len=int(seq_len), splits=counts, seed=int(seed)
+    )
     _runtime.describe(tokens, manifest, source=source, **{f"sequences_{k}": v for k, v in counts.items()})

@@ -20,7 +20,9 @@ def test_prepare_data_writes_every_split(tiny_child: Path, tmp_path: Path) -> No
     prepare_data.python_func(child=child, source="stdlib", seq_len=16, splits=splits, tokens=tokens, seed=1)
 
     info = json.loads((tmp_path / "tokens" / "splits.json").read_text())
-    assert {name: s["sequences"] for name, s in info["splits"].items()} == {k: int(v) for k, v in splits.items()}
+    assert {name: s["sequences"] for name, s in info["splits"].items()} == {
+        k: int(v) for k, v in splits.items()
+    }
     assert info["seq_len"] == 16
     assert tokens.metadata["kind"] == "tokens"
     assert tokens.metadata["sequences_bld"] == 4

@@ -75,8 +75,23 @@ def distill(
         grad_checkpointing=bool(grad_checkpointing),
     )
     if int(gpus) > 1:
-        command = ["torchrun", "--standalone", f"--nproc-per-node={int(gpus)}", "--no-python", "puzzle", "distill",
-                   child.path, "--parent", parent.path, "--tokens", tokens.path, "--out", out, "--device", device]
+        command = [
+            "torchrun",
+            "--standalone",
+            f"--nproc-per-node={int(gpus)}",
+            "--no-python",
+            "puzzle",
+            "distill",
+            child.path,
+            "--parent",
+            parent.path,
+            "--tokens",
+            tokens.path,
+            "--out",
+            out,
+            "--device",
+            device,
+        ]
         for key, value in settings.items():
             flag = "--" + key.replace("_", "-")
             if isinstance(value, bool):
@@ -88,4 +103,11 @@ def distill(
     else:
         manifest = gkd(child.path, parent.path, tokens.path, out, device=device, **settings)
     _runtime.describe(distilled, manifest)
-    _runtime.track(distilled, manifest, phase="distill", tracking_uri=tracking_uri, experiment=experiment, kfp_run_id=kfp_run_id)
+    _runtime.track(
+        distilled,
+        manifest,
+        phase="distill",
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        kfp_run_id=kfp_run_id,
+    )

@@ -10,7 +10,9 @@ from kfp import dsl
 from components.distill.component import distill
 
 
-def test_distill_trains_for_the_token_budget(tiny_realized: Path, tiny_child: Path, tiny_tokens: Path, tmp_path: Path) -> None:
+def test_distill_trains_for_the_token_budget(
+    tiny_realized: Path, tiny_child: Path, tiny_tokens: Path, tmp_path: Path
+) -> None:
     distilled = dsl.Model(name="distilled", uri=str(tmp_path / "distilled"), metadata={})
 
     distill.python_func(

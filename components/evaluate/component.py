@@ -83,12 +83,27 @@ def evaluate(
         primary="puzzle",
     )
     figures = json.loads((Path(evaluation.path) / METRICS_FILE).read_text())["models"]["puzzle"]
-    for key in ("accuracy_kept", "speedup", "kl_div", "perplexity", "accuracy", "throughput", "parameters_kept"):
+    for key in (
+        "accuracy_kept",
+        "speedup",
+        "kl_div",
+        "perplexity",
+        "accuracy",
+        "throughput",
+        "parameters_kept",
+    ):
         value = figures.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool):
             metrics.log_metric(key, float(value))
     shutil.copyfile(Path(evaluation.path) / "report.html", _runtime.out_path(report))
     _runtime.describe(evaluation, manifest)
-    _runtime.track(evaluation, manifest, phase="evaluate", tracking_uri=tracking_uri, experiment=experiment, kfp_run_id=kfp_run_id)
+    _runtime.track(
+        evaluation,
+        manifest,
+        phase="evaluate",
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        kfp_run_id=kfp_run_id,
+    )
     outputs = namedtuple("Outputs", ["accuracy_kept", "speedup"])
     return outputs(float(figures.get("accuracy_kept") or 0.0), float(figures.get("speedup") or 0.0))

@@ -35,7 +35,9 @@ def test_evaluate_reports_accuracy_kept_and_speedup(
     written = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())["models"]["puzzle"]
     # A random tiny parent may predict no token right: accuracy kept is then undefined (None in
     # metrics.json) and the component returns 0.0, so the registry gate fails closed.
-    assert math.isclose(accuracy_kept, written["accuracy_kept"] if written["accuracy_kept"] is not None else 0.0)
+    assert math.isclose(
+        accuracy_kept, written["accuracy_kept"] if written["accuracy_kept"] is not None else 0.0
+    )
     assert math.isclose(speedup, written["speedup"]) and speedup > 0
     assert metrics.metadata.get("accuracy_kept", 0.0) == accuracy_kept
     assert metrics.metadata["kl_div"] > 0  # the child has no-op blocks: it differs from the parent

@@ -45,12 +45,21 @@ def export(
     _runtime.setup_logging()
     if serving_uri:
         storage.check_access(serving_uri, write=True)  # fail before the export, not after
-    manifest = export_child(child.path, _runtime.out_path(checkpoint), dtype=None if dtype in ("", "auto") else dtype)
+    manifest = export_child(
+        child.path, _runtime.out_path(checkpoint), dtype=None if dtype in ("", "auto") else dtype
+    )
     shutil.copyfile(Path(checkpoint.path) / REPORT_MD, _runtime.out_path(report))
     served = checkpoint.uri
     if serving_uri:
         _runtime.copy_artifact(checkpoint.path, serving_uri)
         served = serving_uri
     _runtime.describe(checkpoint, manifest, serving_uri=served)
-    _runtime.track(checkpoint, manifest, phase="export", tracking_uri=tracking_uri, experiment=experiment, kfp_run_id=kfp_run_id)
+    _runtime.track(
+        checkpoint,
+        manifest,
+        phase="export",
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        kfp_run_id=kfp_run_id,
+    )
     return served

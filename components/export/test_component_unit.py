@@ -31,7 +31,9 @@ def test_export_publishes_checkpoint_to_serving_prefix(tiny_child: Path, tmp_pat
     copied = json.loads((serving / "manifest.json").read_text())
     assert copied["kind"] == "export"
     assert copied["content_hash"] == checkpoint.metadata["content_hash"]
-    assert sorted(p.name for p in serving.iterdir()) == sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
+    assert sorted(p.name for p in serving.iterdir()) == sorted(
+        p.name for p in (tmp_path / "checkpoint").iterdir()
+    )
     assert checkpoint.metadata["serving_uri"] == str(serving)
 
 
@@ -50,7 +52,9 @@ def test_export_without_serving_prefix_returns_artifact_uri(tiny_child: Path, tm
     checkpoint, report = _outputs(tmp_path)
     child = dsl.Model(name="child", uri=str(tiny_child), metadata={})
 
-    served = export.python_func(child=child, serving_uri="", checkpoint=checkpoint, report=report, dtype="bfloat16")
+    served = export.python_func(
+        child=child, serving_uri="", checkpoint=checkpoint, report=report, dtype="bfloat16"
+    )
 
     assert served == checkpoint.uri
     assert checkpoint.metadata["dtype"] == "bfloat16"

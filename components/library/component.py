@@ -66,4 +66,11 @@ def build_library(
         device=None if device == "auto" else device,
     )
     _runtime.describe(library, manifest)
-    _runtime.track(library, manifest, phase="library", tracking_uri=tracking_uri, experiment=experiment, kfp_run_id=kfp_run_id)
+    _runtime.track(
+        library,
+        manifest,
+        phase="library",
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        kfp_run_id=kfp_run_id,
+    )

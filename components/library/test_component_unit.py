@@ -12,7 +12,9 @@ from components.conftest import TINY_SPACE
 from components.library.component import build_library
 
 
-def test_build_library_holds_the_requested_variants(tiny_child: Path, tiny_tokens: Path, tmp_path: Path) -> None:
+def test_build_library_holds_the_requested_variants(
+    tiny_child: Path, tiny_tokens: Path, tmp_path: Path
+) -> None:
     library = dsl.Model(name="library", uri=str(tmp_path / "library"), metadata={})
     child = dsl.Model(name="child", uri=str(tiny_child), metadata={})
     tokens = dsl.Dataset(name="tokens", uri=str(tiny_tokens), metadata={})
@@ -29,12 +31,16 @@ def test_build_library_holds_the_requested_variants(tiny_child: Path, tiny_token
     assert library.metadata["variants"] == 15
 
 
-def test_build_library_rejects_kv_heads_that_do_not_divide(tiny_child: Path, tiny_tokens: Path, tmp_path: Path) -> None:
+def test_build_library_rejects_kv_heads_that_do_not_divide(
+    tiny_child: Path, tiny_tokens: Path, tmp_path: Path
+) -> None:
     from puzzle.errors import PuzzleError
 
     library = dsl.Model(name="library", uri=str(tmp_path / "library"), metadata={})
     child = dsl.Model(name="child", uri=str(tiny_child), metadata={})
     tokens = dsl.Dataset(name="tokens", uri=str(tiny_tokens), metadata={})
     with pytest.raises(PuzzleError, match="kv_heads"):
-        build_library.python_func(child=child, tokens=tokens, library=library, **{**TINY_SPACE, "kv_heads": [3]})
+        build_library.python_func(
+            child=child, tokens=tokens, library=library, **{**TINY_SPACE, "kv_heads": [3]}
+        )
     assert not (tmp_path / "library").exists()

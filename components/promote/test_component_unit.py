@@ -23,9 +23,25 @@ def test_promote_checks_the_version_tags(tiny_export: Path, tracking_server) -> 
     client = MlflowClient(tracking_uri=tracking_server, registry_uri=tracking_server)
 
     # Even if a stale gate let it through, a version below target does not become champion.
-    assert promote.python_func(model_name=name, version=version, min_accuracy_kept=0.95, min_speedup=1.3,
-                               tracking_uri=tracking_server) is False
+    assert (
+        promote.python_func(
+            model_name=name,
+            version=version,
+            min_accuracy_kept=0.95,
+            min_speedup=1.3,
+            tracking_uri=tracking_server,
+        )
+        is False
+    )
     assert "champion" not in client.get_model_version(name, version).aliases
-    assert promote.python_func(model_name=name, version=version, min_accuracy_kept=0.9, min_speedup=1.3,
-                               tracking_uri=tracking_server) is True
+    assert (
+        promote.python_func(
+            model_name=name,
+            version=version,
+            min_accuracy_kept=0.9,
+            min_speedup=1.3,
+            tracking_uri=tracking_server,
+        )
+        is True
+    )
     assert "champion" in client.get_model_version(name, version).aliases

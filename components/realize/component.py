@@ -34,7 +34,18 @@ def realize(
 
     _runtime.setup_logging()
     manifest = realize_child(
-        library.path, solutions.path, _runtime.out_path(child), solution_index=int(solution_index), parent_child=parent.path
+        library.path,
+        solutions.path,
+        _runtime.out_path(child),
+        solution_index=int(solution_index),
+        parent_child=parent.path,
     )
     _runtime.describe(child, manifest, solution_index=int(solution_index))
-    _runtime.track(child, manifest, phase="realize", tracking_uri=tracking_uri, experiment=experiment, kfp_run_id=kfp_run_id)
+    _runtime.track(
+        child,
+        manifest,
+        phase="realize",
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        kfp_run_id=kfp_run_id,
+    )

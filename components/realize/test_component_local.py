@@ -15,7 +15,9 @@ def test_realize_builds_the_best_solution(local_pipeline_run) -> None:
     _, best = pick_solution(str(run.artifact("search", "solutions")), 0)
     config = json.loads((run.artifact("realize", "child") / "config.json").read_text())
     names = [
-        BlockConfig.from_json(b, hidden_size=config["hidden_size"], num_attention_heads=config["num_attention_heads"]).name
+        BlockConfig.from_json(
+            b, hidden_size=config["hidden_size"], num_attention_heads=config["num_attention_heads"]
+        ).name
         for b in config["block_configs"]
     ]
     assert names == [b.name for b in best]

@@ -20,7 +20,9 @@ def _inputs(tiny_library: Path, tiny_solutions: Path, tiny_child: Path) -> dict[
     }
 
 
-def test_realize_builds_the_solution(tiny_library: Path, tiny_solutions: Path, tiny_child: Path, tmp_path: Path) -> None:
+def test_realize_builds_the_solution(
+    tiny_library: Path, tiny_solutions: Path, tiny_child: Path, tmp_path: Path
+) -> None:
     from puzzle.modeling import BlockConfig
 
     child = dsl.Model(name="child", uri=str(tmp_path / "child"), metadata={})
@@ -29,17 +31,26 @@ def test_realize_builds_the_solution(tiny_library: Path, tiny_solutions: Path, t
 
     config = json.loads((tmp_path / "child" / "config.json").read_text())
     names = [
-        BlockConfig.from_json(b, hidden_size=config["hidden_size"], num_attention_heads=config["num_attention_heads"]).name
+        BlockConfig.from_json(
+            b, hidden_size=config["hidden_size"], num_attention_heads=config["num_attention_heads"]
+        ).name
         for b in config["block_configs"]
     ]
     assert names == TINY_SOLUTION
     assert child.metadata["kind"] == "child"
-    assert child.metadata["num_parameters"] < json.loads((tiny_child / "manifest.json").read_text())["summary"]["num_parameters"]
+    assert (
+        child.metadata["num_parameters"]
+        < json.loads((tiny_child / "manifest.json").read_text())["summary"]["num_parameters"]
+    )
 
 
-def test_realize_rejects_missing_solution(tiny_library: Path, tiny_solutions: Path, tiny_child: Path, tmp_path: Path) -> None:
+def test_realize_rejects_missing_solution(
+    tiny_library: Path, tiny_solutions: Path, tiny_child: Path, tmp_path: Path
+) -> None:
     from puzzle.errors import PuzzleError
 
     child = dsl.Model(name="child", uri=str(tmp_path / "child"), metadata={})
     with pytest.raises(PuzzleError, match="out of range"):
-        realize.python_func(child=child, solution_index=3, **_inputs(tiny_library, tiny_solutions, tiny_child))
+        realize.python_func(
+            child=child, solution_index=3, **_inputs(tiny_library, tiny_solutions, tiny_child)
+        )

@@ -34,9 +34,14 @@ def record_outcome(
 
     _runtime.setup_logging()
     state = str(status.state).upper()
-    mlflow_status = {"SUCCEEDED": "FINISHED", "CANCELED": "KILLED", "CANCELLED": "KILLED"}.get(state, "FAILED")
+    mlflow_status = {"SUCCEEDED": "FINISHED", "CANCELED": "KILLED", "CANCELLED": "KILLED"}.get(
+        state, "FAILED"
+    )
     logging.getLogger(__name__).info(
-        "pipeline run %s ended %s (%s)%s", kfp_run_id, state, mlflow_status,
+        "pipeline run %s ended %s (%s)%s",
+        kfp_run_id,
+        state,
+        mlflow_status,
         f": {status.error_message}" if status.error_message else "",
     )
     with tracking.pipeline_run(
@@ -54,5 +59,7 @@ def record_outcome(
                     "puzzle.error": (status.error_message or "")[:5000] or None,
                 }
             )
-    tracking.finish_pipeline_run(kfp_run_id, mlflow_status, tracking_uri=tracking_uri or None, experiment=experiment or "puzzle")
+    tracking.finish_pipeline_run(
+        kfp_run_id, mlflow_status, tracking_uri=tracking_uri or None, experiment=experiment or "puzzle"
+    )
     return mlflow_status

@@ -12,5 +12,7 @@ def test_record_outcome_closes_the_mlflow_run(local_pipeline_run) -> None:
     assert run.parameter("record-outcome", "Output") == "FINISHED"
     client = MlflowClient(tracking_uri=run.tracking_uri)
     experiment = client.get_experiment_by_name(run.arguments["tracking_experiment"])
-    (top,) = client.search_runs([experiment.experiment_id], filter_string="tags.`puzzle.outcome` = 'SUCCEEDED'")
+    (top,) = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`puzzle.outcome` = 'SUCCEEDED'"
+    )
     assert top.info.status == "FINISHED"

@@ -14,8 +14,11 @@ pytestmark = pytest.mark.integration
 
 def _status(state: str, error: str | None = None) -> dsl.PipelineTaskFinalStatus:
     return dsl.PipelineTaskFinalStatus(
-        state=state, pipeline_job_resource_name="projects/p/runs/r", pipeline_task_name="exit-handler-1",
-        error_code=1 if error else None, error_message=error,
+        state=state,
+        pipeline_job_resource_name="projects/p/runs/r",
+        pipeline_task_name="exit-handler-1",
+        error_code=1 if error else None,
+        error_message=error,
     )
 
 
@@ -25,13 +28,16 @@ def test_a_failed_run_is_recorded_as_failed(tracking_server) -> None:
     from puzzle import tracking
 
     kfp_run_id = f"kfp-{uuid.uuid4().hex[:8]}"
-    with tracking.pipeline_run(name="unit", tracking_uri=tracking_server, experiment="unit-outcome",
-                               kfp_run_id=kfp_run_id) as run:
+    with tracking.pipeline_run(
+        name="unit", tracking_uri=tracking_server, experiment="unit-outcome", kfp_run_id=kfp_run_id
+    ) as run:
         run_id = run.run_id
 
     result = record_outcome.python_func(
-        status=_status("FAILED", "Task distill failed: CUDA out of memory"), kfp_run_id=kfp_run_id,
-        tracking_uri=tracking_server, experiment="unit-outcome",
+        status=_status("FAILED", "Task distill failed: CUDA out of memory"),
+        kfp_run_id=kfp_run_id,
+        tracking_uri=tracking_server,
+        experiment="unit-outcome",
     )
 
     assert result == "FAILED"
@@ -45,14 +51,25 @@ def test_an_outcome_without_an_mlflow_run_yet_creates_one(tracking_server) -> No
     from mlflow import MlflowClient
 
     kfp_run_id = f"kfp-{uuid.uuid4().hex[:8]}"
-    assert record_outcome.python_func(status=_status("SUCCEEDED"), kfp_run_id=kfp_run_id,
-                                      tracking_uri=tracking_server, experiment="unit-outcome") == "FINISHED"
+    assert (
+        record_outcome.python_func(
+            status=_status("SUCCEEDED"),
+            kfp_run_id=kfp_run_id,
+            tracking_uri=tracking_server,
+            experiment="unit-outcome",
+        )
+        == "FINISHED"
+    )
     client = MlflowClient(tracking_uri=tracking_server)
     experiment = client.get_experiment_by_name("unit-outcome")
-    (found,) = client.search_runs([experiment.experiment_id], filter_string=f"tags.`puzzle.kfp_run_id` = '{kfp_run_id}'")
+    (found,) = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`puzzle.kfp_run_id` = '{kfp_run_id}'"
+    )
     assert found.info.status == "FINISHED" and found.data.tags["puzzle.outcome"] == "SUCCEEDED"
 
 
 def test_without_tracking_the_outcome_is_only_logged(monkeypatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert record_outcome.python_func(status=_status("CANCELLED"), kfp_run_id="k", tracking_uri="") == "KILLED"
+    assert (
+        record_outcome.python_func(status=_status("CANCELLED"), kfp_run_id="k", tracking_uri="") == "KILLED"
+    )

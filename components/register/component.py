@@ -62,7 +62,11 @@ def register(
         kfp_run_id=kfp_run_id or None,
     ):
         registration = registry.register_child(
-            checkpoint.path, model_name, lineage, tracking_uri=tracking_uri or None, experiment=experiment or "puzzle"
+            checkpoint.path,
+            model_name,
+            lineage,
+            tracking_uri=tracking_uri or None,
+            experiment=experiment or "puzzle",
         )
     checkpoint.metadata["registered_model"] = registration.uri
     outputs = namedtuple("Outputs", ["model_uri", "version"])

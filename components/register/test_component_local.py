@@ -12,5 +12,7 @@ def test_register_creates_a_candidate_version(local_pipeline_run) -> None:
     name = run.arguments["registry_model_name"]
     version = run.parameter("register", "version")
     assert run.parameter("register", "model_uri") == f"models:/{name}/{version}"
-    mv = MlflowClient(tracking_uri=run.tracking_uri, registry_uri=run.tracking_uri).get_model_version(name, version)
+    mv = MlflowClient(tracking_uri=run.tracking_uri, registry_uri=run.tracking_uri).get_model_version(
+        name, version
+    )
     assert "candidate" in mv.aliases and mv.tags["puzzle.kfp_run_id"]

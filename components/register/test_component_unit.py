@@ -14,7 +14,9 @@ from components.register.component import register
 pytestmark = pytest.mark.integration
 
 
-def test_register_tags_lineage_and_does_not_duplicate(tiny_export: Path, tracking_server, tmp_path: Path) -> None:
+def test_register_tags_lineage_and_does_not_duplicate(
+    tiny_export: Path, tracking_server, tmp_path: Path
+) -> None:
     from mlflow import MlflowClient
 
     name = f"unit-{uuid.uuid4().hex[:8]}"
@@ -35,7 +37,9 @@ def test_register_tags_lineage_and_does_not_duplicate(tiny_export: Path, trackin
     again_uri, again = register.python_func(**kwargs)
 
     assert model_uri == f"models:/{name}/{version}" and (again_uri, again) == (model_uri, version)
-    mv = MlflowClient(tracking_uri=tracking_server, registry_uri=tracking_server).get_model_version(name, version)
+    mv = MlflowClient(tracking_uri=tracking_server, registry_uri=tracking_server).get_model_version(
+        name, version
+    )
     assert mv.aliases == ["candidate"]
     assert mv.tags["puzzle.parent_model"] == "llama-parent" and mv.tags["puzzle.parent_version"] == "4"
     assert float(mv.tags["puzzle.speedup"]) == pytest.approx(1.6)
@@ -51,5 +55,7 @@ def test_register_without_tracking_uri_says_so(tiny_export: Path, tmp_path: Path
         register.python_func(
             checkpoint=dsl.Model(name="checkpoint", uri=str(tiny_export), metadata={}),
             evaluation=dsl.Artifact(name="evaluation", uri=str(evaluation), metadata={}),
-            model_name="x", parent_uri="s3://p/q", constraints=[],
+            model_name="x",
+            parent_uri="s3://p/q",
+            constraints=[],
         )

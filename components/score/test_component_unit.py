@@ -20,11 +20,18 @@ def _inputs(library: Path, child: Path, tokens: Path) -> dict[str, dsl.Artifact]
     }
 
 
-def test_score_blocks_scores_its_shard(tiny_trained_library: Path, tiny_child: Path, tiny_tokens: Path, tmp_path: Path) -> None:
+def test_score_blocks_scores_its_shard(
+    tiny_trained_library: Path, tiny_child: Path, tiny_tokens: Path, tmp_path: Path
+) -> None:
     scores = dsl.Artifact(name="scores", uri=str(tmp_path / "scores"), metadata={})
 
     score_blocks.python_func(
-        shard_index=0.0, num_shards=2, metrics=TINY_METRICS, scores=scores, batch_size=4, device="cpu",
+        shard_index=0.0,
+        num_shards=2,
+        metrics=TINY_METRICS,
+        scores=scores,
+        batch_size=4,
+        device="cpu",
         **_inputs(tiny_trained_library, tiny_child, tiny_tokens),
     )
 
@@ -39,12 +46,16 @@ def test_score_blocks_scores_its_shard(tiny_trained_library: Path, tiny_child: P
     assert scores.metadata["shard"] == "0/2"
 
 
-def test_score_blocks_rejects_unknown_metric(tiny_trained_library: Path, tiny_child: Path, tiny_tokens: Path, tmp_path: Path) -> None:
+def test_score_blocks_rejects_unknown_metric(
+    tiny_trained_library: Path, tiny_child: Path, tiny_tokens: Path, tmp_path: Path
+) -> None:
     from puzzle.errors import PuzzleError
 
     with pytest.raises(PuzzleError, match="bleu"):
         score_blocks.python_func(
-            shard_index=0, num_shards=1, metrics=["bleu"],
+            shard_index=0,
+            num_shards=1,
+            metrics=["bleu"],
             scores=dsl.Artifact(name="scores", uri=str(tmp_path / "scores"), metadata={}),
             **_inputs(tiny_trained_library, tiny_child, tiny_tokens),
         )

@@ -43,4 +43,11 @@ def merge_scores(
         f"<html><body><h1>Replace-1-block scores</h1>{image_tag}</body></html>\n"
     )
     _runtime.describe(scores, manifest)
-    _runtime.track(scores, manifest, phase="scores", tracking_uri=tracking_uri, experiment=experiment, kfp_run_id=kfp_run_id)
+    _runtime.track(
+        scores,
+        manifest,
+        phase="scores",
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        kfp_run_id=kfp_run_id,
+    )

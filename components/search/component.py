@@ -50,4 +50,11 @@ def search(
         time_limit=float(time_limit_s),
     )
     _runtime.describe(solutions, manifest)
-    _runtime.track(solutions, manifest, phase="search", tracking_uri=tracking_uri, experiment=experiment, kfp_run_id=kfp_run_id)
+    _runtime.track(
+        solutions,
+        manifest,
+        phase="search",
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        kfp_run_id=kfp_run_id,
+    )

@@ -1,6 +1,5 @@
 """KFP component: the shard indices a fan-out step iterates over (``dsl.ParallelFor`` items)."""
 
-
 from kfp import dsl
 
 from pipelines.images import CPU_IMAGE, image

@@ -63,7 +63,14 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, work_dir: str | Path, tracking_uri: str, *, max_parallel: int = 1, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        work_dir: str | Path,
+        tracking_uri: str,
+        *,
+        max_parallel: int = 1,
+        env: dict[str, str] | None = None,
+    ):
         self.work_dir = Path(work_dir).resolve()
         self.tracking_uri = tracking_uri
         self.env = dict(env or {})
@@ -90,7 +97,9 @@ class LocalBackend:
             "experiment": config.tracking.experiment,
         }
         (run_dir / "job.json").write_text(json.dumps(job, indent=2))
-        thread = threading.Thread(target=self._run, args=(run_id, run_dir), name=f"local-run-{run_id}", daemon=True)
+        thread = threading.Thread(
+            target=self._run, args=(run_id, run_dir), name=f"local-run-{run_id}", daemon=True
+        )
         with self._lock:
             self._threads[run_id] = thread
         thread.start()
@@ -195,7 +204,10 @@ class KfpBackend:
         from pipelines.parameters import pipeline_arguments
 
         return pipeline_arguments(
-            request.config, serving_uri=self.serving_uri, gpu_product=self.gpu_product, profile=request.profile
+            request.config,
+            serving_uri=self.serving_uri,
+            gpu_product=self.gpu_product,
+            profile=request.profile,
         )
 
     def submit(self, request: RunRequest) -> str:

@@ -41,7 +41,10 @@ def run_job(job: dict[str, Any]) -> str:
     # `puzzle run` registered the child already when the config names a registered model; this
     # returns that version (same content) and adds the lineage only the trigger knows.
     registration = registry.register_child(
-        result.export_uri, job["child_model"], lineage, tracking_uri=job["tracking_uri"],
+        result.export_uri,
+        job["child_model"],
+        lineage,
+        tracking_uri=job["tracking_uri"],
         experiment=config.tracking.experiment,
     )
     gates = config.registry.gates
@@ -74,7 +77,10 @@ def _close_tracking(job: dict[str, Any], status: str) -> None:
 
     try:
         tracking.finish_pipeline_run(
-            job["run_id"], status, tracking_uri=job["tracking_uri"], experiment=job.get("experiment", "puzzle")
+            job["run_id"],
+            status,
+            tracking_uri=job["tracking_uri"],
+            experiment=job.get("experiment", "puzzle"),
         )
     except Exception:  # noqa: BLE001 - the outcome tags on the parent version matter more
         log.exception("could not close the MLflow run of %s", job["run_id"])
@@ -97,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     # The service tags the version "submitted" right after starting this process; wait for it, so
     # that "running" is never overwritten by that earlier state.
     deadline = time.time() + 60
-    while client.get_model_version(job["model"], job["version"]).tags.get(TAG_RUN_ID) != job["run_id"] and time.time() < deadline:
+    while (
+        client.get_model_version(job["model"], job["version"]).tags.get(TAG_RUN_ID) != job["run_id"]
+        and time.time() < deadline
+    ):
         time.sleep(0.5)
     tag(TAG_STATE, "running")
     try:

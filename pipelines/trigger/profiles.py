@@ -30,7 +30,11 @@ def known_profiles(profiles_dir: str | None) -> list[str]:
 
 
 def run_config(
-    profile: str, parent_uri: str, *, profiles_dir: str | None = None, overrides: tuple[str, ...] | list[str] = ()
+    profile: str,
+    parent_uri: str,
+    *,
+    profiles_dir: str | None = None,
+    overrides: tuple[str, ...] | list[str] = (),
 ) -> RunConfig:
     """The validated run configuration of ``profile`` for the parent at ``parent_uri``."""
     if not PROFILE_NAME.match(profile):
@@ -41,9 +45,13 @@ def run_config(
     path = Path(profiles_dir) / f"{profile}.yaml" if profiles_dir else None
     if path is None or not path.is_file():
         if profile != DEFAULT_PROFILE:
-            raise ProfileError(f"unknown profile {profile!r}; known: {', '.join(known_profiles(profiles_dir))}")
+            raise ProfileError(
+                f"unknown profile {profile!r}; known: {', '.join(known_profiles(profiles_dir))}"
+            )
         path = None
     try:
-        return load_config(str(path) if path else None, [*overrides, f"parent={json.dumps(parent_uri)}"], check_access=False)
+        return load_config(
+            str(path) if path else None, [*overrides, f"parent={json.dumps(parent_uri)}"], check_access=False
+        )
     except ConfigError as exc:
         raise ProfileError(f"profile {profile!r} is not a valid run configuration: {exc}") from exc

@@ -63,8 +63,15 @@ def _handler_for(service: TriggerService) -> type[BaseHTTPRequestHandler]:
             log.debug("http", extra={"client": self.client_address[0], "request": self.requestline})
 
         def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-            log.info("http", extra={"client": self.client_address[0], "method": self.command,
-                                    "path": self.path.split("?")[0], "status": int(code) if str(code).isdigit() else code})
+            log.info(
+                "http",
+                extra={
+                    "client": self.client_address[0],
+                    "method": self.command,
+                    "path": self.path.split("?")[0],
+                    "status": int(code) if str(code).isdigit() else code,
+                },
+            )
 
     return Handler
 
@@ -89,11 +96,15 @@ class TriggerServer:
         self._threads.append(serve)
         interval = self.service.settings.reconcile_interval_s
         if interval > 0:
-            loop = threading.Thread(target=self._reconcile_loop, args=(interval,), name="trigger-reconcile", daemon=True)
+            loop = threading.Thread(
+                target=self._reconcile_loop, args=(interval,), name="trigger-reconcile", daemon=True
+            )
             loop.start()
             self._threads.append(loop)
-        log.info("trigger service listening", extra={"port": self.port, "backend": self.service.backend.name,
-                                                    "reconcile_interval_s": interval})
+        log.info(
+            "trigger service listening",
+            extra={"port": self.port, "backend": self.service.backend.name, "reconcile_interval_s": interval},
+        )
         return self
 
     def _reconcile_loop(self, interval: float) -> None:

@@ -85,7 +85,9 @@ class TriggerService:
 
     def _reject(self, status: int, reason: str, delivery_id: str | None = None) -> Response:
         self.stats.add(f"rejected_{status}")
-        log.warning("delivery rejected", extra={"status": status, "reason": reason, "delivery_id": delivery_id})
+        log.warning(
+            "delivery rejected", extra={"status": status, "reason": reason, "delivery_id": delivery_id}
+        )
         return Response(status, {"status": "rejected", "reason": reason})
 
     def check_size(self, content_length: str | None) -> Response | None:
@@ -99,10 +101,14 @@ class TriggerService:
         if length < 0:
             return self._reject(400, "malformed Content-Length")
         if length > self.settings.max_body_bytes:
-            return self._reject(413, f"body of {length} bytes exceeds the limit of {self.settings.max_body_bytes}")
+            return self._reject(
+                413, f"body of {length} bytes exceeds the limit of {self.settings.max_body_bytes}"
+            )
         return None
 
-    def handle_delivery(self, headers: Mapping[str, str], body: bytes, *, now: float | None = None) -> Response:
+    def handle_delivery(
+        self, headers: Mapping[str, str], body: bytes, *, now: float | None = None
+    ) -> Response:
         """Verify and act on one webhook delivery (headers are matched case-insensitively)."""
         self.stats.add("received")
         lower = {k.lower(): v for k, v in headers.items()}
@@ -123,7 +129,9 @@ class TriggerService:
             return self._reject(400, f"malformed {TIMESTAMP_HEADER}", delivery_id)
         now = time.time() if now is None else now
         if abs(now - sent) > self.settings.window_s:
-            return self._reject(401, f"timestamp outside the {self.settings.window_s:.0f} s window", delivery_id)
+            return self._reject(
+                401, f"timestamp outside the {self.settings.window_s:.0f} s window", delivery_id
+            )
         if not signature.verify(self.settings.secret, delivery_id, timestamp, body, sig):
             return self._reject(401, "invalid signature", delivery_id)
         try:
@@ -134,7 +142,11 @@ class TriggerService:
             return self._reject(400, "payload must be an object with a 'data' object", delivery_id)
         event = f"{payload.get('entity')}.{payload.get('action')}"
         if event not in SUPPORTED_EVENTS:
-            return self._reject(400, f"unsupported event {event!r}; subscribe the webhook to {', '.join(SUPPORTED_EVENTS)}", delivery_id)
+            return self._reject(
+                400,
+                f"unsupported event {event!r}; subscribe the webhook to {', '.join(SUPPORTED_EVENTS)}",
+                delivery_id,
+            )
         data = payload["data"]
         if not isinstance(data.get("name"), str) or not isinstance(data.get("version"), str | int):
             return self._reject(400, "event data needs the model 'name' and 'version'", delivery_id)
@@ -157,11 +169,17 @@ class TriggerService:
         name, version = str(data["name"]), str(data["version"])
         if event == TAG_SET:
             if data.get("key") != self.settings.request_tag:
-                return {"status": "ignored", "reason": f"tag {data.get('key')!r} is not {self.settings.request_tag!r}"}
+                return {
+                    "status": "ignored",
+                    "reason": f"tag {data.get('key')!r} is not {self.settings.request_tag!r}",
+                }
             profile = str(data.get("value") or "").strip()
         else:
             if data.get("alias") != self.settings.request_alias:
-                return {"status": "ignored", "reason": f"alias {data.get('alias')!r} is not {self.settings.request_alias!r}"}
+                return {
+                    "status": "ignored",
+                    "reason": f"alias {data.get('alias')!r} is not {self.settings.request_alias!r}",
+                }
             profile = self.settings.alias_profile
         return self.request(name, version, profile, source=source, retry_failed=True)
 
@@ -171,7 +189,9 @@ class TriggerService:
         for key, value in tags.items():
             self.client.set_model_version_tag(name, version, key, value)
 
-    def request(self, name: str, version: str, profile: str, *, source: str, retry_failed: bool) -> dict[str, Any]:
+    def request(
+        self, name: str, version: str, profile: str, *, source: str, retry_failed: bool
+    ) -> dict[str, Any]:
         """Submit a run of ``profile`` for ``name``/``version`` unless one is already settled."""
         from mlflow.exceptions import MlflowException
 
@@ -189,8 +209,16 @@ class TriggerService:
             previous = self.store.latest_submission(name, version, profile)
             if previous is not None and previous.run_id and TAG_RUN_ID not in tags:
                 # Submitted before a crash, but never tagged: repair the tags, do not submit again.
-                self._tag(name, version, {TAG_PROFILE: profile, TAG_STATE: "submitted", TAG_BACKEND: previous.backend,
-                                          TAG_RUN_ID: previous.run_id})
+                self._tag(
+                    name,
+                    version,
+                    {
+                        TAG_PROFILE: profile,
+                        TAG_STATE: "submitted",
+                        TAG_BACKEND: previous.backend,
+                        TAG_RUN_ID: previous.run_id,
+                    },
+                )
                 return {"status": "repaired", "run_id": previous.run_id}
             child_model = self.settings.child_model.format(model=name)
             try:
@@ -201,8 +229,13 @@ class TriggerService:
                     overrides=(*self.settings.overrides, f"registry.model_name={json.dumps(child_model)}"),
                 )
             except ProfileError as exc:
-                self._tag(name, version, {TAG_PROFILE: profile, TAG_STATE: "rejected", TAG_ERROR: str(exc)[:500]})
-                log.warning("request rejected", extra={"model": name, "version": version, "profile": profile, "reason": str(exc)})
+                self._tag(
+                    name, version, {TAG_PROFILE: profile, TAG_STATE: "rejected", TAG_ERROR: str(exc)[:500]}
+                )
+                log.warning(
+                    "request rejected",
+                    extra={"model": name, "version": version, "profile": profile, "reason": str(exc)},
+                )
                 return {"status": "rejected", "reason": str(exc)}
             submission = self.store.begin_submission(name, version, profile, self.backend.name, source)
             try:
@@ -212,13 +245,30 @@ class TriggerService:
                 raise
             self.store.complete_submission(submission, run_id)
             # The run id goes last: a version whose run id is this run's has all of its tags.
-            self._tag(name, version, {TAG_PROFILE: profile, TAG_STATE: "submitted", TAG_BACKEND: self.backend.name,
-                                      TAG_RUN_ID: run_id})
+            self._tag(
+                name,
+                version,
+                {
+                    TAG_PROFILE: profile,
+                    TAG_STATE: "submitted",
+                    TAG_BACKEND: self.backend.name,
+                    TAG_RUN_ID: run_id,
+                },
+            )
             if tags.get(TAG_ERROR):
                 self.client.delete_model_version_tag(name, version, TAG_ERROR)
         self.stats.add("submitted_runs")
-        log.info("run submitted", extra={"model": name, "version": version, "profile": profile, "run_id": run_id,
-                                         "backend": self.backend.name, "source": source})
+        log.info(
+            "run submitted",
+            extra={
+                "model": name,
+                "version": version,
+                "profile": profile,
+                "run_id": run_id,
+                "backend": self.backend.name,
+                "source": source,
+            },
+        )
         return {"status": "submitted", "run_id": run_id}
 
     def reconcile(self) -> list[dict[str, Any]]:
@@ -233,7 +283,9 @@ class TriggerService:
             if mv.tags.get(TAG_PROFILE) == profile and TAG_STATE in mv.tags:
                 continue
             try:
-                outcome = self.request(mv.name, str(mv.version), profile, source="reconcile", retry_failed=False)
+                outcome = self.request(
+                    mv.name, str(mv.version), profile, source="reconcile", retry_failed=False
+                )
             except Exception:
                 log.exception("reconcile: request failed", extra={"model": mv.name, "version": mv.version})
                 continue

@@ -80,9 +80,13 @@ class TriggerSettings:
                 "no webhook secret: set PUZZLE_TRIGGER_SECRET or --secret-file (unsigned webhooks are never accepted)"
             )
         if self.request_tag in OWN_TAGS:
-            raise TriggerConfigError(f"--request-tag {self.request_tag!r} is one of the tags the service writes back")
+            raise TriggerConfigError(
+                f"--request-tag {self.request_tag!r} is one of the tags the service writes back"
+            )
         if not _ALIAS.match(self.request_alias):
-            raise TriggerConfigError(f"--request-alias {self.request_alias!r} must be letters, digits, '-' or '_'")
+            raise TriggerConfigError(
+                f"--request-alias {self.request_alias!r} must be letters, digits, '-' or '_'"
+            )
         if self.window_s <= 0:
             raise TriggerConfigError(f"--window must be > 0 seconds, got {self.window_s}")
         if self.max_body_bytes <= 0:
@@ -90,11 +94,15 @@ class TriggerSettings:
         if self.backend not in BACKENDS:
             raise TriggerConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.backend == "kfp" and not (self.kfp_host and self.pipeline_package):
-            raise TriggerConfigError("--backend kfp needs --kfp-host and --pipeline-package (the compiled pipeline YAML)")
+            raise TriggerConfigError(
+                "--backend kfp needs --kfp-host and --pipeline-package (the compiled pipeline YAML)"
+            )
         if not self.child_model.strip():
             raise TriggerConfigError("--child-model must not be empty")
         if self.profiles_dir is not None and not Path(self.profiles_dir).is_dir():
-            raise TriggerConfigError(f"--profiles {self.profiles_dir!r} is not a directory of <profile>.yaml files")
+            raise TriggerConfigError(
+                f"--profiles {self.profiles_dir!r} is not a directory of <profile>.yaml files"
+            )
 
     def replace(self, **changes: object) -> TriggerSettings:
         return dataclasses.replace(self, **changes)

@@ -94,7 +94,9 @@ class TriggerStore:
     def prune_deliveries(self, older_than_s: float) -> int:
         """Forget delivery ids older than the timestamp window (they would be rejected as stale)."""
         with self._tx() as db:
-            return db.execute("DELETE FROM deliveries WHERE received_at < ?", (time.time() - older_than_s,)).rowcount
+            return db.execute(
+                "DELETE FROM deliveries WHERE received_at < ?", (time.time() - older_than_s,)
+            ).rowcount
 
     def delivery_count(self) -> int:
         with self._lock:

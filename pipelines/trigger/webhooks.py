@@ -40,7 +40,9 @@ def register_webhook(client: Any, url: str, secret: str, *, name: str = DEFAULT_
     """
     events = list(SUPPORTED_EVENTS)
     same = [h for h in _all_webhooks(client) if h.name == name]
-    description = "Puzzle trigger service: runs Puzzle when a model version is tagged puzzle.request=<profile>"
+    description = (
+        "Puzzle trigger service: runs Puzzle when a model version is tagged puzzle.request=<profile>"
+    )
     if same:
         keep, *extra = sorted(same, key=lambda h: h.creation_timestamp)
         for hook in extra:  # left over from an earlier, non-idempotent registration

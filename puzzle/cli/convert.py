@@ -18,7 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("parent", help="parent reference (see above)")
     p.add_argument("--out", required=True, help="output artifact: local directory or s3://bucket/prefix")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype"
+    )
     p.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
     p.set_defaults(func=run)
 
@@ -31,5 +33,7 @@ def run(args: argparse.Namespace) -> int:
         artifacts.delete_if_exists(args.out)
     manifest = convert(args.parent, args.out, dtype=args.dtype)
     s = manifest.summary
-    print(f"child written to {args.out}: {s['family']}, {s['num_layers']} layers, {s['num_parameters']:,} parameters")
+    print(
+        f"child written to {args.out}: {s['family']}, {s['num_layers']} layers, {s['num_parameters']:,} parameters"
+    )
     return 0

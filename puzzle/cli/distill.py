@@ -26,12 +26,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("child", help="the realized child artifact")
     p.add_argument("--parent", required=True, help="the parent as an all-parent child artifact")
     p.add_argument("--tokens", required=True, help="tokens artifact (with a 'gkd' split unless --split)")
-    p.add_argument("--out", required=True, help="output child artifact: local directory or s3://bucket/prefix")
-    p.add_argument("--token-budget", type=int, required=True, help="training tokens (steps = budget / (batch x seq_len))")
+    p.add_argument(
+        "--out", required=True, help="output child artifact: local directory or s3://bucket/prefix"
+    )
+    p.add_argument(
+        "--token-budget", type=int, required=True, help="training tokens (steps = budget / (batch x seq_len))"
+    )
     p.add_argument("--batch-size", type=int, default=8, help="global batch in sequences (default 8)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
-    p.add_argument("--warmup-fraction", type=float, default=0.05, help="share of steps for linear warm-up (default 0.05)")
-    p.add_argument("--weight-cosine", type=float, default=1.0, help="weight of the per-layer cosine loss (default 1)")
+    p.add_argument(
+        "--warmup-fraction", type=float, default=0.05, help="share of steps for linear warm-up (default 0.05)"
+    )
+    p.add_argument(
+        "--weight-cosine", type=float, default=1.0, help="weight of the per-layer cosine loss (default 1)"
+    )
     p.add_argument("--weight-kl", type=float, default=1.0, help="weight of KL(parent||child) (default 1)")
     p.add_argument("--weight-lm", type=float, default=0.0, help="weight of the LM loss (default 0)")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")

@@ -31,7 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--parent", required=True, help="the parent as an all-parent child artifact")
     p.add_argument("--tokens", required=True, help="tokens artifact")
-    p.add_argument("--out", required=True, help="output evaluation artifact: local directory or s3://bucket/prefix")
+    p.add_argument(
+        "--out", required=True, help="output evaluation artifact: local directory or s3://bucket/prefix"
+    )
     p.add_argument("--split", default="eval", help="held-out split (default eval)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--workload-batch", type=int, default=1, help="speed workload: batch size (default 1)")
@@ -39,10 +41,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gen-len", type=int, default=64, help="speed workload: generated tokens (default 64)")
     p.add_argument("--repeats", type=int, default=3, help="speed measurements per model (default 3)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    p.add_argument("--baseline", action="append", default=[], metavar="NAME",
-                   help="mark child NAME as a baseline in the report (repeatable)")
-    p.add_argument("--lm-eval-task", action="append", default=[], metavar="TASK",
-                   help="an lm-evaluation-harness task (repeatable; skipped when unavailable)")
+    p.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="mark child NAME as a baseline in the report (repeatable)",
+    )
+    p.add_argument(
+        "--lm-eval-task",
+        action="append",
+        default=[],
+        metavar="TASK",
+        help="an lm-evaluation-harness task (repeatable; skipped when unavailable)",
+    )
     p.set_defaults(func=run)
 
 
@@ -51,7 +63,9 @@ def parse_children(items: list[str]) -> dict[str, str]:
     for item in items:
         name, sep, uri = item.partition("=")
         if not sep or not name or not uri:
-            raise _ChildArgError(f"child {item!r} must look like NAME=URI, e.g. puzzle=runs/default/distilled")
+            raise _ChildArgError(
+                f"child {item!r} must look like NAME=URI, e.g. puzzle=runs/default/distilled"
+            )
         out[name] = uri
     return out
 
@@ -80,9 +94,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"evaluation written to {args.out} (report.md, report.html)")
     for name, row in metrics["models"].items():
         if name == "parent":
-            print(f"  parent: accuracy {row['accuracy']:.4f}, perplexity {row['perplexity']:.2f}, "
-                  f"{row['throughput']:.1f} tokens/s")
+            print(
+                f"  parent: accuracy {row['accuracy']:.4f}, perplexity {row['perplexity']:.2f}, "
+                f"{row['throughput']:.1f} tokens/s"
+            )
             continue
-        print(f"  {name}: accuracy kept {row['accuracy_kept']:.1%} at {row['speedup']:.2f}x, "
-              f"KL {row['kl_div']:.4f}, perplexity {row['perplexity']:.2f}")
+        print(
+            f"  {name}: accuracy kept {row['accuracy_kept']:.1%} at {row['speedup']:.2f}x, "
+            f"KL {row['kl_div']:.4f}, perplexity {row['perplexity']:.2f}"
+        )
     return 0

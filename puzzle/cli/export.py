@@ -18,7 +18,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("child", help="child artifact (local directory or s3:// URI)")
     p.add_argument("--out", required=True, help="output directory or s3://bucket/prefix")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="cast weights (default: keep)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="cast weights (default: keep)",
+    )
     p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
     p.add_argument(
         "--verify",
@@ -32,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
     from puzzle.export import REPORT_JSON, export, export_dir, verify
 
     manifest = export(args.child, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
-    print(f"exported {manifest.summary['parameters']:,} parameters ({manifest.summary['dtype']}) to {args.out}")
+    print(
+        f"exported {manifest.summary['parameters']:,} parameters ({manifest.summary['dtype']}) to {args.out}"
+    )
     import json
 
     report = json.loads((export_dir(args.out) / REPORT_JSON).read_text())

@@ -32,23 +32,49 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "calibration tokens), linear FFN (least squares), no-op."
         ),
     )
-    build.add_argument("--child", required=True, help="the parent as an all-parent child artifact (puzzle convert)")
-    build.add_argument("--tokens", required=True, help="tokens artifact with a calibration split (puzzle data prepare)")
+    build.add_argument(
+        "--child", required=True, help="the parent as an all-parent child artifact (puzzle convert)"
+    )
+    build.add_argument(
+        "--tokens", required=True, help="tokens artifact with a calibration split (puzzle data prepare)"
+    )
     build.add_argument("--out", required=True, help="output library artifact (local path or s3://)")
-    build.add_argument("--kv-heads", type=int_list, default=None,
-                       help="KV-head counts, e.g. 8,4,2,1 (default: every divisor of the head count up to the parent's KV heads)")
-    build.add_argument("--ffn-fractions", type=float_list, default=None,
-                       help="FFN widths as fractions of the parent's (default 1,0.875,0.75,0.5,0.25,0.2,0.1)")
-    build.add_argument("--ffn-multiple", type=int, default=256,
-                       help="round widths to multiples of this when the parent's width is one (default 256)")
+    build.add_argument(
+        "--kv-heads",
+        type=int_list,
+        default=None,
+        help="KV-head counts, e.g. 8,4,2,1 (default: every divisor of the head count up to the parent's KV heads)",
+    )
+    build.add_argument(
+        "--ffn-fractions",
+        type=float_list,
+        default=None,
+        help="FFN widths as fractions of the parent's (default 1,0.875,0.75,0.5,0.25,0.2,0.1)",
+    )
+    build.add_argument(
+        "--ffn-multiple",
+        type=int,
+        default=256,
+        help="round widths to multiples of this when the parent's width is one (default 256)",
+    )
     build.add_argument("--no-linear", action="store_true", help="leave out linear attention and linear FFN")
     build.add_argument("--no-noop", action="store_true", help="leave out no-op attention and no-op FFN")
-    build.add_argument("--layers", type=int_list, default=None, help="only these layers, e.g. 0,1,2 (default: all)")
-    build.add_argument("--ffn-init", choices=("channel_contribution", "random"), default="channel_contribution",
-                       help="how narrower FFNs pick channels (random: a baseline)")
+    build.add_argument(
+        "--layers", type=int_list, default=None, help="only these layers, e.g. 0,1,2 (default: all)"
+    )
+    build.add_argument(
+        "--ffn-init",
+        choices=("channel_contribution", "random"),
+        default="channel_contribution",
+        help="how narrower FFNs pick channels (random: a baseline)",
+    )
     build.add_argument("--calibration-split", default="calibration", help="split of --tokens to calibrate on")
-    build.add_argument("--calibration-sequences", type=int, default=None,
-                       help="use only the calibration split's first N sequences (default: all)")
+    build.add_argument(
+        "--calibration-sequences",
+        type=int,
+        default=None,
+        help="use only the calibration split's first N sequences (default: all)",
+    )
     build.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass")
     build.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     build.set_defaults(func=run_build)
@@ -72,9 +98,16 @@ def run_build(args: argparse.Namespace) -> int:
         ffn_multiple=args.ffn_multiple,
     )
     manifest = build_library(
-        args.child, args.tokens, args.out, space=space, layers=args.layers, ffn_init=args.ffn_init,
-        calibration_split=args.calibration_split, calibration_sequences=args.calibration_sequences,
-        batch_size=args.batch_size, device=args.device,
+        args.child,
+        args.tokens,
+        args.out,
+        space=space,
+        layers=args.layers,
+        ffn_init=args.ffn_init,
+        calibration_split=args.calibration_split,
+        calibration_sequences=args.calibration_sequences,
+        batch_size=args.batch_size,
+        device=args.device,
     )
     print(json.dumps({"out": args.out, **manifest.summary}, indent=2))
     return 0
@@ -84,7 +117,9 @@ def run_show(args: argparse.Namespace) -> int:
     from puzzle.library import Library
 
     lib = Library.open(args.library)
-    print(f"library {args.library}: {len(lib.layers)} layers{' (partial: one BLD shard)' if lib.partial else ''}")
+    print(
+        f"library {args.library}: {len(lib.layers)} layers{' (partial: one BLD shard)' if lib.partial else ''}"
+    )
     for layer in lib.layers:
         cells = []
         for name in lib.variants(layer) + lib.coupled_blocks(layer):

@@ -46,20 +46,47 @@ def _add_run_config(p: argparse.ArgumentParser) -> None:
         default=None,
         help="directory of <profile>.yaml run configurations (default: $PUZZLE_PROFILES_DIR or /etc/puzzle/profiles)",
     )
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set search.constraints='[\"throughput>=2x\"]' (repeatable)")
-    p.add_argument("--serving-uri", default="", help="s3://bucket/prefix the exported checkpoint is published to")
-    p.add_argument("--gpu-product", default=None,
-                   help="node label nvidia.com/gpu.product of the target GPU (costs and speed are measured there), "
-                   "e.g. NVIDIA-H100-80GB-HBM3")
-    p.add_argument("--gkd-gpus", type=int, default=None, help="GPUs of the GKD step (torchrun in one pod; default 1)")
-    p.add_argument("--s3-secret", default=None, help="Kubernetes Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (default puzzle-s3)")
-    p.add_argument("--mlflow-secret", default=None,
-                   help="Kubernetes Secret with MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN (default puzzle-mlflow)")
-    p.add_argument("--env-config-map", default=None,
-                   help="ConfigMap with AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, MLFLOW_TRACKING_URI (default puzzle-env)")
-    p.add_argument("--package", default=_package_default(), help="compiled pipeline YAML (default: the committed one)")
-    p.add_argument("--experiment", default=os.environ.get("PUZZLE_KFP_EXPERIMENT", "puzzle"), help="KFP experiment")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set search.constraints='[\"throughput>=2x\"]' (repeatable)",
+    )
+    p.add_argument(
+        "--serving-uri", default="", help="s3://bucket/prefix the exported checkpoint is published to"
+    )
+    p.add_argument(
+        "--gpu-product",
+        default=None,
+        help="node label nvidia.com/gpu.product of the target GPU (costs and speed are measured there), "
+        "e.g. NVIDIA-H100-80GB-HBM3",
+    )
+    p.add_argument(
+        "--gkd-gpus", type=int, default=None, help="GPUs of the GKD step (torchrun in one pod; default 1)"
+    )
+    p.add_argument(
+        "--s3-secret",
+        default=None,
+        help="Kubernetes Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (default puzzle-s3)",
+    )
+    p.add_argument(
+        "--mlflow-secret",
+        default=None,
+        help="Kubernetes Secret with MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN (default puzzle-mlflow)",
+    )
+    p.add_argument(
+        "--env-config-map",
+        default=None,
+        help="ConfigMap with AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, MLFLOW_TRACKING_URI (default puzzle-env)",
+    )
+    p.add_argument(
+        "--package", default=_package_default(), help="compiled pipeline YAML (default: the committed one)"
+    )
+    p.add_argument(
+        "--experiment", default=os.environ.get("PUZZLE_KFP_EXPERIMENT", "puzzle"), help="KFP experiment"
+    )
     p.add_argument("--service-account", default=None, help="Kubernetes service account the run's pods use")
 
 
@@ -74,23 +101,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     sub = pipe.add_subparsers(dest="pipeline_command", metavar="ACTION")
 
-    comp = sub.add_parser("compile", help="compile the pipeline to KFP IR YAML",
-                          description="Write the compiled pipeline (the committed file is pipelines/puzzle_pipeline.yaml).")
+    comp = sub.add_parser(
+        "compile",
+        help="compile the pipeline to KFP IR YAML",
+        description="Write the compiled pipeline (the committed file is pipelines/puzzle_pipeline.yaml).",
+    )
     comp.add_argument("--out", default=str(DEFAULT_PACKAGE), help="where to write the YAML")
     comp.set_defaults(func=run_compile)
 
-    up = sub.add_parser("upload", help="upload the compiled pipeline as a new version (idempotent)",
-                        description="Create the pipeline if needed and upload the package as a version; a version "
-                        "of the same name is left as it is, so repeating the command changes nothing.")
+    up = sub.add_parser(
+        "upload",
+        help="upload the compiled pipeline as a new version (idempotent)",
+        description="Create the pipeline if needed and upload the package as a version; a version "
+        "of the same name is left as it is, so repeating the command changes nothing.",
+    )
     _add_connection(up)
     up.add_argument("--name", default="puzzle", help="pipeline name in KFP (default puzzle)")
-    up.add_argument("--version", default=None, help="version name (default: <package version>-<hash of the YAML>)")
+    up.add_argument(
+        "--version", default=None, help="version name (default: <package version>-<hash of the YAML>)"
+    )
     up.add_argument("--package", default=_package_default(), help="compiled pipeline YAML")
     up.set_defaults(func=run_upload)
 
-    submit = sub.add_parser("submit", help="start one run",
-                            description="Start a run of the pipeline with the parameters of a config file or profile. "
-                            "The config's output (s3://...) becomes the run's pipeline root.")
+    submit = sub.add_parser(
+        "submit",
+        help="start one run",
+        description="Start a run of the pipeline with the parameters of a config file or profile. "
+        "The config's output (s3://...) becomes the run's pipeline root.",
+    )
     _add_connection(submit)
     _add_run_config(submit)
     submit.add_argument("--run-name", default=None, help="run name (default: puzzle-<config digest>-<time>)")
@@ -107,11 +145,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_run_config(sched)
     sched.add_argument("--name", required=True, help="recurring run name (its identity for update-or-create)")
     sched.add_argument("--cron", required=True, help="six fields, seconds first, e.g. '0 0 3 * * 0'")
-    sched.add_argument("--pipeline", default=None,
-                       help="uploaded pipeline whose newest version runs (default: the --package file itself)")
-    sched.add_argument("--max-concurrency", type=int, default=1, help="runs of this schedule at once (default 1)")
-    sched.add_argument("--no-catchup", action="store_true", default=True,
-                       help="skip runs missed while paused or down (the default)")
+    sched.add_argument(
+        "--pipeline",
+        default=None,
+        help="uploaded pipeline whose newest version runs (default: the --package file itself)",
+    )
+    sched.add_argument(
+        "--max-concurrency", type=int, default=1, help="runs of this schedule at once (default 1)"
+    )
+    sched.add_argument(
+        "--no-catchup",
+        action="store_true",
+        default=True,
+        help="skip runs missed while paused or down (the default)",
+    )
     sched.add_argument("--catchup", dest="no_catchup", action="store_false", help="backfill missed runs")
     sched.set_defaults(func=run_schedule)
     pipe.set_defaults(func=lambda _args: pipe.print_help() or 2)
@@ -132,7 +179,9 @@ def _prepare(args: argparse.Namespace):
     from pipelines import cli
     from pipelines.parameters import pipeline_arguments
 
-    config = cli.load_run_config(args.config, args.profile, profiles_dir=args.profiles_dir, overrides=args.overrides)
+    config = cli.load_run_config(
+        args.config, args.profile, profiles_dir=args.profiles_dir, overrides=args.overrides
+    )
     arguments = pipeline_arguments(
         config,
         serving_uri=cli.serving_uri_for(args.serving_uri),
@@ -166,10 +215,20 @@ def run_submit(args: argparse.Namespace) -> int:
     config, arguments = _prepare(args)
     client = cli.connect(args.host, namespace=args.namespace, token=args.token_path)
     run_id = cli.submit(
-        client, config, arguments, package=args.package, experiment=args.experiment, namespace=args.namespace,
-        run_name=args.run_name, service_account=args.service_account,
+        client,
+        config,
+        arguments,
+        package=args.package,
+        experiment=args.experiment,
+        namespace=args.namespace,
+        run_name=args.run_name,
+        service_account=args.service_account,
     )
-    print(json.dumps({"run_id": run_id, "experiment": args.experiment, "pipeline_root": cli.pipeline_root(config)}))
+    print(
+        json.dumps(
+            {"run_id": run_id, "experiment": args.experiment, "pipeline_root": cli.pipeline_root(config)}
+        )
+    )
     return 0
 
 
@@ -187,9 +246,19 @@ def run_schedule(args: argparse.Namespace) -> int:
         pipeline_id, version_id = cli.latest_version(client, args.pipeline)
         package = None
     result = cli.schedule(
-        client, config, arguments, name=args.name, cron=cron, experiment=args.experiment, pipeline_id=pipeline_id,
-        version_id=version_id, package=package, namespace=args.namespace, max_concurrency=args.max_concurrency,
-        no_catchup=args.no_catchup, service_account=args.service_account,
+        client,
+        config,
+        arguments,
+        name=args.name,
+        cron=cron,
+        experiment=args.experiment,
+        pipeline_id=pipeline_id,
+        version_id=version_id,
+        package=package,
+        namespace=args.namespace,
+        max_concurrency=args.max_concurrency,
+        no_catchup=args.no_catchup,
+        service_account=args.service_account,
     )
     print(f"recurring run {args.name} ({result.recurring_run_id}): {result.action}, cron '{cron}'")
     return 0

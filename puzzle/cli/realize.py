@@ -18,16 +18,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--library", required=True, help="library artifact (after BLD)")
     p.add_argument("--solutions", required=True, help="solutions artifact (search or baseline)")
-    p.add_argument("--parent", required=True, help="the parent as an all-parent child artifact (`puzzle convert`)")
+    p.add_argument(
+        "--parent", required=True, help="the parent as an all-parent child artifact (`puzzle convert`)"
+    )
     p.add_argument("--index", type=int, default=0, help="which solution (0 = the best; default 0)")
-    p.add_argument("--out", required=True, help="output child artifact: local directory or s3://bucket/prefix")
+    p.add_argument(
+        "--out", required=True, help="output child artifact: local directory or s3://bucket/prefix"
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from puzzle.realize import realize
 
-    manifest = realize(args.library, args.solutions, args.out, solution_index=args.index, parent_child=args.parent)
+    manifest = realize(
+        args.library, args.solutions, args.out, solution_index=args.index, parent_child=args.parent
+    )
     s = manifest.summary
     print(f"child written to {args.out}: {s['num_parameters']:,} parameters")
     for layer, name in enumerate(s["blocks"]):

@@ -58,7 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", metavar="FILE", help="run configuration (YAML, local or s3://); default: embedded")
+    p.add_argument(
+        "--config", metavar="FILE", help="run configuration (YAML, local or s3://); default: embedded"
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -68,7 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="override one field, e.g. --set gkd.lr=2e-4 (value parsed as YAML; repeatable)",
     )
     p.add_argument("--check", action="store_true", help="validate the configuration and storage, then stop")
-    p.add_argument("--print-config", action="store_true", help="print the full resolved configuration as YAML and stop")
+    p.add_argument(
+        "--print-config", action="store_true", help="print the full resolved configuration as YAML and stop"
+    )
     p.set_defaults(func=run)
 
 
@@ -91,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
         state = "built" if record.rebuilt else "up to date"
         print(f"[{record.phase:>24}] {state:<10} {record.seconds:7.1f} s  {record.uri}", flush=True)
 
-    print(f"puzzle run: parent {config.parent}, output {config.output}, constraints {config.search.constraints}")
+    print(
+        f"puzzle run: parent {config.parent}, output {config.output}, constraints {config.search.constraints}"
+    )
     result = run_all(config, on_phase=show, check_access=False)
     metrics = read_metrics(result.evaluation_uri)
     print()
@@ -106,8 +112,11 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"\nreport: {result.evaluation_uri}/report.md (and report.html)")
     print(f"export: {result.export_uri}")
-    print(textwrap.indent(
-        "load it: AutoModelForCausalLM.from_pretrained(<export>, trust_remote_code=True)", "  "))
+    print(
+        textwrap.indent(
+            "load it: AutoModelForCausalLM.from_pretrained(<export>, trust_remote_code=True)", "  "
+        )
+    )
     if result.registration is not None:
         gate = "passed: alias champion" if result.gate.passed else "failed: " + "; ".join(result.gate.reasons)
         print(f"registered: {result.registration.uri} (alias candidate); gate {gate}")

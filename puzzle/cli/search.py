@@ -13,17 +13,36 @@ CONSTRAINT_HELP = (
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--constraint", action="append", default=[], dest="constraints", metavar="LIMIT",
-                   help=CONSTRAINT_HELP)
-    p.add_argument("--objective", default="kl_div",
-                   help="score column to optimise: kl_div (default), lm_loss, cosine, top1, top5")
+    p.add_argument(
+        "-c",
+        "--constraint",
+        action="append",
+        default=[],
+        dest="constraints",
+        metavar="LIMIT",
+        help=CONSTRAINT_HELP,
+    )
+    p.add_argument(
+        "--objective",
+        default="kl_div",
+        help="score column to optimise: kl_div (default), lm_loss, cosine, top1, top5",
+    )
     direction = p.add_mutually_exclusive_group()
-    direction.add_argument("--maximize", dest="maximize", action="store_true", default=None,
-                           help="maximise the objective (default: by column; cosine/top1/top5 are maximised)")
+    direction.add_argument(
+        "--maximize",
+        dest="maximize",
+        action="store_true",
+        default=None,
+        help="maximise the objective (default: by column; cosine/top1/top5 are maximised)",
+    )
     direction.add_argument("--minimize", dest="maximize", action="store_false", help="minimise the objective")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="solve at this measured batch size only (default: every batch size in the cost table, "
-                        "keeping the best)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="solve at this measured batch size only (default: every batch size in the cost table, "
+        "keeping the best)",
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,22 +68,49 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("scores", nargs="?", metavar="SCORES", help="scores artifact (or scores.csv/.json) from `puzzle score`")
-    p.add_argument("costs", nargs="?", metavar="COSTS", help="costs artifact (or costs.json) from `puzzle costs`")
-    p.add_argument("--library", default=None, metavar="FILE",
-                   help="instead of SCORES and COSTS: a published Puzzle block library JSON (layer_N -> variant -> "
-                        "stats/metrics), e.g. NVlabs/puzzle's Llama-3.3-70B library")
-    p.add_argument("--out", required=True, help="output solutions artifact: local directory or s3://bucket/prefix")
+    p.add_argument(
+        "scores",
+        nargs="?",
+        metavar="SCORES",
+        help="scores artifact (or scores.csv/.json) from `puzzle score`",
+    )
+    p.add_argument(
+        "costs", nargs="?", metavar="COSTS", help="costs artifact (or costs.json) from `puzzle costs`"
+    )
+    p.add_argument(
+        "--library",
+        default=None,
+        metavar="FILE",
+        help="instead of SCORES and COSTS: a published Puzzle block library JSON (layer_N -> variant -> "
+        "stats/metrics), e.g. NVlabs/puzzle's Llama-3.3-70B library",
+    )
+    p.add_argument(
+        "--out", required=True, help="output solutions artifact: local directory or s3://bucket/prefix"
+    )
     _add_common(p)
     p.add_argument("--num-solutions", type=int, default=1, help="diverse solutions to return (default: 1)")
-    p.add_argument("--alpha", type=float, default=0.8,
-                   help="diversity: each next solution shares at most alpha x layers blocks with every earlier one "
-                        "(default: 0.8, i.e. at least 20%% of the layers differ)")
-    p.add_argument("--sweep", default=None, metavar="LIMIT:TO:N",
-                   help="also solve for N values of one limit, e.g. 'throughput>=1x:3x:9', writing pareto.csv/png")
-    p.add_argument("--time-limit", type=float, default=60.0, help="seconds for the best solution (default: 60)")
-    p.add_argument("--diverse-time-limit", type=float, default=0.8,
-                   help="seconds for each further diverse solution (default: 0.8)")
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=0.8,
+        help="diversity: each next solution shares at most alpha x layers blocks with every earlier one "
+        "(default: 0.8, i.e. at least 20%% of the layers differ)",
+    )
+    p.add_argument(
+        "--sweep",
+        default=None,
+        metavar="LIMIT:TO:N",
+        help="also solve for N values of one limit, e.g. 'throughput>=1x:3x:9', writing pareto.csv/png",
+    )
+    p.add_argument(
+        "--time-limit", type=float, default=60.0, help="seconds for the best solution (default: 60)"
+    )
+    p.add_argument(
+        "--diverse-time-limit",
+        type=float,
+        default=0.8,
+        help="seconds for each further diverse solution (default: 0.8)",
+    )
     p.add_argument("--force", action="store_true", help="re-run even when the output is up to date")
     p.set_defaults(func=run_search)
 
@@ -89,14 +135,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("method", choices=["greedy", "noop_only", "uniform_width", "layer_dropping"])
     b.add_argument("scores", metavar="SCORES", help="scores artifact (or scores.csv/.json)")
     b.add_argument("costs", metavar="COSTS", help="costs artifact (or costs.json)")
-    b.add_argument("--out", required=True, help="output solutions artifact: local directory or s3://bucket/prefix")
+    b.add_argument(
+        "--out", required=True, help="output solutions artifact: local directory or s3://bucket/prefix"
+    )
     _add_common(b)
-    b.add_argument("--child", default=None,
-                   help="layer_dropping: the parent child artifact (default: the one the scores were made from)")
-    b.add_argument("--tokens", default=None,
-                   help="layer_dropping: tokens artifact for block influence (default: the scores' tokens)")
-    b.add_argument("--split", default="calibration", help="layer_dropping: token split (default: calibration)")
-    b.add_argument("--max-sequences", type=int, default=32, help="layer_dropping: sequences used (default: 32)")
+    b.add_argument(
+        "--child",
+        default=None,
+        help="layer_dropping: the parent child artifact (default: the one the scores were made from)",
+    )
+    b.add_argument(
+        "--tokens",
+        default=None,
+        help="layer_dropping: tokens artifact for block influence (default: the scores' tokens)",
+    )
+    b.add_argument(
+        "--split", default="calibration", help="layer_dropping: token split (default: calibration)"
+    )
+    b.add_argument(
+        "--max-sequences", type=int, default=32, help="layer_dropping: sequences used (default: 32)"
+    )
     b.add_argument("--force", action="store_true", help="re-run even when the output is up to date")
     b.set_defaults(func=run_baseline)
 
@@ -106,8 +164,10 @@ def _print_solutions(out: str) -> None:
 
     data = load_solutions(out)
     parent = data["parent"]["totals"]
-    print(f"parent: {parent['throughput']:.1f} tokens/s, {parent['latency_ms']:.2f} ms, {parent['memory_mib']:.1f} MiB, "
-          f"{parent['params']:,.0f} params")
+    print(
+        f"parent: {parent['throughput']:.1f} tokens/s, {parent['latency_ms']:.2f} ms, {parent['memory_mib']:.1f} MiB, "
+        f"{parent['params']:,.0f} params"
+    )
     for sol in data["solutions"]:
         _print_one(sol, data["objective"])
 
@@ -116,9 +176,11 @@ def _print_one(sol: dict[str, Any], objective: str) -> None:
     t, rel = sol["totals"], sol["relative_to_parent"]
     value = "n/a" if sol.get("objective") is None else f"{sol['objective']:.6g}"
     extra = f", {sol['solve_seconds']:.2f} s" if "solve_seconds" in sol else ""
-    print(f"#{sol.get('rank', 1)} [{sol['method']}, {sol.get('status', '?')}{extra}] {objective}={value} at batch "
-          f"{sol['batch_size']}: {t['throughput']:.1f} tokens/s ({rel['throughput']:.2f}x), {t['latency_ms']:.2f} ms, "
-          f"{t['memory_mib']:.1f} MiB, {t['params']:,.0f} params")
+    print(
+        f"#{sol.get('rank', 1)} [{sol['method']}, {sol.get('status', '?')}{extra}] {objective}={value} at batch "
+        f"{sol['batch_size']}: {t['throughput']:.1f} tokens/s ({rel['throughput']:.2f}x), {t['latency_ms']:.2f} ms, "
+        f"{t['memory_mib']:.1f} MiB, {t['params']:,.0f} params"
+    )
     print("   " + " ".join(sol["blocks"]))
 
 
@@ -128,10 +190,20 @@ def run_search(args: argparse.Namespace) -> int:
     if not args.library and (not args.scores or not args.costs):
         raise SearchError("give SCORES and COSTS, or --library FILE")
     search(
-        args.scores, args.costs, args.out, objective=args.objective, maximize=args.maximize,
-        constraints=args.constraints, batch_size=args.batch_size, num_solutions=args.num_solutions,
-        diversity_alpha=args.alpha, sweep=args.sweep, library=args.library, time_limit=args.time_limit,
-        diverse_time_limit=args.diverse_time_limit, force=args.force,
+        args.scores,
+        args.costs,
+        args.out,
+        objective=args.objective,
+        maximize=args.maximize,
+        constraints=args.constraints,
+        batch_size=args.batch_size,
+        num_solutions=args.num_solutions,
+        diversity_alpha=args.alpha,
+        sweep=args.sweep,
+        library=args.library,
+        time_limit=args.time_limit,
+        diverse_time_limit=args.diverse_time_limit,
+        force=args.force,
     )
     print(f"solutions written to {args.out}")
     _print_solutions(args.out)
@@ -142,9 +214,19 @@ def run_baseline(args: argparse.Namespace) -> int:
     from puzzle.baselines import baseline
 
     baseline(
-        args.method, args.scores, args.costs, args.out, objective=args.objective, maximize=args.maximize,
-        constraints=args.constraints, batch_size=args.batch_size, child=args.child, tokens=args.tokens,
-        split=args.split, max_sequences=args.max_sequences, force=args.force,
+        args.method,
+        args.scores,
+        args.costs,
+        args.out,
+        objective=args.objective,
+        maximize=args.maximize,
+        constraints=args.constraints,
+        batch_size=args.batch_size,
+        child=args.child,
+        tokens=args.tokens,
+        split=args.split,
+        max_sequences=args.max_sequences,
+        force=args.force,
     )
     print(f"{args.method} baseline written to {args.out}")
     _print_solutions(args.out)

@@ -31,37 +31,91 @@ def _add_connection_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_service_args(parser: argparse.ArgumentParser) -> None:
     _add_connection_args(parser)
-    parser.add_argument("--request-tag", default=_env("REQUEST_TAG", "puzzle.request"),
-                        help="version tag whose value names the profile to run (default: puzzle.request)")
-    parser.add_argument("--request-alias", default=_env("REQUEST_ALIAS", "puzzle-request"),
-                        help="version alias that requests a run with --alias-profile (default: puzzle-request)")
-    parser.add_argument("--alias-profile", default=_env("ALIAS_PROFILE", "default"),
-                        help="profile run when --request-alias is set on a version (default: default)")
-    parser.add_argument("--profiles", default=_env("PROFILES"), metavar="DIR",
-                        help="directory of <profile>.yaml run configs (default: only the embedded 'default')")
-    parser.add_argument("--child-model", default=_env("CHILD_MODEL", "{model}-puzzle"),
-                        help="registered model of the children; {model} is the parent's name (default: {model}-puzzle)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override applied to every profile, e.g. --set gkd.token_budget=1024 (repeatable)")
-    parser.add_argument("--state-db", default=_env("STATE_DB", "puzzle-trigger.sqlite"),
-                        help="SQLite file remembering deliveries and submissions (put it on a persistent volume)")
-    parser.add_argument("--window", type=float, default=float(_env("WINDOW_S", "300")),
-                        help="accepted clock difference of a delivery's timestamp, in seconds (default: 300)")
-    parser.add_argument("--max-body-bytes", type=int, default=int(_env("MAX_BODY_BYTES", str(64 * 1024))),
-                        help="largest accepted webhook body (default: 65536)")
-    parser.add_argument("--backend", choices=("kfp", "local"), default=_env("BACKEND", "local"),
-                        help="where runs go: kfp (Kubeflow Pipelines) or local (a process on this machine)")
-    parser.add_argument("--work-dir", default=_env("WORK_DIR", "./puzzle-trigger-runs"),
-                        help="local backend: where each run's config, output and log go")
+    parser.add_argument(
+        "--request-tag",
+        default=_env("REQUEST_TAG", "puzzle.request"),
+        help="version tag whose value names the profile to run (default: puzzle.request)",
+    )
+    parser.add_argument(
+        "--request-alias",
+        default=_env("REQUEST_ALIAS", "puzzle-request"),
+        help="version alias that requests a run with --alias-profile (default: puzzle-request)",
+    )
+    parser.add_argument(
+        "--alias-profile",
+        default=_env("ALIAS_PROFILE", "default"),
+        help="profile run when --request-alias is set on a version (default: default)",
+    )
+    parser.add_argument(
+        "--profiles",
+        default=_env("PROFILES"),
+        metavar="DIR",
+        help="directory of <profile>.yaml run configs (default: only the embedded 'default')",
+    )
+    parser.add_argument(
+        "--child-model",
+        default=_env("CHILD_MODEL", "{model}-puzzle"),
+        help="registered model of the children; {model} is the parent's name (default: {model}-puzzle)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override applied to every profile, e.g. --set gkd.token_budget=1024 (repeatable)",
+    )
+    parser.add_argument(
+        "--state-db",
+        default=_env("STATE_DB", "puzzle-trigger.sqlite"),
+        help="SQLite file remembering deliveries and submissions (put it on a persistent volume)",
+    )
+    parser.add_argument(
+        "--window",
+        type=float,
+        default=float(_env("WINDOW_S", "300")),
+        help="accepted clock difference of a delivery's timestamp, in seconds (default: 300)",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=int(_env("MAX_BODY_BYTES", str(64 * 1024))),
+        help="largest accepted webhook body (default: 65536)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("kfp", "local"),
+        default=_env("BACKEND", "local"),
+        help="where runs go: kfp (Kubeflow Pipelines) or local (a process on this machine)",
+    )
+    parser.add_argument(
+        "--work-dir",
+        default=_env("WORK_DIR", "./puzzle-trigger-runs"),
+        help="local backend: where each run's config, output and log go",
+    )
     parser.add_argument("--kfp-host", default=_env("KFP_HOST"), help="kfp backend: the KFP API endpoint")
-    parser.add_argument("--kfp-namespace", default=_env("KFP_NAMESPACE"), help="kfp backend: the namespace of runs")
-    parser.add_argument("--kfp-experiment", default=_env("KFP_EXPERIMENT", "puzzle"), help="kfp backend: experiment")
-    parser.add_argument("--pipeline-package", default=_env("PIPELINE_PACKAGE"), metavar="YAML",
-                        help="kfp backend: the compiled pipeline (e.g. pipelines/puzzle_pipeline.yaml)")
-    parser.add_argument("--serving-uri", default=_env("SERVING_URI", ""),
-                        help="kfp backend: s3:// prefix the exported checkpoints are published to")
-    parser.add_argument("--gpu-product", default=_env("GPU_PRODUCT"),
-                        help="kfp backend: nvidia.com/gpu.product node label to measure costs and speed on")
+    parser.add_argument(
+        "--kfp-namespace", default=_env("KFP_NAMESPACE"), help="kfp backend: the namespace of runs"
+    )
+    parser.add_argument(
+        "--kfp-experiment", default=_env("KFP_EXPERIMENT", "puzzle"), help="kfp backend: experiment"
+    )
+    parser.add_argument(
+        "--pipeline-package",
+        default=_env("PIPELINE_PACKAGE"),
+        metavar="YAML",
+        help="kfp backend: the compiled pipeline (e.g. pipelines/puzzle_pipeline.yaml)",
+    )
+    parser.add_argument(
+        "--serving-uri",
+        default=_env("SERVING_URI", ""),
+        help="kfp backend: s3:// prefix the exported checkpoints are published to",
+    )
+    parser.add_argument(
+        "--gpu-product",
+        default=_env("GPU_PRODUCT"),
+        help="kfp backend: nvidia.com/gpu.product node label to measure costs and speed on",
+    )
 
 
 def _settings(args: argparse.Namespace, *, reconcile_interval: float = 0.0):  # -> TriggerSettings
@@ -100,7 +154,10 @@ def _serve(args: argparse.Namespace) -> int:
     server = TriggerServer(build_service(settings), args.host, args.port)
     # Kubernetes stops a pod with SIGTERM: finish the requests in flight, then exit.
     signal.signal(signal.SIGTERM, lambda *_: server.request_stop())
-    print(f"puzzle trigger: listening on http://{args.host}:{server.port}/webhook (health: /healthz)", flush=True)
+    print(
+        f"puzzle trigger: listening on http://{args.host}:{server.port}/webhook (health: /healthz)",
+        flush=True,
+    )
     server.serve_forever()
     return 0
 
@@ -127,9 +184,13 @@ def _register_webhook(args: argparse.Namespace) -> int:
     if not secret:
         raise TriggerConfigError("no webhook secret: set PUZZLE_TRIGGER_SECRET or --secret-file")
     if not args.url.startswith(("http://", "https://")):
-        raise TriggerConfigError(f"--url must be the service's http(s) URL ending in /webhook, got {args.url!r}")
+        raise TriggerConfigError(
+            f"--url must be the service's http(s) URL ending in /webhook, got {args.url!r}"
+        )
     result = register_webhook(client_for(args.tracking_uri), args.url, secret, name=args.name)
-    print(f"webhook {result.name} ({result.webhook_id}) {'created' if result.created else 'updated'}: {result.url}")
+    print(
+        f"webhook {result.name} ({result.webhook_id}) {'created' if result.created else 'updated'}: {result.url}"
+    )
     return 0
 
 
@@ -160,11 +221,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Receive MLflow webhooks, verify them, submit requested runs; JSON logs on stderr.",
     )
     _add_service_args(serve)
-    serve.add_argument("--host", default=_env("HOST", "0.0.0.0"), help="address to listen on (default: 0.0.0.0)")
+    serve.add_argument(
+        "--host", default=_env("HOST", "0.0.0.0"), help="address to listen on (default: 0.0.0.0)"
+    )
     serve.add_argument("--port", type=int, default=int(_env("PORT", "8080")), help="port (default: 8080)")
-    serve.add_argument("--reconcile-interval", type=float, default=float(_env("RECONCILE_INTERVAL_S", "60")),
-                       help="seconds between reconcile passes, 0 for none (default: 60)")
-    serve.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), help="debug, info, warning (default: info)")
+    serve.add_argument(
+        "--reconcile-interval",
+        type=float,
+        default=float(_env("RECONCILE_INTERVAL_S", "60")),
+        help="seconds between reconcile passes, 0 for none (default: 60)",
+    )
+    serve.add_argument(
+        "--log-level", default=_env("LOG_LEVEL", "info"), help="debug, info, warning (default: info)"
+    )
     serve.set_defaults(func=_serve)
 
     reconcile = commands.add_parser(
@@ -184,7 +253,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     _add_connection_args(hook)
-    hook.add_argument("--url", required=True, help="the service's URL as MLflow reaches it, e.g. http://puzzle-trigger:8080/webhook")
+    hook.add_argument(
+        "--url",
+        required=True,
+        help="the service's URL as MLflow reaches it, e.g. http://puzzle-trigger:8080/webhook",
+    )
     hook.add_argument("--name", default="puzzle-trigger", help="webhook name (default: puzzle-trigger)")
     hook.set_defaults(func=_register_webhook)
 
@@ -198,6 +271,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parent.add_argument("source", help="the checkpoint directory (local path or s3:// prefix)")
     parent.add_argument("--name", required=True, help="registered model name, e.g. smollm2-135m")
-    parent.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
-                        help="MLflow server URL (default: $MLFLOW_TRACKING_URI)")
+    parent.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI"),
+        help="MLflow server URL (default: $MLFLOW_TRACKING_URI)",
+    )
     parent.set_defaults(func=_register_parent)

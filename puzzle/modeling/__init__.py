@@ -8,4 +8,11 @@ from puzzle.modeling.block_config import AttentionConfig, BlockConfig, BlockConf
 from puzzle.modeling.configuration_decilm import DeciLMConfig
 from puzzle.modeling.modeling_decilm import DeciLMForCausalLM
 
-__all__ = ["AttentionConfig", "BlockConfig", "BlockConfigError", "DeciLMConfig", "DeciLMForCausalLM", "FFNConfig"]
+__all__ = [
+    "AttentionConfig",
+    "BlockConfig",
+    "BlockConfigError",
+    "DeciLMConfig",
+    "DeciLMForCausalLM",
+    "FFNConfig",
+]

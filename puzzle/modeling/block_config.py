@@ -272,5 +272,7 @@ def parse_block_configs(
             entry.attention.validate_for(num_attention_heads)
             out.append(entry)
         else:
-            out.append(BlockConfig.from_json(entry, hidden_size=hidden_size, num_attention_heads=num_attention_heads))
+            out.append(
+                BlockConfig.from_json(entry, hidden_size=hidden_size, num_attention_heads=num_attention_heads)
+            )
     return out
