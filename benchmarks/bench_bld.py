@@ -83,9 +83,9 @@ def make_random_parent(out: Path, shape: str, *, layers: int, vocab_size: int, s
     """A child artifact holding a random Llama parent of ``shape`` (float32)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from puzzle import artifacts
-    from puzzle.child import save_child
-    from puzzle.parents import parent_to_child
+    from puzzle.io import artifacts
+    from puzzle.modeling.checkpoints import save_child
+    from puzzle.parent import parent_to_child
 
     def body(staging: Path, _local: dict) -> dict:
         torch.manual_seed(0)
@@ -110,7 +110,7 @@ def make_random_tokens(out: Path, *, vocab_size: int, seq_len: int, splits: dict
     """A tokens artifact of random ids (same layout as :func:`puzzle.data.prepare`)."""
     from safetensors.torch import save_file
 
-    from puzzle import artifacts
+    from puzzle.io import artifacts
 
     def body(staging: Path, _local: dict) -> dict:
         gen = torch.Generator().manual_seed(0)
@@ -150,8 +150,8 @@ def flops_per_token(lib: Any, layer: int, seq_len: int, objective: str, d_attn: 
 
 
 def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
-    from puzzle import bld
-    from puzzle.library import Library, SearchSpace, build_library
+    from puzzle.library import bld
+    from puzzle.library.variants import Library, SearchSpace, build_library
 
     root = Path(args.dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -233,11 +233,11 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
     """Library + BLD + scoring of the real SmolLM2 with the demo configuration's budget."""
-    from puzzle import bld, scoring
     from puzzle.config import parse_config
     from puzzle.data import prepare
-    from puzzle.library import SearchSpace, build_library
-    from puzzle.parents import convert
+    from puzzle.library import bld, scoring
+    from puzzle.library.variants import SearchSpace, build_library
+    from puzzle.parent import convert
 
     torch.set_num_threads(args.threads)
     config = parse_config(None)

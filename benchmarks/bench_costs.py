@@ -35,9 +35,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from puzzle import costs, engine  # noqa: E402
-from puzzle.child import child_config_like  # noqa: E402
-from puzzle.library import SearchSpace, plan_layers  # noqa: E402
+from puzzle.library.variants import SearchSpace, plan_layers  # noqa: E402
 from puzzle.modeling import BlockConfig, DeciLMConfig  # noqa: E402
+from puzzle.modeling.checkpoints import child_config_like  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     "smollm2": dict(
@@ -91,7 +91,7 @@ log = logging.getLogger("bench_costs")
 def shape_config(name: str) -> DeciLMConfig:
     from transformers import LlamaConfig
 
-    from puzzle.parents import child_config_from_parent
+    from puzzle.parent import child_config_from_parent
 
     return child_config_from_parent(LlamaConfig(**SHAPES[name]))
 

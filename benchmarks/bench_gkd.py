@@ -79,10 +79,10 @@ def prepare(directory: Path, shape: str, seq_len: int, sequences: int) -> None:
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from puzzle import artifacts
-    from puzzle.child import child_config_like, save_child
+    from puzzle.io import artifacts
     from puzzle.modeling import DeciLMForCausalLM
-    from puzzle.parents import parent_to_child
+    from puzzle.modeling.checkpoints import child_config_like, save_child
+    from puzzle.parent import parent_to_child
 
     torch.manual_seed(0)
     dims = SHAPES[shape]
@@ -146,8 +146,8 @@ def matmul_params(model) -> tuple[int, int, int]:
 
 
 def train(directory: Path, steps: int, batch_per_gpu: int, out: Path | None) -> None:
-    from puzzle.child import load_child
-    from puzzle.distill import distill, init_distributed
+    from puzzle.child.gkd import distill, init_distributed
+    from puzzle.modeling.checkpoints import load_child
 
     info = init_distributed()
     seq_len = json.loads((directory / "tokens" / "splits.json").read_text())["seq_len"]

@@ -54,7 +54,7 @@ SHAPES = {
 def gpu_forward(shape: str, batch: int, seq: int, repeats: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from puzzle.parents import parent_to_child
+    from puzzle.parent import parent_to_child
 
     dims = dict(SHAPES[shape])
     rope_theta = dims.pop("rope_theta", None)
@@ -109,8 +109,8 @@ def gpu_forward(shape: str, batch: int, seq: int, repeats: int) -> dict:
 
 
 def cpu_convert_export() -> dict:
-    from puzzle.export import export
-    from puzzle.parents import convert
+    from puzzle.child.export import export
+    from puzzle.parent import convert
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

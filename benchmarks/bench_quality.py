@@ -101,7 +101,7 @@ def cpu_prepare(work: Path) -> None:
 
 def export_inputs(work: Path, inputs: Path) -> None:
     """What the GPU machine needs (a few KB): the parent's config and the library's sub-block names."""
-    from puzzle import costs
+    from puzzle.search import costs
 
     inputs.mkdir(parents=True, exist_ok=True)
     config = costs._read_child_config(str(work / "child"))
@@ -116,7 +116,7 @@ def export_inputs(work: Path, inputs: Path) -> None:
 
 def gpu_costs(inputs: Path, out: Path, device: str, workload: dict[str, int]) -> None:
     """Call 1 on the GPU: the per-sub-block cost table at the benchmark workload."""
-    from puzzle import costs
+    from puzzle.search import costs
 
     config = costs.config_from_json(json.loads((inputs / "parent_config.json").read_text()))
     names = json.loads((inputs / "subblocks.json").read_text())
@@ -136,9 +136,9 @@ def gpu_measure(inputs: Path, out: Path, repeats: int, device: str, workload: di
     (random weights of the exact shapes), at the benchmark workload."""
     import torch
 
-    from puzzle import costs, engine
-    from puzzle.child import child_config_like
-    from puzzle.modeling import BlockConfig, DeciLMForCausalLM
+    from puzzle.modeling import BlockConfig, DeciLMForCausalLM, engine
+    from puzzle.modeling.checkpoints import child_config_like
+    from puzzle.search import costs
 
     config = costs.config_from_json(json.loads((inputs / "parent_config.json").read_text()))
     plan = json.loads((inputs / "plan.json").read_text())
@@ -171,7 +171,9 @@ def gpu_measure(inputs: Path, out: Path, repeats: int, device: str, workload: di
 
 def plan(work: Path, costs_json: Path) -> None:
     """Search (MIP) for 1.5x and 2x with the GPU cost table; the baselines at the same targets."""
-    from puzzle import artifacts, baselines, search
+    from puzzle.io import artifacts
+    from puzzle.search import baselines
+    from puzzle.search import mip as search
 
     def costs_body(staging: Path, _local: dict) -> dict:
         (staging / "costs.json").write_text(costs_json.read_text())
@@ -219,11 +221,11 @@ def plan(work: Path, costs_json: Path) -> None:
 def cpu_quality(work: Path, speed_json: Path) -> None:
     """Realize every planned child from the BLD library, GKD each with the same budget, and
     measure quality against the parent on the held-out split; print the table."""
-    from puzzle.child import load_child
+    from puzzle.child.evaluate import quality_metrics
+    from puzzle.child.gkd import distill
+    from puzzle.child.realize import realize
     from puzzle.data import load_split
-    from puzzle.distill import distill
-    from puzzle.evaluate import quality_metrics
-    from puzzle.realize import realize
+    from puzzle.modeling.checkpoints import load_child
 
     cfg = bench_config(work)
     g = cfg.gkd

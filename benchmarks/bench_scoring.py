@@ -42,10 +42,10 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    from puzzle import scoring
-    from puzzle.child import load_child
     from puzzle.data import load_split
-    from puzzle.library import Library, SearchSpace, build_library
+    from puzzle.library import scoring
+    from puzzle.library.variants import Library, SearchSpace, build_library
+    from puzzle.modeling.checkpoints import load_child
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -28,8 +28,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from puzzle import knapsack  # noqa: E402
-from puzzle.block_table import read_library  # noqa: E402
-from puzzle.search import Constraint, load_solutions, make_problem, search  # noqa: E402
+from puzzle.search.mip import Constraint, load_solutions, make_problem, search  # noqa: E402
+from puzzle.search.tables import read_library  # noqa: E402
 
 DEFAULT_LIBRARY = (
     Path(__file__).resolve().parents[2] / "shared/data/llama-3.3-70b-block-library/block_library.json"

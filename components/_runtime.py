@@ -62,7 +62,7 @@ def copy_artifact(local: str, uri: str) -> bool:
     Returns False (and copies nothing) when ``uri`` already holds the same content, so a retried
     or cached step does not upload again.
     """
-    from puzzle import artifacts, storage
+    from puzzle.io import artifacts, storage
 
     manifest = artifacts.read_manifest(local)
     if manifest is None:
@@ -98,7 +98,7 @@ def track(
     error goes to the log and to the artifact's metadata, and the exit handler still closes
     the run.
     """
-    from puzzle import tracking
+    from puzzle.mlflow import tracking
 
     try:
         with tracking.pipeline_run(

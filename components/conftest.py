@@ -109,7 +109,7 @@ TINY_SPACE = dict(
 @pytest.fixture(scope="session")
 def tiny_library(tiny_child: Path, tiny_tokens: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An (untrained) block library of the tiny child over :data:`TINY_SPACE`."""
-    from puzzle.library import SearchSpace, build_library
+    from puzzle.library.variants import SearchSpace, build_library
 
     space = SearchSpace(
         attention_kv_heads=tuple(TINY_SPACE["kv_heads"]),
@@ -132,7 +132,7 @@ def tiny_solutions(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ``solutions`` artifact holding one hand-written solution for the tiny child."""
     import json
 
-    from puzzle import artifacts
+    from puzzle.io import artifacts
 
     out = tmp_path_factory.mktemp("tiny-solutions") / "solutions"
 
@@ -148,7 +148,7 @@ def tiny_solutions(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_realized(tiny_library: Path, tiny_solutions: Path, tiny_child: Path, tmp_path_factory) -> Path:
     """The tiny child of :data:`TINY_SOLUTION`, assembled from :func:`tiny_library`."""
-    from puzzle.realize import realize
+    from puzzle.child.realize import realize
 
     out = tmp_path_factory.mktemp("tiny-realized") / "child"
     realize(str(tiny_library), str(tiny_solutions), str(out), parent_child=str(tiny_child))
@@ -161,7 +161,7 @@ TINY_BLD = dict(token_budget=64, batch_size=2, lr=1e-3)
 @pytest.fixture(scope="session")
 def tiny_bld_shards(tiny_library: Path, tiny_child: Path, tiny_tokens: Path, tmp_path_factory) -> list[Path]:
     """Both shards (of 2) of a short BLD run over :func:`tiny_library`."""
-    from puzzle.bld import train
+    from puzzle.library.bld import train
 
     root = tmp_path_factory.mktemp("tiny-bld")
     outs = []
@@ -183,7 +183,7 @@ def tiny_bld_shards(tiny_library: Path, tiny_child: Path, tiny_tokens: Path, tmp
 @pytest.fixture(scope="session")
 def tiny_trained_library(tiny_library: Path, tiny_bld_shards: list[Path], tmp_path_factory) -> Path:
     """:func:`tiny_library` with its BLD shards merged in."""
-    from puzzle.bld import merge
+    from puzzle.library.bld import merge
 
     out = tmp_path_factory.mktemp("tiny-trained") / "library"
     merge([str(p) for p in tiny_bld_shards], str(out), base=str(tiny_library))
@@ -198,7 +198,7 @@ def tiny_score_shards(
     tiny_trained_library: Path, tiny_child: Path, tiny_tokens: Path, tmp_path_factory
 ) -> list[Path]:
     """Both shards (of 2) of the replace-1-block scores of :func:`tiny_trained_library`."""
-    from puzzle.scoring import score
+    from puzzle.library.scoring import score
 
     root = tmp_path_factory.mktemp("tiny-scores")
     outs = []
@@ -221,7 +221,7 @@ def tiny_score_shards(
 @pytest.fixture(scope="session")
 def tiny_export(tiny_child: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny child exported as a Hugging Face checkpoint."""
-    from puzzle.export import export
+    from puzzle.child.export import export
 
     out = tmp_path_factory.mktemp("tiny-export") / "export"
     export(str(tiny_child), str(out))
@@ -232,7 +232,7 @@ def write_evaluation(out: Path, accuracy_kept: float, speedup: float) -> Path:
     """An ``evaluation`` artifact holding just the figures the registry reads."""
     import json
 
-    from puzzle import artifacts
+    from puzzle.io import artifacts
 
     def body(staging: Path, _inputs: dict[str, Path]) -> dict:
         metrics = {"models": {"puzzle": {"accuracy_kept": accuracy_kept, "speedup": speedup}}}
@@ -250,7 +250,7 @@ def tiny_costs(
     tiny_trained_library: Path, tiny_child: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     """The cost table of :func:`tiny_trained_library` on this CPU (a tiny workload)."""
-    from puzzle.costs import measure
+    from puzzle.search.costs import measure
 
     out = tmp_path_factory.mktemp("tiny-costs") / "costs"
     measure(
@@ -269,7 +269,7 @@ def tiny_costs(
 @pytest.fixture(scope="session")
 def tiny_scores(tiny_score_shards: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """:func:`tiny_score_shards` merged into one score table."""
-    from puzzle.scoring import merge
+    from puzzle.library.scoring import merge
 
     out = tmp_path_factory.mktemp("tiny-scores-merged") / "scores"
     merge([str(p) for p in tiny_score_shards], str(out))

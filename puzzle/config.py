@@ -65,7 +65,7 @@ def parse_constraint(text: Any, path: str) -> Any:
     """A search constraint (``throughput>=1.5x``, ``memory<=2GiB``, ...) parsed by the search
     itself (:class:`puzzle.search.Constraint`), so that the config accepts exactly what the search
     does; errors name the field."""
-    from puzzle.search import Constraint, SearchError
+    from puzzle.search.mip import Constraint, SearchError
 
     if not isinstance(text, str):
         _fail(path, f"must be a string like 'throughput>=1.5x', got {text!r}")
@@ -514,7 +514,7 @@ class RunConfig:
 
     def phase_uri(self, phase: str) -> str:
         """Where a phase's output lives under the output root (``child``, ``tokens``, ...)."""
-        from puzzle import storage
+        from puzzle.io import storage
 
         return storage.join(self.output, phase)
 
@@ -710,7 +710,7 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 def read_yaml(path: str) -> dict[str, Any]:
     """A config file (local path or s3:// URI) as a mapping, with clear errors."""
-    from puzzle import storage
+    from puzzle.io import storage
 
     try:
         text = storage.read_bytes(path).decode()
@@ -731,7 +731,7 @@ def check_storage(config: RunConfig) -> None:
     """Fail now, not hours in, when the output root or an s3:// input cannot be reached."""
     import os
 
-    from puzzle import storage
+    from puzzle.io import storage
 
     if (
         config.tracking.uri == "run-dir"

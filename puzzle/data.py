@@ -37,9 +37,9 @@ from typing import Any
 
 import torch
 
-from puzzle import artifacts, storage
-from puzzle.artifacts import Manifest
 from puzzle.errors import PuzzleError
+from puzzle.io import artifacts, storage
+from puzzle.io.artifacts import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ def prepare(
     def body(staging: Path, local: dict[str, Path]) -> dict[str, Any]:
         from safetensors.torch import save_file
 
-        from puzzle.child import load_tokenizer
+        from puzzle.modeling.checkpoints import load_tokenizer
 
         tok = load_tokenizer(str(local["tokenizer"]))
         ids, stats = _pack(iter_documents(source, seed=seed, text_field=text_field), tok, seq_len, needed)

@@ -27,9 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from puzzle import artifacts, storage
-from puzzle.artifacts import Manifest
 from puzzle.config import RunConfig, check_storage
+from puzzle.io import artifacts, storage
+from puzzle.io.artifacts import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class Runner:
 
     def step(self, phase: str, uri: str, deps: list[str], build: Callable[[], Manifest]) -> Manifest:
         """Run one phase (or skip it); rebuild it when a phase it depends on was rebuilt."""
-        from puzzle import tracking
+        from puzzle.mlflow import tracking
 
         before = artifacts.read_manifest(uri)
         stale = [d for d in deps if d in self._rebuilt]
@@ -149,7 +149,7 @@ class Runner:
     # ------------------------------------------------------------------ phases
 
     def convert(self) -> str:
-        from puzzle.parents import convert
+        from puzzle.parent import convert
 
         out = self.uri(PHASE_DIRS["convert"])
         self.step("convert", out, [], lambda: convert(self.config.parent, out))
@@ -169,7 +169,7 @@ class Runner:
         return out
 
     def library(self, child: str, tokens: str) -> str:
-        from puzzle.library import SearchSpace, build_library
+        from puzzle.library.variants import SearchSpace, build_library
 
         s = self.config.search_space
         space = SearchSpace(
@@ -198,7 +198,7 @@ class Runner:
         return out
 
     def bld(self, library: str, child: str, tokens: str) -> str:
-        from puzzle import bld
+        from puzzle.library import bld
 
         b = self.config.bld
         out = self.uri(PHASE_DIRS["bld"])
@@ -234,7 +234,7 @@ class Runner:
         return out
 
     def scores(self, library: str, child: str, tokens: str) -> str:
-        from puzzle import scoring
+        from puzzle.library import scoring
 
         sc = self.config.scoring
         out = self.uri(PHASE_DIRS["scores"])
@@ -266,7 +266,7 @@ class Runner:
         return out
 
     def costs(self, library: str, child: str) -> str:
-        from puzzle import costs
+        from puzzle.search import costs
 
         c = self.config.costs
         out = self.uri(PHASE_DIRS["costs"])
@@ -289,7 +289,7 @@ class Runner:
         return out
 
     def search(self, scores: str, costs: str) -> str:
-        from puzzle import search
+        from puzzle.search import mip as search
 
         s = self.config.search
         out = self.uri(PHASE_DIRS["search"])
@@ -311,7 +311,7 @@ class Runner:
         return out
 
     def baseline(self, method: str, scores: str, costs: str, library: str) -> str:
-        from puzzle import baselines
+        from puzzle.search import baselines
 
         s = self.config.search
         out = self.uri("baselines", method, "solutions")
@@ -334,7 +334,7 @@ class Runner:
     def realize(
         self, library: str, solutions: str, child: str, *, phase: str, out: str, deps: list[str]
     ) -> str:
-        from puzzle.realize import realize
+        from puzzle.child.realize import realize
 
         self.step(
             phase, out, deps, lambda: realize(library, solutions, out, solution_index=0, parent_child=child)
@@ -342,7 +342,7 @@ class Runner:
         return out
 
     def gkd(self, realized: str, child: str, tokens: str, *, phase: str, out: str, deps: list[str]) -> str:
-        from puzzle.distill import distill
+        from puzzle.child.gkd import distill
 
         g = self.config.gkd
         self.step(
@@ -377,7 +377,7 @@ class Runner:
         tokens: str,
         deps: list[str],
     ) -> str:
-        from puzzle.evaluate import evaluate
+        from puzzle.child.evaluate import evaluate
 
         e = self.config.evaluate
         out = self.uri(PHASE_DIRS["evaluate"])
@@ -407,7 +407,7 @@ class Runner:
         return out
 
     def export(self, distilled: str) -> str:
-        from puzzle.export import export
+        from puzzle.child.export import export
 
         out = self.uri(PHASE_DIRS["export"])
         dtype = None if self.config.export.dtype == "auto" else self.config.export.dtype
@@ -415,7 +415,7 @@ class Runner:
         return out
 
     def register(self, export_uri: str, evaluation: str, run: Any) -> None:
-        from puzzle import registry
+        from puzzle.mlflow import registry
 
         reg = self.config.registry
         if reg.model_name is None:
@@ -446,7 +446,7 @@ class Runner:
     # ------------------------------------------------------------------ the whole run
 
     def run(self) -> RunResult:
-        from puzzle import tracking
+        from puzzle.mlflow import tracking
 
         cfg = self.config
         with tracking.pipeline_run(cfg, name=f"puzzle-{cfg.digest}") as run:
@@ -507,7 +507,7 @@ class Runner:
 
 
 def _tracking_uri(config: RunConfig) -> str | None:
-    from puzzle import tracking
+    from puzzle.mlflow import tracking
 
     return tracking.resolve_tracking_uri(config.tracking.uri, config.output)
 

@@ -40,7 +40,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory, puzzle_cache: Path) -> I
     """A real SeaweedFS S3 server on loopback; the AWS_* variables point at it for the session."""
     server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
     previous = apply_env(server.env())
-    from puzzle import storage
+    from puzzle.io import storage
 
     storage._client_for.cache_clear()
     yield server
@@ -145,7 +145,7 @@ def tiny_parent_factory(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def tiny_child(tiny_parent_factory, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama parent converted into a child artifact (local)."""
-    from puzzle.parents import convert
+    from puzzle.parent import convert
 
     out = tmp_path_factory.mktemp("tiny-child") / "child"
     convert(str(tiny_parent_factory("llama")), str(out))
@@ -155,7 +155,7 @@ def tiny_child(tiny_parent_factory, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="session")
 def smollm2_child(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real SmolLM2-135M-Instruct parent, converted once per session (about 30 s)."""
-    from puzzle.parents import convert
+    from puzzle.parent import convert
 
     out = tmp_path_factory.mktemp("smollm2") / "child"
     convert("smollm2", str(out))

@@ -128,7 +128,7 @@ def pretrain_tiny_parent(
 
 
 def upload_dir(local: Path, uri: str) -> None:
-    from puzzle import storage
+    from puzzle.io import storage
 
     for path in sorted(p for p in local.rglob("*") if p.is_file()):
         storage.upload_file(path, storage.join(uri, str(path.relative_to(local))))

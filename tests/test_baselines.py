@@ -8,10 +8,10 @@ import pytest
 import torch
 from search_tables import write_costs, write_scores
 
-from puzzle.baselines import baseline, block_influence
-from puzzle.block_table import build_table, load_scores
-from puzzle.costs import load_costs
-from puzzle.search import InfeasibleConstraintError, load_solutions, search
+from puzzle.search.baselines import baseline, block_influence
+from puzzle.search.costs import load_costs
+from puzzle.search.mip import InfeasibleConstraintError, load_solutions, search
+from puzzle.search.tables import build_table, load_scores
 
 CONSTRAINT = "throughput>=1.6x"
 
@@ -104,7 +104,7 @@ def test_a_baseline_that_cannot_meet_the_constraint_says_so(tables, tmp_path: Pa
 
 
 def test_an_identity_layer_has_zero_block_influence(tiny_child: Path) -> None:
-    from puzzle.child import load_child
+    from puzzle.modeling.checkpoints import load_child
 
     model = load_child(tiny_child, dtype="float32")
     with torch.no_grad():  # layer 1 adds nothing to the residual stream: output == input

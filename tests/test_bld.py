@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from puzzle import bld
-from puzzle.bld import BLDError, lr_at, merge, train
 from puzzle.data import prepare
-from puzzle.library import Library, LibraryError, SearchSpace, assemble_child, build_library
+from puzzle.library import bld
+from puzzle.library.bld import BLDError, lr_at, merge, train
+from puzzle.library.variants import Library, LibraryError, SearchSpace, assemble_child, build_library
 from puzzle.modeling import BlockConfig
 
 # 4 steps of 8 sequences x 32 tokens; 4 trainable variants per layer x 3 layers.
@@ -22,7 +22,7 @@ SETTINGS = dict(
 @pytest.fixture(scope="module")
 def tiny(tiny_parent_factory, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Tiny parent (FFN 192), its tokens, a library and one unsharded BLD run of it."""
-    from puzzle.parents import convert
+    from puzzle.parent import convert
 
     root = tmp_path_factory.mktemp("bld-tiny")
     convert(str(tiny_parent_factory("llama", intermediate_size=192)), str(root / "child"))
@@ -153,7 +153,7 @@ def test_bad_settings_are_clear_errors_before_any_work(
         train(tiny["lib"], tiny["child"], tiny["tokens"], out, variants=["ffn_77"], **SETTINGS)
     with pytest.raises(BLDError, match="bld.lr must be > 0"):
         train(tiny["lib"], tiny["child"], tiny["tokens"], out, **{**SETTINGS, "lr": -1.0})
-    from puzzle.parents import convert
+    from puzzle.parent import convert
 
     convert(str(tiny_parent_factory("llama", seed=5, intermediate_size=192)), str(tmp_path / "other"))
     with pytest.raises(LibraryError, match="built from other weights"):

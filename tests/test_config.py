@@ -158,7 +158,7 @@ def test_unreachable_storage_fails_at_load_time_naming_the_field(
 
 
 def test_unreachable_s3_endpoint_is_reported_as_the_output_field(tmp_path: Path, monkeypatch) -> None:
-    from puzzle import storage
+    from puzzle.io import storage
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # discard port: nothing listens
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")

@@ -10,9 +10,9 @@ import pytest
 import torch
 from fresh_process import run_in_fresh_process, run_many_in_fresh_process
 
-from puzzle import artifacts
-from puzzle.export import export
-from puzzle.parents import ParentError, convert
+from puzzle.child.export import export
+from puzzle.io import artifacts
+from puzzle.parent import ParentError, convert
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 
@@ -88,7 +88,7 @@ def test_real_smollm2_converts_exports_and_says_berlin(smollm2_child, tmp_path):
     """Parent == child is checked at conversion (manifest); child == export in a fresh process."""
     from transformers import AutoTokenizer
 
-    from puzzle.child import load_child
+    from puzzle.modeling.checkpoints import load_child
 
     manifest = artifacts.read_manifest(str(smollm2_child))
     assert manifest.summary["parent_logits_max_abs_diff"] <= 1e-4
@@ -170,7 +170,7 @@ def test_corrupted_s3_object_is_detected_by_checksum(s3_server, s3_bucket, tiny_
 def test_wrong_s3_credentials_name_endpoint_and_bucket(
     s3_server, s3_bucket, tiny_parent_factory, monkeypatch
 ):
-    from puzzle import storage
+    from puzzle.io import storage
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     storage._client_for.cache_clear()

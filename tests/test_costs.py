@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from puzzle import costs, engine
-from puzzle.child import count_parameters
 from puzzle.cli import main
-from puzzle.costs import (
+from puzzle.library.variants import SearchSpace, build_library, plan_layers
+from puzzle.modeling import DeciLMForCausalLM, engine
+from puzzle.modeling.checkpoints import count_parameters
+from puzzle.search import costs
+from puzzle.search.costs import (
     CostsError,
     TorchBackend,
     Workload,
@@ -20,8 +22,6 @@ from puzzle.costs import (
     check_same_hardware,
     load_costs,
 )
-from puzzle.library import SearchSpace, build_library, plan_layers
-from puzzle.modeling import DeciLMForCausalLM
 
 WORKLOAD = {"batch_sizes": [1, 2], "prompt_len": 8, "gen_len": 4}
 
@@ -54,7 +54,7 @@ def smollm2_config():
     """SmolLM2-135M's real shapes (random weights are enough to time them)."""
     from transformers import LlamaConfig
 
-    from puzzle.parents import child_config_from_parent
+    from puzzle.parent import child_config_from_parent
 
     return child_config_from_parent(
         LlamaConfig(

@@ -44,7 +44,7 @@ def test_splits_are_disjoint_deterministic_and_seeded(
         "tokens": 1280,
     }
     # The token stream is the tokenizer's: decoding a sequence gives back the file's text.
-    from puzzle.child import load_tokenizer
+    from puzzle.modeling.checkpoints import load_tokenizer
 
     text = load_tokenizer(str(tiny_child)).decode(parts["eval"][0])
     assert "of a numbered text" in text and text in numbered_text.read_text() + numbered_text.read_text()
@@ -113,7 +113,7 @@ def test_hf_source_without_datasets_is_a_clear_error(tiny_child: Path, tmp_path:
 
 @pytest.mark.integration
 def test_s3_source_and_output(tiny_child: Path, numbered_text: Path, s3_bucket: str, tmp_path: Path) -> None:
-    from puzzle import storage
+    from puzzle.io import storage
 
     storage.upload_file(numbered_text, f"s3://{s3_bucket}/corpus/numbered.txt")
     out = f"s3://{s3_bucket}/tokens"

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from corpus import STDLIB_TEXT  # noqa: E402
 
-from puzzle import artifacts
-from puzzle.child import load_child, load_tokenizer, read_parent_info, save_child
-from puzzle.distill import (
+from puzzle.child.gkd import (
     CHECKPOINT,
     HISTORY,
     DistillError,
@@ -25,6 +24,8 @@ from puzzle.distill import (
     gkd_loss,
     lr_at,
 )
+from puzzle.io import artifacts
+from puzzle.modeling.checkpoints import load_child, load_tokenizer, read_parent_info, save_child
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,7 @@ def tiny_setup(tiny_child: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 
     root = tmp_path_factory.mktemp("gkd-tiny")
     text = root / "text.txt"
-    text.write_text((ROOT / "puzzle" / "distill.py").read_text() * 4)
+    text.write_text(STDLIB_TEXT * 4)
     tokens = root / "tokens"
     prepare(
         str(text),
@@ -122,7 +123,7 @@ def test_invalid_settings_fail_before_loading_models(tiny_setup, tmp_path: Path)
 DISTILL_SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
-from puzzle.distill import distill
+from puzzle.child.gkd import distill
 child, parent, tokens, out = sys.argv[1:5]
 distill(child, parent, tokens, out, token_budget=int(sys.argv[5]), batch_size=4, lr=2e-3, checkpoint_every=5)
 """
@@ -210,9 +211,9 @@ def test_gkd_lowers_smollm2_childs_kl_to_the_parent_on_held_out_tokens(
     """SmolLM2-135M child with 1 KV head and half-width FFNs in layers 4-11 (library init, no BLD),
     GKD on 6 steps x 2 sequences x 64 tokens = 768 tokens; KL on 8 held-out sequences (504
     predicted tokens). Measured when written: KL 1.009 -> 0.684, top-1 agreement 49 % -> 57 %."""
+    from puzzle.child.evaluate import quality_metrics
     from puzzle.data import load_split, prepare
-    from puzzle.evaluate import quality_metrics
-    from puzzle.library import SearchSpace, assemble_child, build_library
+    from puzzle.library.variants import SearchSpace, assemble_child, build_library
     from puzzle.modeling import BlockConfig
 
     tokens = tmp_path / "tokens"

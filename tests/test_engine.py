@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from puzzle.child import count_parameters
-from puzzle.engine import (
+from puzzle.modeling import BlockConfig, DeciLMConfig, DeciLMForCausalLM
+from puzzle.modeling.checkpoints import count_parameters
+from puzzle.modeling.engine import (
     EngineError,
     EngineWeights,
     Session,
@@ -15,7 +16,6 @@ from puzzle.engine import (
     hardware_identity,
     measure_throughput,
 )
-from puzzle.modeling import BlockConfig, DeciLMConfig, DeciLMForCausalLM
 
 # Every kind of sub-block: GQA with 2, 1 and 4 KV heads, linear and no-op attention, SwiGLU of two
 # widths, linear and no-op FFN.

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from corpus import STDLIB_TEXT  # noqa: E402
 
-from puzzle import artifacts
-from puzzle.child import load_child, load_tokenizer, read_parent_info, save_child
-from puzzle.evaluate import EvaluateError, evaluate, quality_metrics, read_metrics
+from puzzle.child.evaluate import EvaluateError, evaluate, quality_metrics, read_metrics
+from puzzle.child.report import _pareto_front
+from puzzle.io import artifacts
 from puzzle.modeling import BlockConfig
-from puzzle.report import _pareto_front
+from puzzle.modeling.checkpoints import load_child, load_tokenizer, read_parent_info, save_child
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,11 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_eval(tiny_child: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Tokens, and a realized child with 1 KV head, a no-op attention and a half-width FFN."""
     from puzzle.data import prepare
-    from puzzle.library import SearchSpace, assemble_child, build_library
+    from puzzle.library.variants import SearchSpace, assemble_child, build_library
 
     root = tmp_path_factory.mktemp("eval-tiny")
     text = root / "text.txt"
-    text.write_text((ROOT / "puzzle" / "evaluate.py").read_text() * 3)
+    text.write_text(STDLIB_TEXT * 3)
     tokens = root / "tokens"
     prepare(
         str(text),

@@ -7,10 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from puzzle.activations import LayerRunner, build_layer, sub_blocks
-from puzzle.child import load_child
 from puzzle.data import load_split, prepare
-from puzzle.library import (
+from puzzle.library.variants import (
     Library,
     LibraryError,
     SearchSpace,
@@ -22,6 +20,8 @@ from puzzle.library import (
     pool_kv_heads,
 )
 from puzzle.modeling import BlockConfig
+from puzzle.modeling.checkpoints import load_child
+from puzzle.modeling.layers import LayerRunner, build_layer, sub_blocks
 
 SPACE = SearchSpace(ffn_fractions=(1.0, 0.5, 0.25))
 
@@ -29,7 +29,7 @@ SPACE = SearchSpace(ffn_fractions=(1.0, 0.5, 0.25))
 @pytest.fixture(scope="module")
 def tiny(tiny_parent_factory, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A tiny Llama parent (4 heads, 2 KV heads, FFN 192: not a multiple of 256), its tokens and library."""
-    from puzzle.parents import convert
+    from puzzle.parent import convert
 
     root = tmp_path_factory.mktemp("lib-tiny")
     convert(str(tiny_parent_factory("llama", intermediate_size=192)), str(root / "child"))
@@ -196,7 +196,7 @@ def test_assemble_child_from_library(tiny: dict[str, str]) -> None:
 def test_library_and_parent_mismatch_is_a_clear_error(
     tiny: dict[str, str], tiny_parent_factory, tmp_path: Path
 ) -> None:
-    from puzzle.parents import convert
+    from puzzle.parent import convert
 
     convert(str(tiny_parent_factory("llama", seed=1, intermediate_size=192)), str(tmp_path / "other-weights"))
     convert(
@@ -216,7 +216,7 @@ def test_channel_contribution_beats_random_channels_on_smollm2(
 ) -> None:
     """50 % FFN width (ffn_768 of 1536) in three layers, channels ranked on 8 x 64 calibration tokens:
     replace-1-block KL on 4 held-out sequences."""
-    from puzzle.scoring import Row, score_rows
+    from puzzle.library.scoring import Row, score_rows
 
     space = SearchSpace(
         attention_kv_heads=(3,),

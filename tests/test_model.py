@@ -10,11 +10,11 @@ import torch
 from fresh_process import run_in_fresh_process
 from safetensors import safe_open
 
-from puzzle import artifacts
-from puzzle.child import save_child
-from puzzle.export import export
+from puzzle.child.export import export
+from puzzle.io import artifacts
 from puzzle.modeling import AttentionConfig, BlockConfig, DeciLMConfig, DeciLMForCausalLM, FFNConfig
 from puzzle.modeling.block_config import engine_ffn_width
+from puzzle.modeling.checkpoints import save_child
 
 MIXED = [
     BlockConfig(attention=AttentionConfig(num_kv_heads=4), ffn=FFNConfig(intermediate_size=512)),  # parent

@@ -157,7 +157,7 @@ def test_token_path_prefers_the_projected_kfp_token(tmp_path: Path, monkeypatch)
 def test_the_puzzle_package_never_imports_kfp() -> None:
     code = (
         "import sys; from puzzle.cli import build_parser; build_parser(); "
-        "import puzzle.run, puzzle.config, puzzle.tracking, puzzle.registry; "
+        "import puzzle.run, puzzle.config, puzzle.mlflow.tracking, puzzle.mlflow.registry; "
         "assert not [m for m in sys.modules if m == 'kfp' or m.startswith('kfp.')], 'kfp imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -60,7 +60,7 @@ def test_scores_ran_as_two_shards_and_cover_every_block(run) -> None:
 
 
 def test_search_meets_the_constraint_and_the_child_is_realized(run) -> None:
-    from puzzle.realize import pick_solution
+    from puzzle.child.realize import pick_solution
 
     _, best = pick_solution(str(run.artifact("search", "solutions")), 0)
     assert len(best) == 3
@@ -88,7 +88,7 @@ def test_export_on_the_serving_prefix_loads_with_transformers(run, tmp_path: Pat
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from puzzle import artifacts, storage
+    from puzzle.io import artifacts, storage
 
     manifest = artifacts.require_manifest(run.serving_uri, "export")
     local = tmp_path / "served"

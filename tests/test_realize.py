@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from corpus import STDLIB_TEXT  # noqa: E402
 
-from puzzle import artifacts
-from puzzle.child import load_child
+from puzzle.child.realize import RealizeError, realize
+from puzzle.io import artifacts
 from puzzle.modeling import BlockConfig
-from puzzle.realize import RealizeError, realize
+from puzzle.modeling.checkpoints import load_child
 
 ROOT = Path(__file__).resolve().parents[1]
 CHOICES = [
@@ -32,11 +33,11 @@ def write_solutions(out: Path, solutions: list[dict]) -> str:
 @pytest.fixture(scope="module")
 def library(tiny_child: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     from puzzle.data import prepare
-    from puzzle.library import SearchSpace, build_library
+    from puzzle.library.variants import SearchSpace, build_library
 
     root = tmp_path_factory.mktemp("realize")
     text = root / "text.txt"
-    text.write_text((ROOT / "puzzle" / "realize.py").read_text() * 3)
+    text.write_text(STDLIB_TEXT * 3)
     tokens = root / "tokens"
     prepare(
         str(text),
@@ -54,7 +55,7 @@ def library(tiny_child: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_realized_child_has_the_solutions_blocks_and_the_librarys_weights(
     tiny_child: Path, library: str, tmp_path
 ) -> None:
-    from puzzle.library import Library
+    from puzzle.library.variants import Library
 
     solutions = write_solutions(
         tmp_path / "solutions",
@@ -100,7 +101,7 @@ def test_bad_solutions_fail_before_any_weights_are_loaded(tiny_child: Path, libr
 
 
 def test_a_variant_missing_from_the_library_is_named(tiny_child: Path, library: str, tmp_path) -> None:
-    from puzzle.library import LibraryError
+    from puzzle.library.variants import LibraryError
 
     missing = write_solutions(tmp_path / "m", [{"blocks": ["attn_kv2+ffn_64", *CHOICES[0][1:]]}])
     with pytest.raises(LibraryError, match="layer 0: variant ffn_64 is not in library"):

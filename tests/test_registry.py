@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from puzzle import registry
+from puzzle.mlflow import registry
 
 
 def test_models_uri_and_lineage_tags() -> None:
@@ -36,7 +36,7 @@ def test_registration_needs_a_tracking_uri(monkeypatch, tiny_export: str) -> Non
 
 @pytest.fixture(scope="module")
 def tiny_export(tiny_child: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    from puzzle.export import export
+    from puzzle.child.export import export
 
     out = tmp_path_factory.mktemp("export") / "child"
     export(str(tiny_child), str(out))
@@ -51,8 +51,8 @@ def test_register_child_with_lineage_once_and_servable_from_the_registry(
     from mlflow import MlflowClient
     from transformers import AutoModelForCausalLM
 
-    from puzzle.child import load_child
-    from puzzle.export import export
+    from puzzle.child.export import export
+    from puzzle.modeling.checkpoints import load_child
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     export_uri = f"s3://{s3_bucket}/exports/child"
@@ -105,7 +105,7 @@ def test_register_child_with_lineage_once_and_servable_from_the_registry(
 def test_gate_moves_champion_only_when_targets_are_met(
     mlflow_server, tiny_child: Path, tiny_export: str, tmp_path: Path, monkeypatch
 ) -> None:
-    from puzzle.export import export
+    from puzzle.child.export import export
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     name = f"gated-{uuid.uuid4().hex[:6]}"

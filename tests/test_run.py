@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from corpus import STDLIB_TEXT  # noqa: E402
 
-from puzzle import artifacts
 from puzzle.config import parse_config
+from puzzle.io import artifacts
 from puzzle.run import PHASE_DIRS, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def tiny_run(tiny_parent_factory, tmp_path_factory: pytest.TempPathFactory) -> d
     root = tmp_path_factory.mktemp("run")
     parent = tiny_parent_factory("llama", intermediate_size=512)
     text = root / "corpus.txt"
-    text.write_text((ROOT / "puzzle" / "run.py").read_text() * 3)
+    text.write_text(STDLIB_TEXT * 3)
     data = tiny_config_data(parent, root / "out", text)
     config_file = root / "run.yaml"
     config_file.write_text(yaml.safe_dump(data))
@@ -175,7 +176,7 @@ def test_a_run_killed_during_gkd_resumes_and_ends_with_the_same_number_of_steps(
 def test_invalid_configs_fail_before_any_model_is_loaded(
     tiny_run, tmp_path: Path, monkeypatch, capsys, s3_server, change: dict, message: str
 ) -> None:
-    from puzzle import parents
+    from puzzle import parent as parents
     from puzzle.cli import main
 
     def no_model(*args, **kwargs):

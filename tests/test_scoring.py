@@ -7,17 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from puzzle import scoring
 from puzzle.data import prepare
-from puzzle.library import Library, LibraryError, SearchSpace, build_library
-from puzzle.scoring import ScoringError, merge, read_scores, score
+from puzzle.library import scoring
+from puzzle.library.scoring import ScoringError, merge, read_scores, score
+from puzzle.library.variants import Library, LibraryError, SearchSpace, build_library
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_parent_factory, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Tiny parent (FFN 192), its tokens, a library (attention kv2/kv1/linear/noop, FFN 192/96/linear/noop)
     and its decoupled scores."""
-    from puzzle.parents import convert
+    from puzzle.parent import convert
 
     root = tmp_path_factory.mktemp("score-tiny")
     convert(str(tiny_parent_factory("llama", intermediate_size=192)), str(root / "child"))
@@ -94,8 +94,8 @@ def test_metric_selection_and_aliases(tiny: dict[str, str]) -> None:
 
 
 def test_scoring_errors(tiny: dict[str, str], tiny_parent_factory, tmp_path: Path) -> None:
-    from puzzle.bld import train
-    from puzzle.parents import convert
+    from puzzle.library.bld import train
+    from puzzle.parent import convert
 
     with pytest.raises(ScoringError, match="no 'eval' split"):
         score(tiny["lib"], tiny["child"], tiny["tokens"], str(tmp_path / "x"), split="eval")

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from search_tables import PARENT, write_costs, write_scores
 
-from puzzle.block_table import build_table, load_scores, read_library
-from puzzle.costs import load_costs
-from puzzle.knapsack import InfeasibleError, Problem, solve
-from puzzle.search import Constraint, InfeasibleConstraintError, SearchError, load_solutions, search
+from puzzle.search.costs import load_costs
+from puzzle.search.knapsack import InfeasibleError, Problem, solve
+from puzzle.search.mip import Constraint, InfeasibleConstraintError, SearchError, load_solutions, search
+from puzzle.search.tables import build_table, load_scores, read_library
 
 
 def brute_force(problem: Problem) -> float:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from puzzle import tracking
+from puzzle.mlflow import tracking
 
 # --------------------------------------------------------------------------- no server needed
 
@@ -58,7 +58,13 @@ LAYERS = 3
 
 @pytest.fixture(scope="module")
 def phase_artifacts(tiny_child: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    from puzzle import costs, data, distill, evaluate, library, scoring, search
+    from puzzle import data
+    from puzzle.child import evaluate
+    from puzzle.child import gkd as distill
+    from puzzle.library import scoring
+    from puzzle.library import variants as library
+    from puzzle.search import costs
+    from puzzle.search import mip as search
 
     root = tmp_path_factory.mktemp("phases")
     tokens = str(root / "tokens")

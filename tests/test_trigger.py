@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from corpus import STDLIB_TEXT  # noqa: E402
 
 from pipelines.trigger import build_service, signature
 from pipelines.trigger.backends import RunRequest
@@ -122,7 +123,7 @@ class RecordingBackend:
 
 def register_parent(parent_dir: Path, name: str) -> str:
     """A registered parent model version whose files are a Hugging Face checkpoint."""
-    from puzzle import registry
+    from puzzle.mlflow import registry
 
     return registry.register_parent(str(parent_dir), name).version
 
@@ -411,7 +412,7 @@ def test_tagging_a_parent_version_in_mlflow_runs_puzzle_once_and_registers_the_c
 
     from pipelines.trigger.backends import LocalBackend
     from pipelines.trigger.webhooks import register_webhook
-    from puzzle import registry, tracking
+    from puzzle.mlflow import registry, tracking
 
     name = f"tiny-parent-{uuid.uuid4().hex[:6]}"
     # The parent of tests/test_run.py (an FFN of 512 channels, so that 0.5 is a real narrower width).
@@ -419,7 +420,7 @@ def test_tagging_a_parent_version_in_mlflow_runs_puzzle_once_and_registers_the_c
     profiles = tmp_path / "profiles"
     profiles.mkdir()
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text((Path(__file__).resolve().parents[1] / "puzzle" / "run.py").read_text() * 3)
+    corpus.write_text(STDLIB_TEXT * 3)
     (profiles / "tiny.yaml").write_text(tiny_profile(corpus))
     settings = TriggerSettings(
         tracking_uri=mlflow_env,

@@ -90,10 +90,10 @@ def compare_baselines(
     from pathlib import Path
 
     from components import _runtime
-    from puzzle.baselines import baseline
-    from puzzle.distill import distill
-    from puzzle.evaluate import evaluate
-    from puzzle.realize import realize
+    from puzzle.child.evaluate import evaluate
+    from puzzle.child.gkd import distill
+    from puzzle.child.realize import realize
+    from puzzle.search.baselines import baseline
 
     _runtime.setup_logging()
     work = Path(comparison.path).parent / "baselines-work"

@@ -44,7 +44,7 @@ def train_blocks(
         checkpoint_every: steps between checkpoints (a retried pod resumes).
     """
     from components import _runtime
-    from puzzle.bld import train
+    from puzzle.library.bld import train
 
     _runtime.setup_logging()
     # Loop items and numbers from Collected/JSON may arrive as floats.

@@ -26,7 +26,7 @@ def merge_library(
         kfp_run_id: the KFP run id (the MLflow run is tagged with it).
     """
     from components import _runtime
-    from puzzle.bld import merge
+    from puzzle.library.bld import merge
 
     _runtime.setup_logging()
     # The base is passed explicitly: the URI recorded in a shard is a path inside its own pod.

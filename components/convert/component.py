@@ -16,7 +16,7 @@ def convert(parent: str, child: Output[Model], dtype: str = "float32"):
         dtype: float32, bfloat16 or float16.
     """
     from components import _runtime
-    from puzzle.parents import convert as convert_parent
+    from puzzle.parent import convert as convert_parent
 
     _runtime.setup_logging()
     manifest = convert_parent(parent, _runtime.out_path(child), dtype=dtype)

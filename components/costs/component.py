@@ -41,7 +41,7 @@ def measure_costs(
         kfp_run_id: the KFP run id (the MLflow run is tagged with it).
     """
     from components import _runtime
-    from puzzle.costs import measure
+    from puzzle.search.costs import measure
 
     _runtime.setup_logging()
     manifest = measure(

@@ -11,7 +11,7 @@ from components.costs.component import measure_costs
 
 
 def test_measure_costs_covers_every_subblock(tiny_library: Path, tiny_child: Path, tmp_path: Path) -> None:
-    from puzzle.costs import load_costs
+    from puzzle.search.costs import load_costs
 
     costs = dsl.Artifact(name="costs", uri=str(tmp_path / "costs"), metadata={})
 

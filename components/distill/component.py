@@ -57,8 +57,8 @@ def distill(
     import subprocess
 
     from components import _runtime
-    from puzzle import artifacts
-    from puzzle.distill import distill as gkd
+    from puzzle.child.gkd import distill as gkd
+    from puzzle.io import artifacts
 
     _runtime.setup_logging()
     out = _runtime.out_path(distilled)

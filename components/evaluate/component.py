@@ -60,8 +60,8 @@ def evaluate(
     from pathlib import Path
 
     from components import _runtime
-    from puzzle.evaluate import METRICS_FILE
-    from puzzle.evaluate import evaluate as evaluate_children
+    from puzzle.child.evaluate import METRICS_FILE
+    from puzzle.child.evaluate import evaluate as evaluate_children
 
     _runtime.setup_logging()
     manifest = evaluate_children(

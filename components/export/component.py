@@ -38,9 +38,9 @@ def export(
     from pathlib import Path
 
     from components import _runtime
-    from puzzle import storage
-    from puzzle.export import REPORT_MD
-    from puzzle.export import export as export_child
+    from puzzle.child.export import REPORT_MD
+    from puzzle.child.export import export as export_child
+    from puzzle.io import storage
 
     _runtime.setup_logging()
     if serving_uri:

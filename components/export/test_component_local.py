@@ -6,7 +6,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_export_publishes_to_the_serving_prefix(local_pipeline_run) -> None:
-    from puzzle import artifacts
+    from puzzle.io import artifacts
 
     run = local_pipeline_run
     served = artifacts.require_manifest(run.serving_uri, "export")

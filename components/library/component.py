@@ -44,8 +44,8 @@ def build_library(
         kfp_run_id: the KFP run id (the MLflow run is tagged with it).
     """
     from components import _runtime
-    from puzzle.library import SearchSpace
-    from puzzle.library import build_library as build
+    from puzzle.library.variants import SearchSpace
+    from puzzle.library.variants import build_library as build
 
     _runtime.setup_logging()
     space = SearchSpace(

@@ -29,7 +29,7 @@ def promote(
         Whether the version is now the champion.
     """
     from components import _runtime
-    from puzzle import registry
+    from puzzle.mlflow import registry
 
     _runtime.setup_logging()
     result = registry.promote(

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 def test_promote_checks_the_version_tags(tiny_export: Path, tracking_server) -> None:
     from mlflow import MlflowClient
 
-    from puzzle import registry
+    from puzzle.mlflow import registry
 
     name = f"unit-{uuid.uuid4().hex[:8]}"
     lineage = registry.Lineage(parent_uri="s3://p/q", accuracy_kept=0.93, speedup=1.4)

@@ -30,7 +30,7 @@ def realize(
         kfp_run_id: the KFP run id (the MLflow run is tagged with it).
     """
     from components import _runtime
-    from puzzle.realize import realize as realize_child
+    from puzzle.child.realize import realize as realize_child
 
     _runtime.setup_logging()
     manifest = realize_child(

@@ -8,8 +8,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_realize_builds_the_best_solution(local_pipeline_run) -> None:
+    from puzzle.child.realize import pick_solution
     from puzzle.modeling import BlockConfig
-    from puzzle.realize import pick_solution
 
     run = local_pipeline_run
     _, best = pick_solution(str(run.artifact("search", "solutions")), 0)

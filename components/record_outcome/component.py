@@ -30,7 +30,7 @@ def record_outcome(
     import logging
 
     from components import _runtime
-    from puzzle import tracking
+    from puzzle.mlflow import tracking
 
     _runtime.setup_logging()
     state = str(status.state).upper()

@@ -25,7 +25,7 @@ def _status(state: str, error: str | None = None) -> dsl.PipelineTaskFinalStatus
 def test_a_failed_run_is_recorded_as_failed(tracking_server) -> None:
     from mlflow import MlflowClient
 
-    from puzzle import tracking
+    from puzzle.mlflow import tracking
 
     kfp_run_id = f"kfp-{uuid.uuid4().hex[:8]}"
     with tracking.pipeline_run(

@@ -43,7 +43,7 @@ def register(
     from collections import namedtuple
 
     from components import _runtime
-    from puzzle import registry, tracking
+    from puzzle.mlflow import registry, tracking
 
     _runtime.setup_logging()
     figures = registry.figures_from_evaluation(evaluation.path)

@@ -34,7 +34,7 @@ def score_blocks(
         device: auto, cpu, cuda, cuda:N.
     """
     from components import _runtime
-    from puzzle.scoring import score
+    from puzzle.library.scoring import score
 
     _runtime.setup_logging()
     shard = f"{int(shard_index)}/{int(num_shards)}"

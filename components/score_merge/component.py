@@ -29,7 +29,7 @@ def merge_scores(
     from pathlib import Path
 
     from components import _runtime
-    from puzzle.scoring import merge
+    from puzzle.library.scoring import merge
 
     _runtime.setup_logging()
     manifest = merge([s.path for s in shards], _runtime.out_path(scores))

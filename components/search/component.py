@@ -36,7 +36,7 @@ def search(
         kfp_run_id: the KFP run id (the MLflow run is tagged with it).
     """
     from components import _runtime
-    from puzzle.search import search as solve
+    from puzzle.search.mip import search as solve
 
     _runtime.setup_logging()
     manifest = solve(

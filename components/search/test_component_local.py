@@ -6,7 +6,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_search_returns_a_solution_per_request(local_pipeline_run) -> None:
-    from puzzle.realize import pick_solution, read_solutions
+    from puzzle.child.realize import pick_solution, read_solutions
 
     run = local_pipeline_run
     solutions = str(run.artifact("search", "solutions"))

@@ -25,8 +25,8 @@ def _run(scores: Path, costs: Path, out: Path, constraints: list[str], **kwargs)
 def test_search_meets_a_parameter_budget(
     tiny_scores: Path, tiny_costs: Path, tiny_child: Path, tmp_path: Path
 ) -> None:
-    from puzzle.child import load_child
-    from puzzle.realize import read_solutions, solution_blocks
+    from puzzle.child.realize import read_solutions, solution_blocks
+    from puzzle.modeling.checkpoints import load_child
 
     solutions = _run(
         tiny_scores, tiny_costs, tmp_path / "solutions", ["parameters<=0.8x"], num_solutions=2, alpha=0.5

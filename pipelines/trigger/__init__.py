@@ -43,7 +43,7 @@ def build_service(settings: TriggerSettings, backend: Backend | None = None) -> 
     """The service with its SQLite store, MLflow client and backend (built from the settings)."""
     from pipelines.trigger.service import TriggerService
     from pipelines.trigger.store import TriggerStore
-    from puzzle.tracking import client_for
+    from puzzle.mlflow.tracking import client_for
 
     return TriggerService(
         settings,

@@ -22,8 +22,8 @@ log = logging.getLogger("pipelines.trigger.local_job")
 
 def run_job(job: dict[str, Any]) -> str:
     """Run the job; returns the registered child's ``models:/`` URI."""
-    from puzzle import registry
     from puzzle.config import load_config
+    from puzzle.mlflow import registry
     from puzzle.run import run
 
     config = load_config(job["config"])
@@ -60,7 +60,7 @@ def run_job(job: dict[str, Any]) -> str:
 
 def _pipeline_run_id(job: dict[str, Any], experiment: str) -> str | None:
     """The MLflow run ``puzzle run`` logged to (tagged with this job's run id), if any."""
-    from puzzle import tracking
+    from puzzle.mlflow import tracking
 
     client = tracking.client_for(job["tracking_uri"])
     exp = client.get_experiment_by_name(experiment)
@@ -73,7 +73,7 @@ def _pipeline_run_id(job: dict[str, Any], experiment: str) -> str | None:
 def _close_tracking(job: dict[str, Any], status: str) -> None:
     """End the MLflow run of this job: runs tagged with a run id are left open by ``puzzle run``
     (in Kubeflow the exit handler closes them; here the job is the exit handler)."""
-    from puzzle import tracking
+    from puzzle.mlflow import tracking
 
     try:
         tracking.finish_pipeline_run(
@@ -87,7 +87,7 @@ def _close_tracking(job: dict[str, Any], status: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from puzzle import tracking
+    from puzzle.mlflow import tracking
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:

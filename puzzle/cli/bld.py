@@ -93,7 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from puzzle.bld import train
+    from puzzle.library.bld import train
 
     manifest = train(
         args.library,
@@ -123,7 +123,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from puzzle.bld import merge
+    from puzzle.library.bld import merge
 
     manifest = merge(args.shards, args.out, base=args.base)
     print(json.dumps({"out": args.out, **manifest.summary}, indent=2))

@@ -26,8 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from puzzle import artifacts
-    from puzzle.parents import convert
+    from puzzle.io import artifacts
+    from puzzle.parent import convert
 
     if args.force:
         artifacts.delete_if_exists(args.out)

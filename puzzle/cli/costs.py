@@ -94,7 +94,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from puzzle.costs import calibrate, load_costs, measure
+    from puzzle.search.costs import calibrate, load_costs, measure
 
     manifest = measure(
         args.library,
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
             f"{100 * s['within_5pct']:.0f} % within 5 %"
         )
         if args.calibration_out:
-            from puzzle import storage
+            from puzzle.io import storage
 
             storage.write_json(args.calibration_out, report)
             print(f"calibration report written to {args.calibration_out}")

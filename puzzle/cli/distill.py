@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from puzzle.distill import distill, init_distributed
+    from puzzle.child.gkd import distill, init_distributed
 
     manifest = distill(
         args.child,

@@ -71,7 +71,7 @@ def parse_children(items: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from puzzle.evaluate import Workload, evaluate, read_metrics
+    from puzzle.child.evaluate import Workload, evaluate, read_metrics
 
     children = parse_children(args.children)
     unknown = [b for b in args.baseline if b not in children]

@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from puzzle.export import REPORT_JSON, export, export_dir, verify
+    from puzzle.child.export import REPORT_JSON, export, export_dir, verify
 
     manifest = export(args.child, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
     print(

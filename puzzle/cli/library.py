@@ -86,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from puzzle.library import DEFAULT_FFN_FRACTIONS, SearchSpace, build_library
+    from puzzle.library.variants import DEFAULT_FFN_FRACTIONS, SearchSpace, build_library
 
     space = SearchSpace(
         attention_kv_heads=tuple(args.kv_heads) if args.kv_heads else None,
@@ -114,7 +114,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from puzzle.library import Library
+    from puzzle.library.variants import Library
 
     lib = Library.open(args.library)
     print(

@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from puzzle.realize import realize
+    from puzzle.child.realize import realize
 
     manifest = realize(
         args.library, args.solutions, args.out, solution_index=args.index, parent_child=args.parent

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"configuration OK (digest {config.digest}); output: {config.output}")
         return 0
 
-    from puzzle.evaluate import read_metrics
+    from puzzle.child.evaluate import read_metrics
     from puzzle.run import PhaseRecord
     from puzzle.run import run as run_all
 

@@ -55,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from puzzle import scoring
+    from puzzle.library import scoring
 
     if args.merge:
         manifest = scoring.merge(args.merge, args.out)

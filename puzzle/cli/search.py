@@ -160,7 +160,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _print_solutions(out: str) -> None:
-    from puzzle.search import load_solutions
+    from puzzle.search.mip import load_solutions
 
     data = load_solutions(out)
     parent = data["parent"]["totals"]
@@ -185,7 +185,7 @@ def _print_one(sol: dict[str, Any], objective: str) -> None:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from puzzle.search import SearchError, search
+    from puzzle.search.mip import SearchError, search
 
     if not args.library and (not args.scores or not args.costs):
         raise SearchError("give SCORES and COSTS, or --library FILE")
@@ -211,7 +211,7 @@ def run_search(args: argparse.Namespace) -> int:
 
 
 def run_baseline(args: argparse.Namespace) -> int:
-    from puzzle.baselines import baseline
+    from puzzle.search.baselines import baseline
 
     baseline(
         args.method,

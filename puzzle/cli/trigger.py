@@ -176,7 +176,7 @@ def _reconcile(args: argparse.Namespace) -> int:
 def _register_webhook(args: argparse.Namespace) -> int:
     from pipelines.trigger.settings import TriggerConfigError, secret_from
     from pipelines.trigger.webhooks import register_webhook
-    from puzzle.tracking import client_for
+    from puzzle.mlflow.tracking import client_for
 
     secret = secret_from(_env("SECRET"), args.secret_file)
     if not args.tracking_uri:
@@ -195,7 +195,7 @@ def _register_webhook(args: argparse.Namespace) -> int:
 
 
 def _register_parent(args: argparse.Namespace) -> int:
-    from puzzle import registry
+    from puzzle.mlflow import registry
 
     result = registry.register_parent(args.source, args.name, tracking_uri=args.tracking_uri)
     state = "registered" if result.created else "already registered"

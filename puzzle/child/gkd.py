@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from puzzle import artifacts
-from puzzle.child import CHILD_KIND, load_child, load_tokenizer, read_parent_info, save_child
 from puzzle.data import load_split
 from puzzle.errors import PuzzleError
+from puzzle.io import artifacts
+from puzzle.modeling.checkpoints import CHILD_KIND, load_child, load_tokenizer, read_parent_info, save_child
 
 log = logging.getLogger(__name__)
 

@@ -74,7 +74,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def default_dtype(device: torch.device, dtype: str | torch.dtype | None) -> torch.dtype:
     """bfloat16 on CUDA and float32 on CPU unless ``dtype`` says otherwise."""
-    from puzzle.child import parse_dtype
+    from puzzle.modeling.checkpoints import parse_dtype
 
     try:
         chosen = parse_dtype(dtype)

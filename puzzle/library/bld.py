@@ -38,8 +38,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from puzzle import artifacts
-from puzzle.activations import (
+from puzzle.errors import PuzzleError
+from puzzle.io import artifacts
+from puzzle.io.artifacts import Manifest
+from puzzle.library.variants import LIBRARY_FILE, LIBRARY_KIND, Library, LibraryError, block_state, layer_file
+from puzzle.modeling import AttentionConfig, BlockConfig, DeciLMConfig, FFNConfig
+from puzzle.modeling.layers import (
     LayerContext,
     LayerRunner,
     SubBlockOutputs,
@@ -48,10 +52,6 @@ from puzzle.activations import (
     load_verified_child,
     sub_blocks,
 )
-from puzzle.artifacts import Manifest
-from puzzle.errors import PuzzleError
-from puzzle.library import LIBRARY_FILE, LIBRARY_KIND, Library, LibraryError, block_state, layer_file
-from puzzle.modeling import AttentionConfig, BlockConfig, DeciLMConfig, FFNConfig
 from puzzle.modeling.modeling_decilm import DeciLMDecoderLayer
 
 log = logging.getLogger(__name__)

@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from puzzle import artifacts
-from puzzle.child import CHILD_KIND, count_parameters, load_child, read_parent_info
 from puzzle.data import load_split
 from puzzle.errors import PuzzleError
+from puzzle.io import artifacts
+from puzzle.modeling.checkpoints import CHILD_KIND, count_parameters, load_child, read_parent_info
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def kv_cache_bytes(config: Any, workload: Workload, dtype_bytes: int) -> int:
 
 def speed_metrics(model: torch.nn.Module, workload: Workload, *, device: str, repeats: int) -> dict[str, Any]:
     """Measured decode throughput and memory of ``model`` at ``workload`` on ``device``."""
-    from puzzle import engine
+    from puzzle.modeling import engine
 
     measured = engine.measure_throughput(
         model,
@@ -269,7 +269,7 @@ def evaluate(
     }
 
     def body(staging: Path, local: dict[str, Path]) -> dict[str, Any]:
-        from puzzle import report
+        from puzzle.child import report
 
         ids = load_split(str(local["tokens"]), split)
         parent = load_child(str(local["parent"]), dtype=torch.float32)
@@ -292,7 +292,7 @@ def evaluate(
             r.update({k: v for k, v in details[name].items() if k not in r})
         lm_eval_results: dict[str, Any] = {}
         if lm_eval_tasks:
-            from puzzle.child import load_tokenizer
+            from puzzle.modeling.checkpoints import load_tokenizer
 
             tok = load_tokenizer(local["parent"])
             for name, model in [(PARENT, parent), *models.items()]:

@@ -37,13 +37,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from puzzle import artifacts
-from puzzle.activations import LayerContext, LayerRunner, build_layer, child_config, load_verified_child
-from puzzle.artifacts import Manifest
-from puzzle.bld import parse_shard
 from puzzle.errors import PuzzleError
-from puzzle.library import Library, block_state
+from puzzle.io import artifacts
+from puzzle.io.artifacts import Manifest
+from puzzle.library.bld import parse_shard
+from puzzle.library.variants import Library, block_state
 from puzzle.modeling import AttentionConfig, BlockConfig, DeciLMConfig, FFNConfig
+from puzzle.modeling.layers import LayerContext, LayerRunner, build_layer, child_config, load_verified_child
 
 log = logging.getLogger(__name__)
 

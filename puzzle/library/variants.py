@@ -33,12 +33,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from puzzle import artifacts
-from puzzle.activations import LayerRunner, child_config, load_verified_child, sub_blocks
-from puzzle.artifacts import Manifest
 from puzzle.errors import PuzzleError
+from puzzle.io import artifacts
+from puzzle.io.artifacts import Manifest
 from puzzle.modeling import AttentionConfig, BlockConfig, DeciLMConfig, DeciLMForCausalLM, FFNConfig
 from puzzle.modeling.block_config import divisors
+from puzzle.modeling.layers import LayerRunner, child_config, load_verified_child, sub_blocks
 
 log = logging.getLogger(__name__)
 
@@ -742,7 +742,7 @@ def assemble_child(
     the loaded model); layers outside the library must use the parent's own block. The child has
     the parent's dtype and device.
     """
-    from puzzle.child import child_config_like, load_child
+    from puzzle.modeling.checkpoints import child_config_like, load_child
 
     lib = library if isinstance(library, Library) else Library.open(library)
     if isinstance(parent, DeciLMForCausalLM):

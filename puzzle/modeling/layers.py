@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from puzzle import artifacts, storage
+from puzzle.io import artifacts, storage
 from puzzle.modeling import BlockConfig, DeciLMConfig, DeciLMForCausalLM
 from puzzle.modeling.modeling_decilm import DeciLMDecoderLayer
 
@@ -140,7 +140,7 @@ def child_config(child: str) -> DeciLMConfig:
 
 def load_verified_child(local: Path, *, dtype: str, device: Any) -> DeciLMForCausalLM:
     """Load a child from a directory :func:`puzzle.artifacts.run_phase` has already verified."""
-    from puzzle.child import parse_dtype
+    from puzzle.modeling.checkpoints import parse_dtype
 
     model = DeciLMForCausalLM.from_pretrained(
         local, config=DeciLMConfig.from_pretrained(local), dtype=parse_dtype(dtype)

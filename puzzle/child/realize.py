@@ -11,10 +11,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from puzzle import artifacts, storage
-from puzzle.child import CHILD_KIND, count_parameters, load_tokenizer, read_parent_info, save_child
 from puzzle.errors import PuzzleError
+from puzzle.io import artifacts, storage
 from puzzle.modeling import BlockConfig
+from puzzle.modeling.checkpoints import (
+    CHILD_KIND,
+    count_parameters,
+    load_tokenizer,
+    read_parent_info,
+    save_child,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +96,7 @@ def realize(
     solution, blocks = pick_solution(solutions, solution_index)  # fail before loading any weights
 
     def body(staging: Path, local: dict[str, Path]) -> dict[str, Any]:
-        from puzzle.library import assemble_child
+        from puzzle.library.variants import assemble_child
 
         child = assemble_child(str(local["parent"]), str(local["library"]), blocks)
         info = read_parent_info(local["parent"])

@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from puzzle import __version__, storage
+from puzzle import __version__
 from puzzle.errors import PuzzleError
+from puzzle.io import storage
 
 log = logging.getLogger(__name__)
 

@@ -27,12 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from puzzle import artifacts
-from puzzle.artifacts import Manifest, run_phase
-from puzzle.block_table import BlockTable, TableError, build_table, default_maximize, load_scores, metric_key
 from puzzle.errors import PuzzleError
-from puzzle.knapsack import greedy_repair
-from puzzle.search import (
+from puzzle.io import artifacts
+from puzzle.io.artifacts import Manifest, run_phase
+from puzzle.search.knapsack import greedy_repair
+from puzzle.search.mip import (
     SOLUTIONS_KIND,
     Constraint,
     InfeasibleConstraintError,
@@ -42,6 +41,14 @@ from puzzle.search import (
     make_problem,
     solve_table,
     write_solutions,
+)
+from puzzle.search.tables import (
+    BlockTable,
+    TableError,
+    build_table,
+    default_maximize,
+    load_scores,
+    metric_key,
 )
 
 log = logging.getLogger(__name__)
@@ -241,7 +248,7 @@ def baseline(
             "a baseline needs at least one constraint (e.g. 'throughput>=1.5x'), or it is the parent"
         )
     maximize = default_maximize(objective) if maximize is None else maximize
-    from puzzle.costs import CostsError, load_costs
+    from puzzle.search.costs import CostsError, load_costs
 
     try:
         cost_table = load_costs(costs)
@@ -280,8 +287,8 @@ def baseline(
         started = time.perf_counter()
         influence: list[float] | None = None
         if method == "layer_dropping":
-            from puzzle.child import load_child
             from puzzle.data import load_split
+            from puzzle.modeling.checkpoints import load_child
 
             model = load_child(child, dtype="float32", device=device)
             ids = load_split(tokens, split)[:max_sequences]

@@ -30,9 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from puzzle import storage
-from puzzle.artifacts import Manifest, run_phase
-from puzzle.block_table import (
+from puzzle.errors import PuzzleError
+from puzzle.io import storage
+from puzzle.io.artifacts import Manifest, run_phase
+from puzzle.search.knapsack import InfeasibleError, Problem, solve
+from puzzle.search.tables import (
     BlockTable,
     TableError,
     build_table,
@@ -41,8 +43,6 @@ from puzzle.block_table import (
     metric_key,
     read_library,
 )
-from puzzle.errors import PuzzleError
-from puzzle.knapsack import InfeasibleError, Problem, solve
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +345,7 @@ def _tables(
         return [read_library(library, objective=objective)]
     if not scores or not costs:
         raise SearchError("the search needs both a scores table and a cost table (or --library FILE)")
-    from puzzle.costs import CostsError, load_costs
+    from puzzle.search.costs import CostsError, load_costs
 
     try:
         cost_table = load_costs(costs)

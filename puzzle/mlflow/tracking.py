@@ -49,8 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from puzzle import artifacts, storage
 from puzzle.errors import PuzzleError
+from puzzle.io import artifacts, storage
 
 log = logging.getLogger(__name__)
 

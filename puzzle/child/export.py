@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from puzzle import artifacts
-from puzzle.child import (
+from puzzle.io import artifacts
+from puzzle.modeling import BlockConfig, DeciLMConfig
+from puzzle.modeling.checkpoints import (
     CHILD_KIND,
     PARENT_INFO,
     child_dir,
@@ -26,7 +27,6 @@ from puzzle.child import (
     load_tokenizer,
     parse_dtype,
 )
-from puzzle.modeling import BlockConfig, DeciLMConfig
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from puzzle import artifacts, storage, tracking
 from puzzle.errors import PuzzleError
+from puzzle.io import artifacts, storage
+from puzzle.mlflow import tracking
 
 log = logging.getLogger(__name__)
 

@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from puzzle import storage
 from puzzle.errors import PuzzleError
+from puzzle.io import storage
 
 if TYPE_CHECKING:
-    from puzzle.costs import CostTable
+    from puzzle.search.costs import CostTable
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ def build_table(
     ``include``: blocks to add to every layer even when they cannot be scored (their score is
     NaN; baselines such as layer dropping use them, the MIP never does).
     """
-    from puzzle.costs import CostsError
+    from puzzle.search.costs import CostsError
 
     gen_len = costs.gen_len
     parent_blocks = costs.parent_blocks

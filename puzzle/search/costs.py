@@ -50,9 +50,9 @@ from typing import Any, ClassVar, Protocol
 import torch
 from tqdm import tqdm
 
-from puzzle import artifacts, engine, storage
 from puzzle.errors import PuzzleError
-from puzzle.modeling import AttentionConfig, BlockConfig, BlockConfigError, DeciLMConfig, FFNConfig
+from puzzle.io import artifacts, storage
+from puzzle.modeling import AttentionConfig, BlockConfig, BlockConfigError, DeciLMConfig, FFNConfig, engine
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ class TorchBackend:
         shape.pop("num_hidden_layers", None)
         key = json.dumps(shape, sort_keys=True)
         if self._fixed is None or self._fixed_key != key:
-            from puzzle.child import child_config_like
+            from puzzle.modeling.checkpoints import child_config_like
 
             self._fixed = engine.EngineWeights.random(
                 child_config_like(config, []), device=self.device, dtype=self.dtype, seed=self.seed
@@ -315,7 +315,7 @@ class TorchBackend:
     def measure_subblock(
         self, config: DeciLMConfig, name: str, workload: Workload
     ) -> dict[int, dict[str, float]]:
-        from puzzle.child import child_config_like
+        from puzzle.modeling.checkpoints import child_config_like
 
         block = subblock_as_block(name)
         n = self.stack_layers(subblock_params(config, name) * self.dtype.itemsize)
@@ -557,7 +557,7 @@ def library_subblocks(library: str, config: DeciLMConfig) -> list[str]:
 
     Reads ``library.json`` only: the variants' weights are not needed to time their shapes.
     """
-    from puzzle.library import LIBRARY_FILE, LIBRARY_KIND, Library, LibraryError
+    from puzzle.library.variants import LIBRARY_FILE, LIBRARY_KIND, Library, LibraryError
 
     artifacts.require_manifest(library, LIBRARY_KIND)
     lib = Library(library, Path("."), storage.read_json(storage.join(library, LIBRARY_FILE)))
@@ -835,7 +835,7 @@ def calibrate(
     table's workload (``batch_sizes``: default all of the table's). Refused when this machine
     differs from the table's hardware. ``error_pct`` = (predicted - measured) / measured.
     """
-    from puzzle.child import child_config_like
+    from puzzle.modeling.checkpoints import child_config_like
 
     table = table_uri if isinstance(table_uri, CostTable) else load_costs(table_uri)
     sizes = list(batch_sizes) if batch_sizes is not None else table.batch_sizes

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from puzzle import artifacts, storage
-from puzzle.child import CHILD_KIND, parse_dtype, save_child
 from puzzle.errors import PuzzleError
+from puzzle.io import artifacts, storage
 from puzzle.modeling import AttentionConfig, BlockConfig, DeciLMConfig, DeciLMForCausalLM, FFNConfig
+from puzzle.modeling.checkpoints import CHILD_KIND, parse_dtype, save_child
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ def load_parent(
             "tokenizer_config.json (or the GGUF's embedded tokenizer) to the parent directory"
         ) from exc
     if source.kind == "child":
-        from puzzle.child import load_child
+        from puzzle.modeling.checkpoints import load_child
 
         return load_child(str(source.path), dtype=dtype), tokenizer, source
     log.info("loading parent %s (%s)", reference, config.model_type)

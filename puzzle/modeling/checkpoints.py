@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from puzzle import artifacts
+from puzzle.io import artifacts
 from puzzle.modeling import BlockConfig, DeciLMConfig, DeciLMForCausalLM
 
 log = logging.getLogger(__name__)

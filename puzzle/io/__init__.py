@@ -1,0 +1,1 @@
+"""Storage (local paths and ``s3://``) and artifacts (directories with a ``manifest.json``)."""
