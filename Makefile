@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+CODE := puzzle components pipelines tests benchmarks charts conftest.py
 
-.PHONY: demo test lint venv ui-browser
+.PHONY: demo test test-fast lint typecheck venv ui-browser
 
 venv: $(STAMP)
 
@@ -28,9 +29,18 @@ ui-browser:
 	      || echo "chromium could not be installed: the MLflow UI test will be skipped"; \
 	  else echo "apt-get as root not available: the MLflow UI test will be skipped (install chromium to run it)"; fi; }
 
-test: $(STAMP) ui-browser
-	$(VENV)/bin/ruff check puzzle components pipelines tests benchmarks
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(CODE)
+	$(VENV)/bin/ruff format --check $(CODE)
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+# The whole suite: lint, types, unit and integration tests (real S3 and MLflow servers, the real
+# SmolLM2 parent, the pipeline under KFP's local runner, the Helm chart).
+test: lint typecheck ui-browser
 	$(VENV)/bin/python -m pytest -q
 
-lint: $(STAMP)
-	$(VENV)/bin/ruff check puzzle components pipelines tests benchmarks
+# Unit tests only (tiny random models, no servers): a couple of minutes.
+test-fast: lint
+	$(VENV)/bin/python -m pytest -q -m "not integration"

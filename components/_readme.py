@@ -16,6 +16,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent
 _PUZZLE_IMPORT = re.compile(r"^\s+from (puzzle(?:\.\w+)*) import (.+)$", re.MULTILINE)
+_RUN_STAGE = re.compile(r"_runtime\.run_stage\(\s*\"(\w+)\"")
 _ARG = re.compile(r"^\s{4}(\w+): (.*)$")
 
 
@@ -76,17 +77,26 @@ def _type(spec_type: str) -> str:
     return spec_type.split("@")[0].removeprefix("system.")
 
 
+def _stage_function(stage_name: str) -> str:
+    """``module.function`` of the phase a component runs through ``_runtime.run_stage``."""
+    from puzzle.stages import stage
+
+    return stage(stage_name).function.replace(":", ".")
+
+
 def render(component: Any) -> str:
     spec = component.component_spec
     func = component.python_func
     description, args, returns = _sections(func.__doc__ or "")
     image = spec.implementation.container.image
+    source = inspect.getsource(func)
     calls = sorted(
         {
             f"`{m}.{name.strip()}`" if not name.strip().startswith("(") else f"`{m}`"
-            for m, names in _PUZZLE_IMPORT.findall(inspect.getsource(func))
+            for m, names in _PUZZLE_IMPORT.findall(source)
             for name in names.split(",")
         }
+        | {f"`{_stage_function(name)}`" for name in _RUN_STAGE.findall(source)}
     )
     calls = [c.replace(" as ", "` as `") for c in calls]
     lines = [
@@ -94,7 +104,7 @@ def render(component: Any) -> str:
         "",
         description,
         "",
-        f"- image: `{image}` (from `pipelines/images.yaml`), `install_kfp_package=False`",
+        f"- image: `{image}` (from `components/images.yaml`), `install_kfp_package=False`",
         f"- calls: {', '.join(calls) if calls else 'no puzzle function (plain Python)'}",
         "- code: [`component.py`](component.py); tests: `test_component_unit.py` (`python_func`), "
         "`test_component_local.py` (KFP local runner)",

@@ -1,73 +1,32 @@
-"""Pipeline parameters from a ``puzzle run`` configuration.
+"""Pipeline arguments from a ``puzzle run`` configuration.
 
-The pipeline's parameters mirror :class:`puzzle.config.RunConfig` field by field: a field's path
-with ``_`` for ``.`` names its parameter (``gkd.lr`` -> ``gkd_lr``, ``data.splits.bld`` ->
-``data_splits_bld``, ``registry.gates.min_speedup`` -> ``registry_gates_min_speedup``), the
-convention :mod:`pipelines.trigger` uses too. ``output`` is not a parameter: it becomes the run's
-pipeline root, where KFP keeps every artifact. A few parameters exist only in the pipeline:
-where the exported checkpoint is served from, how many GPUs GKD gets, which GPU product the
-costs and the speed measurements must run on, the Kubernetes secret names, and the request
-profile. Values KFP cannot carry as null become empty: ``search_space.kv_heads: null`` (every
-divisor) is ``[]``, an unset registered model name is ``""`` (do not register).
+The pipeline takes ``parent``, ``device`` and one dict per config section, so a run's arguments
+are the validated :class:`puzzle.config.RunConfig` section by section; ``output`` becomes the run's
+pipeline root, where KFP keeps every artifact, and ``tracking.uri: run-dir`` means the cluster's
+``MLFLOW_TRACKING_URI`` in a pod. The cluster settings
+(:data:`pipelines.puzzle_pipeline.CLUSTER_PARAMETERS`) come from the caller.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from puzzle.config import RunConfig
+from puzzle.config import RunConfig, section_names
 from puzzle.errors import PuzzleError
-
-# The GPU product label NVIDIA's GPU feature discovery puts on nodes, and the default target.
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
-DEFAULT_GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
-
-# Parameters of the pipeline that are not config fields, with their defaults.
-CLUSTER_PARAMETERS: dict[str, Any] = {
-    "serving_uri": "",
-    "gkd_gpus": 1,
-    "gpu_node_selector": {GPU_PRODUCT_LABEL: DEFAULT_GPU_PRODUCT},
-    "s3_secret": "puzzle-s3",
-    "mlflow_secret": "puzzle-mlflow",
-    "env_config_map": "puzzle-env",
-    "profile": "",
-}
-
-# Config fields that are not pipeline parameters (``output`` is the pipeline root).
-NOT_PARAMETERS = ("output",)
-# tracking.uri values that only mean something on the machine that runs `puzzle run`.
-LOCAL_TRACKING = ("run-dir",)
 
 
 class PipelineParameterError(PuzzleError, ValueError):
     """A configuration that cannot be turned into pipeline arguments; the message names the field."""
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{name}_"))
-        else:
-            out[name] = value
-    return out
-
-
 def config_parameters(config: RunConfig) -> dict[str, Any]:
-    """The pipeline arguments of every config field (``output`` aside), named by path."""
-    data = config.to_dict()
-    for name in NOT_PARAMETERS:
-        data.pop(name)
-    flat = _flatten(data)
-    if flat["search_space_kv_heads"] is None:
-        flat["search_space_kv_heads"] = []
-    if flat["tracking_uri"] is None or flat["tracking_uri"] in LOCAL_TRACKING:
-        # In the cluster the MLflow URI comes from the environment (ConfigMap or secret).
-        flat["tracking_uri"] = ""
-    if flat["registry_model_name"] is None:
-        flat["registry_model_name"] = ""
-    return flat
+    """The pipeline arguments of a configuration: ``parent``, ``device`` and every section."""
+    from pipelines.puzzle_pipeline import TOP_LEVEL, section_value
+
+    arguments: dict[str, Any] = {name: getattr(config, name) for name in TOP_LEVEL}
+    for name in section_names():
+        arguments[name] = section_value(getattr(config, name))
+    return arguments
 
 
 def check_parent(parent: str) -> None:
@@ -96,6 +55,8 @@ def pipeline_arguments(
     ``nvidia.com/gpu.product`` the cost and speed measurements must run on; ``cluster`` any other
     pipeline-only parameter (``gkd_gpus``, ``s3_secret``, ``mlflow_secret``, ``env_config_map``).
     """
+    from pipelines.puzzle_pipeline import CLUSTER_PARAMETERS, GPU_PRODUCT_LABEL
+
     unknown = sorted(set(cluster) - set(CLUSTER_PARAMETERS))
     if unknown:
         raise PipelineParameterError(
@@ -106,7 +67,7 @@ def pipeline_arguments(
             f"serving_uri must be an s3://bucket/prefix that serving engines read, got {serving_uri!r}"
         )
     check_parent(config.parent)
-    arguments = {**config_parameters(config), **CLUSTER_PARAMETERS, **cluster}
+    arguments = {**config_parameters(config), **{k: v[1] for k, v in CLUSTER_PARAMETERS.items()}, **cluster}
     arguments["serving_uri"] = serving_uri
     arguments["profile"] = profile
     if gpu_product:

@@ -25,6 +25,7 @@ are read as the splits need, so a small request on a large source is fast.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -37,9 +38,11 @@ from typing import Any
 
 import torch
 
+from puzzle.config import DataConfig
 from puzzle.errors import PuzzleError
 from puzzle.io import artifacts, storage
 from puzzle.io.artifacts import Manifest
+from puzzle.modeling.checkpoints import MODEL_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -246,45 +249,31 @@ def _pack(
     return ids, stats
 
 
-def prepare(
-    source: str,
-    tokenizer: str,
-    out: str,
-    *,
-    seq_len: int,
-    splits: dict[str, int],
-    seed: int = 0,
-    text_field: str = "text",
-) -> Manifest:
-    """Phase: tokenize ``source`` with the child's tokenizer into disjoint splits of sequences.
+def prepare(parent: str, out: str, data: DataConfig) -> Manifest:
+    """Phase ``data``: tokenize ``data.source`` with the parent's tokenizer into disjoint splits.
 
     Args:
-        source: ``"stdlib"``, a local text/JSONL file or directory, an ``s3://`` prefix, or
-            ``hf:NAME[:CONFIG]:SPLIT``.
-        tokenizer: a child artifact URI (its tokenizer is used; see
-            :func:`puzzle.child.load_tokenizer`).
+        parent: a model artifact (parent or child) whose tokenizer is used.
         out: where to write the ``tokens`` artifact (local path or ``s3://``).
-        seq_len: tokens per sequence.
-        splits: split name -> number of sequences, e.g. ``{"calibration": 32, "bld": 512}``;
-            splits are carved in this order from the shuffled sequences, never overlapping.
-        seed: shuffles documents and sequences.
-        text_field: the JSONL / dataset field holding the text.
+        data: the source, sequence length, splits (name -> sequences, carved in this order from the
+            shuffled sequences, never overlapping) and seed.
 
     Raises:
         DataError: bad arguments (before any work), or a source with too few tokens.
     """
+    source, seq_len, splits, seed, text_field = (
+        data.source,
+        data.seq_len,
+        data.splits,
+        data.seed,
+        data.text_field,
+    )
     _validate(source, seq_len, splits)
     needed = sum(splits.values())
-    inputs = {"tokenizer": tokenizer}
+    inputs = {"tokenizer": parent}
     if source not in ("stdlib",) and not source.startswith("hf:"):
         inputs["source"] = source
-    parameters = {
-        "source": source,
-        "seq_len": seq_len,
-        "splits": dict(splits),
-        "seed": seed,
-        "text_field": text_field,
-    }
+    parameters = dataclasses.asdict(data)
 
     def body(staging: Path, local: dict[str, Path]) -> dict[str, Any]:
         from safetensors.torch import save_file
@@ -296,7 +285,8 @@ def prepare(
         if ids.shape[0] < needed:
             raise DataError(
                 f"source {source!r} has only {stats['tokens_read']} tokens = {ids.shape[0]} sequences of "
-                f"seq_len={seq_len}, but the splits need {needed} ({', '.join(f'{k}={v}' for k, v in splits.items())}): "
+                f"seq_len={seq_len}, but the splits need {needed} "
+                f"({', '.join(f'{k}={v}' for k, v in splits.items())}): "
                 "lower the split sizes or seq_len, or use a larger source"
             )
         vocab = len(tok)
@@ -340,7 +330,7 @@ def prepare(
         inputs,
         parameters,
         body,
-        input_kinds={"tokenizer": ("child", "export")},
+        input_kinds={"tokenizer": MODEL_KINDS},
     )
 
 
@@ -350,7 +340,7 @@ def read_splits(tokens_uri: str) -> dict[str, Any]:
     return json.loads((local / SPLITS_FILE).read_text())
 
 
-def load_split(tokens_uri: str, split: str) -> torch.LongTensor:
+def load_split(tokens_uri: str, split: str) -> torch.Tensor:
     """The sequences of one split of a tokens artifact, as int64 ``[n, seq_len]``."""
     from safetensors.torch import load_file
 
@@ -359,6 +349,6 @@ def load_split(tokens_uri: str, split: str) -> torch.LongTensor:
     if split not in info["splits"]:
         raise DataError(
             f"tokens artifact {tokens_uri} has no split {split!r} (it has {sorted(info['splits'])}): "
-            f"re-run `puzzle data prepare` with --split {split}=N"
+            f"re-run `puzzle data` with a data.splits.{split} entry (its number of sequences)"
         )
     return load_file(str(local / info["splits"][split]["file"]))["input_ids"].long()

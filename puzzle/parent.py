@@ -1,4 +1,7 @@
-"""Parents: load a Llama-family model and convert it into an all-parent-blocks child.
+"""The parent: load a Llama-family model and convert it into our heterogeneous (DeciLM) layout.
+
+The converted parent is a model whose every block is the original's, with the same logits to
+float32 tolerance; every later phase reads it (artifact kind ``parent``).
 
 A parent reference is one of:
 
@@ -7,7 +10,7 @@ A parent reference is one of:
 * a ``.gguf`` file (transformers dequantizes it to float);
 * an ``s3://`` prefix holding either of the above;
 * ``models:/NAME/VERSION`` in the MLflow Model Registry (its artifacts are downloaded);
-* a child artifact (already converted);
+* one of our model artifacts (a converted parent, a child or an export);
 * a Hugging Face hub id (``org/name``; needs the hub to be reachable).
 
 Supported families: Llama (1-3.x, incl. Llama-3 RoPE scaling), Mistral, Qwen2, Qwen3.
@@ -19,14 +22,18 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from puzzle.errors import PuzzleError
 from puzzle.io import artifacts, storage
 from puzzle.modeling import AttentionConfig, BlockConfig, DeciLMConfig, DeciLMForCausalLM, FFNConfig
-from puzzle.modeling.checkpoints import CHILD_KIND, parse_dtype, save_child
+from puzzle.modeling.checkpoints import MODEL_KINDS, PARENT_KIND, model_from_state, save_model
+from puzzle.modeling.devices import parse_dtype
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +64,7 @@ class ParentSource:
     """Where a parent's files are, once resolved to the local machine."""
 
     reference: str
-    kind: str  # "hf_dir" | "gguf" | "child" | "hub"
+    kind: str  # "hf_dir" | "gguf" | "artifact" (ours: parent, child or export) | "hub"
     path: Path | None
     gguf_file: str | None = None
 
@@ -97,11 +104,9 @@ def _resolve_local(reference: str, path: Path) -> ParentSource:
                 f"parent file {path} is not a .gguf file; pass a Hugging Face directory or a GGUF file"
             )
         return ParentSource(reference, "gguf", path.parent, path.name)
-    if (path / artifacts.MANIFEST).exists() and artifacts.read_manifest(str(path)).kind in (
-        CHILD_KIND,
-        "export",
-    ):
-        return ParentSource(reference, "child", path)
+    manifest = artifacts.read_manifest(str(path)) if (path / artifacts.MANIFEST).exists() else None
+    if manifest is not None and manifest.kind in MODEL_KINDS:
+        return ParentSource(reference, "artifact", path)
     if (path / "config.json").exists():
         return ParentSource(reference, "hf_dir", path)
     ggufs = sorted(path.glob("*.gguf"))
@@ -161,17 +166,19 @@ def load_parent_config(source: ParentSource) -> Any:
         raise ParentError(f"cannot read the parent's config at {name}: {exc}") from exc
     except ValueError as exc:
         raise ParentError(
-            f"unsupported parent architecture at {name}: {exc}; supported families: {', '.join(SUPPORTED_FAMILIES)}"
+            f"unsupported parent architecture at {name}: {exc}; supported families: "
+            f"{', '.join(SUPPORTED_FAMILIES)}"
         ) from exc
-    if source.kind != "child" and config.model_type not in SUPPORTED_FAMILIES:
+    if source.kind != "artifact" and config.model_type not in SUPPORTED_FAMILIES:
         raise ParentError(
-            f"unsupported parent architecture {config.model_type!r} ({getattr(config, 'architectures', None)}); "
+            f"unsupported parent architecture {config.model_type!r} "
+            f"({getattr(config, 'architectures', None)}); "
             f"supported families: {', '.join(SUPPORTED_FAMILIES)} (Llama 1-3.x, Mistral, Qwen2, Qwen3)"
         )
     return config
 
 
-def child_config_from_parent(config: Any) -> DeciLMConfig:
+def decilm_config(config: Any) -> DeciLMConfig:
     """The DeciLM config whose every block is the parent's, with the family's extras recorded."""
     family = config.model_type
     if family not in SUPPORTED_FAMILIES:
@@ -219,34 +226,21 @@ def child_config_from_parent(config: Any) -> DeciLMConfig:
     )
 
 
-def parent_to_child(parent: torch.nn.Module) -> DeciLMForCausalLM:
-    """An all-parent-blocks child holding exactly the parent's weights."""
-    config = child_config_from_parent(parent.config)
-    dtype = next(parent.parameters()).dtype
-    with torch.device("meta"):
-        child = DeciLMForCausalLM(config)
-    state = parent.state_dict()
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = child.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ParentError(
-            f"parent weights do not map onto the child: missing {missing[:5]}, unexpected {unexpected[:5]}"
+def to_decilm(parent: torch.nn.Module) -> DeciLMForCausalLM:
+    """The parent as a :class:`DeciLMForCausalLM` (every block the parent's) holding its weights."""
+    config = decilm_config(parent.config)
+    try:
+        child = model_from_state(
+            config, parent.state_dict(), device=next(parent.parameters()).device, what="parent weights"
         )
-    if config.tie_word_embeddings:
-        child.tie_weights()
-    device = next(parent.parameters()).device
-    child = child.to(dtype)
-    # RoPE inverse frequencies were created on the meta device: rebuild them, in float32 as the
-    # parent keeps them (casting them to bf16 would shift every rotary angle).
-    child.model.rotary_emb = type(child.model.rotary_emb)(config).to(device)
+    except ValueError as exc:
+        raise ParentError(f"the parent's weights do not map onto our layout: {exc}") from None
     return child.eval()
 
 
 def load_parent(
     reference: str, *, dtype: str | torch.dtype | None = "float32"
-) -> tuple[torch.nn.Module, Any, ParentSource]:
+) -> tuple[PreTrainedModel, Any, ParentSource]:
     """Load the parent model (transformers class) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -260,10 +254,10 @@ def load_parent(
             f"parent at {name} has no usable tokenizer ({type(exc).__name__}: {exc}); add tokenizer.json / "
             "tokenizer_config.json (or the GGUF's embedded tokenizer) to the parent directory"
         ) from exc
-    if source.kind == "child":
-        from puzzle.modeling.checkpoints import load_child
+    if source.kind == "artifact":
+        from puzzle.modeling.checkpoints import load_model
 
-        return load_child(str(source.path), dtype=dtype), tokenizer, source
+        return load_model(str(source.path), dtype=dtype), tokenizer, source
     log.info("loading parent %s (%s)", reference, config.model_type)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=parse_dtype(dtype), **kwargs)
@@ -289,28 +283,30 @@ def conversion_error(parent: torch.nn.Module, child: DeciLMForCausalLM, tokenize
     dtype = next(child.parameters()).dtype
     if not diff <= CONVERSION_TOLERANCE.get(dtype, 1e-4):
         raise ParentError(
-            f"the converted child does not reproduce the parent (max |logit diff| {diff:.3g} on a probe text); "
-            "this parent uses a feature the child format does not represent"
+            f"the converted parent does not reproduce the original (max |logit diff| {diff:.3g} on a probe "
+            "text); "
+            "this parent uses a feature our layout does not represent"
         )
     log.info("conversion check: max |logit diff| parent vs child = %.3g", diff)
     return diff
 
 
 def convert(parent: str, out: str, *, dtype: str = "float32") -> artifacts.Manifest:
-    """Phase: turn a parent into an all-parent-blocks child artifact at ``out``."""
+    """Phase ``convert``: the parent in our heterogeneous layout (every block the parent's), checked to
+    reproduce the original's logits, written as a ``parent`` artifact at ``out``."""
     source = resolve(parent)
     config = load_parent_config(source)  # fail fast, before loading any weights
-    if source.kind != "child":
-        child_config_from_parent(config)
+    if source.kind != "artifact":
+        decilm_config(config)
     parse_dtype(dtype)
 
     def build(staging: Path, _inputs: dict[str, Path]) -> dict[str, Any]:
         model, tokenizer, _ = load_parent(parent, dtype=dtype)
-        child = model if isinstance(model, DeciLMForCausalLM) else parent_to_child(model)
-        child.generation_config = model.generation_config
-        diff = conversion_error(model, child, tokenizer)
-        save_child(
-            child,
+        converted = model if isinstance(model, DeciLMForCausalLM) else to_decilm(model)
+        converted.generation_config = model.generation_config
+        diff = conversion_error(model, converted, tokenizer)
+        save_model(
+            converted,
             tokenizer,
             staging,
             {
@@ -323,13 +319,17 @@ def convert(parent: str, out: str, *, dtype: str = "float32") -> artifacts.Manif
         )
         return {
             "family": config.model_type,
-            "num_layers": child.config.num_hidden_layers,
-            "hidden_size": child.config.hidden_size,
-            "num_parameters": sum(p.numel() for p in {id(p): p for p in child.parameters()}.values()),
+            "num_layers": converted.config.num_hidden_layers,
+            "hidden_size": converted.config.hidden_size,
+            "num_parameters": sum(p.numel() for p in {id(p): p for p in converted.parameters()}.values()),
             "parent_logits_max_abs_diff": diff,
         }
 
-    inputs = {"parent": str(source.path / source.gguf_file) if source.kind == "gguf" else parent}
+    inputs = {"parent": parent}
+    if source.kind == "gguf":
+        if source.path is None or source.gguf_file is None:
+            raise ParentError(f"GGUF parent {parent!r} resolved without a directory and file name")
+        inputs["parent"] = str(source.path / source.gguf_file)
     return artifacts.run_phase(
-        CHILD_KIND, out, inputs, {"dtype": dtype, "parent": parent}, build, materialize_inputs=False
+        PARENT_KIND, out, inputs, {"dtype": dtype, "parent": parent}, build, materialize_inputs=False
     )

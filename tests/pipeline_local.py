@@ -18,32 +18,28 @@ from typing import Any
 from unittest import mock
 
 TINY_OVERRIDES = [
+    "device=cpu",
     "data.seq_len=32",
     "data.splits={calibration: 4, bld: 8, score: 4, gkd: 8, eval: 4}",
-    "search_space.kv_heads=[1]",
-    "search_space.attention_linear=true",
-    "search_space.ffn_fractions=[1.0, 0.5]",
-    "search_space.ffn_linear=false",
+    "library.kv_heads=[1]",
+    "library.attention_linear=true",
+    "library.ffn_fractions=[1.0, 0.5]",
+    "library.ffn_linear=false",
     "bld.token_budget=64",
     "bld.batch_size=2",
     "bld.shards=2",
-    "bld.device=cpu",
     "scoring.metrics=[kl_div, lm_loss]",
     "scoring.batch_size=4",
     "scoring.shards=2",
-    "scoring.device=cpu",
     "costs.prompt_len=8",
     "costs.gen_len=4",
     "costs.repeats=1",
-    "costs.device=cpu",
     "search.constraints=['parameters<=0.8x']",
     "gkd.token_budget=64",
     "gkd.batch_size=2",
-    "gkd.device=cpu",
     "evaluate.batch_size=4",
     "evaluate.workload={batch_size: 1, prompt_len: 8, gen_len: 4}",
     "evaluate.repeats=1",
-    "evaluate.device=cpu",
     "baselines.methods=[uniform_width]",
     "baselines.gkd=false",
     "registry.gates={min_accuracy_kept: 0.0, min_speedup: 0.0}",
@@ -87,6 +83,14 @@ class LocalRun:
     def metadata(self, task: str, output: str) -> dict[str, Any]:
         (artifact,) = self.executor_output(task)["artifacts"][output]["artifacts"]
         return artifact.get("metadata", {})
+
+    def registered_version(self) -> str:
+        """The registry version of the run's export (found by its content hash, as promote does)."""
+        from puzzle.mlflow.registry import registered_version
+
+        name = self.arguments["registry"]["model_name"]
+        export = str(self.artifact("export", "export"))
+        return registered_version(export, name, tracking_uri=self.tracking_uri)
 
     def parameter(self, task: str, name: str) -> Any:
         return self.executor_output(task)["parameterValues"][name]
@@ -134,7 +138,14 @@ def upload_dir(local: Path, uri: str) -> None:
         storage.upload_file(path, storage.join(uri, str(path.relative_to(local))))
 
 
-def run_tiny_pipeline(root: Path, parent_dir: Path, bucket: str, tracking_uri: str) -> LocalRun:
+def run_tiny_pipeline(
+    root: Path,
+    parent_dir: Path,
+    bucket: str,
+    tracking_uri: str,
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> LocalRun:
     """Upload ``parent_dir`` to S3 and run the pipeline on it; exceptions are kept, not raised."""
     from kfp import local
     from kfp.local.orchestrator import task_executor
@@ -152,12 +163,13 @@ def run_tiny_pipeline(root: Path, parent_dir: Path, bucket: str, tracking_uri: s
             *TINY_OVERRIDES,
             f"parent={parent_uri}",
             f"registry.model_name={MODEL_NAME}",
+            f"tracking.uri={tracking_uri}",
             f"tracking.experiment={EXPERIMENT}",
+            *overrides,
         ],
         check_access=False,
     )
     arguments = pipeline_arguments(config, serving_uri=serving_uri, profile="tiny")
-    arguments["tracking_uri"] = tracking_uri
     pipeline_root = root / "pipeline-root"
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
@@ -181,24 +193,19 @@ def run_tiny_pipeline(root: Path, parent_dir: Path, bucket: str, tracking_uri: s
     return LocalRun(pipeline_root, arguments, parent_uri, serving_uri, tracking_uri, error)
 
 
-SHARED_RUN: LocalRun | None = None
-
-
 def session_run(
-    tmp_path_factory: Any, s3_server: Any, mlflow_server: Any, tiny_parent_factory: Any
+    tmp_path_factory: Any,
+    s3_server: Any,
+    mlflow_server: Any,
+    tiny_parent_factory: Any,
+    overrides: list[str] | tuple[str, ...] = (),
 ) -> LocalRun:
-    """The session's one pipeline run: made on first use, then shared by ``tests/`` and ``components/``.
+    """A pipeline run on a briefly trained tiny parent, in a fresh bucket (the session's one run is
+    the root conftest's ``local_pipeline_run`` fixture); ``overrides`` go after :data:`TINY_OVERRIDES`."""
+    import uuid
 
-    pytest gives each directory its own instances of session fixtures re-exported from another
-    conftest, so the run is kept here, at module level, and made only once per process.
-    """
-    global SHARED_RUN
-    if SHARED_RUN is None:
-        import uuid
-
-        bucket = f"pipeline-{uuid.uuid4().hex[:8]}"
-        s3_server.client().create_bucket(Bucket=bucket)
-        root = tmp_path_factory.mktemp("pipeline")
-        parent = pretrain_tiny_parent(tiny_parent_factory("llama", intermediate_size=192), root / "parent")
-        SHARED_RUN = run_tiny_pipeline(root, parent, bucket, mlflow_server.url)
-    return SHARED_RUN
+    bucket = f"pipeline-{uuid.uuid4().hex[:8]}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    root = tmp_path_factory.mktemp("pipeline")
+    parent = pretrain_tiny_parent(tiny_parent_factory("llama", intermediate_size=192), root / "parent")
+    return run_tiny_pipeline(root, parent, bucket, mlflow_server.url, overrides=overrides)

@@ -28,7 +28,7 @@ def write_costs(
     gen_len: int = 16,
     device_name: str = "synthetic-gpu",
 ) -> Path:
-    """A ``costs.json`` in :mod:`puzzle.costs`' format (no measurement: made-up, size-shaped costs)."""
+    """A ``costs.json`` in :mod:`puzzle.search.costs`' format (no measurement: made-up, size-shaped costs)."""
     subblocks = {}
     sizes = {**{k: v * 4.0 for k, v in ATTENTION.items()}, **{k: v * 6.0 for k, v in FFN.items()}}
     for name, size in {"embeddings_lm_head": 3.0, **sizes}.items():

@@ -8,12 +8,14 @@ import pytest
 import torch
 from search_tables import write_costs, write_scores
 
+from puzzle.config import DataConfig, SearchConfig
 from puzzle.search.baselines import baseline, block_influence
 from puzzle.search.costs import load_costs
 from puzzle.search.mip import InfeasibleConstraintError, load_solutions, search
 from puzzle.search.tables import build_table, load_scores
 
 CONSTRAINT = "throughput>=1.6x"
+SEARCH = SearchConfig(constraints=[CONSTRAINT])
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +23,7 @@ def tables(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, Path]:
     root = tmp_path_factory.mktemp("baseline-tables")
     scores = write_scores(root / "scores.csv", 6, seed=2)
     costs = write_costs(root / "costs.json", 6)
-    search(str(scores), str(costs), str(root / "mip"), constraints=[CONSTRAINT], batch_size=8)
+    search(str(scores), str(costs), str(root / "mip"), SEARCH, batch_size=8)
     return str(scores), str(costs), root
 
 
@@ -33,7 +35,7 @@ def _best(out: Path) -> dict:
 
 def test_greedy_meets_the_constraint_and_is_never_better_than_the_search(tables, tmp_path: Path) -> None:
     scores, costs, root = tables
-    baseline("greedy", scores, costs, str(tmp_path / "greedy"), constraints=[CONSTRAINT], batch_size=8)
+    baseline("greedy", scores, costs, str(tmp_path / "greedy"), SEARCH, batch_size=8)
     greedy, optimum = _best(tmp_path / "greedy"), _best(root / "mip")
     assert greedy["method"] == "greedy"
     assert all(c["satisfied"] for c in greedy["constraints"])
@@ -43,7 +45,7 @@ def test_greedy_meets_the_constraint_and_is_never_better_than_the_search(tables,
 
 def test_noop_only_uses_parent_or_noop_sub_blocks(tables, tmp_path: Path) -> None:
     scores, costs, root = tables
-    baseline("noop_only", scores, costs, str(tmp_path / "noop"), constraints=[CONSTRAINT], batch_size=8)
+    baseline("noop_only", scores, costs, str(tmp_path / "noop"), SEARCH, batch_size=8)
     sol = _best(tmp_path / "noop")
     assert sol["method"] == "noop_only" and sol["status"] == "optimal"
     for block in sol["blocks"]:
@@ -56,9 +58,7 @@ def test_noop_only_uses_parent_or_noop_sub_blocks(tables, tmp_path: Path) -> Non
 
 def test_uniform_width_is_the_best_uniform_block_that_meets_the_constraint(tables, tmp_path: Path) -> None:
     scores, costs, _ = tables
-    baseline(
-        "uniform_width", scores, costs, str(tmp_path / "uniform"), constraints=[CONSTRAINT], batch_size=8
-    )
+    baseline("uniform_width", scores, costs, str(tmp_path / "uniform"), SEARCH, batch_size=8)
     sol = _best(tmp_path / "uniform")
     assert len(set(sol["blocks"])) == 1 and sol["blocks"][0] != "attn_noop+ffn_noop"
     assert all(c["satisfied"] for c in sol["constraints"])
@@ -78,7 +78,12 @@ def test_a_baseline_that_cannot_meet_the_constraint_says_so(tables, tmp_path: Pa
     scores, costs, _ = tables
     with pytest.raises(InfeasibleConstraintError, match=r"throughput>=50x.*best any architecture"):
         baseline(
-            "uniform_width", scores, costs, str(tmp_path / "u"), constraints=["throughput>=50x"], batch_size=8
+            "uniform_width",
+            scores,
+            costs,
+            str(tmp_path / "u"),
+            SearchConfig(constraints=["throughput>=50x"]),
+            batch_size=8,
         )
     # Reachable by mixing blocks, but not with one block repeated in every layer.
     table = build_table(load_scores(scores), load_costs(costs), objective="kl_div", batch_size=8)
@@ -98,15 +103,15 @@ def test_a_baseline_that_cannot_meet_the_constraint_says_so(tables, tmp_path: Pa
             scores,
             costs,
             str(tmp_path / "u"),
-            constraints=[f"throughput>={bound:.4f}x"],
+            SearchConfig(constraints=[f"throughput>={bound:.4f}x"]),
             batch_size=8,
         )
 
 
-def test_an_identity_layer_has_zero_block_influence(tiny_child: Path) -> None:
-    from puzzle.modeling.checkpoints import load_child
+def test_an_identity_layer_has_zero_block_influence(tiny_parent: Path) -> None:
+    from puzzle.modeling.checkpoints import load_model
 
-    model = load_child(tiny_child, dtype="float32")
+    model = load_model(tiny_parent, dtype="float32")
     with torch.no_grad():  # layer 1 adds nothing to the residual stream: output == input
         model.model.layers[1].self_attn.o_proj.weight.zero_()
         model.model.layers[1].mlp.down_proj.weight.zero_()
@@ -117,11 +122,11 @@ def test_an_identity_layer_has_zero_block_influence(tiny_child: Path) -> None:
     assert min(influence[0], influence[2]) > 1e-3
 
 
-def test_layer_dropping_drops_the_least_influential_layers(tiny_child: Path, tmp_path: Path) -> None:
+def test_layer_dropping_drops_the_least_influential_layers(tiny_parent: Path, tmp_path: Path) -> None:
     from puzzle.data import prepare
 
     tokens = tmp_path / "tokens"
-    prepare("stdlib", str(tiny_child), str(tokens), seq_len=16, splits={"calibration": 4})
+    prepare(str(tiny_parent), str(tokens), DataConfig(seq_len=16, splits={"calibration": 4}))
     scores = write_scores(tmp_path / "scores.csv", 3)
     costs = write_costs(tmp_path / "costs.json", 3)
     out = tmp_path / "drop"
@@ -130,9 +135,9 @@ def test_layer_dropping_drops_the_least_influential_layers(tiny_child: Path, tmp
         str(scores),
         str(costs),
         str(out),
-        constraints=["throughput>=1.3x"],
+        SearchConfig(constraints=["throughput>=1.3x"]),
         batch_size=8,
-        child=str(tiny_child),
+        parent=str(tiny_parent),
         tokens=str(tokens),
     )
     sol = _best(out)

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from puzzle.config import BLDConfig, ConfigError, DataConfig, LibraryConfig
 from puzzle.data import prepare
 from puzzle.library import bld
 from puzzle.library.bld import BLDError, lr_at, merge, train
-from puzzle.library.variants import Library, LibraryError, SearchSpace, assemble_child, build_library
+from puzzle.library.variants import PAPER_LIBRARY, Library, LibraryError, assemble_child, build_library
 from puzzle.modeling import BlockConfig
 
 # 4 steps of 8 sequences x 32 tokens; 4 trainable variants per layer x 3 layers.
-SETTINGS = dict(
+SETTINGS = BLDConfig(
     token_budget=4 * 8 * 32, batch_size=8, lr=1e-3, warmup_fraction=0.25, seed=3, checkpoint_every=2
 )
 
@@ -25,18 +27,16 @@ def tiny(tiny_parent_factory, tmp_path_factory: pytest.TempPathFactory) -> dict[
     from puzzle.parent import convert
 
     root = tmp_path_factory.mktemp("bld-tiny")
-    convert(str(tiny_parent_factory("llama", intermediate_size=192)), str(root / "child"))
+    convert(str(tiny_parent_factory("llama", intermediate_size=192)), str(root / "parent"))
     prepare(
-        "stdlib",
-        str(root / "child"),
+        str(root / "parent"),
         str(root / "tokens"),
-        seq_len=32,
-        splits={"calibration": 8, "bld": 40, "score": 8},
+        DataConfig(seq_len=32, splits={"calibration": 8, "bld": 40, "score": 8}),
     )
-    space = SearchSpace(attention_kv_heads=(1,), ffn_fractions=(1.0, 0.5))
-    build_library(str(root / "child"), str(root / "tokens"), str(root / "lib"), space=space)
-    paths = {name: str(root / name) for name in ("child", "tokens", "lib", "full")}
-    train(paths["lib"], paths["child"], paths["tokens"], paths["full"], **SETTINGS)
+    space = replace(PAPER_LIBRARY, kv_heads=[1], ffn_fractions=[1.0, 0.5])
+    build_library(str(root / "parent"), str(root / "tokens"), str(root / "lib"), space)
+    paths = {name: str(root / name) for name in ("parent", "tokens", "lib", "full")}
+    train(paths["lib"], paths["parent"], paths["tokens"], paths["full"], SETTINGS)
     paths["root"] = str(root)
     return paths
 
@@ -79,13 +79,13 @@ def test_two_shards_merge_into_the_unsharded_library(tiny: dict[str, str]) -> No
     root = Path(tiny["root"])
     shards = [str(root / f"shard-{i}") for i in range(2)]
     for i, out in enumerate(shards):
-        train(tiny["lib"], tiny["child"], tiny["tokens"], out, shard=f"{i}/2", **SETTINGS)
+        train(tiny["lib"], tiny["parent"], tiny["tokens"], out, SETTINGS, shard=f"{i}/2")
     parts = [Library.open(s) for s in shards]
     assert all(p.partial for p in parts)
     trained_by = [{(layer, n) for layer in p.layers for n in p.variants(layer)} for p in parts]
     assert trained_by[0] and trained_by[1] and not trained_by[0] & trained_by[1]
     with pytest.raises(LibraryError, match="merge the shards first"):
-        assemble_child(tiny["child"], parts[0], [BlockConfig.from_name("attn_kv2+ffn_192")] * 3)
+        assemble_child(tiny["parent"], parts[0], [BlockConfig.from_name("attn_kv2+ffn_192")] * 3)
     with pytest.raises(BLDError, match="every shard 0..1"):
         merge(shards[:1], str(root / "half"))
     merge(shards, str(root / "merged"))
@@ -103,15 +103,15 @@ def test_killed_run_resumes_from_its_checkpoint(tiny: dict[str, str]) -> None:
             raise Killed  # the process dies after step 3 of 4; the checkpoint holds steps 1-2
 
     with pytest.raises(Killed):
-        train(tiny["lib"], tiny["child"], tiny["tokens"], out, on_step=kill_after_step_2, **SETTINGS)
+        train(tiny["lib"], tiny["parent"], tiny["tokens"], out, SETTINGS, on_step=kill_after_step_2)
     assert not Path(out, "manifest.json").exists()
     steps: list[int] = []
-    manifest = train(tiny["lib"], tiny["child"], tiny["tokens"], out, on_step=steps.append, **SETTINGS)
+    manifest = train(tiny["lib"], tiny["parent"], tiny["tokens"], out, SETTINGS, on_step=steps.append)
     assert steps == [2, 3] and manifest.summary["resumed_from_step"] == 2  # steps 0-1 were not trained again
     _assert_same_library(Library.open(out), Library.open(tiny["full"]))
     # A finished run is skipped entirely.
     again: list[int] = []
-    train(tiny["lib"], tiny["child"], tiny["tokens"], out, on_step=again.append, **SETTINGS)
+    train(tiny["lib"], tiny["parent"], tiny["tokens"], out, SETTINGS, on_step=again.append)
     assert again == []
 
 
@@ -119,13 +119,13 @@ def test_coupled_bld_trains_a_pair_used_by_assemble_child(tiny: dict[str, str]) 
     out = str(Path(tiny["root"]) / "coupled")
     train(
         tiny["lib"],
-        tiny["child"],
+        tiny["parent"],
         tiny["tokens"],
         out,
+        SETTINGS,
         layers=[0],
         coupled=["attn_kv1+ffn_96"],
         variants=["attn_kv1+ffn_96"],
-        **SETTINGS,
     )
     lib = Library.open(out)
     assert lib.coupled_blocks(0) == ["attn_kv1+ffn_96"] and lib.coupled_blocks(1) == []
@@ -134,7 +134,7 @@ def test_coupled_bld_trains_a_pair_used_by_assemble_child(tiny: dict[str, str]) 
     pair = lib.load(0, "attn_kv1+ffn_96")
     assert not torch.equal(pair["mlp.down_proj.weight"], lib.load(0, "ffn_96")["mlp.down_proj.weight"])
     child = assemble_child(
-        tiny["child"],
+        tiny["parent"],
         lib,
         [BlockConfig.from_name(n) for n in ("attn_kv1+ffn_96", "attn_kv2+ffn_192", "attn_kv2+ffn_192")],
     )
@@ -146,18 +146,19 @@ def test_bad_settings_are_clear_errors_before_any_work(
 ) -> None:
     out = str(tmp_path / "out")
     with pytest.raises(BLDError, match="too little data: token_budget=1000000 .* split 'bld' has 40"):
-        train(tiny["lib"], tiny["child"], tiny["tokens"], out, **{**SETTINGS, "token_budget": 1_000_000})
+        train(tiny["lib"], tiny["parent"], tiny["tokens"], out, replace(SETTINGS, token_budget=1_000_000))
     with pytest.raises(BLDError, match="shard must look like i/n"):
-        train(tiny["lib"], tiny["child"], tiny["tokens"], out, shard="2/2", **SETTINGS)
+        train(tiny["lib"], tiny["parent"], tiny["tokens"], out, SETTINGS, shard="2/2")
     with pytest.raises(BLDError, match="not trainable variants"):
-        train(tiny["lib"], tiny["child"], tiny["tokens"], out, variants=["ffn_77"], **SETTINGS)
-    with pytest.raises(BLDError, match="bld.lr must be > 0"):
-        train(tiny["lib"], tiny["child"], tiny["tokens"], out, **{**SETTINGS, "lr": -1.0})
+        train(tiny["lib"], tiny["parent"], tiny["tokens"], out, SETTINGS, variants=["ffn_77"])
+    # The settings section validates itself: a bad value fails before train() is even called.
+    with pytest.raises(ConfigError, match=r"bld\.lr must be > 0"):
+        train(tiny["lib"], tiny["parent"], tiny["tokens"], out, replace(SETTINGS, lr=-1.0))
     from puzzle.parent import convert
 
     convert(str(tiny_parent_factory("llama", seed=5, intermediate_size=192)), str(tmp_path / "other"))
     with pytest.raises(LibraryError, match="built from other weights"):
-        train(tiny["lib"], str(tmp_path / "other"), tiny["tokens"], out, **SETTINGS)
+        train(tiny["lib"], str(tmp_path / "other"), tiny["tokens"], out, SETTINGS)
     assert not Path(out).exists()
 
 
@@ -165,30 +166,26 @@ def test_cli_trains_a_shard_and_reports_errors(tiny: dict[str, str], tmp_path: P
     from puzzle.cli import main
 
     common = [
-        "--library",
         tiny["lib"],
-        "--child",
-        tiny["child"],
-        "--tokens",
+        tiny["parent"],
         tiny["tokens"],
-        "--batch-size",
-        "8",
-        "--seed",
-        "3",
-        "--warmup-fraction",
-        "0.25",
-        "--checkpoint-every",
-        "2",
+        "--set",
+        "bld.batch_size=8",
+        "--set",
+        "bld.seed=3",
+        "--set",
+        "bld.warmup_fraction=0.25",
+        "--set",
+        "bld.checkpoint_every=2",
     ]
     code = main(
         [
             "bld",
-            "train",
             *common,
             "--out",
             str(tmp_path / "s"),
-            "--token-budget",
-            "1024",
+            "--set",
+            "bld.token_budget=1024",
             "--shard",
             "0/1",
             "--layers",
@@ -205,37 +202,39 @@ def test_cli_trains_a_shard_and_reports_errors(tiny: dict[str, str], tmp_path: P
         lib.load(2, "ffn_96")["mlp.up_proj.weight"],
         Library.open(tiny["full"]).load(2, "ffn_96")["mlp.up_proj.weight"],
     )
-    code = main(["bld", "train", *common, "--out", str(tmp_path / "x"), "--token-budget", "99999999"])
+    # A budget the configuration allows (data.splits.bld x data.seq_len) but these tokens cannot cover.
+    code = main(["bld", *common, "--out", str(tmp_path / "x"), "--set", "bld.token_budget=4096"])
     assert code == 2 and "too little data" in capsys.readouterr().err
+    # A budget the configuration's own data section cannot cover fails as the configuration loads.
+    code = main(["bld", *common, "--out", str(tmp_path / "x"), "--set", "bld.token_budget=99999999"])
+    err = capsys.readouterr().err
+    assert code == 2 and "bld.token_budget (99999999)" in err and "raise data.splits.bld" in err
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.integration
 def test_bld_lowers_normalized_mse_on_smollm2(
-    smollm2_child: Path, smollm2_tokens: Path, tmp_path: Path
+    smollm2_parent: Path, smollm2_tokens: Path, tmp_path: Path
 ) -> None:
     """SmolLM2, layer 5, 50 % FFN (ffn_768 of 1536): 4096 tokens (16 steps x 4 x 64), lr 1e-3.
 
     Measured: held-out normalised MSE (4 score sequences) 0.217 -> 0.173, a 20 % drop.
     """
-    space = SearchSpace(
-        attention_kv_heads=(3,),
+    space = LibraryConfig(
+        kv_heads=[3],
         attention_linear=False,
         attention_noop=False,
-        ffn_fractions=(0.5,),
+        ffn_fractions=[0.5],
         ffn_linear=False,
         ffn_noop=False,
     )
-    build_library(str(smollm2_child), str(smollm2_tokens), str(tmp_path / "lib"), space=space, layers=[5])
+    build_library(str(smollm2_parent), str(smollm2_tokens), str(tmp_path / "lib"), space, layers=[5])
     train(
         str(tmp_path / "lib"),
-        str(smollm2_child),
+        str(smollm2_parent),
         str(smollm2_tokens),
         str(tmp_path / "bld"),
-        token_budget=4096,
-        batch_size=4,
-        lr=1e-3,
-        warmup_fraction=0.1,
-        seed=0,
+        BLDConfig(token_budget=4096, batch_size=4, lr=1e-3, warmup_fraction=0.1, seed=0),
     )
     stats = Library.open(str(tmp_path / "bld")).info(5, "ffn_768")["bld"]
     assert stats["final_nmse"] < 0.9 * stats["initial_nmse"], stats

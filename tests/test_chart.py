@@ -135,9 +135,8 @@ def test_every_rendered_manifest_is_valid_kubernetes_in_strict_mode(manifests, v
                 kubernetes_validate.validate(doc, version, strict=True)
             except kubernetes_validate.ValidationError as exc:
                 where = ".".join(str(p) for p in exc.path)
-                pytest.fail(
-                    f"{value_set}: {doc['kind']}/{doc['metadata']['name']} invalid for {version} at {where}: {exc.message}"
-                )
+                name = f"{doc['kind']}/{doc['metadata']['name']}"
+                pytest.fail(f"{value_set}: {name} invalid for {version} at {where}: {exc.message}")
         assert doc["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
 
 
@@ -579,8 +578,8 @@ def test_every_command_the_chart_runs_parses_with_the_real_cli(manifests, cli, s
 # ----------------------------------------------------------------------------- images
 
 
-def test_default_image_is_the_cpu_image_of_pipelines_images_yaml(manifests, chart: helm.Chart) -> None:
-    images = yaml.safe_load((ROOT / "pipelines" / "images.yaml").read_text())
+def test_default_image_is_the_cpu_image_of_components_images_yaml(manifests, chart: helm.Chart) -> None:
+    images = yaml.safe_load((ROOT / "components" / "images.yaml").read_text())
     expected = f"{images['registry']}/{images['images']['cpu']['name']}:{images['version']}"
     assert chart.metadata["appVersion"] == images["version"]
     for pod in pod_specs(manifests["default"]):

@@ -12,10 +12,12 @@ from puzzle.config import (
     ConfigError,
     RunConfig,
     apply_overrides,
-    default_config_text,
     load_config,
     parse_config,
+    reference_markdown,
 )
+from puzzle.run import Runner
+from puzzle.stages import stage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,13 +53,21 @@ def test_embedded_default_loads_with_the_real_parent_and_a_speed_constraint(tmp_
     )
     # Round trip: the dumped YAML loads back to the same configuration.
     assert parse_config(yaml.safe_load(config.to_yaml())) == config
-    assert config.phase_uri("bld") == str(tmp_path / "run" / "bld")
+    # Every stage writes under the output root, in the folder the stage graph names.
+    assert Runner(config).uri(stage("bld").folder) == str(tmp_path / "run" / "trained")
+
+
+def test_the_embedded_default_is_the_dataclass_defaults_and_docs_are_generated_from_them() -> None:
+    assert RunConfig() == load_config(None, check_access=False)
+    assert (ROOT / "docs" / "config.md").read_text() == reference_markdown(), (
+        "docs/config.md is stale: regenerate it with `python -m puzzle.config > docs/config.md`"
+    )
 
 
 def test_a_file_overrides_only_what_it_names_and_set_overrides_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, {"output": str(tmp_path / "o"), "gkd": {"lr": 3e-4}})
-    config = load_config(path, ["gkd.batch_size=4", "search.constraints=['throughput>=2x', 'memory<=1GiB']"])
-    assert config.gkd.lr == 3e-4 and config.gkd.batch_size == 4
+    config = load_config(path, ["gkd.batch_size=6", "search.constraints=['throughput>=2x', 'memory<=1GiB']"])
+    assert config.gkd.lr == 3e-4 and config.gkd.batch_size == 6
     assert config.bld == load_config(None, [f"output={tmp_path}"]).bld
     memory = config.search.parsed_constraints[1]
     assert (memory.metric, memory.value, memory.relative) == ("memory", 1024.0, False)  # MiB
@@ -71,13 +81,14 @@ def test_a_file_overrides_only_what_it_names_and_set_overrides_the_file(tmp_path
         ({"evaluate": {"workload": {"batch": 2}}}, "unknown field evaluate.workload.batch"),
         ({"gkd": {"batch_size": "eight"}}, "gkd.batch_size must be an integer, got 'eight'"),
         ({"gkd": {"grad_checkpointing": "yes"}}, "gkd.grad_checkpointing must be true or false"),
-        ({"costs": {"batch_sizes": 4}}, "costs.batch_sizes must be a list of an integer"),
+        ({"costs": {"batch_sizes": 4}}, "costs.batch_sizes must be a list of integer"),
         ({"bld": "fast"}, "bld must be a mapping of fields"),
         ({"bld": {"lr": -1}}, "bld.lr must be > 0, got -1"),
         ({"search": {"alpha": 1.5}}, "search.alpha must be in (0, 1), got 1.5"),
         ({"data": {"splits": {"eval": 8}}}, "data.splits needs a 'calibration' entry"),
         ({"evaluate": {"split": "test"}}, "evaluate.split must be one of data.splits"),
-        ({"costs": {"device": "tpu"}}, "costs.device must be 'auto', 'cpu', 'cuda'"),
+        ({"device": "tpu"}, "device must be 'auto', 'cpu', 'cuda'"),
+        ({"costs": {"device": "cpu"}}, "unknown field costs.device"),  # one top-level device now
         ({"baselines": {"methods": ["random"]}}, "baselines.methods[0] must be one of uniform_width"),
         (
             {"search": {"constraints": ["speed>=2x"]}},
@@ -100,7 +111,7 @@ def test_invalid_fields_are_named_with_the_fix(data: dict, message: str) -> None
     assert message in str(err.value)
 
 
-def test_a_speed_constraint_no_child_of_the_search_space_can_meet_is_rejected(tiny_parent_factory) -> None:
+def test_a_speed_constraint_no_child_of_the_library_can_meet_is_rejected(tiny_parent_factory) -> None:
     parent = str(tiny_parent_factory("llama"))  # 4 heads, 2 KV heads
     parent_only = {
         "kv_heads": [2],
@@ -111,13 +122,13 @@ def test_a_speed_constraint_no_child_of_the_search_space_can_meet_is_rejected(ti
         "ffn_noop": False,
     }
     with pytest.raises(ConfigError, match=r"search.constraints\[0\] 'throughput>=1.5x' is infeasible"):
-        parse_config({"parent": parent, "search_space": parent_only})
+        parse_config({"parent": parent, "library": parent_only})
     # One cheaper variant makes it feasible; KV-head counts are checked against the parent.
-    parse_config({"parent": parent, "search_space": {**parent_only, "kv_heads": [2, 1]}})
+    parse_config({"parent": parent, "library": {**parent_only, "kv_heads": [2, 1]}})
     with pytest.raises(
-        ConfigError, match=r"search_space.kv_heads\[0\] must divide the parent's 4 attention heads"
+        ConfigError, match=r"library.kv_heads\[0\] must divide the parent's 4 attention heads"
     ):
-        parse_config({"parent": parent, "search_space": {"kv_heads": [3]}})
+        parse_config({"parent": parent, "library": {"kv_heads": [3]}})
 
 
 def test_bad_yaml_and_bad_overrides_are_config_errors(tmp_path: Path) -> None:
@@ -129,9 +140,10 @@ def test_bad_yaml_and_bad_overrides_are_config_errors(tmp_path: Path) -> None:
         load_config(str(tmp_path / "missing.yaml"))
     with pytest.raises(ConfigError, match="must look like key.sub=value"):
         apply_overrides({}, ["gkd.lr"])
+    # A section the raw mapping leaves out starts from its defaults.
     assert apply_overrides({"gkd": {"lr": 1}}, ["gkd.lr=0.5", "tracking.uri=null"]) == {
         "gkd": {"lr": 0.5},
-        "tracking": {"uri": None},
+        "tracking": {"uri": None, "experiment": RunConfig().tracking.experiment},
     }
     # YAML 1.1 reads 2e-4 (no dot) as a string; a number field still takes it.
     assert load_config(None, [f"output={tmp_path}", "gkd.lr=2e-4"]).gkd.lr == 2e-4
@@ -175,9 +187,13 @@ def test_example_config_is_valid_and_every_field_is_documented(tmp_path: Path) -
     example = load_config(str(ROOT / "configs" / "example.yaml"), [f"output={tmp_path}"], check_access=False)
     assert isinstance(example, RunConfig)
     docs = (ROOT / "docs" / "config.md").read_text()
-    example_text = (ROOT / "configs" / "example.yaml").read_text()
+    # configs/example.yaml is a real run's config holding only what differs from the default; the
+    # embedded default (`puzzle run --print-config`) is the YAML that spells out every field (users copy it).
+    printed = yaml.safe_load(RunConfig().to_yaml())
     for path in field_paths(RunConfig):
         assert f"`{path}`" in docs, f"docs/config.md does not document {path}"
-        assert f"{path.rsplit('.', 1)[-1]}:" in example_text, f"configs/example.yaml has no {path}"
-    # The embedded default spells out every section too (users copy it).
-    assert set(yaml.safe_load(default_config_text())) == {f.name for f in dataclasses.fields(RunConfig)}
+        node = printed
+        for part in path.split("."):
+            assert isinstance(node, dict) and part in node, f"`puzzle run --print-config` has no {path}"
+            node = node[part]
+    assert set(printed) == {f.name for f in dataclasses.fields(RunConfig)}

@@ -11,6 +11,7 @@ import torch
 from fresh_process import run_in_fresh_process, run_many_in_fresh_process
 
 from puzzle.child.export import export
+from puzzle.config import ExportConfig
 from puzzle.io import artifacts
 from puzzle.parent import ParentError, convert
 
@@ -49,7 +50,7 @@ def exported_families(tiny_parent_factory, tmp_path_factory):
     jobs, expected, manifests = [], {}, {}
     for name, parent_dir in cases.items():
         manifests[name] = convert(str(parent_dir), str(root / name / "child"))
-        export(str(root / name / "child"), str(root / name / "export"))
+        export(str(root / name / "child"), str(root / name / "export"), ExportConfig())
         length = 100 if name == "llama3-rope" else 13  # past original_max_position_embeddings
         ids = torch.randint(3, 256, (2, length), generator=torch.Generator().manual_seed(1))
         expected[name] = parent_logits_and_generation(parent_dir, ids)
@@ -84,19 +85,19 @@ def test_family_converts_exports_and_reloads_in_fresh_process_identically(family
 
 
 @pytest.mark.integration
-def test_real_smollm2_converts_exports_and_says_berlin(smollm2_child, tmp_path):
+def test_real_smollm2_converts_exports_and_says_berlin(smollm2_parent, tmp_path):
     """Parent == child is checked at conversion (manifest); child == export in a fresh process."""
     from transformers import AutoTokenizer
 
-    from puzzle.modeling.checkpoints import load_child
+    from puzzle.modeling.checkpoints import load_model
 
-    manifest = artifacts.read_manifest(str(smollm2_child))
+    manifest = artifacts.read_manifest(str(smollm2_parent))
     assert manifest.summary["parent_logits_max_abs_diff"] <= 1e-4
     out = tmp_path / "export"
-    export(str(smollm2_child), str(out))
+    export(str(smollm2_parent), str(out), ExportConfig())
     tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
     ids = tokenizer("The capital of Germany is", return_tensors="pt").input_ids
-    child = load_child(str(smollm2_child))
+    child = load_model(str(smollm2_parent))
     with torch.no_grad():
         expected = child(ids).logits
         expected_gen = child.generate(ids, max_new_tokens=20, do_sample=False, min_new_tokens=20)
@@ -133,7 +134,7 @@ def test_round_trip_through_real_s3(s3_server, s3_bucket, tiny_parent_factory, t
     child_uri = f"s3://{s3_bucket}/runs/child"
     export_uri = f"s3://{s3_bucket}/serving/qwen2-child"
     convert(f"s3://{s3_bucket}/parents/qwen2", child_uri)
-    export(child_uri, export_uri)
+    export(child_uri, export_uri, ExportConfig())
     keys = {
         o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="serving/qwen2-child/")["Contents"]
     }
@@ -163,7 +164,7 @@ def test_corrupted_s3_object_is_detected_by_checksum(s3_server, s3_bucket, tiny_
     body[-10] ^= 0xFF  # same size, one byte flipped
     client.put_object(Bucket=s3_bucket, Key="child/model.safetensors", Body=bytes(body))
     with pytest.raises(artifacts.ArtifactError, match="checksum mismatch for model.safetensors"):
-        export(child_uri, str(tmp_path / "export"))
+        export(child_uri, str(tmp_path / "export"), ExportConfig())
 
 
 @pytest.mark.integration
@@ -218,13 +219,13 @@ def test_truncated_safetensors_is_a_clear_error(tiny_parent_factory, tmp_path):
         convert(str(parent), str(tmp_path / "child"))
 
 
-def test_truncated_child_artifact_is_detected(tiny_child, tmp_path):
+def test_truncated_child_artifact_is_detected(tiny_parent, tmp_path):
     child = tmp_path / "child"
-    shutil.copytree(tiny_child, child)
+    shutil.copytree(tiny_parent, child)
     weights = child / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(artifacts.ArtifactError, match="truncated or corrupt"):
-        export(str(child), str(tmp_path / "export"))
+        export(str(child), str(tmp_path / "export"), ExportConfig())
 
 
 def test_not_a_parent_path_is_a_clear_error(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,14 +10,14 @@ import pytest
 import torch
 
 from puzzle.cli import main
-from puzzle.library.variants import SearchSpace, build_library, plan_layers
+from puzzle.config import ConfigError, CostsConfig, DataConfig
+from puzzle.library.variants import PAPER_LIBRARY, build_library, plan_layers
 from puzzle.modeling import DeciLMForCausalLM, engine
 from puzzle.modeling.checkpoints import count_parameters
 from puzzle.search import costs
 from puzzle.search.costs import (
     CostsError,
     TorchBackend,
-    Workload,
     build_table,
     calibrate,
     check_same_hardware,
@@ -24,26 +25,25 @@ from puzzle.search.costs import (
 )
 
 WORKLOAD = {"batch_sizes": [1, 2], "prompt_len": 8, "gen_len": 4}
+MEASURE = CostsConfig(repeats=1, **WORKLOAD)
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_child: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def tiny(tiny_parent: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The tiny parent's library (1 and 2 KV heads, FFN 256 and 128, linear, no-op) and its cost table."""
     from puzzle.data import prepare
 
     root = tmp_path_factory.mktemp("costs-tiny")
-    prepare("stdlib", str(tiny_child), str(root / "tokens"), seq_len=16, splits={"calibration": 4})
+    prepare(str(tiny_parent), str(root / "tokens"), DataConfig(seq_len=16, splits={"calibration": 4}))
     build_library(
-        str(tiny_child),
+        str(tiny_parent),
         str(root / "tokens"),
         str(root / "lib"),
-        space=SearchSpace(ffn_fractions=(1.0, 0.5), ffn_multiple=64),
+        dataclasses.replace(PAPER_LIBRARY, ffn_fractions=[1.0, 0.5], ffn_multiple=64),
     )
-    costs.measure(
-        str(root / "lib"), str(tiny_child), str(root / "costs"), device="cpu", repeats=1, **WORKLOAD
-    )
+    costs.measure(str(root / "lib"), str(tiny_parent), str(root / "costs"), MEASURE, device="cpu")
     return {
-        "child": str(tiny_child),
+        "child": str(tiny_parent),
         "lib": str(root / "lib"),
         "costs": str(root / "costs"),
         "root": str(root),
@@ -54,9 +54,9 @@ def smollm2_config():
     """SmolLM2-135M's real shapes (random weights are enough to time them)."""
     from transformers import LlamaConfig
 
-    from puzzle.parent import child_config_from_parent
+    from puzzle.parent import decilm_config
 
-    return child_config_from_parent(
+    return decilm_config(
         LlamaConfig(
             vocab_size=49152,
             hidden_size=576,
@@ -164,17 +164,17 @@ def test_a_table_from_other_hardware_is_refused(tiny: dict[str, str], tmp_path: 
 
 def test_resume_and_clear_errors_before_measuring(tiny: dict[str, str], tmp_path: Path) -> None:
     before = json.loads((Path(tiny["costs"]) / "manifest.json").read_text())["created_at"]
-    costs.measure(tiny["lib"], tiny["child"], tiny["costs"], device="cpu", repeats=1, **WORKLOAD)
+    costs.measure(tiny["lib"], tiny["child"], tiny["costs"], MEASURE, device="cpu")
     assert json.loads((Path(tiny["costs"]) / "manifest.json").read_text())["created_at"] == before  # skipped
     out = tmp_path / "never"
-    with pytest.raises(CostsError, match="batch_sizes must be positive integers"):
+    with pytest.raises(ConfigError, match=r"costs.batch_sizes\[0\] must be > 0, got 0"):
         costs.measure(
-            tiny["lib"], tiny["child"], str(out), batch_sizes=[0], prompt_len=8, gen_len=4, device="cpu"
+            tiny["lib"],
+            tiny["child"],
+            str(out),
+            CostsConfig(batch_sizes=[0], prompt_len=8, gen_len=4),
+            device="cpu",
         )
-    with pytest.raises(CostsError, match="'vllm' needs the vllm package"):
-        costs.measure(tiny["lib"], tiny["child"], str(out), device="cpu", backend="vllm", **WORKLOAD)
-    with pytest.raises(CostsError, match="backend must be one of"):
-        costs.measure(tiny["lib"], tiny["child"], str(out), device="cpu", backend="trt", **WORKLOAD)
     with pytest.raises(CostsError, match="does not match the parent"):  # a library of another parent
         costs.library_subblocks(tiny["lib"], smollm2_config())
     assert not out.exists()
@@ -199,7 +199,7 @@ def test_smollm2_shapes_table() -> None:
     """SmolLM2-135M's real shapes and default search space, random weights, on this CPU."""
     config = smollm2_config()
     names = list(
-        dict.fromkeys(n for layer in plan_layers(config, SearchSpace(), None).values() for n in layer)
+        dict.fromkeys(n for layer in plan_layers(config, PAPER_LIBRARY, None).values() for n in layer)
     )
     assert names == [
         "attn_kv3",
@@ -214,7 +214,7 @@ def test_smollm2_shapes_table() -> None:
         "ffn_linear",
         "ffn_noop",
     ]
-    workload = Workload(batch_sizes=(1, 2), prompt_len=8, gen_len=2)
+    workload = CostsConfig(batch_sizes=[1, 2], prompt_len=8, gen_len=2)
     data = build_table(config, names, workload, TorchBackend(device="cpu", repeats=1, stack_layers=1))
     table = costs.CostTable(data, "smollm2")
     assert table.parent_blocks == ["attn_kv3+ffn_1536"] * 30
@@ -242,14 +242,14 @@ def test_cli_costs_with_calibration(tiny: dict[str, str], capsys: pytest.Capture
             tiny["child"],
             "--out",
             tiny["costs"],
-            "--batch-sizes",
-            "1,2",
-            "--prompt-len",
-            "8",
-            "--gen-len",
-            "4",
-            "--repeats",
-            "1",
+            "--set",
+            "costs.batch_sizes=[1, 2]",
+            "--set",
+            "costs.prompt_len=8",
+            "--set",
+            "costs.gen_len=4",
+            "--set",
+            "costs.repeats=1",
             "--device",
             "cpu",
             "--calibrate",
@@ -261,11 +261,14 @@ def test_cli_costs_with_calibration(tiny: dict[str, str], capsys: pytest.Capture
     out = capsys.readouterr().out
     assert (
         rc == 0
-        and "cost table written to" in out
+        and f"costs: costs written to {tiny['costs']}" in out
         and "attn_kv1" in out
         and "calibration: mean |error|" in out
     )
     report = json.loads((Path(tiny["root"]) / "calibration.json").read_text())
     assert len(report["children"]) == 1 and set(report["children"][0]["batches"]) == {"1", "2"}
-    with pytest.raises(SystemExit):
-        main(["costs", tiny["lib"], tiny["child"], "--out", tiny["costs"], "--batch-sizes", "1,x"])
+    # A batch size that is not an integer is refused before anything is measured.
+    rc = main(
+        ["costs", tiny["lib"], tiny["child"], "--out", tiny["costs"], "--set", "costs.batch_sizes=[1, x]"]
+    )
+    assert rc == 2 and "costs.batch_sizes[1] must be an integer, got 'x'" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import torch
 
 from puzzle.modeling import BlockConfig, DeciLMConfig, DeciLMForCausalLM
 from puzzle.modeling.checkpoints import count_parameters
+from puzzle.modeling.devices import DeviceError
 from puzzle.modeling.engine import (
     EngineError,
     EngineWeights,
@@ -144,12 +145,12 @@ def test_bad_workloads_and_devices_are_clear_errors() -> None:
     model = tiny_model()
     with pytest.raises(EngineError, match="gen_len must be a positive integer"):
         measure_throughput(model, batch_size=1, prompt_len=4, gen_len=0, device="cpu", repeats=1)
-    with pytest.raises(EngineError, match="dtype"):
+    with pytest.raises(DeviceError, match="dtype"):
         measure_throughput(
             model, batch_size=1, prompt_len=4, gen_len=2, device="cpu", repeats=1, dtype="int8"
         )
     if not torch.cuda.is_available():
-        with pytest.raises(EngineError, match="CUDA is not available"):
+        with pytest.raises(DeviceError, match="CUDA is not available"):
             measure_throughput(model, batch_size=1, prompt_len=4, gen_len=2, device="cuda", repeats=1)
     weights = EngineWeights.from_model(model, device=CPU, dtype=torch.float32)
     with pytest.raises(EngineError, match="CUDA graphs need a CUDA device"):

@@ -1,4 +1,4 @@
-"""The Dockerfiles build what pipelines/images.yaml says, from pinned bases, as a non-root user.
+"""The Dockerfiles build what components/images.yaml says, from pinned bases, as a non-root user.
 
 No image registry or Docker engine that can pull is reachable here, so the images are not built
 in the tests; the Dockerfiles are parsed with BuildKit's own parser (the `dockerfile` package)
@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGES = yaml.safe_load((ROOT / "pipelines" / "images.yaml").read_text())
+IMAGES = yaml.safe_load((ROOT / "components" / "images.yaml").read_text())
 ROLES = sorted(IMAGES["images"])
 DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
@@ -96,10 +96,12 @@ def test_images_yaml_names_each_image_its_dockerfile_and_a_pinned_base() -> None
 
 
 def test_pipeline_image_references_come_from_the_same_file() -> None:
-    from pipelines.images import image as image_ref
+    from components.images import image as image_ref
 
     for role in ROLES:
         assert image_ref(role) == f"{IMAGES['registry']}/{IMAGES['images'][role]['name']}:{IMAGES['version']}"
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "images.yaml" in package_data["components"], "the components read images.yaml in their pods"
 
 
 def test_every_base_is_pinned_by_the_digest_in_images_yaml(image) -> None:

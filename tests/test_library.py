@@ -2,28 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from puzzle.config import ConfigError, DataConfig, LibraryConfig, parse_section
 from puzzle.data import load_split, prepare
 from puzzle.library.variants import (
+    PAPER_LIBRARY,
     Library,
     LibraryError,
-    SearchSpace,
-    SearchSpaceError,
     assemble_child,
+    attention_variants,
     build_library,
     calibrate,
     channel_contribution,
+    ffn_variants,
+    ffn_widths_for,
+    kv_heads_for,
     pool_kv_heads,
 )
 from puzzle.modeling import BlockConfig
-from puzzle.modeling.checkpoints import load_child
+from puzzle.modeling.checkpoints import load_model
 from puzzle.modeling.layers import LayerRunner, build_layer, sub_blocks
 
-SPACE = SearchSpace(ffn_fractions=(1.0, 0.5, 0.25))
+SPACE = replace(PAPER_LIBRARY, ffn_fractions=[1.0, 0.5, 0.25])
 
 
 @pytest.fixture(scope="module")
@@ -32,26 +39,24 @@ def tiny(tiny_parent_factory, tmp_path_factory: pytest.TempPathFactory) -> dict[
     from puzzle.parent import convert
 
     root = tmp_path_factory.mktemp("lib-tiny")
-    convert(str(tiny_parent_factory("llama", intermediate_size=192)), str(root / "child"))
+    convert(str(tiny_parent_factory("llama", intermediate_size=192)), str(root / "parent"))
     prepare(
-        "stdlib",
-        str(root / "child"),
+        str(root / "parent"),
         str(root / "tokens"),
-        seq_len=32,
-        splits={"calibration": 16, "score": 8},
+        DataConfig(seq_len=32, splits={"calibration": 16, "score": 8}),
     )
-    build_library(str(root / "child"), str(root / "tokens"), str(root / "lib"), space=SPACE)
-    return {"child": str(root / "child"), "tokens": str(root / "tokens"), "lib": str(root / "lib")}
+    build_library(str(root / "parent"), str(root / "tokens"), str(root / "lib"), SPACE)
+    return {"parent": str(root / "parent"), "tokens": str(root / "tokens"), "lib": str(root / "lib")}
 
 
 def test_search_space_widths_and_kv_heads() -> None:
-    space = SearchSpace()
-    assert space.kv_heads_for(9, 3) == [3, 1]  # SmolLM2
-    assert space.kv_heads_for(32, 8) == [8, 4, 2, 1]  # Llama-3.1-8B
-    assert space.ffn_widths_for(1536) == [1536, 1280, 768, 512, 256]  # multiples of 256
-    assert space.ffn_widths_for(14336) == [14336, 12544, 10752, 7168, 3584, 2816, 1536]
-    assert space.ffn_widths_for(192) == [192, 168, 144, 96, 48, 38, 19]  # parent width not a multiple: exact
-    names = [v.name for v in space.attention_variants(9, 3)] + [v.name for v in space.ffn_variants(1536)]
+    space = PAPER_LIBRARY
+    assert kv_heads_for(space, 9, 3) == [3, 1]  # SmolLM2
+    assert kv_heads_for(space, 32, 8) == [8, 4, 2, 1]  # Llama-3.1-8B
+    assert ffn_widths_for(space, 1536) == [1536, 1280, 768, 512, 256]  # multiples of 256
+    assert ffn_widths_for(space, 14336) == [14336, 12544, 10752, 7168, 3584, 2816, 1536]
+    assert ffn_widths_for(space, 192) == [192, 168, 144, 96, 48, 38, 19]  # parent width not a multiple: exact
+    names = [v.name for v in attention_variants(space, 9, 3)] + [v.name for v in ffn_variants(space, 1536)]
     assert names == [
         "attn_kv3",
         "attn_kv1",
@@ -66,36 +71,35 @@ def test_search_space_widths_and_kv_heads() -> None:
         "ffn_noop",
     ]
     # The parent's own sub-blocks are always there, even when the space leaves them out.
-    narrow = SearchSpace(
-        attention_kv_heads=(1,), ffn_fractions=(0.5,), attention_linear=False, ffn_noop=False
-    )
-    assert narrow.kv_heads_for(9, 3) == [3, 1] and narrow.ffn_widths_for(1536) == [1536, 768]
-    assert SearchSpace.from_json(narrow.to_json()) == narrow
+    narrow = replace(PAPER_LIBRARY, kv_heads=[1], ffn_fractions=[0.5], attention_linear=False, ffn_noop=False)
+    assert kv_heads_for(narrow, 9, 3) == [3, 1] and ffn_widths_for(narrow, 1536) == [1536, 768]
+    # Round trip through JSON, as the library artifact records it.
+    assert parse_section("library", json.loads(json.dumps(dataclasses.asdict(narrow)))) == narrow
 
 
 def test_impossible_search_spaces_are_clear_errors(tiny: dict[str, str]) -> None:
     with pytest.raises(
-        SearchSpaceError, match=r"2 does not divide the parent's 9 attention heads; use some of \[3, 1\]"
+        LibraryError, match=r"2 does not divide the parent's 9 attention heads; use some of \[3, 1\]"
     ):
-        SearchSpace(attention_kv_heads=(2,)).kv_heads_for(9, 3)
-    with pytest.raises(SearchSpaceError, match="more than the parent's 2 KV heads"):
-        SearchSpace(attention_kv_heads=(4,)).kv_heads_for(4, 2)
-    with pytest.raises(SearchSpaceError, match="ffn_fractions must lie in"):
-        SearchSpace(ffn_fractions=(1.0, 1.5))
-    with pytest.raises(SearchSpaceError, match="ffn_fractions must lie in"):
-        SearchSpace(ffn_fractions=(0.0,))
-    with pytest.raises(SearchSpaceError, match="unknown search space field"):
-        SearchSpace.from_json({"kv_heads": [1]})
+        kv_heads_for(replace(PAPER_LIBRARY, kv_heads=[2]), 9, 3)
+    with pytest.raises(LibraryError, match="more than the parent's 2 KV heads"):
+        kv_heads_for(replace(PAPER_LIBRARY, kv_heads=[4]), 4, 2)
+    with pytest.raises(ConfigError, match=r"library\.ffn_fractions\[1\] must be in \(0, 1\], got 1\.5"):
+        LibraryConfig(ffn_fractions=[1.0, 1.5])
+    with pytest.raises(ConfigError, match=r"library\.ffn_fractions\[0\] must be in \(0, 1\], got 0\.0"):
+        LibraryConfig(ffn_fractions=[0.0])
+    with pytest.raises(ConfigError, match=r"unknown field library\.attention_kv_heads"):
+        parse_section("library", {"attention_kv_heads": [1]})
     # Raised before any weights or tokens are read (the tokens path does not even exist).
-    with pytest.raises(SearchSpaceError, match="does not divide"):
+    with pytest.raises(LibraryError, match="does not divide"):
         build_library(
-            tiny["child"],
+            tiny["parent"],
             "/nonexistent/tokens",
             "/nonexistent/out",
-            space=SearchSpace(attention_kv_heads=(3,)),
+            replace(PAPER_LIBRARY, kv_heads=[3]),
         )
-    with pytest.raises(SearchSpaceError, match="not a layer of the parent"):
-        build_library(tiny["child"], "/nonexistent/tokens", "/nonexistent/out", space=SPACE, layers=[7])
+    with pytest.raises(LibraryError, match="not a layer of the parent"):
+        build_library(tiny["parent"], "/nonexistent/tokens", "/nonexistent/out", SPACE, layers=[7])
 
 
 def test_kv_pooling_averages_the_heads_each_group_used() -> None:
@@ -111,7 +115,7 @@ def test_kv_pooling_averages_the_heads_each_group_used() -> None:
 
 def test_library_holds_every_variant_initialised_from_the_parent(tiny: dict[str, str]) -> None:
     lib = Library.open(tiny["lib"])
-    parent = load_child(tiny["child"])
+    parent = load_model(tiny["parent"])
     assert lib.layers == [0, 1, 2]
     assert lib.variants(1) == [
         "attn_kv2",
@@ -144,7 +148,7 @@ def test_library_holds_every_variant_initialised_from_the_parent(tiny: dict[str,
 
 def test_narrow_ffn_keeps_the_channels_with_the_largest_contribution(tiny: dict[str, str]) -> None:
     lib = Library.open(tiny["lib"])
-    parent = load_child(tiny["child"])
+    parent = load_model(tiny["parent"])
     stats = calibrate(parent, load_split(tiny["tokens"], "calibration"), [2], need_lstsq=False)
     mlp = parent.model.layers[2].mlp
     contribution = channel_contribution(
@@ -157,7 +161,7 @@ def test_narrow_ffn_keeps_the_channels_with_the_largest_contribution(tiny: dict[
 
 def test_linear_variants_reproduce_what_they_approximate(tiny: dict[str, str]) -> None:
     lib = Library.open(tiny["lib"])
-    parent = load_child(tiny["child"])
+    parent = load_model(tiny["parent"])
     runner = LayerRunner(parent)
     config = parent.config
     # One token attends only to itself, where W_O . W_V is exact.
@@ -176,9 +180,9 @@ def test_linear_variants_reproduce_what_they_approximate(tiny: dict[str, str]) -
 
 
 def test_assemble_child_from_library(tiny: dict[str, str]) -> None:
-    parent = load_child(tiny["child"])
+    parent = load_model(tiny["parent"])
     ids = load_split(tiny["tokens"], "score")
-    same = assemble_child(tiny["child"], tiny["lib"], parent.config.blocks)
+    same = assemble_child(tiny["parent"], tiny["lib"], parent.config.blocks)
     with torch.no_grad():
         assert torch.equal(same(ids).logits, parent(ids).logits)
     blocks = [
@@ -203,7 +207,7 @@ def test_library_and_parent_mismatch_is_a_clear_error(
         str(tiny_parent_factory("llama", num_hidden_layers=2, intermediate_size=192)),
         str(tmp_path / "other-shape"),
     )
-    parent_blocks = load_child(tiny["child"]).config.blocks
+    parent_blocks = load_model(tiny["parent"]).config.blocks
     with pytest.raises(LibraryError, match="built from other weights"):
         assemble_child(str(tmp_path / "other-weights"), tiny["lib"], parent_blocks)
     with pytest.raises(LibraryError, match="num_hidden_layers is 3 in the library but 2 in the parent"):
@@ -212,32 +216,31 @@ def test_library_and_parent_mismatch_is_a_clear_error(
 
 @pytest.mark.integration
 def test_channel_contribution_beats_random_channels_on_smollm2(
-    smollm2_child: Path, smollm2_tokens: Path, tmp_path: Path
+    smollm2_parent: Path, smollm2_tokens: Path, tmp_path: Path
 ) -> None:
     """50 % FFN width (ffn_768 of 1536) in three layers, channels ranked on 8 x 64 calibration tokens:
     replace-1-block KL on 4 held-out sequences."""
     from puzzle.library.scoring import Row, score_rows
 
-    space = SearchSpace(
-        attention_kv_heads=(3,),
+    space = LibraryConfig(
+        kv_heads=[3],
         attention_linear=False,
         attention_noop=False,
-        ffn_fractions=(0.5,),
+        ffn_fractions=[0.5],
         ffn_linear=False,
         ffn_noop=False,
     )
-    parent = load_child(str(smollm2_child))
+    parent = load_model(str(smollm2_parent))
     held_out = load_split(str(smollm2_tokens), "score")[:4]
     layers = [20, 24, 28]
     kl = {}
     for init in ("channel_contribution", "random"):
         build_library(
-            str(smollm2_child),
+            str(smollm2_parent),
             str(smollm2_tokens),
             str(tmp_path / init),
-            space=space,
+            replace(space, ffn_init=init),
             layers=layers,
-            ffn_init=init,
             calibration_sequences=8,
         )
         rows = [Row(layer, BlockConfig.from_name("attn_kv3+ffn_768")) for layer in layers]

@@ -11,10 +11,11 @@ from fresh_process import run_in_fresh_process
 from safetensors import safe_open
 
 from puzzle.child.export import export
+from puzzle.config import ExportConfig
 from puzzle.io import artifacts
 from puzzle.modeling import AttentionConfig, BlockConfig, DeciLMConfig, DeciLMForCausalLM, FFNConfig
 from puzzle.modeling.block_config import engine_ffn_width
-from puzzle.modeling.checkpoints import save_child
+from puzzle.modeling.checkpoints import save_model
 
 MIXED = [
     BlockConfig(attention=AttentionConfig(num_kv_heads=4), ffn=FFNConfig(intermediate_size=512)),  # parent
@@ -62,7 +63,7 @@ def mixed_child(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DeciLMF
     out = tmp_path_factory.mktemp("mixed") / "child"
 
     def body(staging: Path, _inputs: dict) -> dict:
-        save_child(model, None, staging, {"reference": "random", "family": "llama"})
+        save_model(model, None, staging, {"reference": "random", "family": "llama"})
         save_tiny_tokenizer(staging, 256)
         return {}
 
@@ -74,7 +75,7 @@ def mixed_child(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DeciLMF
 def mixed_export(mixed_child, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The mixed child exported once, in small shards so that sharding is exercised."""
     out = tmp_path_factory.mktemp("mixed-export") / "export"
-    export(str(mixed_child[0]), str(out), max_shard_size="200KB")
+    export(str(mixed_child[0]), str(out), ExportConfig(max_shard_size="200KB"))
     return out
 
 

@@ -72,7 +72,7 @@ def test_unknown_profile_names_the_known_ones(capsys, profiles: Path) -> None:
     ],
 )
 def test_malformed_cron_is_refused_before_connecting(capsys, cron: str, message: str | None) -> None:
-    from pipelines.cli import validate_cron
+    from pipelines.client import validate_cron
 
     if message is None:
         assert validate_cron(cron) == cron
@@ -88,7 +88,7 @@ def test_malformed_cron_is_refused_before_connecting(capsys, cron: str, message:
     "cron", ["0 0 3 * * 0", "0 0 3 * * SUN", "30 */15 8-18 1,15 JAN-JUN MON-FRI", "@daily", "@every 6h"]
 )
 def test_valid_cron_expressions_pass(cron: str) -> None:
-    from pipelines.cli import validate_cron
+    from pipelines.client import validate_cron
 
     assert validate_cron(cron) == cron
 
@@ -120,7 +120,7 @@ def test_bad_run_parameters_are_refused_before_connecting(capsys, argv: list[str
 
 
 def test_config_maps_to_every_pipeline_parameter(profiles: Path) -> None:
-    from pipelines.cli import load_run_config
+    from pipelines.client import load_run_config
     from pipelines.parameters import pipeline_arguments
     from pipelines.puzzle_pipeline import PIPELINE_FILE
 
@@ -130,11 +130,12 @@ def test_config_maps_to_every_pipeline_parameter(profiles: Path) -> None:
     )
     spec = next(yaml.safe_load_all(PIPELINE_FILE.read_text()))
     assert set(arguments) == set(spec["root"]["inputDefinitions"]["parameters"])
-    assert arguments["search_constraints"] == ["throughput>=2x"]
-    assert arguments["bld_shards"] == 4 and arguments["parent"] == "s3://models/llama"
+    assert arguments["search"]["constraints"] == ["throughput>=2x"]
+    assert arguments["bld"]["shards"] == 4 and arguments["parent"] == "s3://models/llama"
     assert arguments["gpu_node_selector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
-    assert arguments["search_space_kv_heads"] == []  # null: every divisor
-    assert arguments["registry_model_name"] == ""  # null: not registered
+    # KFP values cannot be null: null fields are left out, and the components read them as null.
+    assert "kv_heads" not in arguments["library"]  # null: every divisor
+    assert "model_name" not in arguments["registry"]  # null: not registered
 
 
 def test_compile_writes_the_committed_pipeline(capsys, tmp_path: Path) -> None:
@@ -144,7 +145,7 @@ def test_compile_writes_the_committed_pipeline(capsys, tmp_path: Path) -> None:
 
 
 def test_token_path_prefers_the_projected_kfp_token(tmp_path: Path, monkeypatch) -> None:
-    from pipelines.cli import PipelineCLIError, token_path
+    from pipelines.client import PipelineCLIError, token_path
 
     token = tmp_path / "token"
     token.write_text("eyJ...")
@@ -233,7 +234,7 @@ class RecordingKfp:
 
 
 def test_upload_is_idempotent_per_version() -> None:
-    from pipelines.cli import upload
+    from pipelines.client import upload
     from pipelines.puzzle_pipeline import PIPELINE_FILE
 
     client = RecordingKfp()
@@ -246,7 +247,7 @@ def test_upload_is_idempotent_per_version() -> None:
 
 
 def test_schedule_creates_then_leaves_alone_then_replaces_by_name() -> None:
-    from pipelines.cli import latest_version, schedule
+    from pipelines.client import latest_version, schedule
     from pipelines.parameters import pipeline_arguments
     from puzzle.config import load_config
 
@@ -281,7 +282,7 @@ def test_schedule_creates_then_leaves_alone_then_replaces_by_name() -> None:
 
 
 def test_submit_sends_the_config_as_arguments_and_its_output_as_pipeline_root() -> None:
-    from pipelines.cli import submit
+    from pipelines.client import submit
     from pipelines.parameters import pipeline_arguments
     from pipelines.puzzle_pipeline import PIPELINE_FILE
     from puzzle.config import load_config
@@ -310,7 +311,7 @@ def test_submit_sends_the_config_as_arguments_and_its_output_as_pipeline_root() 
 
 
 def test_images_come_from_images_yaml_and_pin_digests(tmp_path: Path) -> None:
-    from pipelines.images import ImageConfigError, image
+    from components.images import ImageConfigError, image
 
     path = tmp_path / "images.yaml"
     digest = "sha256:" + "a" * 64

@@ -10,15 +10,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "pipelines" / "puzzle_pipeline.yaml"
-GPU_TASKS = {
-    "build-library",
-    "train-blocks",
-    "measure-costs",
-    "score-blocks",
-    "distill",
-    "evaluate",
-    "compare-baselines",
-}
+GPU_TASKS = {"library", "bld", "costs", "scoring", "gkd", "baselines", "evaluate"}
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +45,8 @@ def test_recompiling_gives_the_committed_file_byte_for_byte(compiled: Path) -> N
     )
 
 
-def test_bld_and_scoring_fan_out_over_shards_with_bounded_parallelism(docs) -> None:
-    from pipelines.puzzle_pipeline import BLD_PARALLELISM, SCORING_PARALLELISM
+def test_bld_and_scoring_fan_out_with_bounded_parallelism(docs) -> None:
+    from pipelines.puzzle_pipeline import PARALLELISM
 
     spec, _ = docs
     tasks = _tasks(spec)
@@ -63,29 +55,32 @@ def test_bld_and_scoring_fan_out_over_shards_with_bounded_parallelism(docs) -> N
         for name, (_, task) in tasks.items()
         if "parameterIterator" in task
     }
-    assert set(loops) == {"bld-shards", "scoring-shards"}
-    for display, limit, worker in (
-        ("bld-shards", BLD_PARALLELISM, "train-blocks"),
-        ("scoring-shards", SCORING_PARALLELISM, "score-blocks"),
+    assert set(loops) == {
+        "bld-shards",
+        "scoring-shards",
+    }  # the baselines run in one task, method after method
+    for display, worker, fan_in in (
+        ("bld-shards", "bld", "bld-merge"),
+        ("scoring-shards", "scoring", "scoring-merge"),
     ):
         name, loop = loops[display]
-        assert loop["iteratorPolicy"]["parallelismLimit"] == limit
-        # The items are the shard plan's output, i.e. a run parameter, not a fixed list.
+        assert loop["iteratorPolicy"]["parallelismLimit"] == PARALLELISM
+        # The items are the fan-out plan's output, i.e. from a run parameter, not a fixed list.
         plan_task = loop["inputs"]["parameters"][loop["parameterIterator"]["items"]["inputParameter"]]
         assert tasks[plan_task["taskOutputParameter"]["producerTask"]][1]["componentRef"]["name"].startswith(
-            "comp-shard-plan"
+            "comp-fan-out"
         )
         assert worker in spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
-        # Fan-in: the merge step takes the loop's collected outputs.
-        merges = [
-            t
-            for _, t in tasks.values()
+        # Fan-in: the merge step (or the evaluation) takes the loop's collected outputs.
+        collectors = [
+            task_name
+            for task_name, (_, t) in tasks.items()
             if any(
                 a.get("taskOutputArtifact", {}).get("producerTask") == name
                 for a in t.get("inputs", {}).get("artifacts", {}).values()
             )
         ]
-        assert merges, f"nothing collects the outputs of {display}"
+        assert collectors == [fan_in], f"{display} is collected by {collectors}"
 
 
 def test_gpu_steps_request_gpus_and_only_they_do(docs) -> None:
@@ -112,14 +107,14 @@ def test_gpu_steps_request_gpus_and_only_they_do(docs) -> None:
             } in platform["emptyDirMounts"]
         else:
             assert accelerator is None, f"{name} is a CPU step but requests {accelerator}"
-    distill = spec["deploymentSpec"]["executors"]["exec-distill"]["container"]["resources"]["accelerator"]
-    assert distill["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gkd_gpus']}}"
+    gkd = spec["deploymentSpec"]["executors"]["exec-gkd"]["container"]["resources"]["accelerator"]
+    assert gkd["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gkd_gpus']}}"
 
 
 def test_costs_and_speed_are_measured_on_the_target_gpu_product(docs) -> None:
     spec, executors = docs
     pinned = {label for label, e in executors.items() if "nodeSelector" in e}
-    assert pinned == {"exec-measure-costs", "exec-evaluate", "exec-compare-baselines"}
+    assert pinned == {"exec-costs", "exec-evaluate"}
     for label in pinned:
         assert executors[label]["nodeSelector"]["nodeSelectorJson"] == {
             "componentInputParameter": "pipelinechannel--gpu_node_selector"
@@ -179,23 +174,33 @@ def test_registration_and_promotion_are_gated_on_the_evaluation(docs) -> None:
         for name, (_, t) in tasks.items()
         if "triggerPolicy" in t and "condition" in t["triggerPolicy"]
     }
-    assert set(conditions) == {"registry-configured", "accuracy-kept-gate", "speedup-gate"}
-    assert conditions["registry-configured"][1]["triggerPolicy"]["condition"] == (
-        "inputs.parameter_values['pipelinechannel--registry_model_name'] != ''"
+    assert set(conditions) == {"gate"}
+    name, gate = conditions["gate"]
+    # register says whether the evaluation meets the gates (False without registry.model_name).
+    assert (
+        gate["triggerPolicy"]["condition"]
+        == "inputs.parameter_values['pipelinechannel--register-Output'] == true"
     )
-    assert conditions["accuracy-kept-gate"][1]["triggerPolicy"]["condition"] == (
-        "inputs.parameter_values['pipelinechannel--evaluate-accuracy_kept'] >= "
-        "inputs.parameter_values['pipelinechannel--registry_gates_min_accuracy_kept']"
-    )
-    assert conditions["speedup-gate"][1]["triggerPolicy"]["condition"] == (
-        "inputs.parameter_values['pipelinechannel--evaluate-speedup'] >= "
-        "inputs.parameter_values['pipelinechannel--registry_gates_min_speedup']"
-    )
-    # register sits behind the first condition, promote behind both gates.
-    owner = {name: o for name, (o, _) in tasks.items()}
-    assert owner["register"] == conditions["registry-configured"][1]["componentRef"]["name"]
-    assert owner["promote"] == conditions["speedup-gate"][1]["componentRef"]["name"]
-    assert owner[conditions["speedup-gate"][0]] == conditions["accuracy-kept-gate"][1]["componentRef"]["name"]
+    assert gate["inputs"]["parameters"]["pipelinechannel--register-Output"] == {
+        "taskOutputParameter": {"outputParameterKey": "Output", "producerTask": "register"}
+    }
+    # register reads the export and the evaluation; promote sits behind the gate, on register's version.
+    owner = {task_name: o for task_name, (o, _) in tasks.items()}
+    register = tasks["register"][1]
+    assert {a["taskOutputArtifact"]["producerTask"] for a in register["inputs"]["artifacts"].values()} == {
+        "export",
+        "evaluate",
+    }
+    assert owner["register"] == owner[name] == "comp-exit-handler-1"
+    assert owner["promote"] == gate["componentRef"]["name"]
+    promote = tasks["promote"][1]
+    # promote finds the version of the export it is given by the export's content hash
+    assert promote["inputs"]["artifacts"]["export"] == {
+        "componentInputArtifact": "pipelinechannel--export-export"
+    }
+    assert gate["inputs"]["artifacts"]["pipelinechannel--export-export"] == {
+        "taskOutputArtifact": {"outputArtifactKey": "export", "producerTask": "export"}
+    }
 
 
 def test_an_exit_handler_records_the_outcome_whatever_happens(docs) -> None:
@@ -213,7 +218,7 @@ def test_an_exit_handler_records_the_outcome_whatever_happens(docs) -> None:
 
 
 def test_every_component_runs_our_images_without_installing_kfp(docs) -> None:
-    from pipelines.images import CPU_IMAGE, GPU_IMAGE, image
+    from components.images import CPU_IMAGE, GPU_IMAGE, image
 
     spec, _ = docs
     for label, executor in spec["deploymentSpec"]["executors"].items():
@@ -223,12 +228,14 @@ def test_every_component_runs_our_images_without_installing_kfp(docs) -> None:
 
 
 def test_parameters_mirror_the_run_config_with_its_defaults(docs) -> None:
-    from pipelines.parameters import CLUSTER_PARAMETERS, config_parameters
+    from pipelines.parameters import config_parameters
+    from pipelines.puzzle_pipeline import CLUSTER_PARAMETERS
     from puzzle.config import load_config
 
     spec, _ = docs
     params = spec["root"]["inputDefinitions"]["parameters"]
-    expected = {**config_parameters(load_config(None, check_access=False)), **CLUSTER_PARAMETERS}
+    cluster = {name: default for name, (_, default, _) in CLUSTER_PARAMETERS.items()}
+    expected = {**config_parameters(load_config(None, check_access=False)), **cluster}
     assert set(params) == set(expected)
     for name, value in expected.items():
         default = params[name].get("defaultValue")

@@ -1,6 +1,6 @@
 """The whole pipeline under kfp.local on a tiny parent: parent from S3, BLD and scoring on 2 shards
-each, the child exported to an S3 serving prefix, registered and promoted in MLflow, the outcome
-recorded by the exit handler. Every assertion is on what the tasks wrote (a failed local task can
+each, one baseline, the child exported to an S3 serving prefix, registered and promoted in MLflow,
+the outcome recorded by the exit handler. Every assertion is on what the tasks wrote (a failed local task can
 be reported as a success: kubeflow/pipelines#13332)."""
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ def run(local_pipeline_run):
 
 
 def test_parent_is_read_from_s3(run) -> None:
-    child = run.artifact("convert", "child")
-    parent = json.loads((child / "parent.json").read_text())
+    converted = run.artifact("convert", "parent")
+    parent = json.loads((converted / "parent.json").read_text())
     assert parent["reference"] == run.parent_uri
-    assert run.metadata("convert", "child")["num_layers"] == 3
+    assert run.metadata("convert", "parent")["num_layers"] == 3
 
 
 def test_bld_ran_as_two_shards_and_merged(run) -> None:
-    shards = run.task_dirs("train-blocks")
+    shards = run.task_dirs("bld")
     assert len(shards) == 2
     trained = set()
     for shard in shards:
@@ -36,7 +36,7 @@ def test_bld_ran_as_two_shards_and_merged(run) -> None:
         shard_units = {(layer, name) for layer, e in meta["layers"].items() for name in e["variants"]}
         assert shard_units and not (shard_units & trained), "the two shards must train disjoint variants"
         trained |= shard_units
-    merged = json.loads((run.artifact("merge-library", "library") / "library.json").read_text())
+    merged = json.loads((run.artifact("bld-merge", "trained") / "library.json").read_text())
     merged_trained = {
         (layer, name)
         for layer, e in merged["layers"].items()
@@ -44,15 +44,15 @@ def test_bld_ran_as_two_shards_and_merged(run) -> None:
         if info.get("trained")
     }
     assert merged_trained == trained
-    assert run.metadata("merge-library", "library")["merged_shards"] == 2
+    assert run.metadata("bld-merge", "trained")["merged_shards"] == 2
 
 
 def test_scores_ran_as_two_shards_and_cover_every_block(run) -> None:
     shard_rows = [
-        json.loads((d / "scores" / "scores.json").read_text())["rows"] for d in run.task_dirs("score-blocks")
+        json.loads((d / "scores" / "scores.json").read_text())["rows"] for d in run.task_dirs("scoring")
     ]
     assert len(shard_rows) == 2 and all(shard_rows)
-    merged = json.loads((run.artifact("merge-scores", "scores") / "scores.json").read_text())["rows"]
+    merged = json.loads((run.artifact("scoring-merge", "scores") / "scores.json").read_text())["rows"]
     assert sorted((r["layer"], r["block"]) for r in merged) == sorted(
         (r["layer"], r["block"]) for rows in shard_rows for r in rows
     )
@@ -67,7 +67,7 @@ def test_search_meets_the_constraint_and_the_child_is_realized(run) -> None:
     realized = json.loads((run.artifact("realize", "child") / "config.json").read_text())
     assert len(realized["block_configs"]) == 3
     # The constraint is parameters <= 0.8x the parent's.
-    parent_params = run.metadata("convert", "child")["num_parameters"]
+    parent_params = run.metadata("convert", "parent")["num_parameters"]
     assert run.metadata("realize", "child")["num_parameters"] <= 0.8 * parent_params
 
 
@@ -80,8 +80,9 @@ def test_evaluation_feeds_the_gate(run) -> None:
 
 
 def test_baselines_are_evaluated_beside_the_child(run) -> None:
-    metrics = json.loads((run.artifact("compare-baselines", "comparison") / "metrics.json").read_text())
+    metrics = json.loads((run.artifact("evaluate", "evaluation") / "metrics.json").read_text())
     assert set(metrics["models"]) == {"parent", "puzzle", "uniform_width"}
+    assert len(run.task_dirs("baselines")) == 1  # one task runs every method, one folder each
 
 
 def test_export_on_the_serving_prefix_loads_with_transformers(run, tmp_path: Path) -> None:
@@ -111,7 +112,7 @@ def test_child_is_registered_and_promoted_with_lineage(run) -> None:
     from pipeline_local import MODEL_NAME
 
     client = MlflowClient(tracking_uri=run.tracking_uri, registry_uri=run.tracking_uri)
-    version = run.parameter("register", "version")
+    version = run.registered_version()
     mv = client.get_model_version(MODEL_NAME, version)
     assert {"candidate", "champion"} <= set(mv.aliases)
     assert mv.tags["puzzle.parent_uri"] == run.parent_uri
@@ -120,6 +121,7 @@ def test_child_is_registered_and_promoted_with_lineage(run) -> None:
         run.parameter("evaluate", "accuracy_kept"), rel=1e-4
     )
     assert mv.tags["puzzle.profile"] == "tiny"
+    assert run.parameter("register", "Output") is True
     assert run.parameter("promote", "Output") is True
 
 
@@ -139,13 +141,15 @@ def test_exit_handler_closes_the_mlflow_run_with_the_outcome(run) -> None:
     )
     logged = {r.data.tags.get("puzzle.phase") for r in phases}
     assert {
+        "convert",
         "library",
         "bld",
-        "scores",
+        "scoring",
         "costs",
         "search",
         "realize",
-        "distill",
+        "gkd",
+        "baselines-uniform_width",
         "evaluate",
         "export",
     } <= logged

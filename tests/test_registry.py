@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from puzzle.config import ExportConfig
 from puzzle.mlflow import registry
 
 
@@ -35,28 +36,28 @@ def test_registration_needs_a_tracking_uri(monkeypatch, tiny_export: str) -> Non
 
 
 @pytest.fixture(scope="module")
-def tiny_export(tiny_child: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+def tiny_export(tiny_parent: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     from puzzle.child.export import export
 
     out = tmp_path_factory.mktemp("export") / "child"
-    export(str(tiny_child), str(out))
+    export(str(tiny_parent), str(out), ExportConfig())
     return str(out)
 
 
 @pytest.mark.integration
 def test_register_child_with_lineage_once_and_servable_from_the_registry(
-    mlflow_server, s3_server, s3_bucket: str, tiny_child: Path, tmp_path: Path, monkeypatch
+    mlflow_server, s3_server, s3_bucket: str, tiny_parent: Path, tmp_path: Path, monkeypatch
 ) -> None:
     import torch
     from mlflow import MlflowClient
     from transformers import AutoModelForCausalLM
 
     from puzzle.child.export import export
-    from puzzle.modeling.checkpoints import load_child
+    from puzzle.modeling.checkpoints import load_model
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     export_uri = f"s3://{s3_bucket}/exports/child"
-    export(str(tiny_child), export_uri)
+    export(str(tiny_parent), export_uri, ExportConfig())
     name = f"tiny-child-{uuid.uuid4().hex[:6]}"
     lineage = registry.Lineage(
         parent_uri="models:/tiny-parent/4",
@@ -91,7 +92,7 @@ def test_register_child_with_lineage_once_and_servable_from_the_registry(
     served = AutoModelForCausalLM.from_pretrained(local, trust_remote_code=True).eval()
     ids = torch.tensor([[1, 5, 9, 42, 7]])
     with torch.no_grad():
-        expected = load_child(str(tiny_child)).eval()(ids).logits
+        expected = load_model(str(tiny_parent)).eval()(ids).logits
         assert torch.allclose(served(ids).logits, expected, atol=1e-5)
     # ...and the bytes live in the S3 bucket behind the MLflow server's artifact proxy.
     keys = [
@@ -103,7 +104,7 @@ def test_register_child_with_lineage_once_and_servable_from_the_registry(
 
 @pytest.mark.integration
 def test_gate_moves_champion_only_when_targets_are_met(
-    mlflow_server, tiny_child: Path, tiny_export: str, tmp_path: Path, monkeypatch
+    mlflow_server, tiny_parent: Path, tiny_export: str, tmp_path: Path, monkeypatch
 ) -> None:
     from puzzle.child.export import export
 
@@ -120,7 +121,7 @@ def test_gate_moves_champion_only_when_targets_are_met(
 
     # A different child (bfloat16 export: other content) that meets both targets.
     strong_uri = str(tmp_path / "bf16")
-    export(str(tiny_child), strong_uri, dtype="bfloat16")
+    export(str(tiny_parent), strong_uri, ExportConfig(dtype="bfloat16"))
     strong = registry.register_child(
         strong_uri, name, registry.Lineage(parent_uri="models:/p/1", accuracy_kept=0.95, speedup=1.45)
     )

@@ -17,23 +17,38 @@ from corpus import STDLIB_TEXT  # noqa: E402
 
 from puzzle.config import parse_config
 from puzzle.io import artifacts
-from puzzle.run import PHASE_DIRS, run
+from puzzle.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 GKD_STEPS = 40
-UPSTREAM = ["convert", "data", "library", "bld", "scores", "costs"]
+UPSTREAM = ["convert", "data", "library", "bld", "scoring", "costs"]
+# Every stage's output folder under the run's output (the baselines: baselines/<method>/).
+STAGE_FOLDERS = {
+    "convert": "parent",
+    "data": "tokens",
+    "library": "library",
+    "bld": "trained",
+    "scoring": "scores",
+    "costs": "costs",
+    "search": "solutions",
+    "realize": "child",
+    "gkd": "distilled",
+    "evaluate": "evaluation",
+    "export": "export",
+}
 
 
 def tiny_config_data(parent: Path, output: Path, text: Path) -> dict:
     return {
         "parent": str(parent),
         "output": str(output),
+        "device": "cpu",
         "data": {
             "source": str(text),
             "seq_len": 32,
             "splits": {"calibration": 8, "bld": 16, "score": 4, "gkd": 16, "eval": 8},
         },
-        "search_space": {
+        "library": {
             "kv_heads": None,
             "attention_linear": True,
             "attention_noop": True,
@@ -41,21 +56,19 @@ def tiny_config_data(parent: Path, output: Path, text: Path) -> dict:
             "ffn_linear": False,
             "ffn_noop": True,
         },
-        "bld": {"token_budget": 512, "batch_size": 4, "device": "cpu"},
-        "scoring": {"batch_size": 4, "device": "cpu"},
-        "costs": {"batch_sizes": [1], "prompt_len": 8, "gen_len": 8, "device": "cpu", "repeats": 1},
+        "bld": {"token_budget": 512, "batch_size": 4},
+        "scoring": {"batch_size": 4},
+        "costs": {"batch_sizes": [1], "prompt_len": 8, "gen_len": 8, "repeats": 1},
         "search": {"constraints": ["parameters<=0.85x"], "num_solutions": 1},
         "gkd": {
             "token_budget": GKD_STEPS * 4 * 32,
             "batch_size": 4,
             "lr": 1e-3,
             "checkpoint_every": 2,
-            "device": "cpu",
         },
         "evaluate": {
             "batch_size": 4,
             "workload": {"batch_size": 1, "prompt_len": 8, "gen_len": 8},
-            "device": "cpu",
             "repeats": 1,
         },
         "tracking": {"uri": None},
@@ -86,9 +99,11 @@ def test_run_builds_every_phase_and_exports_a_checkpoint_transformers_loads_and_
     assert phases[-1] == "export"
     assert set(result.rebuilt) == set(phases)  # a fresh output root: everything built
     out = Path(tiny_run["data"]["output"])
-    for phase, directory in PHASE_DIRS.items():
+    for phase, directory in STAGE_FOLDERS.items():
+        assert result.record(phase).uri == str(out / directory), phase
         assert artifacts.read_manifest(str(out / directory)) is not None, phase
-    assert artifacts.read_manifest(str(out / "baselines" / "layer_dropping" / "distilled")) is not None
+    assert result.record("baselines-layer_dropping").uri == str(out / "baselines" / "layer_dropping")
+    assert artifacts.read_manifest(str(out / "baselines" / "layer_dropping")) is not None
     assert result.record("gkd").summary["steps"] == GKD_STEPS
 
     model = AutoModelForCausalLM.from_pretrained(result.export_uri, trust_remote_code=True).eval()
@@ -117,7 +132,9 @@ def test_deleting_one_phase_output_reruns_only_it_and_the_phases_after_it(tiny_r
     result = run(parse_config(tiny_run["data"]))
     rebuilt = set(result.rebuilt)
     assert rebuilt == {"search", "realize", "gkd", "evaluate", "export"}
-    for phase in UPSTREAM + [p for p in before if p.startswith("baseline-")]:
+    baselines = [p for p in before if p.startswith("baselines-")]
+    assert baselines == ["baselines-layer_dropping"]
+    for phase in UPSTREAM + baselines:
         assert artifacts.read_manifest(result.record(phase).uri).created_at == before[phase], phase
 
 
@@ -160,7 +177,7 @@ def test_a_run_killed_during_gkd_resumes_and_ends_with_the_same_number_of_steps(
         ),
         (
             {
-                "search_space": {
+                "library": {
                     "kv_heads": [2],
                     "attention_linear": False,
                     "attention_noop": False,

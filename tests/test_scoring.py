@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from puzzle.config import BLDConfig, ConfigError, DataConfig, ScoringConfig
 from puzzle.data import prepare
 from puzzle.library import scoring
 from puzzle.library.scoring import ScoringError, merge, read_scores, score
-from puzzle.library.variants import Library, LibraryError, SearchSpace, build_library
+from puzzle.library.variants import PAPER_LIBRARY, Library, LibraryError, build_library
+
+# Every metric (the config names top1/top5 by their long names).
+ALL_METRICS = ["kl_div", "lm_loss", "cosine", "top1_agreement", "top5_agreement"]
+SCORING = ScoringConfig(metrics=ALL_METRICS, batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -20,18 +26,20 @@ def tiny(tiny_parent_factory, tmp_path_factory: pytest.TempPathFactory) -> dict[
     from puzzle.parent import convert
 
     root = tmp_path_factory.mktemp("score-tiny")
-    convert(str(tiny_parent_factory("llama", intermediate_size=192)), str(root / "child"))
+    convert(str(tiny_parent_factory("llama", intermediate_size=192)), str(root / "parent"))
     prepare(
-        "stdlib", str(root / "child"), str(root / "tokens"), seq_len=32, splits={"calibration": 8, "score": 6}
+        str(root / "parent"),
+        str(root / "tokens"),
+        DataConfig(seq_len=32, splits={"calibration": 8, "score": 6}),
     )
     build_library(
-        str(root / "child"),
+        str(root / "parent"),
         str(root / "tokens"),
         str(root / "lib"),
-        space=SearchSpace(ffn_fractions=(1.0, 0.5)),
+        replace(PAPER_LIBRARY, ffn_fractions=[1.0, 0.5]),
     )
-    paths = {name: str(root / name) for name in ("child", "tokens", "lib", "scores")}
-    score(paths["lib"], paths["child"], paths["tokens"], paths["scores"], batch_size=4)
+    paths = {name: str(root / name) for name in ("parent", "tokens", "lib", "scores")}
+    score(paths["lib"], paths["parent"], paths["tokens"], paths["scores"], SCORING)
     paths["root"] = str(root)
     return paths
 
@@ -64,7 +72,7 @@ def test_every_layer_and_variant_scored_parent_zero_noop_positive(tiny: dict[str
 
 def test_full_mode_scores_every_pair_consistently_with_decoupled(tiny: dict[str, str]) -> None:
     out = str(Path(tiny["root"]) / "full")
-    score(tiny["lib"], tiny["child"], tiny["tokens"], out, mode="full", layers=[1], batch_size=4)
+    score(tiny["lib"], tiny["parent"], tiny["tokens"], out, SCORING, mode="full", layers=[1])
     full = {r["block"]: r for r in read_scores(out)["rows"]}
     assert len(full) == 4 * 4  # every attention x FFN pair of layer 1
     for row in read_scores(tiny["scores"])["rows"]:
@@ -76,7 +84,7 @@ def test_sharded_scoring_merges_into_the_unsharded_table(tiny: dict[str, str]) -
     root = Path(tiny["root"])
     shards = [str(root / f"shard-{i}") for i in range(3)]
     for i, out in enumerate(shards):
-        score(tiny["lib"], tiny["child"], tiny["tokens"], out, shard=f"{i}/3", batch_size=4)
+        score(tiny["lib"], tiny["parent"], tiny["tokens"], out, SCORING, shard=f"{i}/3")
     assert sum(len(read_scores(s)["rows"]) for s in shards) == 21
     with pytest.raises(ScoringError, match="not every shard"):
         merge(shards[:2], str(root / "part"))
@@ -86,41 +94,53 @@ def test_sharded_scoring_merges_into_the_unsharded_table(tiny: dict[str, str]) -
 
 def test_metric_selection_and_aliases(tiny: dict[str, str]) -> None:
     out = str(Path(tiny["root"]) / "some-metrics")
-    score(tiny["lib"], tiny["child"], tiny["tokens"], out, metrics=["kl_div", "top1_agreement"], layers=[2])
+    score(
+        tiny["lib"],
+        tiny["parent"],
+        tiny["tokens"],
+        out,
+        ScoringConfig(metrics=["kl_div", "top1_agreement"]),
+        layers=[2],
+    )
     rows = read_scores(out)["rows"]
     assert all(r["top1"] == r["top1_agreement"] is not None and r["lm_loss"] is None for r in rows)
-    with pytest.raises(ScoringError, match="unknown metric 'accuracy'"):
-        score(tiny["lib"], tiny["child"], tiny["tokens"], out, metrics=["accuracy"])
+    # The settings section validates itself: an unknown metric fails before score() is even called.
+    with pytest.raises(ConfigError, match=r"scoring\.metrics\[0\] must be one of .*got 'accuracy'"):
+        score(tiny["lib"], tiny["parent"], tiny["tokens"], out, ScoringConfig(metrics=["accuracy"]))
 
 
 def test_scoring_errors(tiny: dict[str, str], tiny_parent_factory, tmp_path: Path) -> None:
     from puzzle.library.bld import train
     from puzzle.parent import convert
 
+    scoring_config = ScoringConfig(metrics=ALL_METRICS)
     with pytest.raises(ScoringError, match="no 'eval' split"):
-        score(tiny["lib"], tiny["child"], tiny["tokens"], str(tmp_path / "x"), split="eval")
+        score(
+            tiny["lib"],
+            tiny["parent"],
+            tiny["tokens"],
+            str(tmp_path / "x"),
+            replace(scoring_config, split="eval"),
+        )
     with pytest.raises(ScoringError, match=r"layers \[5\] are not in library"):
-        score(tiny["lib"], tiny["child"], tiny["tokens"], str(tmp_path / "x"), layers=[5])
+        score(tiny["lib"], tiny["parent"], tiny["tokens"], str(tmp_path / "x"), scoring_config, layers=[5])
     with pytest.raises(ScoringError, match="mode must be one of"):
-        score(tiny["lib"], tiny["child"], tiny["tokens"], str(tmp_path / "x"), mode="pairs")
+        score(tiny["lib"], tiny["parent"], tiny["tokens"], str(tmp_path / "x"), scoring_config, mode="pairs")
     convert(str(tiny_parent_factory("llama", hidden_size=32, intermediate_size=192)), str(tmp_path / "other"))
     with pytest.raises(LibraryError, match="hidden_size is 64 in the library but 32 in the parent"):
-        score(tiny["lib"], str(tmp_path / "other"), tiny["tokens"], str(tmp_path / "x"))
+        score(tiny["lib"], str(tmp_path / "other"), tiny["tokens"], str(tmp_path / "x"), scoring_config)
     train(
         tiny["lib"],
-        tiny["child"],
+        tiny["parent"],
         tiny["tokens"],
         str(tmp_path / "shard"),
-        token_budget=32,
-        batch_size=1,
-        lr=1e-3,
+        BLDConfig(token_budget=32, batch_size=1, lr=1e-3, val_sequences=1),
         shard="0/4",
-        val_sequences=1,
         val_split="calibration",
         split="score",
     )
     with pytest.raises(LibraryError, match="merge the shards first"):
-        score(str(tmp_path / "shard"), tiny["child"], tiny["tokens"], str(tmp_path / "x"))
+        score(str(tmp_path / "shard"), tiny["parent"], tiny["tokens"], str(tmp_path / "x"), scoring_config)
     assert not (tmp_path / "x").exists()
 
 
@@ -128,19 +148,18 @@ def test_cli_scores_and_merges(tiny: dict[str, str], tmp_path: Path) -> None:
     from puzzle.cli import main
 
     common = [
-        "--library",
         tiny["lib"],
-        "--child",
-        tiny["child"],
-        "--tokens",
+        tiny["parent"],
         tiny["tokens"],
-        "--batch-size",
-        "4",
+        "--set",
+        "scoring.batch_size=4",
+        "--set",
+        f"scoring.metrics=[{', '.join(ALL_METRICS)}]",
     ]
     for i in range(2):
-        assert main(["score", *common, "--out", str(tmp_path / f"s{i}"), "--shard", f"{i}/2"]) == 0
+        assert main(["scoring", *common, "--out", str(tmp_path / f"s{i}"), "--shard", f"{i}/2"]) == 0
     assert (
-        main(["score", "--merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "m")])
+        main(["scoring", "merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "m")])
         == 0
     )
     assert read_scores(str(tmp_path / "m"))["rows"] == read_scores(tiny["scores"])["rows"]
@@ -148,22 +167,23 @@ def test_cli_scores_and_merges(tiny: dict[str, str], tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_smollm2_scores_parent_zero_and_noop_positive(
-    smollm2_child: Path, smollm2_tokens: Path, tmp_path: Path
+    smollm2_parent: Path, smollm2_tokens: Path, tmp_path: Path
 ) -> None:
-    """The real parent's last layer with the default search space, on 4 held-out sequences."""
+    """The real parent's last layer with the paper's search space, on 4 held-out sequences."""
     build_library(
-        str(smollm2_child),
+        str(smollm2_parent),
         str(smollm2_tokens),
         str(tmp_path / "lib"),
-        space=SearchSpace(),
+        PAPER_LIBRARY,
         layers=[29],
         calibration_sequences=4,
     )
     score(
         str(tmp_path / "lib"),
-        str(smollm2_child),
+        str(smollm2_parent),
         str(smollm2_tokens),
         str(tmp_path / "scores"),
+        ScoringConfig(metrics=ALL_METRICS),
         max_sequences=4,
     )
     rows = {r["block"]: r for r in read_scores(str(tmp_path / "scores"))["rows"]}

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from search_tables import PARENT, write_costs, write_scores
 
+from puzzle.config import SearchConfig
 from puzzle.search.costs import load_costs
 from puzzle.search.knapsack import InfeasibleError, Problem, solve
 from puzzle.search.mip import Constraint, InfeasibleConstraintError, SearchError, load_solutions, search
@@ -59,7 +60,13 @@ def tables(tmp_path: Path) -> tuple[Path, Path]:
 def test_search_equals_brute_force_over_every_architecture(tables: tuple[Path, Path], tmp_path: Path) -> None:
     scores, costs = tables
     out = tmp_path / "search"
-    search(str(scores), str(costs), str(out), constraints=["throughput>=1.6x", "memory<=0.7x"], batch_size=8)
+    search(
+        str(scores),
+        str(costs),
+        str(out),
+        SearchConfig(constraints=["throughput>=1.6x", "memory<=0.7x"]),
+        batch_size=8,
+    )
     solution = load_solutions(str(out))["solutions"][0]
 
     table = build_table(load_scores(str(scores)), load_costs(str(costs)), objective="kl_div", batch_size=8)
@@ -105,9 +112,7 @@ def test_diverse_solutions_differ_in_at_least_a_fifth_of_the_layers(tmp_path: Pa
         str(scores),
         str(costs),
         str(out),
-        constraints=["throughput>=1.5x"],
-        num_solutions=5,
-        diversity_alpha=0.8,
+        SearchConfig(constraints=["throughput>=1.5x"], num_solutions=5, alpha=0.8),
     )
     solutions = load_solutions(str(out))["solutions"]
     assert len(solutions) == 5
@@ -128,7 +133,7 @@ def test_an_unreachable_constraint_fails_before_solving_and_names_the_best_value
     with pytest.raises(
         InfeasibleConstraintError, match=r"memory<=1'.*best any architecture.*reaches is [0-9.]+ MiB"
     ):
-        search(str(scores), str(costs), str(out), constraints=["memory<=1"])
+        search(str(scores), str(costs), str(out), SearchConfig(constraints=["memory<=1"]))
     assert not out.exists()
     with pytest.raises(SearchError, match="lower bound"):
         Constraint.parse("throughput<=3x")
@@ -161,7 +166,7 @@ def test_every_batch_size_is_solved_and_the_best_kept(tables: tuple[Path, Path],
     scores, costs = tables
     out = tmp_path / "search"
     # An absolute throughput: easy at batch 8 (the parent nearly reaches it), hard at batch 1.
-    search(str(scores), str(costs), str(out), constraints=["throughput>=2500"])
+    search(str(scores), str(costs), str(out), SearchConfig(constraints=["throughput>=2500"]))
     data = load_solutions(str(out))
     per_batch = data["batch_sizes"]
     assert set(per_batch) == {"1", "8"}
@@ -174,7 +179,9 @@ def test_every_batch_size_is_solved_and_the_best_kept(tables: tuple[Path, Path],
 def test_sweep_writes_a_pareto_table_and_plot(tables: tuple[Path, Path], tmp_path: Path) -> None:
     scores, costs = tables
     out = tmp_path / "sweep"
-    search(str(scores), str(costs), str(out), batch_size=8, sweep="throughput>=1x:2.5x:4")
+    # A search needs a constraint: "at least the parent's speed" binds no sweep point.
+    sweep_config = SearchConfig(constraints=["throughput>=1x"])
+    search(str(scores), str(costs), str(out), sweep_config, batch_size=8, sweep="throughput>=1x:2.5x:4")
     rows = (out / "pareto.csv").read_text().splitlines()
     assert rows[0].startswith("sweep,objective")
     objectives = [float(r.split(",")[1]) for r in rows[1:]]
@@ -213,7 +220,7 @@ def test_published_library_format_is_read(tmp_path: Path) -> None:
     assert table.names[0][table.parent[0]] == "attn_kv8+ffn_28672"
     assert "attn_noop+ffn_noop" in table.names[0] and "attn_kv8+ffn_14336" in table.names[0]
     out = tmp_path / "search"
-    search(None, None, str(out), library=str(path), constraints=["latency<=0.5x"])
+    search(None, None, str(out), SearchConfig(constraints=["latency<=0.5x"]), library=str(path))
     best = load_solutions(str(out))["solutions"][0]
     assert best["status"] == "optimal"
     assert best["totals"]["latency_ms"] <= 0.5 * 5 * 810.0 + 1e-6
@@ -223,10 +230,30 @@ def test_cli_search_prints_the_solution(tables: tuple[Path, Path], tmp_path: Pat
     from puzzle.cli import main
 
     scores, costs = tables
-    code = main(["search", str(scores), str(costs), "--out", str(tmp_path / "s"), "-c", "throughput>=1.5x"])
+    code = main(
+        [
+            "search",
+            str(scores),
+            str(costs),
+            "--out",
+            str(tmp_path / "s"),
+            "--set",
+            "search.constraints=['throughput>=1.5x']",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "optimal" in printed and "tokens/s" in printed
-    code = main(["search", str(scores), str(costs), "--out", str(tmp_path / "t"), "-c", "memory<=1"])
+    code = main(
+        [
+            "search",
+            str(scores),
+            str(costs),
+            "--out",
+            str(tmp_path / "t"),
+            "--set",
+            "search.constraints=['memory<=1']",
+        ]
+    )
     assert code == 2
     assert "memory<=1" in capsys.readouterr().err

@@ -12,12 +12,12 @@ from puzzle.mlflow import tracking
 # --------------------------------------------------------------------------- no server needed
 
 
-def test_tracking_is_a_no_op_without_a_tracking_uri(monkeypatch, tiny_child: Path) -> None:
+def test_tracking_is_a_no_op_without_a_tracking_uri(monkeypatch, tiny_parent: Path) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with tracking.pipeline_run({"parent": "x", "tracking": {"uri": None}}, "no-tracking") as run:
         assert run is None
         assert tracking.active_run() is None
-        assert tracking.log_phase("child", str(tiny_child)) is None
+        assert tracking.log_phase("parent", str(tiny_parent)) is None
         tracking.log_metrics({"a": 1.0})
         tracking.log_metrics_history([{"step": 1, "loss": 1.0}], prefix="gkd/")
 
@@ -57,10 +57,20 @@ LAYERS = 3
 
 
 @pytest.fixture(scope="module")
-def phase_artifacts(tiny_child: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def phase_artifacts(tiny_parent: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     from puzzle import data
     from puzzle.child import evaluate
     from puzzle.child import gkd as distill
+    from puzzle.config import (
+        CostsConfig,
+        DataConfig,
+        EvaluateConfig,
+        GKDConfig,
+        LibraryConfig,
+        ScoringConfig,
+        SearchConfig,
+        WorkloadConfig,
+    )
     from puzzle.library import scoring
     from puzzle.library import variants as library
     from puzzle.search import costs
@@ -69,67 +79,66 @@ def phase_artifacts(tiny_child: Path, tmp_path_factory: pytest.TempPathFactory) 
     root = tmp_path_factory.mktemp("phases")
     tokens = str(root / "tokens")
     data.prepare(
-        "stdlib", str(tiny_child), tokens, seq_len=32, splits={"calibration": 4, "gkd": 8, "eval": 4}, seed=0
+        str(tiny_parent),
+        tokens,
+        DataConfig(seq_len=32, splits={"calibration": 4, "gkd": 8, "eval": 4}, seed=0),
     )
     gkd = str(root / "gkd")
     distill.distill(
-        str(tiny_child), str(tiny_child), tokens, gkd, token_budget=4 * 2 * 32, batch_size=2, device="cpu"
+        str(tiny_parent),
+        str(tiny_parent),
+        tokens,
+        gkd,
+        GKDConfig(token_budget=4 * 2 * 32, batch_size=2),
+        device="cpu",
     )
     library_uri = str(root / "library")
     library.build_library(
-        str(tiny_child),
+        str(tiny_parent),
         tokens,
         library_uri,
-        device="cpu",
-        batch_size=4,
-        space=library.SearchSpace(
-            attention_kv_heads=(1,), attention_linear=False, ffn_fractions=(0.5,), ffn_linear=False
+        LibraryConfig(
+            kv_heads=[1], attention_linear=False, ffn_fractions=[0.5], ffn_linear=False, batch_size=4
         ),
+        device="cpu",
     )
     scores = str(root / "scores")
     scoring.score(
         library_uri,
-        str(tiny_child),
+        str(tiny_parent),
         tokens,
         scores,
-        split="eval",
-        metrics=["kl_div", "lm_loss"],
-        batch_size=4,
+        ScoringConfig(split="eval", metrics=["kl_div", "lm_loss"], batch_size=4),
         device="cpu",
     )
     cost_table = str(root / "costs")
     costs.measure(
         library_uri,
-        str(tiny_child),
+        str(tiny_parent),
         cost_table,
-        batch_sizes=[1, 2],
-        prompt_len=8,
-        gen_len=4,
+        CostsConfig(batch_sizes=[1, 2], prompt_len=8, gen_len=4, repeats=1, stack_layers=2),
         device="cpu",
-        repeats=1,
-        stack_layers=2,
     )
     solutions = str(root / "solutions")
     search.search(
         scores,
         cost_table,
         solutions,
-        objective="kl_div",
-        constraints=["params<=0.9x"],
-        num_solutions=2,
-        diversity_alpha=0.5,
+        SearchConfig(objective="kl_div", constraints=["params<=0.9x"], num_solutions=2, alpha=0.5),
     )
     evaluation = str(root / "evaluation")
-    evaluate.evaluate(
+    evaluate.evaluate_children(
         {"child": gkd},
-        str(tiny_child),
+        str(tiny_parent),
         tokens,
         evaluation,
-        split="eval",
-        batch_size=4,
-        workload={"batch_size": 1, "prompt_len": 8, "gen_len": 4},
+        EvaluateConfig(
+            split="eval",
+            batch_size=4,
+            workload=WorkloadConfig(batch_size=1, prompt_len=8, gen_len=4),
+            repeats=1,
+        ),
         device="cpu",
-        repeats=1,
     )
     return {
         "scores": scores,

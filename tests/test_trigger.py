@@ -96,9 +96,9 @@ def test_kfp_backend_submits_the_compiled_pipeline_with_the_profile_config(tmp_p
     assert (
         args["parent"] == "models:/p/3"
         and args["profile"] == "fast"
-        and args["registry_model_name"] == "p-puzzle"
+        and args["registry"]["model_name"] == "p-puzzle"
     )
-    assert args["gkd_lr"] == 3e-4 and args["search_constraints"] == ["throughput>=2x"]
+    assert args["gkd"]["lr"] == 3e-4 and args["search"]["constraints"] == ["throughput>=2x"]
     assert call["pipeline_root"] == "s3://runs/puzzle" and call["run_name"] == "puzzle-p-v3-fast"
     spec = next(d for d in yaml.safe_load_all(package.read_text()) if "root" in d)
     declared = spec["root"]["inputDefinitions"]["parameters"]
@@ -179,6 +179,17 @@ def tag_event(name: str, version: str, key: str, value: str) -> bytes:
             "data": {"name": name, "version": version, "key": key, "value": value},
         }
     ).encode()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float) -> Any:
+    """The predicate's first truthy value within ``timeout`` seconds, else None."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    return None
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -389,15 +400,17 @@ def test_register_webhook_is_idempotent(mlflow_env: str) -> None:
 def tiny_profile(corpus: Path) -> str:
     """A tiny run (the budgets of tests/test_run.py, no baselines): seconds per phase on CPU."""
     return f"""\
-data: {{source: {json.dumps(str(corpus))}, seq_len: 32, splits: {{calibration: 8, bld: 16, score: 4, gkd: 16, eval: 8}}}}
-search_space: {{kv_heads: null, attention_linear: true, attention_noop: true, ffn_fractions: [1.0, 0.5],
-               ffn_linear: false, ffn_noop: true}}
-bld: {{token_budget: 128, batch_size: 4, device: cpu}}
-scoring: {{batch_size: 4, device: cpu}}
-costs: {{batch_sizes: [1], prompt_len: 8, gen_len: 8, device: cpu, repeats: 1}}
+device: cpu
+data: {{source: {json.dumps(str(corpus))}, seq_len: 32,
+       splits: {{calibration: 8, bld: 16, score: 4, gkd: 16, eval: 8}}}}
+library: {{kv_heads: null, attention_linear: true, attention_noop: true, ffn_fractions: [1.0, 0.5],
+          ffn_linear: false, ffn_noop: true}}
+bld: {{token_budget: 128, batch_size: 4}}
+scoring: {{batch_size: 4}}
+costs: {{batch_sizes: [1], prompt_len: 8, gen_len: 8, repeats: 1}}
 search: {{constraints: ["parameters<=0.85x"], num_solutions: 1}}
-gkd: {{token_budget: 512, batch_size: 4, device: cpu}}
-evaluate: {{batch_size: 4, workload: {{batch_size: 1, prompt_len: 8, gen_len: 8}}, device: cpu, repeats: 1}}
+gkd: {{token_budget: 512, batch_size: 4}}
+evaluate: {{batch_size: 4, workload: {{batch_size: 1, prompt_len: 8, gen_len: 8}}, repeats: 1}}
 tracking: {{uri: null, experiment: puzzle-trigger-e2e}}
 registry: {{gates: {{min_accuracy_kept: 0.0, min_speedup: 0.0}}}}
 baselines: {{methods: [], gkd: false}}
@@ -444,6 +457,15 @@ def test_tagging_a_parent_version_in_mlflow_runs_puzzle_once_and_registers_the_c
     client = MlflowClient(mlflow_env)
     hook = register_webhook(client, f"http://127.0.0.1:{server.port}/webhook", SECRET, name=f"e2e-{name}")
     try:
+        # MLflow caches its list of webhooks (MLFLOW_WEBHOOK_CACHE_TTL): an event in the same second
+        # as the registration may find none and is never delivered. Wait until MLflow delivers an
+        # event that requests nothing, then make the request: no race with the cache's clock.
+        def warmed_up() -> bool:
+            set_tag_via_rest(mlflow_env, name, version, "warm-up", uuid.uuid4().hex)
+            return bool(wait_until(lambda: deliveries, 1.0))
+
+        wait_for(warmed_up, 60, "MLflow to deliver its first event to the new webhook")
+        assert service.store.submissions() == []  # a tag that requests nothing submits nothing
         # What the user does in the UI: add the tag puzzle.request=tiny to the parent version.
         set_tag_via_rest(mlflow_env, name, version, "puzzle.request", "tiny")
         submissions = wait_for(service.store.submissions, 60, "MLflow to deliver the webhook")
@@ -480,12 +502,12 @@ def test_tagging_a_parent_version_in_mlflow_runs_puzzle_once_and_registers_the_c
             filter_string=f"tags.mlflow.parentRunId = '{pipeline_run.info.run_id}'",
         )
         phases = {r.data.tags.get(tracking.TAG_PHASE): r.info.run_id for r in nested}
-        assert {"convert", "bld", "scores", "costs", "search", "gkd", "evaluate", "export"} <= set(phases)
+        assert {"convert", "bld", "scoring", "costs", "search", "gkd", "evaluate", "export"} <= set(phases)
         tables = {
-            kind: {a.path for a in client.list_artifacts(phases[kind], "tables")}
-            for kind in ("scores", "search")
+            phase: {a.path for a in client.list_artifacts(phases[phase], "tables")}
+            for phase in ("scoring", "search")
         }
-        assert "tables/scores.json" in tables["scores"] and "tables/solutions.json" in tables["search"]
+        assert "tables/scores.json" in tables["scoring"] and "tables/solutions.json" in tables["search"]
         assert any(
             a.path.startswith("tables/costs_") for a in client.list_artifacts(phases["costs"], "tables")
         )

@@ -8,8 +8,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_each_bld_shard_trains_its_part(local_pipeline_run) -> None:
-    shards = local_pipeline_run.task_dirs("train-blocks")
-    assert len(shards) == local_pipeline_run.arguments["bld_shards"] == 2
+    shards = local_pipeline_run.task_dirs("bld")
+    assert len(shards) == local_pipeline_run.arguments["bld"]["shards"] == 2
     for index, shard in enumerate(shards):
         meta = json.loads((shard / "trained" / "library.json").read_text())
         assert meta["shard"] == f"{index}/2"

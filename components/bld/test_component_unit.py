@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from kfp import dsl
 
-from components.bld.component import train_blocks
+from components.bld.component import bld
 from components.conftest import TINY_BLD
 
 
@@ -17,20 +17,19 @@ def _trained_variants(library: Path) -> set[tuple[str, str]]:
     return {(layer, name) for layer, entry in meta["layers"].items() for name in entry["variants"]}
 
 
-def test_train_blocks_trains_its_shard(
-    tiny_library: Path, tiny_child: Path, tiny_tokens: Path, tmp_path: Path
+def test_bld_trains_its_shard(
+    tiny_library: Path, tiny_parent: Path, tiny_tokens: Path, tmp_path: Path
 ) -> None:
     trained = dsl.Model(name="trained", uri=str(tmp_path / "shard"), metadata={})
 
-    train_blocks.python_func(
+    bld.python_func(
         library=dsl.Model(name="library", uri=str(tiny_library), metadata={}),
-        child=dsl.Model(name="child", uri=str(tiny_child), metadata={}),
+        parent=dsl.Model(name="parent", uri=str(tiny_parent), metadata={}),
         tokens=dsl.Dataset(name="tokens", uri=str(tiny_tokens), metadata={}),
-        shard_index=1.0,  # a ParallelFor item can arrive as a float
-        num_shards=2,
         trained=trained,
+        bld_config={**TINY_BLD, "shards": 2.0},  # numbers in pipeline dicts may arrive as floats
+        shard_index=1.0,  # a ParallelFor item can arrive as a float
         device="cpu",
-        **TINY_BLD,
     )
 
     # 3 layers x (attn_kv1, attn_linear): shard 1 of 2 holds the second half.
@@ -44,18 +43,17 @@ def test_train_blocks_trains_its_shard(
     assert trained.metadata["mean_final_nmse"] < trained.metadata["mean_initial_nmse"]
 
 
-def test_train_blocks_rejects_a_budget_larger_than_the_data(
-    tiny_library: Path, tiny_child: Path, tiny_tokens: Path, tmp_path: Path
+def test_bld_rejects_a_budget_larger_than_the_data(
+    tiny_library: Path, tiny_parent: Path, tiny_tokens: Path, tmp_path: Path
 ) -> None:
     from puzzle.errors import PuzzleError
 
     with pytest.raises(PuzzleError, match="too little data"):
-        train_blocks.python_func(
+        bld.python_func(
             library=dsl.Model(name="library", uri=str(tiny_library), metadata={}),
-            child=dsl.Model(name="child", uri=str(tiny_child), metadata={}),
+            parent=dsl.Model(name="parent", uri=str(tiny_parent), metadata={}),
             tokens=dsl.Dataset(name="tokens", uri=str(tiny_tokens), metadata={}),
-            shard_index=0,
-            num_shards=1,
-            token_budget=10**6,
             trained=dsl.Model(name="trained", uri=str(tmp_path / "shard"), metadata={}),
+            bld_config={"token_budget": 10**6, "shards": 1},
+            shard_index=0,
         )

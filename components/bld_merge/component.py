@@ -1,42 +1,34 @@
-"""KFP component: merge the BLD shards into one trained library (the fan-in of the BLD fan-out)."""
+"""KFP component ``bld_merge``: the BLD shards joined into one complete trained library."""
+
+from typing import List  # noqa: UP035 - KFP reads typing.List in artifact annotations
 
 from kfp import dsl
 from kfp.dsl import Input, Model, Output
 
-from pipelines.images import CPU_IMAGE, image
+from components.images import CPU_IMAGE, image
 
 
 @dsl.component(base_image=image(CPU_IMAGE), install_kfp_package=False)
-def merge_library(
-    base: Input[Model],
-    shards: Input[list[Model]],
-    library: Output[Model],
-    tracking_uri: str = "",
-    experiment: str = "",
+def bld_merge(
+    library: Input[Model],
+    shards: Input[List[Model]],  # noqa: UP006
+    trained: Output[Model],
+    tracking_config: dict = {},  # noqa: B006 - KFP reads defaults from the signature
     kfp_run_id: str = "",
 ):
-    """Merge every shard's trained variants into the base library.
+    """Merge every BLD shard into the base library (each shard index exactly once).
 
     Args:
-        base: the untrained library the shards were trained from.
-        shards: every BLD shard's output (``dsl.Collected``).
-        library: the complete, trained library.
-        tracking_uri: MLflow tracking URI (empty: MLFLOW_TRACKING_URI, else no tracking).
-        experiment: MLflow experiment.
+        library: the base (untrained) library the shards were trained from.
+        shards: the bld component's outputs, one per shard.
+        trained: the complete trained library.
+        tracking_config: the tracking section (MLflow URI and experiment).
         kfp_run_id: the KFP run id (the MLflow run is tagged with it).
     """
     from components import _runtime
     from puzzle.library.bld import merge
 
     _runtime.setup_logging()
-    # The base is passed explicitly: the URI recorded in a shard is a path inside its own pod.
-    manifest = merge([s.path for s in shards], _runtime.out_path(library), base=base.path)
-    _runtime.describe(library, manifest)
-    _runtime.track(
-        library,
-        manifest,
-        phase="bld",
-        tracking_uri=tracking_uri,
-        experiment=experiment,
-        kfp_run_id=kfp_run_id,
-    )
+    manifest = merge([s.path for s in shards], _runtime.out_path(trained), base=library.path)
+    _runtime.describe(trained, manifest, shards=len(shards))
+    _runtime.track(trained, manifest, phase="bld", tracking_config=tracking_config, kfp_run_id=kfp_run_id)

@@ -8,40 +8,40 @@ from pathlib import Path
 import pytest
 from kfp import dsl
 
-from components.bld_merge.component import merge_library
+from components.bld_merge.component import bld_merge
 
 
-def test_merge_library_joins_every_shard(
-    tiny_library: Path, tiny_bld_shards: list[Path], tmp_path: Path
-) -> None:
-    library = dsl.Model(name="library", uri=str(tmp_path / "library"), metadata={})
+def test_bld_merge_joins_every_shard(tiny_library: Path, tiny_bld_shards: list[Path], tmp_path: Path) -> None:
+    trained = dsl.Model(name="trained", uri=str(tmp_path / "library"), metadata={})
 
-    merge_library.python_func(
-        base=dsl.Model(name="base", uri=str(tiny_library), metadata={}),
+    bld_merge.python_func(
+        library=dsl.Model(name="library", uri=str(tiny_library), metadata={}),
         shards=[dsl.Model(name="trained", uri=str(p), metadata={}) for p in tiny_bld_shards],
-        library=library,
+        trained=trained,
     )
 
     meta = json.loads((tmp_path / "library" / "library.json").read_text())
-    trained = {
+    trained_variants = {
         (layer, name)
         for layer, entry in meta["layers"].items()
         for name, info in entry["variants"].items()
         if info.get("trained")
     }
-    assert trained == {(str(layer), name) for layer in range(3) for name in ("attn_kv1", "attn_linear")}
-    assert library.metadata["merged_shards"] == 2
-    assert library.metadata["partial"] is False
+    assert trained_variants == {
+        (str(layer), name) for layer in range(3) for name in ("attn_kv1", "attn_linear")
+    }
+    assert trained.metadata["merged_shards"] == 2
+    assert trained.metadata["partial"] is False
 
 
-def test_merge_library_refuses_a_missing_shard(
+def test_bld_merge_refuses_a_missing_shard(
     tiny_library: Path, tiny_bld_shards: list[Path], tmp_path: Path
 ) -> None:
     from puzzle.errors import PuzzleError
 
     with pytest.raises(PuzzleError, match="every shard"):
-        merge_library.python_func(
-            base=dsl.Model(name="base", uri=str(tiny_library), metadata={}),
+        bld_merge.python_func(
+            library=dsl.Model(name="library", uri=str(tiny_library), metadata={}),
             shards=[dsl.Model(name="trained", uri=str(tiny_bld_shards[1]), metadata={})],
-            library=dsl.Model(name="library", uri=str(tmp_path / "library"), metadata={}),
+            trained=dsl.Model(name="trained", uri=str(tmp_path / "library"), metadata={}),
         )

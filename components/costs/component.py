@@ -1,66 +1,36 @@
-"""KFP component: measure every block variant's latency and memory on the target GPU."""
+"""KFP component ``costs``: measured per-block costs on the target GPU."""
 
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Model, Output
 
-from pipelines.images import GPU_IMAGE, image
+from components.images import GPU_IMAGE, image
 
 
 @dsl.component(base_image=image(GPU_IMAGE), install_kfp_package=False)
-def measure_costs(
+def costs(
     library: Input[Model],
-    child: Input[Model],
-    batch_sizes: list,
+    parent: Input[Model],
     costs: Output[Artifact],
-    prompt_len: int = 64,
-    gen_len: int = 64,
-    dtype: str = "auto",
-    repeats: int = 3,
+    costs_config: dict,
     device: str = "auto",
-    tracking_uri: str = "",
-    experiment: str = "",
+    tracking_config: dict = {},  # noqa: B006 - KFP reads defaults from the signature
     kfp_run_id: str = "",
 ):
-    """Prefill and decode latency per block variant at each batch size, plus parameters and KV-cache memory.
+    """Measure prefill/decode latency and memory of every sub-block of the library on this node's GPU.
 
-    The table records the hardware it was measured on; the pipeline pins this step to the
-    target GPU product with a node selector, because costs are only valid on that GPU.
+    The pipeline pins this step to the target GPU product: a cost table is valid only on the
+    hardware it was measured on, and the search refuses tables from other hardware.
 
     Args:
-        library: the block library (each distinct variant shape is measured once).
-        child: the parent as an all-parent child artifact (embeddings and LM head are measured too).
-        batch_sizes: batch sizes of the serving workload.
-        costs: the cost table (costs.json with the hardware identity).
-        prompt_len: prompt tokens of the workload.
-        gen_len: generated tokens of the workload.
-        dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.
-        repeats: measurement repeats (median).
+        library: the library (its variant names; weights are not read).
+        parent: the parent artifact (shapes and the parent's blocks).
+        costs: the cost table (costs.json with the hardware identity, costs.csv).
+        costs_config: the costs section (serving workload, dtype, repeats).
         device: auto, cpu, cuda, cuda:N.
-        tracking_uri: MLflow tracking URI (empty: MLFLOW_TRACKING_URI, else no tracking).
-        experiment: MLflow experiment.
+        tracking_config: the tracking section (MLflow URI and experiment).
         kfp_run_id: the KFP run id (the MLflow run is tagged with it).
     """
     from components import _runtime
-    from puzzle.search.costs import measure
 
-    _runtime.setup_logging()
-    manifest = measure(
-        library.path,
-        child.path,
-        _runtime.out_path(costs),
-        batch_sizes=[int(b) for b in batch_sizes],
-        prompt_len=int(prompt_len),
-        gen_len=int(gen_len),
-        device=None if device == "auto" else device,
-        dtype=None if dtype == "auto" else dtype,
-        repeats=int(repeats),
-    )
-    _runtime.describe(costs, manifest)
-    _runtime.track(
-        costs,
-        manifest,
-        phase="costs",
-        tracking_uri=tracking_uri,
-        experiment=experiment,
-        kfp_run_id=kfp_run_id,
-    )
+    inputs, tracked = {"library": library, "parent": parent}, (tracking_config, kfp_run_id)
+    _runtime.phase("costs", inputs, costs, {"costs": costs_config}, device=device, tracked=tracked)

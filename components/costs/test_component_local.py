@@ -7,8 +7,8 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_measure_costs_records_the_hardware(local_pipeline_run) -> None:
+def test_costs_records_the_hardware(local_pipeline_run) -> None:
     run = local_pipeline_run
-    costs = json.loads((run.artifact("measure-costs", "costs") / "costs.json").read_text())
+    costs = json.loads((run.artifact("costs", "costs") / "costs.json").read_text())
     assert costs  # the table of the CPU it ran on (the cluster pins this step to the target GPU)
-    assert run.metadata("measure-costs", "costs")["kind"] == "costs"
+    assert run.metadata("costs", "costs")["kind"] == "costs"

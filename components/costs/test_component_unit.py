@@ -7,22 +7,20 @@ from pathlib import Path
 import pytest
 from kfp import dsl
 
-from components.costs.component import measure_costs
+from components.costs.component import costs as costs_component
 
 
-def test_measure_costs_covers_every_subblock(tiny_library: Path, tiny_child: Path, tmp_path: Path) -> None:
+def test_costs_covers_every_subblock(tiny_library: Path, tiny_parent: Path, tmp_path: Path) -> None:
     from puzzle.search.costs import load_costs
 
     costs = dsl.Artifact(name="costs", uri=str(tmp_path / "costs"), metadata={})
 
-    measure_costs.python_func(
+    costs_component.python_func(
         library=dsl.Model(name="library", uri=str(tiny_library), metadata={}),
-        child=dsl.Model(name="child", uri=str(tiny_child), metadata={}),
-        batch_sizes=[1.0, 2.0],  # list items may arrive as floats
+        parent=dsl.Model(name="parent", uri=str(tiny_parent), metadata={}),
         costs=costs,
-        prompt_len=4,
-        gen_len=3,
-        repeats=1,
+        # list items in pipeline dicts may arrive as floats
+        costs_config={"batch_sizes": [1.0, 2.0], "prompt_len": 4, "gen_len": 3, "repeats": 1},
         device="cpu",
     )
 
@@ -35,16 +33,14 @@ def test_measure_costs_covers_every_subblock(tiny_library: Path, tiny_child: Pat
     assert costs.metadata["kind"] == "costs"
 
 
-def test_measure_costs_rejects_an_empty_workload(
-    tiny_library: Path, tiny_child: Path, tmp_path: Path
-) -> None:
+def test_costs_rejects_an_empty_workload(tiny_library: Path, tiny_parent: Path, tmp_path: Path) -> None:
     from puzzle.errors import PuzzleError
 
     with pytest.raises(PuzzleError):
-        measure_costs.python_func(
+        costs_component.python_func(
             library=dsl.Model(name="library", uri=str(tiny_library), metadata={}),
-            child=dsl.Model(name="child", uri=str(tiny_child), metadata={}),
-            batch_sizes=[],
+            parent=dsl.Model(name="parent", uri=str(tiny_parent), metadata={}),
             costs=dsl.Artifact(name="costs", uri=str(tmp_path / "costs"), metadata={}),
+            costs_config={"batch_sizes": []},
             device="cpu",
         )

@@ -7,11 +7,11 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_prepare_data_writes_the_configured_splits(local_pipeline_run) -> None:
+def test_data_writes_the_configured_splits(local_pipeline_run) -> None:
     run = local_pipeline_run
-    info = json.loads((run.artifact("prepare-data", "tokens") / "splits.json").read_text())
+    info = json.loads((run.artifact("data", "tokens") / "splits.json").read_text())
     expected = {
-        name: run.arguments[f"data_splits_{name}"] for name in ("calibration", "bld", "score", "gkd", "eval")
+        name: run.arguments["data"]["splits"][name] for name in ("calibration", "bld", "score", "gkd", "eval")
     }
     assert {name: s["sequences"] for name, s in info["splits"].items()} == expected
-    assert info["seq_len"] == run.arguments["data_seq_len"]
+    assert info["seq_len"] == run.arguments["data"]["seq_len"]

@@ -1,4 +1,4 @@
-"""The data component writes disjoint token splits with the child's tokenizer."""
+"""The data component writes disjoint token splits with the parent's tokenizer."""
 
 from __future__ import annotations
 
@@ -8,16 +8,20 @@ from pathlib import Path
 import pytest
 from kfp import dsl
 
-from components.data.component import prepare_data
+from components.data.component import data
 
 
-def test_prepare_data_writes_every_split(tiny_child: Path, tmp_path: Path) -> None:
-    child = dsl.Model(name="child", uri=str(tiny_child), metadata={})
+def test_data_writes_every_split(tiny_parent: Path, tmp_path: Path) -> None:
+    parent = dsl.Model(name="parent", uri=str(tiny_parent), metadata={})
     tokens = dsl.Dataset(name="tokens", uri=str(tmp_path / "tokens"), metadata={})
     # Numbers in pipeline dicts arrive as floats; the component must accept them.
     splits = {"calibration": 2.0, "bld": 4.0, "score": 2.0, "gkd": 2.0, "eval": 2.0}
 
-    prepare_data.python_func(child=child, source="stdlib", seq_len=16, splits=splits, tokens=tokens, seed=1)
+    data.python_func(
+        parent=parent,
+        tokens=tokens,
+        data_config={"source": "stdlib", "seq_len": 16.0, "splits": splits, "seed": 1},
+    )
 
     info = json.loads((tmp_path / "tokens" / "splits.json").read_text())
     assert {name: s["sequences"] for name, s in info["splits"].items()} == {
@@ -28,10 +32,14 @@ def test_prepare_data_writes_every_split(tiny_child: Path, tmp_path: Path) -> No
     assert tokens.metadata["sequences_bld"] == 4
 
 
-def test_prepare_data_rejects_empty_split(tiny_child: Path, tmp_path: Path) -> None:
+def test_data_rejects_empty_split(tiny_parent: Path, tmp_path: Path) -> None:
     from puzzle.errors import PuzzleError
 
-    child = dsl.Model(name="child", uri=str(tiny_child), metadata={})
+    parent = dsl.Model(name="parent", uri=str(tiny_parent), metadata={})
     tokens = dsl.Dataset(name="tokens", uri=str(tmp_path / "tokens"), metadata={})
     with pytest.raises(PuzzleError):
-        prepare_data.python_func(child=child, source="stdlib", seq_len=16, splits={"bld": 0}, tokens=tokens)
+        data.python_func(
+            parent=parent,
+            tokens=tokens,
+            data_config={"source": "stdlib", "seq_len": 16, "splits": {"bld": 0}},
+        )

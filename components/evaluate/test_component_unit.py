@@ -12,23 +12,23 @@ from components.evaluate.component import evaluate
 
 
 def test_evaluate_reports_accuracy_kept_and_speedup(
-    tiny_realized: Path, tiny_child: Path, tiny_tokens: Path, tmp_path: Path
+    tiny_realized: Path, tiny_parent: Path, tiny_tokens: Path, tmp_path: Path
 ) -> None:
     evaluation = dsl.Artifact(name="evaluation", uri=str(tmp_path / "evaluation"), metadata={})
     metrics = dsl.Metrics(name="metrics", uri=str(tmp_path / "metrics"), metadata={})
     report = dsl.HTML(name="report", uri=str(tmp_path / "report.html"), metadata={})
+    empty = tmp_path / "no-baselines"
+    empty.mkdir()
 
     accuracy_kept, speedup = evaluate.python_func(
         child=dsl.Model(name="child", uri=str(tiny_realized), metadata={}),
-        parent=dsl.Model(name="parent", uri=str(tiny_child), metadata={}),
+        baselines=dsl.Model(name="children", uri=str(empty), metadata={}),
+        parent=dsl.Model(name="parent", uri=str(tiny_parent), metadata={}),
         tokens=dsl.Dataset(name="tokens", uri=str(tiny_tokens), metadata={}),
         evaluation=evaluation,
         metrics=metrics,
         report=report,
-        batch_size=4,
-        workload_prompt_len=8,
-        workload_gen_len=4,
-        repeats=1,
+        evaluate_config={"batch_size": 4, "workload": {"prompt_len": 8, "gen_len": 4}, "repeats": 1},
         device="cpu",
     )
 

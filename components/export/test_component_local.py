@@ -10,7 +10,7 @@ def test_export_publishes_to_the_serving_prefix(local_pipeline_run) -> None:
 
     run = local_pipeline_run
     served = artifacts.require_manifest(run.serving_uri, "export")
-    local = artifacts.require_manifest(str(run.artifact("export", "checkpoint")), "export")
+    local = artifacts.require_manifest(str(run.artifact("export", "export")), "export")
     assert served.content_hash == local.content_hash
     assert run.parameter("export", "Output") == run.serving_uri
     assert "parameters" in run.artifact("export", "report").read_text()

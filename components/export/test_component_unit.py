@@ -7,54 +7,58 @@ from pathlib import Path
 
 from kfp import dsl
 
-from components.export.component import export
+from components.export.component import export as export_component
 
 
 def _outputs(tmp_path: Path) -> tuple[dsl.Model, dsl.Markdown]:
     return (
-        dsl.Model(name="checkpoint", uri=str(tmp_path / "checkpoint"), metadata={}),
+        dsl.Model(name="export", uri=str(tmp_path / "export"), metadata={}),
         dsl.Markdown(name="report", uri=str(tmp_path / "report"), metadata={}),
     )
 
 
-def test_export_publishes_checkpoint_to_serving_prefix(tiny_child: Path, tmp_path: Path) -> None:
-    checkpoint, report = _outputs(tmp_path)
-    child = dsl.Model(name="child", uri=str(tiny_child), metadata={})
+def test_export_publishes_checkpoint_to_serving_prefix(tiny_parent: Path, tmp_path: Path) -> None:
+    export, report = _outputs(tmp_path)
+    child = dsl.Model(name="child", uri=str(tiny_parent), metadata={})
     serving = tmp_path / "serving" / "child-v1"
 
-    served = export.python_func(child=child, serving_uri=str(serving), checkpoint=checkpoint, report=report)
+    served = export_component.python_func(
+        child=child, export=export, report=report, export_config={}, serving_uri=str(serving)
+    )
 
     assert served == str(serving)
-    config = json.loads((tmp_path / "checkpoint" / "config.json").read_text())
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
     assert config["model_type"] == "nemotron-nas"
     assert "# " in (tmp_path / "report").read_text()
     copied = json.loads((serving / "manifest.json").read_text())
     assert copied["kind"] == "export"
-    assert copied["content_hash"] == checkpoint.metadata["content_hash"]
+    assert copied["content_hash"] == export.metadata["content_hash"]
     assert sorted(p.name for p in serving.iterdir()) == sorted(
-        p.name for p in (tmp_path / "checkpoint").iterdir()
+        p.name for p in (tmp_path / "export").iterdir()
     )
-    assert checkpoint.metadata["serving_uri"] == str(serving)
+    assert export.metadata["serving_uri"] == str(serving)
 
 
-def test_export_again_does_not_copy_twice(tiny_child: Path, tmp_path: Path) -> None:
+def test_export_again_does_not_copy_twice(tiny_parent: Path, tmp_path: Path) -> None:
     from components import _runtime
 
-    checkpoint, report = _outputs(tmp_path)
-    child = dsl.Model(name="child", uri=str(tiny_child), metadata={})
+    export, report = _outputs(tmp_path)
+    child = dsl.Model(name="child", uri=str(tiny_parent), metadata={})
     serving = tmp_path / "serving"
-    export.python_func(child=child, serving_uri=str(serving), checkpoint=checkpoint, report=report)
-
-    assert _runtime.copy_artifact(checkpoint.path, str(serving)) is False
-
-
-def test_export_without_serving_prefix_returns_artifact_uri(tiny_child: Path, tmp_path: Path) -> None:
-    checkpoint, report = _outputs(tmp_path)
-    child = dsl.Model(name="child", uri=str(tiny_child), metadata={})
-
-    served = export.python_func(
-        child=child, serving_uri="", checkpoint=checkpoint, report=report, dtype="bfloat16"
+    export_component.python_func(
+        child=child, export=export, report=report, export_config={}, serving_uri=str(serving)
     )
 
-    assert served == checkpoint.uri
-    assert checkpoint.metadata["dtype"] == "bfloat16"
+    assert _runtime.copy_artifact(export.path, str(serving)) is False
+
+
+def test_export_without_serving_prefix_returns_artifact_uri(tiny_parent: Path, tmp_path: Path) -> None:
+    export, report = _outputs(tmp_path)
+    child = dsl.Model(name="child", uri=str(tiny_parent), metadata={})
+
+    served = export_component.python_func(
+        child=child, export=export, report=report, export_config={"dtype": "bfloat16"}, serving_uri=""
+    )
+
+    assert served == export.uri
+    assert export.metadata["dtype"] == "bfloat16"

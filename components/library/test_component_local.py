@@ -7,9 +7,9 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_build_library_follows_the_search_space_parameters(local_pipeline_run) -> None:
+def test_library_follows_the_library_section(local_pipeline_run) -> None:
     run = local_pipeline_run
-    meta = json.loads((run.artifact("build-library", "library") / "library.json").read_text())
+    meta = json.loads((run.artifact("library", "library") / "library.json").read_text())
     # Tiny parent: 4 heads / 2 KV heads, FFN width 192; kv_heads [1], fractions [1.0, 0.5], no linear FFN.
     assert set(meta["layers"]["0"]["variants"]) == {
         "attn_kv2",
@@ -20,4 +20,4 @@ def test_build_library_follows_the_search_space_parameters(local_pipeline_run) -
         "ffn_96",
         "ffn_noop",
     }
-    assert run.metadata("build-library", "library")["kind"] == "library"
+    assert run.metadata("library", "library")["kind"] == "library"

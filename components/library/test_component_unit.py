@@ -1,4 +1,4 @@
-"""The library component builds every variant of every layer from the search-space parameters."""
+"""The library component builds every variant of every layer from the library section."""
 
 from __future__ import annotations
 
@@ -8,20 +8,18 @@ from pathlib import Path
 import pytest
 from kfp import dsl
 
-from components.conftest import TINY_SPACE
-from components.library.component import build_library
+from components.conftest import TINY_LIBRARY
+from components.library.component import library as library_component
 
 
-def test_build_library_holds_the_requested_variants(
-    tiny_child: Path, tiny_tokens: Path, tmp_path: Path
-) -> None:
+def test_library_holds_the_requested_variants(tiny_parent: Path, tiny_tokens: Path, tmp_path: Path) -> None:
     library = dsl.Model(name="library", uri=str(tmp_path / "library"), metadata={})
-    child = dsl.Model(name="child", uri=str(tiny_child), metadata={})
+    parent = dsl.Model(name="parent", uri=str(tiny_parent), metadata={})
     tokens = dsl.Dataset(name="tokens", uri=str(tiny_tokens), metadata={})
     # List parameters arrive as JSON: numbers may be floats.
-    space = {**TINY_SPACE, "kv_heads": [1.0], "attention_linear": False}
+    config = {**TINY_LIBRARY, "kv_heads": [1.0], "attention_linear": False, "batch_size": 4}
 
-    build_library.python_func(child=child, tokens=tokens, library=library, batch_size=4, **space)
+    library_component.python_func(parent=parent, tokens=tokens, library=library, library_config=config)
 
     meta = json.loads((tmp_path / "library" / "library.json").read_text())
     assert set(meta["layers"]) == {"0", "1", "2"}
@@ -31,16 +29,16 @@ def test_build_library_holds_the_requested_variants(
     assert library.metadata["variants"] == 15
 
 
-def test_build_library_rejects_kv_heads_that_do_not_divide(
-    tiny_child: Path, tiny_tokens: Path, tmp_path: Path
+def test_library_rejects_kv_heads_that_do_not_divide(
+    tiny_parent: Path, tiny_tokens: Path, tmp_path: Path
 ) -> None:
     from puzzle.errors import PuzzleError
 
     library = dsl.Model(name="library", uri=str(tmp_path / "library"), metadata={})
-    child = dsl.Model(name="child", uri=str(tiny_child), metadata={})
+    parent = dsl.Model(name="parent", uri=str(tiny_parent), metadata={})
     tokens = dsl.Dataset(name="tokens", uri=str(tiny_tokens), metadata={})
     with pytest.raises(PuzzleError, match="kv_heads"):
-        build_library.python_func(
-            child=child, tokens=tokens, library=library, **{**TINY_SPACE, "kv_heads": [3]}
+        library_component.python_func(
+            parent=parent, tokens=tokens, library=library, library_config={**TINY_LIBRARY, "kv_heads": [3]}
         )
     assert not (tmp_path / "library").exists()

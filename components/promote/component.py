@@ -1,29 +1,23 @@
-"""KFP component: move the ``champion`` alias to a registered child that met the gate."""
+"""KFP component ``promote``: alias ``champion`` for a registered child that passed the gate."""
 
 from kfp import dsl
+from kfp.dsl import Input, Model
 
-from pipelines.images import CPU_IMAGE, image
+from components.images import CPU_IMAGE, image
 
 
 @dsl.component(base_image=image(CPU_IMAGE), install_kfp_package=False)
-def promote(
-    model_name: str,
-    version: str,
-    min_accuracy_kept: float,
-    min_speedup: float,
-    tracking_uri: str = "",
-) -> bool:
-    """Promote a version to ``champion`` when its accuracy-kept and speedup tags meet the targets.
+def promote(export: Input[Model], registry_config: dict, tracking_config: dict = {}) -> bool:  # noqa: B006
+    """Move alias ``champion`` to ``version`` when its own tags (accuracy kept, measured speedup) meet
+    the gates.
 
-    The pipeline only runs this step inside its gate (``dsl.If``); the registry checks the
-    version's own tags again, so a version never becomes champion on stale figures.
+    The pipeline runs this step only inside its gate (``dsl.If``); the registry checks the
+    version's tags again, so a version never becomes champion on stale figures.
 
     Args:
-        model_name: the registered model's name.
-        version: the version to promote.
-        min_accuracy_kept: target share of the parent's next-token accuracy.
-        min_speedup: target measured throughput over the parent's.
-        tracking_uri: MLflow tracking URI (empty: MLFLOW_TRACKING_URI).
+        export: the exported checkpoint (its registered version is found by content hash).
+        registry_config: the registry section (model name, gates).
+        tracking_config: the tracking section (MLflow URI).
 
     Returns:
         Whether the version is now the champion.
@@ -32,11 +26,14 @@ def promote(
     from puzzle.mlflow import registry
 
     _runtime.setup_logging()
+    settings = _runtime.sections("register", {"registry": registry_config})["registry"]
+    tracking_uri = _runtime.tracking_settings(tracking_config).uri
+    version = registry.registered_version(export.path, settings.model_name, tracking_uri=tracking_uri)
     result = registry.promote(
-        model_name,
+        settings.model_name,
         version,
-        min_accuracy_kept=float(min_accuracy_kept),
-        min_speedup=float(min_speedup),
-        tracking_uri=tracking_uri or None,
+        min_accuracy_kept=settings.gates.min_accuracy_kept,
+        min_speedup=settings.gates.min_speedup,
+        tracking_uri=tracking_uri,
     )
     return result.passed

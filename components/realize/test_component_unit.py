@@ -12,22 +12,22 @@ from components.conftest import TINY_SOLUTION
 from components.realize.component import realize
 
 
-def _inputs(tiny_library: Path, tiny_solutions: Path, tiny_child: Path) -> dict[str, dsl.Artifact]:
+def _inputs(tiny_library: Path, solutions: Path, tiny_parent: Path) -> dict[str, dsl.Artifact]:
     return {
         "library": dsl.Model(name="library", uri=str(tiny_library), metadata={}),
-        "solutions": dsl.Artifact(name="solutions", uri=str(tiny_solutions), metadata={}),
-        "parent": dsl.Model(name="parent", uri=str(tiny_child), metadata={}),
+        "solutions": dsl.Artifact(name="solutions", uri=str(solutions), metadata={}),
+        "parent": dsl.Model(name="parent", uri=str(tiny_parent), metadata={}),
     }
 
 
 def test_realize_builds_the_solution(
-    tiny_library: Path, tiny_solutions: Path, tiny_child: Path, tmp_path: Path
+    tiny_library: Path, tiny_solutions: Path, tiny_parent: Path, tmp_path: Path
 ) -> None:
     from puzzle.modeling import BlockConfig
 
     child = dsl.Model(name="child", uri=str(tmp_path / "child"), metadata={})
 
-    realize.python_func(child=child, solution_index=0, **_inputs(tiny_library, tiny_solutions, tiny_child))
+    realize.python_func(child=child, **_inputs(tiny_library, tiny_solutions, tiny_parent))
 
     config = json.loads((tmp_path / "child" / "config.json").read_text())
     names = [
@@ -40,17 +40,23 @@ def test_realize_builds_the_solution(
     assert child.metadata["kind"] == "child"
     assert (
         child.metadata["num_parameters"]
-        < json.loads((tiny_child / "manifest.json").read_text())["summary"]["num_parameters"]
+        < json.loads((tiny_parent / "manifest.json").read_text())["summary"]["num_parameters"]
     )
 
 
-def test_realize_rejects_missing_solution(
-    tiny_library: Path, tiny_solutions: Path, tiny_child: Path, tmp_path: Path
-) -> None:
+def test_realize_rejects_missing_solution(tiny_library: Path, tiny_parent: Path, tmp_path: Path) -> None:
+    """The component realizes the best solution (index 0); a search that found none is refused."""
     from puzzle.errors import PuzzleError
+    from puzzle.io import artifacts
 
+    solutions = tmp_path / "solutions"
+
+    def body(staging: Path, _inputs: dict[str, Path]) -> dict:
+        (staging / "solutions.json").write_text(json.dumps({"solutions": []}))
+        return {"solutions": 0}
+
+    artifacts.run_phase("solutions", str(solutions), {}, {"hand_written": True}, body)
     child = dsl.Model(name="child", uri=str(tmp_path / "child"), metadata={})
-    with pytest.raises(PuzzleError, match="out of range"):
-        realize.python_func(
-            child=child, solution_index=3, **_inputs(tiny_library, tiny_solutions, tiny_child)
-        )
+    with pytest.raises(PuzzleError, match="holds no solution"):
+        realize.python_func(child=child, **_inputs(tiny_library, solutions, tiny_parent))
+    assert not (tmp_path / "child").exists()

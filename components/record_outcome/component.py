@@ -3,15 +3,14 @@
 from kfp import dsl
 from kfp.dsl import PipelineTaskFinalStatus
 
-from pipelines.images import CPU_IMAGE, image
+from components.images import CPU_IMAGE, image
 
 
 @dsl.component(base_image=image(CPU_IMAGE), install_kfp_package=False)
 def record_outcome(
     status: PipelineTaskFinalStatus,
     kfp_run_id: str,
-    tracking_uri: str = "",
-    experiment: str = "puzzle",
+    tracking_config: dict = {},  # noqa: B006 - KFP reads defaults from the signature
 ) -> str:
     """Tag the MLflow run of this KFP run with the outcome and end it (FINISHED, FAILED or KILLED).
 
@@ -21,8 +20,7 @@ def record_outcome(
     Args:
         status: the final status of the steps inside the exit handler (filled in by KFP).
         kfp_run_id: the KFP run id.
-        tracking_uri: MLflow tracking URI (empty: MLFLOW_TRACKING_URI).
-        experiment: MLflow experiment.
+        tracking_config: the tracking section (MLflow URI and experiment).
 
     Returns:
         The MLflow status the run was ended with.
@@ -33,6 +31,7 @@ def record_outcome(
     from puzzle.mlflow import tracking
 
     _runtime.setup_logging()
+    settings = _runtime.tracking_settings(tracking_config)
     state = str(status.state).upper()
     mlflow_status = {"SUCCEEDED": "FINISHED", "CANCELED": "KILLED", "CANCELLED": "KILLED"}.get(
         state, "FAILED"
@@ -46,8 +45,8 @@ def record_outcome(
     )
     with tracking.pipeline_run(
         name=f"puzzle-{kfp_run_id}",
-        tracking_uri=tracking_uri or None,
-        experiment=experiment or None,
+        tracking_uri=settings.uri,
+        experiment=settings.experiment,
         kfp_run_id=kfp_run_id,
         close=False,
     ) as run:
@@ -60,6 +59,6 @@ def record_outcome(
                 }
             )
     tracking.finish_pipeline_run(
-        kfp_run_id, mlflow_status, tracking_uri=tracking_uri or None, experiment=experiment or "puzzle"
+        kfp_run_id, mlflow_status, tracking_uri=settings.uri, experiment=settings.experiment
     )
     return mlflow_status

@@ -34,10 +34,9 @@ def test_a_failed_run_is_recorded_as_failed(tracking_server) -> None:
         run_id = run.run_id
 
     result = record_outcome.python_func(
-        status=_status("FAILED", "Task distill failed: CUDA out of memory"),
+        status=_status("FAILED", "Task gkd failed: CUDA out of memory"),
         kfp_run_id=kfp_run_id,
-        tracking_uri=tracking_server,
-        experiment="unit-outcome",
+        tracking_config={"uri": tracking_server, "experiment": "unit-outcome"},
     )
 
     assert result == "FAILED"
@@ -55,8 +54,7 @@ def test_an_outcome_without_an_mlflow_run_yet_creates_one(tracking_server) -> No
         record_outcome.python_func(
             status=_status("SUCCEEDED"),
             kfp_run_id=kfp_run_id,
-            tracking_uri=tracking_server,
-            experiment="unit-outcome",
+            tracking_config={"uri": tracking_server, "experiment": "unit-outcome"},
         )
         == "FINISHED"
     )
@@ -71,5 +69,6 @@ def test_an_outcome_without_an_mlflow_run_yet_creates_one(tracking_server) -> No
 def test_without_tracking_the_outcome_is_only_logged(monkeypatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert (
-        record_outcome.python_func(status=_status("CANCELLED"), kfp_run_id="k", tracking_uri="") == "KILLED"
+        record_outcome.python_func(status=_status("CANCELLED"), kfp_run_id="k", tracking_config={"uri": None})
+        == "KILLED"
     )

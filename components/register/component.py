@@ -1,73 +1,74 @@
-"""KFP component: register the exported child in the MLflow Model Registry (alias ``candidate``)."""
-
-from typing import NamedTuple
+"""KFP component ``register``: the exported child in the MLflow Model Registry, and the gate's verdict."""
 
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Model
 
-from pipelines.images import CPU_IMAGE, image
+from components.images import CPU_IMAGE, image
 
 
 @dsl.component(base_image=image(CPU_IMAGE), install_kfp_package=False)
 def register(
-    checkpoint: Input[Model],
-    evaluation: Input[Artifact],
-    model_name: str,
     parent_uri: str,
-    constraints: list,
+    export: Input[Model],
+    evaluation: Input[Artifact],
+    registry_config: dict,
+    search_config: dict,
+    tracking_config: dict = {},  # noqa: B006 - KFP reads defaults from the signature
     profile: str = "",
-    tracking_uri: str = "",
-    experiment: str = "puzzle",
     kfp_run_id: str = "",
-) -> NamedTuple("Outputs", model_uri=str, version=str):
-    """Register the checkpoint as a new version (or find the same child already registered).
-
-    Version tags carry the lineage: parent URI (and registered parent model/version for
-    models:/ parents), constraints, accuracy kept, measured speedup, the KFP run.
+) -> bool:
+    """Register the export as a version of ``registry_config.model_name`` (alias ``candidate``) with its
+    lineage (parent, constraints, accuracy kept, measured speedup, KFP run, profile) and say whether it
+    meets the gates; the pipeline promotes it (the promote component) only then. Without a model name
+    nothing is registered and the gate does not pass.
 
     Args:
-        checkpoint: the exported checkpoint.
-        evaluation: the evaluation artifact (accuracy kept and speedup become version tags).
-        model_name: the registered model's name.
         parent_uri: where the parent came from (s3://..., models:/NAME/VERSION).
-        constraints: the search constraints, e.g. ["throughput>=1.5x"].
+        export: the exported checkpoint.
+        evaluation: the evaluation artifact (accuracy kept and speedup become version tags).
+        registry_config: the registry section (model name, gates).
+        search_config: the search section (its constraints are recorded).
+        tracking_config: the tracking section (MLflow URI and experiment).
         profile: the request profile that started the run, if any.
-        tracking_uri: MLflow tracking URI (empty: MLFLOW_TRACKING_URI).
-        experiment: MLflow experiment of the registration run.
         kfp_run_id: the KFP run id.
 
     Returns:
-        model_uri: models:/NAME/VERSION.
-        version: the registered version.
+        Whether the child is registered and its evaluation meets the gates (the pipeline's gate
+        condition: one output, so that every KFP backend resolves it).
     """
-    from collections import namedtuple
+    import logging
 
     from components import _runtime
     from puzzle.mlflow import registry, tracking
 
     _runtime.setup_logging()
-    figures = registry.figures_from_evaluation(evaluation.path)
-    lineage = registry.Lineage(
-        parent_uri=parent_uri,
-        constraints=[str(c) for c in constraints],
-        accuracy_kept=figures.get("accuracy_kept"),
-        speedup=figures.get("speedup"),
-        kfp_run_id=kfp_run_id or None,
-        profile=profile or None,
-    )
+    configs = {"registry": registry_config, "search": search_config, "tracking": tracking_config}
+    settings = _runtime.sections("register", configs)
+    if settings["registry"].model_name is None:
+        logging.getLogger(__name__).info("registry.model_name is not set: nothing registered")
+        return False
+    settings["tracking"] = _runtime.tracking_settings(tracking_config)
     with tracking.pipeline_run(
         name=f"puzzle-{kfp_run_id}" if kfp_run_id else "puzzle",
-        tracking_uri=tracking_uri or None,
-        experiment=experiment or None,
+        tracking_uri=settings["tracking"].uri,
+        experiment=settings["tracking"].experiment,
         kfp_run_id=kfp_run_id or None,
     ):
         registration = registry.register_child(
-            checkpoint.path,
-            model_name,
-            lineage,
-            tracking_uri=tracking_uri or None,
-            experiment=experiment or "puzzle",
+            export.path,
+            settings["registry"].model_name,
+            registry.lineage(
+                parent_uri, evaluation.path, settings["search"], kfp_run_id=kfp_run_id, profile=profile
+            ),
+            tracking_uri=settings["tracking"].uri,
+            experiment=settings["tracking"].experiment,
         )
-    checkpoint.metadata["registered_model"] = registration.uri
-    outputs = namedtuple("Outputs", ["model_uri", "version"])
-    return outputs(registration.uri, str(registration.version))
+    gates = settings["registry"].gates
+    figures = registry.figures_from_evaluation(evaluation.path)
+    reasons = registry.gate_reasons(figures, gates.min_accuracy_kept, gates.min_speedup)
+    logging.getLogger(__name__).info(
+        "registered %s; gate %s",
+        registration.uri,
+        "passed" if not reasons else "failed: " + "; ".join(reasons),
+    )
+    return not reasons

@@ -10,5 +10,5 @@ def test_search_returns_a_solution_per_request(local_pipeline_run) -> None:
 
     run = local_pipeline_run
     solutions = str(run.artifact("search", "solutions"))
-    assert len(read_solutions(solutions)) == run.arguments["search_num_solutions"]
+    assert len(read_solutions(solutions)) == run.arguments["search"]["num_solutions"]
     assert len(pick_solution(solutions, 0)[1]) == 3

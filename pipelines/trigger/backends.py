@@ -163,7 +163,7 @@ class KfpBackend:
     Arguments come from the profile's config (:func:`pipelines.parameters.pipeline_arguments`),
     with the requesting version as parent, the children's registered model and the profile;
     the config's ``output`` (on S3) is the run's pipeline root. Inside the cluster the client
-    authenticates with the pod's service-account token (:func:`pipelines.cli.connect`).
+    authenticates with the pod's service-account token (:func:`pipelines.client.connect`).
     """
 
     name = "kfp"
@@ -196,7 +196,7 @@ class KfpBackend:
     def _client(self) -> Any:
         if self._client_factory is not None:
             return self._client_factory()
-        from pipelines.cli import connect
+        from pipelines.client import connect
 
         return connect(self.host, namespace=self.namespace, token=self.token)
 
@@ -211,7 +211,7 @@ class KfpBackend:
         )
 
     def submit(self, request: RunRequest) -> str:
-        from pipelines.cli import submit
+        from pipelines.client import submit
 
         return submit(
             self._client(),

@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from puzzle.errors import PuzzleError
 
@@ -77,7 +78,8 @@ class TriggerSettings:
             raise TriggerConfigError("--tracking-uri (or MLFLOW_TRACKING_URI) must name the MLflow server")
         if not self.secret:
             raise TriggerConfigError(
-                "no webhook secret: set PUZZLE_TRIGGER_SECRET or --secret-file (unsigned webhooks are never accepted)"
+                "no webhook secret: set PUZZLE_TRIGGER_SECRET or --secret-file "
+                "(unsigned webhooks are never accepted)"
             )
         if self.request_tag in OWN_TAGS:
             raise TriggerConfigError(
@@ -104,7 +106,7 @@ class TriggerSettings:
                 f"--profiles {self.profiles_dir!r} is not a directory of <profile>.yaml files"
             )
 
-    def replace(self, **changes: object) -> TriggerSettings:
+    def replace(self, **changes: Any) -> TriggerSettings:
         return dataclasses.replace(self, **changes)
 
 

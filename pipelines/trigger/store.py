@@ -111,6 +111,8 @@ class TriggerStore:
                 "VALUES (?, ?, ?, ?, NULL, ?, ?)",
                 (model, version, profile, backend, source, time.time()),
             )
+            if cur.lastrowid is None:
+                raise RuntimeError("INSERT INTO submissions returned no row id")
             return int(cur.lastrowid)
 
     def complete_submission(self, submission_id: int, run_id: str) -> None:
@@ -134,6 +136,7 @@ class TriggerStore:
     def submissions(self) -> list[Submission]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, model, version, profile, backend, run_id, source, created_at FROM submissions ORDER BY id"
+                "SELECT id, model, version, profile, backend, run_id, source, created_at "
+                "FROM submissions ORDER BY id"
             ).fetchall()
         return [Submission(*row) for row in rows]

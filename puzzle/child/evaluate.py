@@ -1,4 +1,4 @@
-"""Evaluate children against the parent: quality on held-out tokens and measured speed (§3.9).
+"""Evaluate children against the parent: quality on held-out tokens and measured speed.
 
 Quality, per child, on a held-out split of a tokens artifact (every figure a mean over the
 predicted tokens):
@@ -10,15 +10,12 @@ predicted tokens):
   argmax is among the child's 5 most likely tokens.
 
 Speed, per model, at the configured workload (batch, prompt length, generated tokens) on the
-current device through :func:`puzzle.engine.measure_throughput`: decode throughput (generated
+current device through :func:`puzzle.modeling.engine.measure_throughput`: decode throughput (generated
 tokens/s), ``speedup`` = child / parent, and memory (parameters + KV cache at the workload;
 the peak allocated memory on CUDA).
 
-Optional lm-evaluation-harness tasks run when ``lm_eval`` is importable and the task data are
-available; otherwise the report says why they were skipped.
-
 The artifact (kind ``evaluation``) holds ``metrics.json``, ``report.md``, ``report.html`` and the
-plots (``pareto.png``, ``architecture.png``) written by :mod:`puzzle.report`.
+plots (``pareto.png``, ``architecture.png``) written by :mod:`puzzle.child.report`.
 """
 
 from __future__ import annotations
@@ -26,7 +23,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,34 +32,24 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from puzzle.config import EvaluateConfig, WorkloadConfig
 from puzzle.data import load_split
 from puzzle.errors import PuzzleError
 from puzzle.io import artifacts
-from puzzle.modeling.checkpoints import CHILD_KIND, count_parameters, load_child, read_parent_info
+from puzzle.modeling.checkpoints import MODEL_KINDS, count_parameters, load_model, read_parent_info
+from puzzle.modeling.devices import resolve_device
 
 log = logging.getLogger(__name__)
 
 EVALUATION_KIND = "evaluation"
 METRICS_FILE = "metrics.json"
 PARENT = "parent"
+PUZZLE = "puzzle"
+"""The name of the Puzzle child in a run's evaluation (beside the baselines, named by method)."""
 
 
 class EvaluateError(PuzzleError, ValueError):
     """Evaluation cannot run with these inputs; the message names the field and the fix."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class Workload:
-    """The inference workload speed is measured at."""
-
-    batch_size: int = 1
-    prompt_len: int = 64
-    gen_len: int = 64
-
-    def check(self) -> None:
-        for name in ("batch_size", "prompt_len", "gen_len"):
-            if getattr(self, name) <= 0:
-                raise EvaluateError(f"evaluate.workload.{name} must be > 0, got {getattr(self, name)}")
 
 
 # --------------------------------------------------------------------------- quality
@@ -106,7 +94,7 @@ class _Totals:
 
 @torch.no_grad()
 def quality_metrics(
-    models: dict[str, torch.nn.Module],
+    models: Mapping[str, torch.nn.Module],
     parent: torch.nn.Module,
     input_ids: torch.Tensor,
     *,
@@ -138,7 +126,7 @@ def quality_metrics(
 # --------------------------------------------------------------------------- speed
 
 
-def kv_cache_bytes(config: Any, workload: Workload, dtype_bytes: int) -> int:
+def kv_cache_bytes(config: Any, workload: WorkloadConfig, dtype_bytes: int) -> int:
     """KV-cache bytes at the workload: batch x tokens x KV heads x head dim x 2 (K and V) x bytes."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = sum(b.attention.num_kv_heads or 0 for b in config.blocks)
@@ -146,7 +134,9 @@ def kv_cache_bytes(config: Any, workload: Workload, dtype_bytes: int) -> int:
     return workload.batch_size * tokens * kv_heads * head_dim * 2 * dtype_bytes
 
 
-def speed_metrics(model: torch.nn.Module, workload: Workload, *, device: str, repeats: int) -> dict[str, Any]:
+def speed_metrics(
+    model: torch.nn.Module, workload: WorkloadConfig, *, device: str, repeats: int
+) -> dict[str, Any]:
     """Measured decode throughput and memory of ``model`` at ``workload`` on ``device``."""
     from puzzle.modeling import engine
 
@@ -178,53 +168,21 @@ def speed_metrics(model: torch.nn.Module, workload: Workload, *, device: str, re
 # --------------------------------------------------------------------------- lm-evaluation-harness
 
 
-def run_lm_eval(
-    model: torch.nn.Module, tokenizer: Any, tasks: list[str], *, batch_size: int, device: str
-) -> dict[str, Any]:
-    """lm-evaluation-harness task accuracies, or ``{"skipped": reason}``."""
-    if not tasks:
-        return {}
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-    except ImportError:
-        return {"skipped": "lm_eval is not installed (pip install lm-eval)"}
-    try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-        results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks))
-    except Exception as exc:  # noqa: BLE001 - missing task data offline is the usual cause
-        return {"skipped": f"lm_eval failed ({type(exc).__name__}: {exc}); the task data may be unavailable"}
-    return {
-        task: {k: v for k, v in res.items() if isinstance(v, (int, float))}
-        for task, res in results["results"].items()
-    }
-
-
 # --------------------------------------------------------------------------- phase
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def evaluate(
+def evaluate_children(
     children: dict[str, str],
-    parent_child: str,
+    parent: str,
     tokens: str,
     out: str,
+    evaluate: EvaluateConfig,
     *,
-    split: str = "eval",
-    batch_size: int = 8,
-    workload: Workload | dict[str, int] = Workload(),
-    device: str = "auto",
-    repeats: int = 3,
-    lm_eval_tasks: list[str] | tuple[str, ...] = (),
     details: dict[str, dict[str, Any]] | None = None,
     primary: str | None = None,
+    device: str = "auto",
 ) -> artifacts.Manifest:
-    """Phase: evaluate ``children`` (name -> child artifact URI) against ``parent_child``.
+    """Phase ``evaluate``: ``children`` (name -> model artifact URI) against ``parent``.
 
     ``details`` (optional, per child name) is shown in the report: e.g. ``{"role": "baseline",
     "method": "uniform_width", "predicted_speedup": 1.52}``. Names are free text; the report
@@ -232,28 +190,27 @@ def evaluate(
     the child whose ``accuracy_kept`` and ``speedup`` are also written at the top of
     ``metrics.json`` (what the registry gate reads).
     """
-    if isinstance(workload, dict):
-        workload = Workload(**workload)
-    workload.check()
+    split, batch_size, workload, repeats = (
+        evaluate.split,
+        evaluate.batch_size,
+        evaluate.workload,
+        evaluate.repeats,
+    )
     if not children:
         raise EvaluateError("children is empty: pass at least one child artifact to evaluate")
     if PARENT in children:
         raise EvaluateError(f"{PARENT!r} is reserved for the parent; name the child differently")
-    if batch_size <= 0 or repeats <= 0:
-        raise EvaluateError(
-            f"evaluate.batch_size and evaluate.repeats must be > 0, got {batch_size}, {repeats}"
-        )
     for uri in children.values():
-        artifacts.require_manifest(uri, (CHILD_KIND, "export"))
-    artifacts.require_manifest(parent_child, CHILD_KIND)
+        artifacts.require_manifest(uri, MODEL_KINDS)
+    artifacts.require_manifest(parent, MODEL_KINDS)
     artifacts.require_manifest(tokens, "tokens")
     primary = primary or next(iter(children))
     if primary not in children:
         raise EvaluateError(f"primary={primary!r} is not one of the children ({', '.join(children)})")
     details = {name: dict((details or {}).get(name, {})) for name in children}
-    run_device = resolve_device(device)
+    run_device = str(resolve_device(device))
     inputs = {
-        "parent": parent_child,
+        "parent": parent,
         "tokens": tokens,
         **{f"child:{name}": uri for name, uri in children.items()},
     }
@@ -263,7 +220,6 @@ def evaluate(
         "workload": asdict(workload),
         "device": run_device,
         "repeats": repeats,
-        "lm_eval_tasks": list(lm_eval_tasks),
         "details": details,
         "primary": primary,
     }
@@ -272,11 +228,11 @@ def evaluate(
         from puzzle.child import report
 
         ids = load_split(str(local["tokens"]), split)
-        parent = load_child(str(local["parent"]), dtype=torch.float32)
-        models = {name: load_child(str(local[f"child:{name}"]), dtype=torch.float32) for name in children}
-        quality = quality_metrics(models, parent, ids, batch_size=batch_size, device=run_device)
+        parent_model = load_model(str(local["parent"]), dtype=torch.float32)
+        models = {name: load_model(str(local[f"child:{name}"]), dtype=torch.float32) for name in children}
+        quality = quality_metrics(models, parent_model, ids, batch_size=batch_size, device=run_device)
         results: dict[str, dict[str, Any]] = {}
-        for name, model in [(PARENT, parent), *models.items()]:
+        for name, model in [(PARENT, parent_model), *models.items()]:
             log.info("evaluate: measuring the speed of %s", name)
             results[name] = {
                 **quality[name],
@@ -290,15 +246,6 @@ def evaluate(
             r["speedup"] = r["throughput"] / base["throughput"] if base["throughput"] else None
             r["parameters_kept"] = r["parameters"] / base["parameters"]
             r.update({k: v for k, v in details[name].items() if k not in r})
-        lm_eval_results: dict[str, Any] = {}
-        if lm_eval_tasks:
-            from puzzle.modeling.checkpoints import load_tokenizer
-
-            tok = load_tokenizer(local["parent"])
-            for name, model in [(PARENT, parent), *models.items()]:
-                lm_eval_results[name] = run_lm_eval(
-                    model, tok, list(lm_eval_tasks), batch_size=batch_size, device=run_device
-                )
         metrics = {
             "primary": primary,
             "accuracy_kept": results[primary]["accuracy_kept"],
@@ -310,11 +257,10 @@ def evaluate(
             "device_name": results[PARENT].get("device_name") or _device_name(run_device),
             "parent": read_parent_info(local["parent"]).get("reference"),
             "models": results,
-            "lm_eval": lm_eval_results,
         }
         (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         report.write_report(
-            staging, metrics, models={PARENT: parent.config, **{n: m.config for n, m in models.items()}}
+            staging, metrics, models={PARENT: parent_model.config, **{n: m.config for n, m in models.items()}}
         )
         summary = {}
         for name in children:
@@ -328,8 +274,39 @@ def evaluate(
         inputs,
         parameters,
         body,
-        input_kinds={"parent": CHILD_KIND, "tokens": "tokens"},
+        input_kinds={"parent": MODEL_KINDS, "tokens": "tokens"},
     )
+
+
+def compare(
+    child: str,
+    baselines: dict[str, str],
+    parent: str,
+    tokens: str,
+    out: str,
+    evaluate: EvaluateConfig,
+    *,
+    device: str = "auto",
+) -> artifacts.Manifest:
+    """Phase ``evaluate`` of a run: the Puzzle child (the primary, whose figures the registry gate
+    reads) and every baseline child (method -> URI) against the parent, in one report."""
+    children = {PUZZLE: child, **baselines}
+    details = {PUZZLE: {"role": "child", "method": PUZZLE}}
+    details.update({name: {"role": "baseline", "method": name} for name in baselines})
+    return evaluate_children(
+        children, parent, tokens, out, evaluate, details=details, primary=PUZZLE, device=device
+    )
+
+
+def method_of(child: str) -> str:
+    """How a child was chosen (``mip``, ``greedy``, ``layer_dropping``, ...), from its ``parent.json``."""
+    info = read_parent_info(artifacts.materialize(child, MODEL_KINDS))
+    method = (info.get("realized_from") or {}).get("method")
+    if not method:
+        raise EvaluateError(
+            f"{child} does not record how it was chosen (realized_from.method in parent.json)"
+        )
+    return str(method)
 
 
 def _device_name(device: str) -> str:

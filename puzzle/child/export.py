@@ -16,21 +16,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from puzzle import modeling
+from puzzle.config import ExportConfig
 from puzzle.io import artifacts
 from puzzle.modeling import BlockConfig, DeciLMConfig
 from puzzle.modeling.checkpoints import (
     CHILD_KIND,
+    EXPORT_KIND,
     PARENT_INFO,
-    child_dir,
+    PARENT_KIND,
     count_parameters,
-    load_child,
+    load_model,
     load_tokenizer,
-    parse_dtype,
 )
+from puzzle.modeling.devices import parse_dtype
 
 log = logging.getLogger(__name__)
 
-EXPORT_KIND = "export"
 REPORT_MD = "EXPORT_REPORT.md"
 REPORT_JSON = "export_report.json"
 MODELING_FILES = ("block_config.py", "configuration_decilm.py", "modeling_decilm.py")
@@ -189,20 +191,19 @@ def render_report(
     return "\n".join(lines) + "\n"
 
 
-def export(
-    child: str, out: str, *, dtype: str | None = None, max_shard_size: str = "2GB"
-) -> artifacts.Manifest:
-    """Phase: write the child at ``child`` as a servable Hugging Face checkpoint at ``out``."""
-    artifacts.require_manifest(child, CHILD_KIND)
+def export(child: str, out: str, export: ExportConfig) -> artifacts.Manifest:
+    """Phase ``export``: the child at ``child`` as a servable Hugging Face checkpoint at ``out``."""
+    artifacts.require_manifest(child, (CHILD_KIND, PARENT_KIND))
+    dtype, max_shard_size = export.dtype, export.max_shard_size
     torch_dtype = parse_dtype(dtype)
 
     def build(staging: Path, inputs: dict[str, Path]) -> dict[str, Any]:
         local = inputs["child"]
-        model = load_child(str(local), dtype=torch_dtype)
+        model = load_model(str(local), dtype=torch_dtype)
         tokenizer = load_tokenizer(local)
         model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
         for name in MODELING_FILES:  # save_pretrained copies them; make sure all three are there
-            src = Path(__file__).parent / "modeling" / name
+            src = Path(modeling.__file__).parent / name
             if not (staging / name).exists():
                 shutil.copyfile(src, staging / name)
         write_engine_config(staging / "config.json", model.config)
@@ -249,13 +250,13 @@ def export(
         {"child": child},
         {"dtype": dtype, "max_shard_size": max_shard_size},
         build,
-        input_kinds={"child": CHILD_KIND},
+        input_kinds={"child": (CHILD_KIND, PARENT_KIND)},
     )
 
 
 def export_dir(uri: str) -> Path:
     """A verified local copy of an export artifact."""
-    return child_dir(uri)
+    return artifacts.materialize(uri, EXPORT_KIND)
 
 
 def verify(
@@ -269,7 +270,7 @@ def verify(
     local = export_dir(export_uri)
     exported = AutoModelForCausalLM.from_pretrained(local, trust_remote_code=True, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=True)
-    reference = load_child(reference_child, dtype=torch.float32)
+    reference = load_model(reference_child, dtype=torch.float32)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         diff = (exported(ids).logits - reference(ids).logits).abs().max().item()

@@ -1,6 +1,6 @@
 """Global knowledge distillation (GKD): train the whole realized child against the parent.
 
-Loss (DESIGN §3.8, the paper's best setting): for every layer the cosine distance between the
+Loss (the paper's best setting): for every layer the cosine distance between the
 child's and the parent's hidden states, summed over layers, plus KL(parent || child) of the
 next-token distributions; no language-modelling loss by default (it hurt in the paper's Table 17)
 but its weight is configurable. The parent's outputs are computed on the fly.
@@ -32,10 +32,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from puzzle.config import GKDConfig
 from puzzle.data import load_split
 from puzzle.errors import PuzzleError
 from puzzle.io import artifacts
-from puzzle.modeling.checkpoints import CHILD_KIND, load_child, load_tokenizer, read_parent_info, save_child
+from puzzle.modeling import DeciLMForCausalLM
+from puzzle.modeling.checkpoints import (
+    CHILD_KIND,
+    MODEL_KINDS,
+    load_model,
+    load_tokenizer,
+    read_parent_info,
+    save_model,
+)
+from puzzle.modeling.devices import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -45,38 +55,6 @@ HISTORY = "gkd_history.json"
 
 class DistillError(PuzzleError, ValueError):
     """GKD cannot run with these inputs or settings; the message names the field and the fix."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class GKDSettings:
-    """The settings that define a GKD run (its artifact's parameters)."""
-
-    token_budget: int
-    batch_size: int = 8
-    lr: float = 1e-4
-    warmup_fraction: float = 0.05
-    weight_cosine: float = 1.0
-    weight_kl: float = 1.0
-    weight_lm: float = 0.0
-    seed: int = 0
-    grad_checkpointing: bool = False
-    split: str = "gkd"
-
-    def check(self) -> None:
-        checks = [
-            ("token_budget", self.token_budget >= 0, ">= 0"),
-            ("batch_size", self.batch_size > 0, "> 0"),
-            ("lr", self.lr > 0, "> 0"),
-            ("warmup_fraction", 0 <= self.warmup_fraction <= 1, "in [0, 1]"),
-            ("weight_cosine", self.weight_cosine >= 0, ">= 0"),
-            ("weight_kl", self.weight_kl >= 0, ">= 0"),
-            ("weight_lm", self.weight_lm >= 0, ">= 0"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise DistillError(f"gkd.{name} must be {rule}, got {getattr(self, name)}")
-        if self.weight_cosine + self.weight_kl + self.weight_lm <= 0:
-            raise DistillError("gkd.weight_cosine, weight_kl and weight_lm are all 0: set at least one > 0")
 
 
 # --------------------------------------------------------------------------- loss
@@ -104,7 +82,7 @@ def cosine_distance_sum(
 
 
 def gkd_loss(
-    child_out: Any, parent_out: Any, input_ids: torch.Tensor, settings: GKDSettings
+    child_out: Any, parent_out: Any, input_ids: torch.Tensor, settings: GKDConfig
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The weighted GKD loss and its parts (as floats, for logging)."""
     parts: dict[str, torch.Tensor] = {}
@@ -119,6 +97,8 @@ def gkd_loss(
         )
     weights = {"cosine": settings.weight_cosine, "kl": settings.weight_kl, "lm": settings.weight_lm}
     loss = sum(weights[name] * value for name, value in parts.items())
+    if not isinstance(loss, torch.Tensor):
+        raise DistillError("every GKD loss weight is 0: at least one of weight_cosine/kl/lm must be > 0")
     return loss, {name: float(value.detach()) for name, value in parts.items()}
 
 
@@ -160,14 +140,6 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
 
 
-def resolve_device(device: str, dist_info: DistInfo) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and dist_info.world_size > 1:
-        return torch.device("cuda", dist_info.local_rank)
-    return torch.device(device)
-
-
 # --------------------------------------------------------------------------- data
 
 
@@ -192,15 +164,15 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def train(
-    child: torch.nn.Module,
+    child: DeciLMForCausalLM,
     parent: torch.nn.Module,
     input_ids: torch.Tensor,
-    settings: GKDSettings,
+    settings: GKDConfig,
     *,
     device: torch.device,
     work_dir: Path | None,
-    checkpoint_every: int,
     dist_info: DistInfo = DistInfo(),
+    split: str = "gkd",
 ) -> dict[str, Any]:
     """Run GKD in place on ``child``; returns the summary (steps, tokens, losses, history).
 
@@ -208,19 +180,19 @@ def train(
     """
     n, seq_len = input_ids.shape
     if n == 0:
-        raise DistillError(
-            f"split {settings.split!r} is empty: give data.splits.{settings.split} > 0 sequences"
-        )
+        raise DistillError(f"split {split!r} is empty: give data.splits.{split} > 0 sequences")
     if settings.batch_size % dist_info.world_size:
         raise DistillError(
-            f"gkd.batch_size={settings.batch_size} must be divisible by the number of GPUs ({dist_info.world_size})"
+            f"gkd.batch_size={settings.batch_size} must be divisible by the number of GPUs "
+            f"({dist_info.world_size})"
         )
     steps = settings.token_budget // (settings.batch_size * seq_len)
     warmup = int(round(settings.warmup_fraction * steps))
     local_batch = settings.batch_size // dist_info.world_size
     torch.manual_seed(settings.seed)
 
-    child.to(device).train()
+    # transformers wraps PreTrainedModel.to with functools.wraps, whose typeshed type is unbound.
+    child.to(device).train()  # type: ignore[arg-type]
     parent.to(device).eval()
     for p in parent.parameters():
         p.requires_grad_(False)
@@ -286,7 +258,12 @@ def train(
         done = step + 1
         if t_first is None:
             t_first = time.perf_counter()
-        if work_dir is not None and dist_info.is_main and (done % checkpoint_every == 0) and done < steps:
+        if (
+            work_dir is not None
+            and dist_info.is_main
+            and (done % settings.checkpoint_every == 0)
+            and done < steps
+        ):
             save_checkpoint(
                 work_dir / CHECKPOINT,
                 {
@@ -341,55 +318,35 @@ def _load_resume_state(work_dir: Path | None, dist_info: DistInfo) -> dict[str, 
 
 def distill(
     child: str,
-    parent_child: str,
+    parent: str,
     tokens: str,
     out: str,
+    gkd: GKDConfig,
     *,
-    token_budget: int,
-    batch_size: int = 8,
-    lr: float = 1e-4,
-    warmup_fraction: float = 0.05,
-    weight_cosine: float = 1.0,
-    weight_kl: float = 1.0,
-    weight_lm: float = 0.0,
-    checkpoint_every: int = 50,
-    seed: int = 0,
-    grad_checkpointing: bool = False,
     split: str = "gkd",
     device: str = "auto",
 ) -> artifacts.Manifest:
-    """Phase: GKD of the child at ``child`` against ``parent_child``; writes a child artifact.
+    """Phase ``gkd``: distil the child at ``child`` against ``parent``; writes a ``child`` artifact.
 
-    ``device`` and ``checkpoint_every`` do not change the result's identity (they are not part
+    ``gkd.checkpoint_every`` and ``device`` do not change the result's identity (they are not part
     of the artifact's parameters). Under ``torchrun`` every rank calls this; rank 0 writes.
     """
-    settings = GKDSettings(
-        token_budget=token_budget,
-        batch_size=batch_size,
-        lr=lr,
-        warmup_fraction=warmup_fraction,
-        weight_cosine=weight_cosine,
-        weight_kl=weight_kl,
-        weight_lm=weight_lm,
-        seed=seed,
-        grad_checkpointing=grad_checkpointing,
-        split=split,
-    )
-    settings.check()
-    if checkpoint_every <= 0:
-        raise DistillError(f"gkd.checkpoint_every must be > 0, got {checkpoint_every}")
-    artifacts.require_manifest(child, CHILD_KIND)
-    artifacts.require_manifest(parent_child, CHILD_KIND)
+    settings = gkd
+    artifacts.require_manifest(child, MODEL_KINDS)
+    artifacts.require_manifest(parent, MODEL_KINDS)
     artifacts.require_manifest(tokens, "tokens")
     dist_info = init_distributed()
-    torch_device = resolve_device(device, dist_info)
-    inputs = {"child": child, "parent": parent_child, "tokens": tokens}
-    parameters = asdict(settings)
+    torch_device = resolve_device(device)
+    inputs = {"child": child, "parent": parent, "tokens": tokens}
+    parameters = {k: v for k, v in asdict(settings).items() if k != "checkpoint_every"}
+    parameters["split"] = split
 
-    def run_training(local: dict[str, Path], work_dir: Path | None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    def run_training(
+        local: dict[str, Path], work_dir: Path | None
+    ) -> tuple[DeciLMForCausalLM, dict[str, Any]]:
         ids = load_split(str(local["tokens"]), split)
-        student = load_child(str(local["child"]), dtype=torch.float32)
-        teacher = load_child(str(local["parent"]), dtype=torch.float32)
+        student = load_model(str(local["child"]), dtype=torch.float32)
+        teacher = load_model(str(local["parent"]), dtype=torch.float32)
         _check_compatible(student, teacher)
         summary = train(
             student,
@@ -398,8 +355,8 @@ def distill(
             settings,
             device=torch_device,
             work_dir=work_dir,
-            checkpoint_every=checkpoint_every,
             dist_info=dist_info,
+            split=split,
         )
         return student, summary
 
@@ -413,16 +370,16 @@ def distill(
         _save(student, local, staging, summary, child)
         return {k: v for k, v in summary.items() if k != "history"}
 
-    return artifacts.run_phase(CHILD_KIND, out, inputs, parameters, build, input_kinds={"child": CHILD_KIND})
+    return artifacts.run_phase(CHILD_KIND, out, inputs, parameters, build, input_kinds={"child": MODEL_KINDS})
 
 
 def _save(
-    student: torch.nn.Module, local: dict[str, Path], staging: Path, summary: dict[str, Any], child: str
+    student: DeciLMForCausalLM, local: dict[str, Path], staging: Path, summary: dict[str, Any], child: str
 ) -> None:
     student.config.use_cache = True
     info = read_parent_info(local["child"])
     info["distilled_from"] = child
-    save_child(student.cpu(), load_tokenizer(local["child"]), staging, info)
+    save_model(student.cpu(), load_tokenizer(local["child"]), staging, info)
     (staging / HISTORY).write_text(json.dumps(summary["history"], indent=1) + "\n")
 
 
@@ -435,6 +392,7 @@ def _distill_distributed(
     dist.barrier()
     if current is not None:
         return current
+    manifest: artifacts.Manifest | None
     if dist_info.is_main:
 
         def build(staging: Path, local: dict[str, Path]) -> dict[str, Any]:
@@ -455,7 +413,7 @@ def _distill_distributed(
     return manifest
 
 
-def _check_compatible(child: torch.nn.Module, parent: torch.nn.Module) -> None:
+def _check_compatible(child: DeciLMForCausalLM, parent: DeciLMForCausalLM) -> None:
     cc, pc = child.config, parent.config
     if (cc.num_hidden_layers, cc.hidden_size, cc.vocab_size) != (
         pc.num_hidden_layers,
@@ -464,6 +422,7 @@ def _check_compatible(child: torch.nn.Module, parent: torch.nn.Module) -> None:
     ):
         raise DistillError(
             f"child ({cc.num_hidden_layers} layers, hidden {cc.hidden_size}, vocab {cc.vocab_size}) does not "
-            f"match the parent ({pc.num_hidden_layers}, {pc.hidden_size}, {pc.vocab_size}): pass the parent the "
+            f"match the parent ({pc.num_hidden_layers}, {pc.hidden_size}, {pc.vocab_size}): pass the parent "
+            "the "
             "child was realized from"
         )

@@ -1,4 +1,4 @@
-"""Realize: assemble a child from the block library for one search solution (DESIGN §3.7).
+"""Realize: assemble a child from the block library for one search solution.
 
 The child takes every layer's blocks from the library (the BLD-trained variants, or the
 parent's own sub-blocks) and the embeddings, final norm and LM head from the parent. It is
@@ -16,10 +16,11 @@ from puzzle.io import artifacts, storage
 from puzzle.modeling import BlockConfig
 from puzzle.modeling.checkpoints import (
     CHILD_KIND,
+    MODEL_KINDS,
     count_parameters,
     load_tokenizer,
     read_parent_info,
-    save_child,
+    save_model,
 )
 
 log = logging.getLogger(__name__)
@@ -81,18 +82,16 @@ def pick_solution(solutions_uri: str, index: int) -> tuple[dict[str, Any], list[
 def realize(
     library: str,
     solutions: str,
+    parent: str,
     out: str,
     *,
     solution_index: int = 0,
-    parent_child: str,
 ) -> artifacts.Manifest:
-    """Phase: the child of solution ``solution_index`` of ``solutions``, weights from ``library``.
-
-    ``parent_child`` is the all-parent child artifact the library was built from (embeddings,
-    final norm, LM head and the tokenizer come from it).
-    """
+    """Phase ``realize``: the child of solution ``solution_index`` of ``solutions``, its blocks'
+    weights from ``library`` and its embeddings, final norm, LM head and tokenizer from ``parent``
+    (the parent artifact the library was built from)."""
     artifacts.require_manifest(library, "library")
-    artifacts.require_manifest(parent_child, CHILD_KIND)
+    artifacts.require_manifest(parent, MODEL_KINDS)
     solution, blocks = pick_solution(solutions, solution_index)  # fail before loading any weights
 
     def body(staging: Path, local: dict[str, Path]) -> dict[str, Any]:
@@ -100,8 +99,13 @@ def realize(
 
         child = assemble_child(str(local["parent"]), str(local["library"]), blocks)
         info = read_parent_info(local["parent"])
-        info["realized_from"] = {"library": library, "solutions": solutions, "solution_index": solution_index}
-        save_child(child, load_tokenizer(local["parent"]), staging, info)
+        info["realized_from"] = {
+            "library": library,
+            "solutions": solutions,
+            "solution_index": solution_index,
+            "method": solution.get("method"),
+        }
+        save_model(child, load_tokenizer(local["parent"]), staging, info)
         params = count_parameters(child)
         log.info("realized solution %d (%s parameters): %s", solution_index, f"{params:,}", _describe(blocks))
         return {
@@ -113,10 +117,10 @@ def realize(
     return artifacts.run_phase(
         CHILD_KIND,
         out,
-        {"library": library, "solutions": solutions, "parent": parent_child},
+        {"library": library, "solutions": solutions, "parent": parent},
         {"solution_index": solution_index},
         body,
-        input_kinds={"library": "library", "solutions": "solutions", "parent": CHILD_KIND},
+        input_kinds={"library": "library", "solutions": "solutions", "parent": MODEL_KINDS},
     )
 
 

@@ -72,7 +72,8 @@ def headline(metrics: dict[str, Any]) -> list[str]:
     lines = []
     w = metrics["workload"]
     where = (
-        f"{metrics.get('device_name') or metrics['device']}, batch {w['batch_size']}, prompt {w['prompt_len']}, "
+        f"{metrics.get('device_name') or metrics['device']}, batch {w['batch_size']}, prompt "
+        f"{w['prompt_len']}, "
         f"{w['gen_len']} generated tokens"
     )
     for name, row in metrics["models"].items():
@@ -88,7 +89,8 @@ def headline(metrics: dict[str, Any]) -> list[str]:
         lines.append(
             f"**{name}** keeps {kept_text} of the parent's next-token accuracy at a measured "
             f"{speed_text} decode throughput ({where}); KL(parent‖child) {row['kl_div']:.4f}, "
-            f"perplexity {row['perplexity']:.2f} vs the parent's {metrics['models'][PARENT]['perplexity']:.2f}."
+            f"perplexity {row['perplexity']:.2f} vs the parent's "
+            f"{metrics['models'][PARENT]['perplexity']:.2f}."
         )
     return lines
 
@@ -178,14 +180,19 @@ def plot_architecture(models: dict[str, DeciLMConfig], path: Path) -> None:
         for layer, block in enumerate(models[name].blocks):
             ref = p_blocks[min(layer, len(p_blocks) - 1)]
             for sub, offset in ((block.attention, 0.5), (block.ffn, 0.0)):
+                face: str | tuple[float, float, float, float]
                 if sub.no_op:
                     face, label = "white", ""
                 elif getattr(sub, "linear", False):
                     face, label = cmap(0.35), "L"
                 elif hasattr(sub, "num_kv_heads"):
+                    if sub.num_kv_heads is None:
+                        raise ValueError(f"layer {layer}: attention is neither no-op, linear nor GQA")
                     share = sub.num_kv_heads / max(1, ref.attention.num_kv_heads or sub.num_kv_heads)
                     face, label = cmap(0.25 + 0.7 * share), str(sub.num_kv_heads)
                 else:
+                    if sub.intermediate_size is None:
+                        raise ValueError(f"layer {layer}: FFN is neither no-op, linear nor SwiGLU")
                     share = sub.intermediate_size / max(1, ref.ffn.intermediate_size or sub.intermediate_size)
                     face, label = cmap(0.25 + 0.7 * min(1.0, share)), ""
                 ax.add_patch(
@@ -210,7 +217,8 @@ def plot_architecture(models: dict[str, DeciLMConfig], path: Path) -> None:
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
     ax.set_xlabel(
-        "layer (top cell: attention, number = KV heads, L = linear; bottom: FFN, shade = width; empty = no-op)",
+        "layer (top cell: attention, number = KV heads, L = linear; bottom: FFN, shade = width; empty = "
+        "no-op)",
         fontsize=7,
     )
     fig.tight_layout()
@@ -228,7 +236,8 @@ def render_markdown(metrics: dict[str, Any], models: dict[str, DeciLMConfig]) ->
     lines += [
         "",
         f"Quality on {metrics['tokens']:,} held-out tokens (split `{metrics['split']}`); speed measured on "
-        f"{metrics.get('device_name') or metrics['device']} at batch {w['batch_size']}, prompt {w['prompt_len']}, "
+        f"{metrics.get('device_name') or metrics['device']} at batch {w['batch_size']}, prompt "
+        f"{w['prompt_len']}, "
         f"{w['gen_len']} generated tokens.",
         "",
         "## Models",
@@ -243,10 +252,6 @@ def render_markdown(metrics: dict[str, Any], models: dict[str, DeciLMConfig]) ->
     lines += ["Each cell: attention / FFN (`kvN` = GQA with N KV heads, a number = FFN width).", ""]
     lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    if metrics.get("lm_eval"):
-        lines += ["", "## lm-evaluation-harness", ""]
-        for name, res in metrics["lm_eval"].items():
-            lines.append(f"- **{name}**: {res}")
     return "\n".join(lines) + "\n"
 
 
@@ -260,7 +265,8 @@ def render_html(metrics: dict[str, Any], models: dict[str, DeciLMConfig], direct
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>Puzzle evaluation</title>",
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}"
+        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px "
+        "7px;text-align:right}"
         "td:first-child,th:first-child{text-align:left}</style></head><body>",
         "<h1>Puzzle evaluation</h1>",
     ]

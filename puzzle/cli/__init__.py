@@ -1,18 +1,25 @@
-"""The ``puzzle`` command line: one module per command group, discovered automatically.
+"""The ``puzzle`` command line.
 
-Each module in this package defines ``register(subparsers)`` which adds its sub-command(s) and
-sets ``func`` (parsed args -> exit code) with ``set_defaults``.
+``puzzle run`` runs the whole method; one command per phase is generated from the stage graph
+(:mod:`puzzle.cli.phases`); other packages add commands through the ``puzzle.commands`` entry
+point group (``puzzle pipeline`` and ``puzzle trigger`` come from ``pipelines``, which the method
+package does not import). Only this package prints; the library logs.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
-import pkgutil
 import sys
+from importlib.metadata import entry_points
 
 from puzzle import __version__
+from puzzle.cli import phases, run
+from puzzle.stages import STAGE_NAMES
+
+ENTRY_POINT_GROUP = "puzzle.commands"
+SUB_ACTIONS = ("merge", "show")
+"""``puzzle bld merge`` / ``puzzle library show`` are the commands ``bld-merge`` / ``library-show``."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,19 +34,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        register = getattr(module, "register", None)
-        if register is not None:
-            register(subparsers)
+    run.register(subparsers)
+    phases.register(subparsers)
+    phases.register_show(subparsers)
+    for entry in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        entry.load()(subparsers)
     return parser
+
+
+def _sub_action(argv: list[str]) -> list[str]:
+    """``bld merge ...`` -> ``bld-merge ...`` (argparse cannot give a command both inputs and actions)."""
+    if len(argv) >= 2 and argv[0] in STAGE_NAMES and argv[1] in SUB_ACTIONS:
+        return [f"{argv[0]}-{argv[1]}", *argv[2:]]
+    return argv
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    flags = [a for a in raw[: next((i for i, a in enumerate(raw) if not a.startswith("-")), len(raw))]]
+    args = parser.parse_args([*flags, *_sub_action(raw[len(flags) :])])
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
@@ -52,7 +66,3 @@ def main(argv: list[str] | None = None) -> int:
     from puzzle.cli._errors import run_handler
 
     return run_handler(args.func, args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

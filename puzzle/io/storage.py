@@ -3,7 +3,7 @@
 Every phase reads and writes through this module. Writes are atomic (a local file is written
 beside its target and renamed; an S3 object appears whole when its upload completes) and every
 artifact file carries a SHA-256 checksum in its manifest that is verified when it is read back
-(see :mod:`puzzle.artifacts`).
+(see :mod:`puzzle.io.artifacts`).
 
 S3 endpoint and credentials come from the standard AWS variables: ``AWS_ENDPOINT_URL_S3`` or
 ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``.

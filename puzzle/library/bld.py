@@ -17,7 +17,7 @@ computed once per batch and reused for every variant of every layer. A variant's
 not depend on which other variants share its run, so work splits into shards (``shard="i/n"``
 and/or explicit ``layers``/``variants`` lists) that run in separate processes or pods and
 :func:`merge` into the library an unsharded run gives. A finished run is skipped on re-run
-(:func:`puzzle.artifacts.run_phase`); a killed one resumes from its last checkpoint, kept in the
+(:func:`puzzle.io.artifacts.run_phase`); a killed one resumes from its last checkpoint, kept in the
 phase's staging ``.work/`` directory.
 """
 
@@ -38,18 +38,21 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from puzzle.config import BLDConfig
 from puzzle.errors import PuzzleError
 from puzzle.io import artifacts
 from puzzle.io.artifacts import Manifest
 from puzzle.library.variants import LIBRARY_FILE, LIBRARY_KIND, Library, LibraryError, block_state, layer_file
 from puzzle.modeling import AttentionConfig, BlockConfig, DeciLMConfig, FFNConfig
+from puzzle.modeling.checkpoints import MODEL_KINDS
+from puzzle.modeling.devices import resolve_device
 from puzzle.modeling.layers import (
     LayerContext,
     LayerRunner,
     SubBlockOutputs,
     build_layer,
-    child_config,
-    load_verified_child,
+    load_verified_model,
+    model_config,
     sub_blocks,
 )
 from puzzle.modeling.modeling_decilm import DeciLMDecoderLayer
@@ -131,7 +134,8 @@ def plan_units(
         unknown = sorted(set(variants) - known)
         if unknown:
             raise BLDError(
-                f"variants {unknown} are not trainable variants of the selected layers (trainable: {sorted(known)})"
+                f"variants {unknown} are not trainable variants of the selected layers (trainable: "
+                f"{sorted(known)})"
             )
         units = [u for u in units if u.name in set(variants)]
     parsed = parse_shard(shard)
@@ -276,60 +280,40 @@ def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _resolve_device(device: str | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def train(
     library: str,
-    child: str,
+    parent: str,
     tokens: str,
     out: str,
+    bld: BLDConfig,
     *,
-    token_budget: int,
-    batch_size: int,
-    lr: float,
-    warmup_fraction: float = 0.05,
-    seed: int = 0,
     shard: str | None = None,
     layers: list[int] | None = None,
     variants: list[str] | None = None,
     coupled: list[str] | None = None,
     split: str = "bld",
-    objective: str = "block",
-    weight_decay: float = 0.0,
-    val_sequences: int = 4,
     val_split: str | None = "score",
-    checkpoint_every: int = 50,
-    device: str | None = None,
-    autocast: bool = True,
+    device: str = "auto",
     on_step: Callable[[int], None] | None = None,
 ) -> Manifest:
-    """Phase: train library variants by BLD; writes a ``library`` artifact.
+    """Phase ``bld``: train library variants by blockwise local distillation; writes a ``library``.
 
     Args:
-        library: the library to train (``puzzle library build`` output, or a trained one).
-        child: the parent it was built from (all-parent child artifact).
+        library: the library to train (the ``library`` phase's output, or a trained one).
+        parent: the parent artifact it was built from.
         tokens: tokens artifact with the ``split`` split. Every variant's normalised MSE is
-            measured before and after training on the first ``val_sequences`` sequences of
-            ``val_split`` (held-out text, default ``score``); when the artifact has no such split,
-            the last ``val_sequences`` sequences of ``split`` are held out instead.
+            measured before and after training on the first ``bld.val_sequences`` sequences of
+            ``val_split`` (held-out text); when the artifact has no such split, the last
+            ``bld.val_sequences`` sequences of ``split`` are held out instead.
         out: output library. Without ``shard`` a complete library (untrained variants copied);
             with ``shard`` only this shard's trained variants (merge shards with :func:`merge`).
-        token_budget: tokens each variant trains on (steps = budget / (batch_size * seq_len)).
-        batch_size: sequences per step.
-        lr: peak AdamW learning rate; ``warmup_fraction`` of the steps warm up linearly, then
-            cosine decay to 0.
-        seed: orders the training sequences.
+        bld: budget, batch, learning rate, objective, seed, checkpointing.
         shard: ``"i/n"``: train the i-th of n contiguous slices of the selected variants
             (``"0/1"`` with explicit ``layers``/``variants`` makes an explicit-list shard).
         layers, variants: train only these layers / variant names (default: all trainable).
         coupled: block names (``"attn_kv1+ffn_768"``) to train as coupled pairs in every
             selected layer, initialised from their sub-block variants.
-        objective: ``"block"`` (the block's residual contribution, decoupled with the parent's
-            other sub-block) or ``"subblock"`` (the sub-block's own output).
-        checkpoint_every: steps between checkpoints (a killed run resumes from the last one).
-        device: default CUDA when available; ``autocast``: bf16 autocast on CUDA.
+        device: where to train.
         on_step: called with the step index after each step (progress hooks, tests).
 
     Every variant's ``initial_nmse`` and ``final_nmse`` (held-out) are recorded in
@@ -337,23 +321,22 @@ def train(
     """
     from puzzle.data import read_splits
 
-    if objective not in OBJECTIVES:
-        raise BLDError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    for name, value in (
-        ("token_budget", token_budget),
-        ("batch_size", batch_size),
-        ("checkpoint_every", checkpoint_every),
-    ):
-        if not isinstance(value, int) or value <= 0:
-            raise BLDError(f"bld.{name} must be a positive integer, got {value!r}")
-    if not lr > 0:
-        raise BLDError(f"bld.lr must be > 0, got {lr}")
-    if not 0.0 <= warmup_fraction < 1.0:
-        raise BLDError(f"bld.warmup_fraction must be in [0, 1), got {warmup_fraction}")
-    if val_sequences < 1:
-        raise BLDError(f"bld.val_sequences must be >= 1, got {val_sequences}")
+    token_budget, batch_size, lr, warmup_fraction = (
+        bld.token_budget,
+        bld.batch_size,
+        bld.lr,
+        bld.warmup_fraction,
+    )
+    seed, objective, weight_decay, val_sequences = (
+        bld.seed,
+        bld.objective,
+        bld.weight_decay,
+        bld.val_sequences,
+    )
+    if token_budget <= 0:
+        raise BLDError(f"bld.token_budget must be > 0 to train, got {token_budget}")
     lib = Library.open(library)
-    lib.check_parent(child_config(child), artifacts.fingerprint(child))
+    lib.check_parent(model_config(parent), artifacts.fingerprint(parent))
     units = plan_units(lib, layers=layers, variants=variants, coupled=coupled, shard=shard)
     info = read_splits(tokens)
     if split not in info["splits"]:
@@ -368,16 +351,18 @@ def train(
         )
         val_split = None
     if val_split == split:
-        raise BLDError(f"bld.val_split must differ from the training split {split!r} (or be None)")
+        raise BLDError(f"the validation split must differ from the training split {split!r} (or be None)")
     if val_split is not None and info["splits"][val_split]["sequences"] < val_sequences:
         raise BLDError(f"split {val_split!r} has fewer than val_sequences={val_sequences} sequences")
     available = info["splits"][split]["sequences"] - (val_sequences if val_split is None else 0)
     steps = math.ceil(token_budget / (batch_size * seq_len))
     if steps * batch_size > available:
         raise BLDError(
-            f"too little data: token_budget={token_budget} at batch_size={batch_size} x seq_len={seq_len} needs "
+            f"too little data: token_budget={token_budget} at batch_size={batch_size} x seq_len={seq_len} "
+            "needs "
             f"{steps * batch_size} training sequences, but split {split!r} has {available}"
-            f"{f' (after {val_sequences} held out)' if val_split is None else ''}: lower the budget or prepare more "
+            f"{f' (after {val_sequences} held out)' if val_split is None else ''}: lower the budget or "
+            "prepare more "
             f"{split!r} sequences"
         )
     parameters = {
@@ -400,7 +385,7 @@ def train(
     def body(staging: Path, local: dict[str, Path]) -> dict[str, Any]:
         result = _train_units(
             lib,
-            str(local["child"]),
+            str(local["parent"]),
             str(local["tokens"]),
             units,
             split=split,
@@ -414,9 +399,9 @@ def train(
             val_sequences=val_sequences,
             val_split=val_split,
             checkpoint=staging / ".work" / CHECKPOINT,
-            checkpoint_every=checkpoint_every,
-            device=_resolve_device(device),
-            autocast=autocast,
+            checkpoint_every=bld.checkpoint_every,
+            device=resolve_device(device),
+            autocast=bld.autocast,
             on_step=on_step,
         )
         bld_meta = {
@@ -444,10 +429,10 @@ def train(
     return artifacts.run_phase(
         LIBRARY_KIND,
         out,
-        {"library": library, "child": child, "tokens": tokens},
+        {"library": library, "parent": parent, "tokens": tokens},
         parameters,
         body,
-        input_kinds={"library": LIBRARY_KIND, "child": "child", "tokens": "tokens"},
+        input_kinds={"library": LIBRARY_KIND, "parent": MODEL_KINDS, "tokens": "tokens"},
     )
 
 
@@ -489,7 +474,7 @@ def _train_units(
     if not units:
         return _Result({}, 0.0, 0)
     parent_dtype = "bfloat16" if device.type == "cuda" and autocast else "float32"
-    model = load_verified_child(Path(child), dtype=parent_dtype, device=device)
+    model = load_verified_model(Path(child), dtype=parent_dtype, device=device)
     model.requires_grad_(False)
     runner = LayerRunner(model)
     ids = load_split(tokens, split)
@@ -542,6 +527,8 @@ def _train_units(
                 with torch.no_grad():
                     parts = sub_blocks(runner.layers[index], hidden, ctx) if index in by_layer else None
                 for t in by_layer.get(index, []):
+                    if parts is None:  # unreachable: layers with trainers always get the parent's outputs
+                        raise BLDError(f"layer {index}: the parent's sub-block outputs were not computed")
                     for group in t.optimizer.param_groups:
                         group["lr"] = rate
                     child_out, target = _unit_delta(t, hidden, ctx, parts, objective)
@@ -725,10 +712,13 @@ def merge(shard_uris: list[str], out: str, *, base: str | None = None) -> Manife
         raise BLDError(
             "the shards were trained with different BLD settings; re-run them with the same settings"
         )
-    counts = {parse_shard(s.meta["shard"])[1] for s in shards}
+    parsed = [p for s in shards if (p := parse_shard(s.meta["shard"])) is not None]
+    if len(parsed) != len(shards):
+        raise BLDError("a BLD shard output records no shard (i/n); re-run that shard")
+    counts = {p[1] for p in parsed}
     if len(counts) == 1 and next(iter(counts)) > 1:
         total = next(iter(counts))
-        indices = sorted(parse_shard(s.meta["shard"])[0] for s in shards)
+        indices = sorted(p[0] for p in parsed)
         if indices != list(range(total)):
             raise BLDError(
                 f"shards {indices} of {total} given: merge needs every shard 0..{total - 1} exactly once"

@@ -37,13 +37,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from puzzle.config import ScoringConfig
 from puzzle.errors import PuzzleError
 from puzzle.io import artifacts
 from puzzle.io.artifacts import Manifest
 from puzzle.library.bld import parse_shard
 from puzzle.library.variants import Library, block_state
-from puzzle.modeling import AttentionConfig, BlockConfig, DeciLMConfig, FFNConfig
-from puzzle.modeling.layers import LayerContext, LayerRunner, build_layer, child_config, load_verified_child
+from puzzle.modeling import AttentionConfig, BlockConfig, DeciLMConfig, DeciLMForCausalLM, FFNConfig
+from puzzle.modeling.checkpoints import MODEL_KINDS
+from puzzle.modeling.devices import resolve_device
+from puzzle.modeling.layers import LayerContext, LayerRunner, build_layer, load_verified_model, model_config
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,8 @@ def canonical_metrics(metrics: tuple[str, ...] | list[str]) -> list[str]:
         canonical = METRIC_ALIASES.get(name, name)
         if canonical not in METRICS:
             raise ScoringError(
-                f"scoring.metrics: unknown metric {name!r}; choose from {list(METRICS) + list(METRIC_ALIASES)}"
+                f"scoring.metrics: unknown metric {name!r}; choose from "
+                f"{list(METRICS) + list(METRIC_ALIASES)}"
             )
         if canonical not in out:
             out.append(canonical)
@@ -168,10 +172,6 @@ class _ParentChunk:
     top: torch.Tensor  # [b, s-1]
 
 
-def _resolve_device(device: str | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def _row_layer(
     lib: Library,
     row: Row,
@@ -186,7 +186,7 @@ def _row_layer(
 
 @torch.no_grad()
 def score_rows(
-    model: torch.nn.Module,
+    model: DeciLMForCausalLM,
     lib: Library,
     rows: list[Row],
     input_ids: torch.Tensor,
@@ -261,42 +261,38 @@ def score_rows(
 
 def score(
     library: str,
-    child: str,
+    parent: str,
     tokens: str,
     out: str,
+    scoring: ScoringConfig,
     *,
-    split: str = "score",
-    metrics: tuple[str, ...] | list[str] = METRICS,
     shard: str | None = None,
     mode: str = "decoupled",
     layers: list[int] | None = None,
-    batch_size: int = 8,
     max_sequences: int | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
+    device: str = "auto",
 ) -> Manifest:
-    """Phase: replace-1-block scores of a library's blocks; writes a ``scores`` artifact.
+    """Phase ``scoring``: replace-1-block scores of a library's blocks; writes a ``scores`` artifact.
 
     Args:
         library: a complete (trained or untrained) library; a BLD shard must be merged first.
-        child: the parent the library was built from (all-parent child artifact).
-        tokens: tokens artifact holding ``split`` (held-out text).
+        parent: the parent artifact the library was built from.
+        tokens: tokens artifact holding ``scoring.split`` (held-out text).
         out: output ``scores`` artifact (with ``shard``: that shard's rows only; join with :func:`merge`).
-        metrics: any of ``kl_div``, ``lm_loss``, ``cosine``, ``top1`` (alias ``top1_agreement``),
-            ``top5`` (alias ``top5_agreement``); unrequested columns are left empty.
+        scoring: metrics (``kl_div``, ``lm_loss``, ``cosine``, ``top1_agreement``, ``top5_agreement``;
+            unrequested columns are left empty), split, batch size and dtype.
         shard: ``"i/n"``: score the i-th of n contiguous slices of the rows.
         mode: ``"decoupled"`` ((m+n)*L rows) or ``"full"`` (every attention x FFN pair).
         layers: only these layers (default: every layer of the library).
-        batch_size: sequences per forward pass; ``max_sequences``: use only the split's first ones.
-        device: default CUDA when available; ``dtype``: default float32 (bfloat16 halves memory on GPU).
+        max_sequences: use only the split's first sequences.
+        device: where to score.
     """
     from puzzle.data import read_splits
 
+    metrics, split, batch_size, dtype = scoring.metrics, scoring.split, scoring.batch_size, scoring.dtype
     wanted = canonical_metrics(metrics)
-    if not isinstance(batch_size, int) or batch_size <= 0:
-        raise ScoringError(f"scoring.batch_size must be a positive integer, got {batch_size!r}")
     lib = Library.open(library)
-    lib.check_parent(child_config(child), artifacts.fingerprint(child))
+    lib.check_parent(model_config(parent), artifacts.fingerprint(parent))
     rows = plan_rows(lib, mode=mode, layers=layers, shard=shard)
     splits = read_splits(tokens)["splits"]
     if split not in splits:
@@ -315,7 +311,7 @@ def score(
     def body(staging: Path, local: dict[str, Path]) -> dict[str, Any]:
         from puzzle.data import load_split
 
-        model = load_verified_child(local["child"], dtype=dtype or "float32", device=_resolve_device(device))
+        model = load_verified_model(local["parent"], dtype=dtype, device=resolve_device(device))
         ids = load_split(str(local["tokens"]), split)
         if max_sequences is not None:
             ids = ids[:max_sequences]
@@ -328,7 +324,7 @@ def score(
             "metrics": wanted,
             "shard": shard,
             "library": library,
-            "child": child,
+            "parent": parent,
             "parent_blocks": {
                 str(layer): lib.parent_block(layer).name for layer in sorted({r.layer for r in rows})
             },
@@ -340,10 +336,10 @@ def score(
     return artifacts.run_phase(
         SCORES_KIND,
         out,
-        {"library": library, "child": child, "tokens": tokens},
+        {"library": library, "parent": parent, "tokens": tokens},
         parameters,
         body,
-        input_kinds={"library": "library", "child": "child", "tokens": "tokens"},
+        input_kinds={"library": "library", "parent": MODEL_KINDS, "tokens": "tokens"},
     )
 
 
@@ -449,7 +445,7 @@ def merge(shard_uris: list[str], out: str) -> Manifest:
     manifests = [artifacts.require_manifest(uri, SCORES_KIND) for uri in shard_uris]
     settings = [{k: v for k, v in m.parameters.items() if k != "shard"} for m in manifests]
     sources = [
-        {k: m.inputs[k]["hash"] for k in ("library", "child", "tokens") if k in m.inputs} for m in manifests
+        {k: m.inputs[k]["hash"] for k in ("library", "parent", "tokens") if k in m.inputs} for m in manifests
     ]
     if any(s != settings[0] for s in settings) or any(s != sources[0] for s in sources):
         raise ScoringError(
@@ -457,9 +453,10 @@ def merge(shard_uris: list[str], out: str) -> Manifest:
         )
     shards = [m.parameters.get("shard") for m in manifests]
     parsed = [parse_shard(s) for s in shards]
-    if all(p is not None for p in parsed):
-        counts = {p[1] for p in parsed}
-        indices = sorted(p[0] for p in parsed)
+    complete = [p for p in parsed if p is not None]
+    if len(complete) == len(parsed):
+        counts = {p[1] for p in complete}
+        indices = sorted(p[0] for p in complete)
         if len(counts) != 1 or indices != list(range(next(iter(counts)))):
             raise ScoringError(f"shards {shards} are not every shard i/n exactly once")
 
@@ -468,7 +465,7 @@ def merge(shard_uris: list[str], out: str) -> Manifest:
         seen: set[tuple[int, str]] = set()
         info: dict[str, Any] = {}
         seconds = 0.0
-        order = sorted(range(len(shard_uris)), key=lambda i: parsed[i][0] if parsed[i] is not None else i)
+        order = sorted(range(len(shard_uris)), key=lambda i: p[0] if (p := parsed[i]) is not None else i)
         for name in (f"shard_{i}" for i in order):
             data = json.loads((local[name] / SCORES_JSON).read_text())
             for row in data["rows"]:

@@ -33,24 +33,22 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from puzzle.config import LibraryConfig
 from puzzle.errors import PuzzleError
 from puzzle.io import artifacts
 from puzzle.io.artifacts import Manifest
 from puzzle.modeling import AttentionConfig, BlockConfig, DeciLMConfig, DeciLMForCausalLM, FFNConfig
 from puzzle.modeling.block_config import divisors
-from puzzle.modeling.layers import LayerRunner, child_config, load_verified_child, sub_blocks
+from puzzle.modeling.checkpoints import MODEL_KINDS, model_from_state
+from puzzle.modeling.devices import resolve_device
+from puzzle.modeling.layers import LayerRunner, load_verified_model, model_config, sub_blocks
 
 log = logging.getLogger(__name__)
 
 LIBRARY_KIND = "library"
 LIBRARY_FILE = "library.json"
 LIBRARY_FORMAT = 1
-DEFAULT_FFN_FRACTIONS = (1.0, 0.875, 0.75, 0.5, 0.25, 0.2, 0.1)
-FFN_INITS = ("channel_contribution", "random")
-
-
-class SearchSpaceError(PuzzleError, ValueError):
-    """A search space that cannot be built for the parent (the message names the field and the fix)."""
+CALIBRATION_SPLIT = "calibration"
 
 
 class LibraryError(PuzzleError, ValueError):
@@ -61,117 +59,62 @@ def layer_file(layer: int) -> str:
     return f"layers/layer_{layer:03d}.safetensors"
 
 
-@dataclass(frozen=True, kw_only=True)
-class SearchSpace:
-    """Which sub-block variants the library holds for every layer.
+PAPER_LIBRARY = LibraryConfig(
+    attention_linear=True, ffn_fractions=[1.0, 0.875, 0.75, 0.5, 0.25, 0.2, 0.1], ffn_linear=True
+)
+"""The paper's search space: every KV-head divisor, linear and no-op attention; FFN at 100, 87.5,
+75, 50, 25, 20 and 10 % of the parent's width, linear and no-op FFN."""
 
-    Attributes:
-        attention_kv_heads: KV-head counts of the GQA variants; each must divide the parent's
-            number of attention heads and be at most the parent's KV heads. None: every such
-            divisor (e.g. 8, 4, 2, 1 for Llama-3.1-8B; 3, 1 for SmolLM2).
-        attention_linear: include ``attn_linear`` (one H x H layer).
-        attention_noop: include ``attn_noop``.
-        ffn_fractions: FFN widths as fractions of the parent's width, in (0, 1].
-        ffn_linear: include ``ffn_linear`` (one H x H layer).
-        ffn_noop: include ``ffn_noop``.
-        ffn_multiple: widths are rounded to multiples of this when the parent's width is one
-            (serving engines expect multiples of 256); otherwise rounded to whole channels.
 
-    The parent's own sub-blocks are always part of the library, whatever the space says.
-    """
-
-    attention_kv_heads: tuple[int, ...] | None = None
-    attention_linear: bool = True
-    attention_noop: bool = True
-    ffn_fractions: tuple[float, ...] = DEFAULT_FFN_FRACTIONS
-    ffn_linear: bool = True
-    ffn_noop: bool = True
-    ffn_multiple: int = 256
-
-    def __post_init__(self) -> None:
-        if self.attention_kv_heads is not None:
-            kv = tuple(self.attention_kv_heads)
-            for n in kv:
-                if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-                    raise SearchSpaceError(f"space.attention_kv_heads must hold positive integers, got {n!r}")
-            object.__setattr__(self, "attention_kv_heads", kv)
-        fractions = tuple(float(f) for f in self.ffn_fractions)
-        for f in fractions:
-            if not 0.0 < f <= 1.0 or math.isnan(f):
-                raise SearchSpaceError(
-                    f"space.ffn_fractions must lie in (0, 1] (a width above the parent's is not a cheaper variant), got {f}"
-                )
-        object.__setattr__(self, "ffn_fractions", fractions)
-        if not isinstance(self.ffn_multiple, int) or self.ffn_multiple <= 0:
-            raise SearchSpaceError(
-                f"space.ffn_multiple must be a positive integer, got {self.ffn_multiple!r}"
+def kv_heads_for(library: LibraryConfig, num_attention_heads: int, parent_kv_heads: int) -> list[int]:
+    """The KV-head counts of a parent's attention variants, largest first (the parent's always in)."""
+    allowed = [d for d in divisors(num_attention_heads) if d <= parent_kv_heads]
+    if library.kv_heads is None:
+        return allowed
+    for n in library.kv_heads:
+        if num_attention_heads % n:
+            raise LibraryError(
+                f"library.kv_heads: {n} does not divide the parent's {num_attention_heads} attention "
+                f"heads; use some of {allowed}"
             )
+        if n > parent_kv_heads:
+            raise LibraryError(
+                f"library.kv_heads: {n} is more than the parent's {parent_kv_heads} KV heads (not a "
+                f"cheaper variant); use some of {allowed}"
+            )
+    return sorted(set(library.kv_heads) | {parent_kv_heads}, reverse=True)
 
-    def kv_heads_for(self, num_attention_heads: int, parent_kv_heads: int) -> list[int]:
-        """The KV-head counts for a parent, largest first; raises on counts that cannot be built."""
-        allowed = [d for d in divisors(num_attention_heads) if d <= parent_kv_heads]
-        if self.attention_kv_heads is None:
-            return allowed
-        for n in self.attention_kv_heads:
-            if num_attention_heads % n:
-                raise SearchSpaceError(
-                    f"space.attention_kv_heads: {n} does not divide the parent's {num_attention_heads} attention "
-                    f"heads; use some of {allowed}"
-                )
-            if n > parent_kv_heads:
-                raise SearchSpaceError(
-                    f"space.attention_kv_heads: {n} is more than the parent's {parent_kv_heads} KV heads (not a "
-                    f"cheaper variant); use some of {allowed}"
-                )
-        return sorted(set(self.attention_kv_heads) | {parent_kv_heads}, reverse=True)
 
-    def ffn_widths_for(self, parent_width: int) -> list[int]:
-        """FFN widths for a parent width, largest first (the parent's own width always included)."""
-        widths = {parent_width}
-        multiple = self.ffn_multiple if parent_width % self.ffn_multiple == 0 else 1
-        for f in self.ffn_fractions:
-            width = max(multiple, int(math.floor(f * parent_width / multiple + 0.5)) * multiple)
-            widths.add(min(width, parent_width))
-        return sorted(widths, reverse=True)
+def ffn_widths_for(library: LibraryConfig, parent_width: int) -> list[int]:
+    """FFN widths for a parent width, largest first (the parent's own width always included)."""
+    widths = {parent_width}
+    multiple = library.ffn_multiple if parent_width % library.ffn_multiple == 0 else 1
+    for f in library.ffn_fractions:
+        width = max(multiple, int(math.floor(f * parent_width / multiple + 0.5)) * multiple)
+        widths.add(min(width, parent_width))
+    return sorted(widths, reverse=True)
 
-    def attention_variants(self, num_attention_heads: int, parent_kv_heads: int) -> list[AttentionConfig]:
-        out = [
-            AttentionConfig(num_kv_heads=n) for n in self.kv_heads_for(num_attention_heads, parent_kv_heads)
-        ]
-        if self.attention_linear:
-            out.append(AttentionConfig(linear=True))
-        if self.attention_noop:
-            out.append(AttentionConfig(no_op=True))
-        return out
 
-    def ffn_variants(self, parent_width: int) -> list[FFNConfig]:
-        out = [FFNConfig(intermediate_size=w) for w in self.ffn_widths_for(parent_width)]
-        if self.ffn_linear:
-            out.append(FFNConfig(linear=True))
-        if self.ffn_noop:
-            out.append(FFNConfig(no_op=True))
-        return out
+def attention_variants(
+    library: LibraryConfig, num_attention_heads: int, parent_kv_heads: int
+) -> list[AttentionConfig]:
+    out = [
+        AttentionConfig(num_kv_heads=n) for n in kv_heads_for(library, num_attention_heads, parent_kv_heads)
+    ]
+    if library.attention_linear:
+        out.append(AttentionConfig(linear=True))
+    if library.attention_noop:
+        out.append(AttentionConfig(no_op=True))
+    return out
 
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["attention_kv_heads"] = (
-            list(self.attention_kv_heads) if self.attention_kv_heads is not None else None
-        )
-        data["ffn_fractions"] = list(self.ffn_fractions)
-        return data
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SearchSpace:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(data) - known
-        if unknown:
-            raise SearchSpaceError(f"unknown search space field(s) {sorted(unknown)}; known: {sorted(known)}")
-        data = dict(data)
-        if data.get("attention_kv_heads") is not None:
-            data["attention_kv_heads"] = tuple(data["attention_kv_heads"])
-        if "ffn_fractions" in data:
-            data["ffn_fractions"] = tuple(data["ffn_fractions"])
-        return cls(**data)
+def ffn_variants(library: LibraryConfig, parent_width: int) -> list[FFNConfig]:
+    out = [FFNConfig(intermediate_size=w) for w in ffn_widths_for(library, parent_width)]
+    if library.ffn_linear:
+        out.append(FFNConfig(linear=True))
+    if library.ffn_noop:
+        out.append(FFNConfig(no_op=True))
+    return out
 
 
 @dataclass(frozen=True)
@@ -208,10 +151,19 @@ def parent_blocks(config: DeciLMConfig) -> list[BlockConfig]:
     for index, block in enumerate(blocks):
         if not (block.attention.is_gqa and block.ffn.is_mlp):
             raise LibraryError(
-                f"layer {index} of the parent is {block.name}: a library is built from a parent whose layers are all "
+                f"layer {index} of the parent is {block.name}: a library is built from a parent whose layers "
+                "are all "
                 "full attention + FFN blocks (convert the original parent with `puzzle convert`)"
             )
     return blocks
+
+
+def _parent_sizes(block: BlockConfig, index: int) -> tuple[int, int]:
+    """A parent layer's KV heads and FFN width (both set: :func:`parent_blocks` checked the layer)."""
+    kv_heads, width = block.attention.num_kv_heads, block.ffn.intermediate_size
+    if kv_heads is None or width is None:
+        raise LibraryError(f"layer {index} of the parent is {block.name}, not a full attention + FFN block")
+    return kv_heads, width
 
 
 # --------------------------------------------------------------------------- initialisation
@@ -342,6 +294,8 @@ def attention_weights(
                 state, num_heads=heads, kv_heads=parent_kv, head_dim=head_dim
             ),
         }
+    if variant.num_kv_heads is None:
+        raise LibraryError(f"attention variant {variant.name} is neither no-op, linear nor GQA")
     out = {**norm}
     for name, tensor in state.items():
         if not name.startswith("self_attn."):
@@ -503,24 +457,26 @@ class Library:
             )
 
 
-def plan_layers(config: DeciLMConfig, space: SearchSpace, layers: list[int] | None) -> dict[int, list[str]]:
+def plan_layers(
+    config: DeciLMConfig, library: LibraryConfig, layers: list[int] | None
+) -> dict[int, list[str]]:
     """Variant names per layer for a parent; every error is raised here, before any weights load."""
     blocks = parent_blocks(config)
     chosen = list(range(config.num_hidden_layers)) if layers is None else list(layers)
     if not chosen:
-        raise SearchSpaceError("layers is empty: pass None for every layer or a list of layer indices")
+        raise LibraryError("layers is empty: pass None for every layer or a list of layer indices")
     for index in chosen:
         if not isinstance(index, int) or not 0 <= index < config.num_hidden_layers:
-            raise SearchSpaceError(
+            raise LibraryError(
                 f"layers: {index!r} is not a layer of the parent (0..{config.num_hidden_layers - 1})"
             )
     if len(set(chosen)) != len(chosen):
-        raise SearchSpaceError(f"layers lists a layer twice: {chosen}")
+        raise LibraryError(f"layers lists a layer twice: {chosen}")
     plan = {}
     for index in sorted(chosen):
-        block = blocks[index]
-        attn = space.attention_variants(config.num_attention_heads, block.attention.num_kv_heads)
-        ffn = space.ffn_variants(block.ffn.intermediate_size)
+        kv_heads, width = _parent_sizes(blocks[index], index)
+        attn = attention_variants(library, config.num_attention_heads, kv_heads)
+        ffn = ffn_variants(library, width)
         plan[index] = [v.name for v in attn] + [v.name for v in ffn]
     return plan
 
@@ -530,55 +486,42 @@ def _param_count(state: dict[str, torch.Tensor]) -> int:
 
 
 def build_library(
-    child: str,
+    parent: str,
     tokens: str,
     out: str,
+    library: LibraryConfig,
     *,
-    space: SearchSpace,
     layers: list[int] | None = None,
-    ffn_init: str = "channel_contribution",
-    calibration_split: str = "calibration",
     calibration_sequences: int | None = None,
-    batch_size: int = 8,
-    seed: int = 0,
-    device: str | None = None,
+    device: str = "auto",
 ) -> Manifest:
-    """Phase: initialise every variant of every layer from the parent and write the library.
+    """Phase ``library``: initialise every variant of every layer from the parent and write it.
 
     Args:
-        child: the parent as an all-parent child artifact (``puzzle convert``).
-        tokens: a tokens artifact with a ``calibration_split`` split (channel contribution and the
-            linear FFN's least squares use it).
+        parent: the parent artifact (``puzzle convert``).
+        tokens: a tokens artifact with a ``calibration`` split (channel contribution and the linear
+            FFN's least squares use it).
         out: where to write the ``library`` artifact.
-        space: which variants to build (validated against the parent before any work).
+        library: which variants to build and how (validated against the parent before any work).
         layers: only these layers (default: all).
-        ffn_init: ``"channel_contribution"`` (the method) or ``"random"`` (same number of random
-            channels, seeded; a baseline for comparisons).
         calibration_sequences: use only the split's first N sequences (default: all).
-        batch_size: calibration sequences per forward pass.
-        seed: for ``ffn_init="random"``.
-        device: where the parent runs (default: CUDA when available, else CPU).
+        device: where the parent runs.
     """
     from puzzle.data import read_splits
 
-    if ffn_init not in FFN_INITS:
-        raise SearchSpaceError(f"ffn_init must be one of {FFN_INITS}, got {ffn_init!r}")
-    config = child_config(child)
-    plan = plan_layers(config, space, layers)
+    config = model_config(parent)
+    plan = plan_layers(config, library, layers)
     splits = read_splits(tokens)["splits"]
-    if calibration_split not in splits:
+    if CALIBRATION_SPLIT not in splits:
         raise LibraryError(
-            f"tokens {tokens} have no {calibration_split!r} split (they have {sorted(splits)}): re-run "
-            f"`puzzle data prepare` with --split {calibration_split}=N"
+            f"tokens {tokens} have no {CALIBRATION_SPLIT!r} split (they have {sorted(splits)}): prepare them "
+            f"with a data.splits.{CALIBRATION_SPLIT} entry"
         )
+    ffn_init, batch_size, seed = library.ffn_init, library.batch_size, library.seed
     parameters = {
-        "space": space.to_json(),
+        "library": asdict(library),
         "layers": sorted(plan),
-        "ffn_init": ffn_init,
-        "calibration_split": calibration_split,
         "calibration_sequences": calibration_sequences,
-        "batch_size": batch_size,
-        "seed": seed,
     }
 
     def body(staging: Path, local: dict[str, Path]) -> dict[str, Any]:
@@ -586,16 +529,16 @@ def build_library(
 
         from puzzle.data import load_split
 
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = load_verified_child(local["child"], dtype="float32", device=dev)
+        dev = resolve_device(device)
+        model = load_verified_model(local["parent"], dtype="float32", device=dev)
         blocks = config.blocks
         need_linear = any("ffn_linear" in names for names in plan.values())
         need_rank = ffn_init == "channel_contribution" and any(
-            n.startswith("ffn_") and n[4:].isdigit() and int(n[4:]) < blocks[i].ffn.intermediate_size
+            n.startswith("ffn_") and n[4:].isdigit() and int(n[4:]) < _parent_sizes(blocks[i], i)[1]
             for i, names in plan.items()
             for n in names
         )
-        ids = load_split(str(local["tokens"]), calibration_split)[:calibration_sequences]
+        ids = load_split(str(local["tokens"]), CALIBRATION_SPLIT)[:calibration_sequences]
         stats = _Calibration(tokens=0)
         if need_rank or need_linear:
             stats = calibrate(
@@ -607,8 +550,8 @@ def build_library(
         total = 0
         for index in tqdm(sorted(plan), desc="library", unit="layer", leave=False):
             state = _layer_state(model, index)
-            parent = blocks[index]
-            width = parent.ffn.intermediate_size
+            parent_block = blocks[index]
+            width = parent_block.ffn.intermediate_size
             ranking = None
             if need_rank:
                 mean_abs = (stats.abs_activation[index] / stats.tokens).float()
@@ -621,10 +564,11 @@ def build_library(
             tensors: dict[str, torch.Tensor] = {}
             variants: dict[str, Any] = {}
             for name in plan[index]:
+                variant: AttentionConfig | FFNConfig
                 if name.startswith("attn_"):
                     variant = AttentionConfig.from_name(name)
-                    weights = attention_weights(state, variant, config, parent.attention.num_kv_heads)
-                    is_parent = variant == parent.attention
+                    weights = attention_weights(state, variant, config, parent_block.attention.num_kv_heads)
+                    is_parent = variant == parent_block.attention
                     init = (
                         "parent"
                         if is_parent
@@ -636,7 +580,7 @@ def build_library(
                 else:
                     variant = FFNConfig.from_name(name)
                     weights = ffn_weights(state, variant, width, ranking=ranking, linear=linear)
-                    is_parent = variant == parent.ffn
+                    is_parent = variant == parent_block.ffn
                     init = (
                         "parent"
                         if is_parent
@@ -661,13 +605,13 @@ def build_library(
             "format_version": LIBRARY_FORMAT,
             "partial": False,
             "parent": {
-                "uri": child,
-                "hash": artifacts.fingerprint(child),
+                "uri": parent,
+                "hash": artifacts.fingerprint(parent),
                 "shape": ParentShape.of(config).to_json(),
             },
-            "space": space.to_json(),
+            "space": asdict(library),
             "ffn_init": ffn_init,
-            "calibration": {"split": calibration_split, "tokens": stats.tokens},
+            "calibration": {"split": CALIBRATION_SPLIT, "tokens": stats.tokens},
             "layers": layers_meta,
             "bld": None,
         }
@@ -687,10 +631,10 @@ def build_library(
     return artifacts.run_phase(
         LIBRARY_KIND,
         out,
-        {"child": child, "tokens": tokens},
+        {"parent": parent, "tokens": tokens},
         parameters,
         body,
-        input_kinds={"child": "child", "tokens": "tokens"},
+        input_kinds={"parent": MODEL_KINDS, "tokens": "tokens"},
     )
 
 
@@ -724,7 +668,8 @@ def block_state(
         else:
             have = library.variants(layer) if in_library else []
             raise LibraryError(
-                f"layer {layer}: variant {sub.name} is not in library {library.uri} (layer {layer} has {have or 'no variants'})"
+                f"layer {layer}: variant {sub.name} is not in library {library.uri} (layer {layer} has "
+                f"{have or 'no variants'})"
             )
     return state
 
@@ -738,18 +683,18 @@ def assemble_child(
 ) -> DeciLMForCausalLM:
     """A child with the given per-layer ``blocks``, its weights taken from the library.
 
-    Embeddings, final norm and LM head come from the parent (an all-parent child artifact URI or
+    Embeddings, final norm and LM head come from the parent (the parent artifact URI or
     the loaded model); layers outside the library must use the parent's own block. The child has
     the parent's dtype and device.
     """
-    from puzzle.modeling.checkpoints import child_config_like, load_child
+    from puzzle.modeling.checkpoints import child_config_like, load_model
 
     lib = library if isinstance(library, Library) else Library.open(library)
     if isinstance(parent, DeciLMForCausalLM):
         model = parent
         lib.check_parent(model.config)
     else:
-        model = load_child(parent, dtype="float32")
+        model = load_model(parent, dtype="float32")
         lib.check_parent(model.config, artifacts.fingerprint(parent) if check_hash else None)
     if len(blocks) != model.config.num_hidden_layers:
         raise LibraryError(
@@ -763,18 +708,9 @@ def assemble_child(
         parent_layer = model.model.layers[index].state_dict()
         for key, value in block_state(lib, index, block, parent_layer).items():
             state[f"model.layers.{index}.{key}"] = value.to(device=param.device, dtype=param.dtype)
-    with torch.device("meta"):
-        child = DeciLMForCausalLM(config)
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = child.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise LibraryError(
-            f"assembled weights do not fit the child: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    if config.tie_word_embeddings:
-        child.tie_weights()
-    child.model.rotary_emb = type(child.model.rotary_emb)(config).to(param.device)
+    try:
+        child = model_from_state(config, state, device=param.device, what="assembled weights")
+    except ValueError as exc:
+        raise LibraryError(str(exc)) from None
     child.generation_config = model.generation_config
     return child.eval()

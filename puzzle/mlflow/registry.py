@@ -1,7 +1,7 @@
 """MLflow Model Registry: register exported children with lineage, and promote them through a gate.
 
 An exported child (a Hugging Face checkpoint in the Nemotron-NAS layout, written by
-:func:`puzzle.export.export`) is logged as plain artifacts under ``checkpoint/`` of a run and
+:func:`puzzle.child.export.export`) is logged as plain artifacts under ``checkpoint/`` of a run and
 registered with ``create_model_version(source=<that directory>)``. The version's files are the
 checkpoint itself: ``mlflow artifacts download -u models:/NAME/VERSION`` gives a directory that
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` and serving engines load
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from puzzle.config import RegistryConfig, SearchConfig, TrackingConfig
 from puzzle.errors import PuzzleError
 from puzzle.io import artifacts, storage
 from puzzle.mlflow import tracking
@@ -122,7 +123,8 @@ def _client(tracking_uri: str | None) -> Any:
     uri = tracking.resolve_tracking_uri(override=tracking_uri)
     if uri is None:
         raise RegistryError(
-            "no MLflow tracking URI: set MLFLOW_TRACKING_URI (or tracking.uri in the config) to the MLflow server"
+            "no MLflow tracking URI: set MLFLOW_TRACKING_URI (or tracking.uri in the config) to the MLflow "
+            "server"
         )
     return tracking.client_for(uri)
 
@@ -139,6 +141,16 @@ def find_version_by_hash(client: Any, name: str, content_hash: str) -> Any | Non
     return min(versions, key=lambda v: int(v.version)) if versions else None
 
 
+def registered_version(export_uri: str, model_name: str, *, tracking_uri: str | None = None) -> str:
+    """The version of ``model_name`` that holds the export at ``export_uri`` (by content hash)."""
+    _check_name(model_name)
+    content_hash = artifacts.require_manifest(export_uri, EXPORT_KIND).content_hash
+    version = find_version_by_hash(_client(tracking_uri), model_name, content_hash)
+    if version is None:
+        raise RegistryError(f"{export_uri} is not registered under {model_name!r}: register it first")
+    return str(version.version)
+
+
 def _ensure_registered_model(client: Any, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
@@ -148,7 +160,8 @@ def _ensure_registered_model(client: Any, name: str) -> None:
         try:
             client.create_registered_model(
                 name,
-                description="Children compressed with Puzzle (distillation-based NAS); see version tags for lineage.",
+                description="Children compressed with Puzzle (distillation-based NAS); see version tags for "
+                "lineage.",
             )
         except MlflowException:  # created concurrently
             client.get_registered_model(name)
@@ -283,7 +296,8 @@ def register_parent(
         source=source_uri,
         run_id=run.info.run_id,
         tags={TAG_CONTENT_HASH: content_hash},
-        description=f"Parent checkpoint uploaded from `{source}`. Tag a version `puzzle.request=<profile>` to compress it.",
+        description=f"Parent checkpoint uploaded from `{source}`. Tag a version `puzzle.request=<profile>` "
+        "to compress it.",
     )
     log.info("registry: registered parent %s as %s version %s", source, model_name, version.version)
     return Registration(model_name, version.version, source_uri, created=True)
@@ -294,6 +308,43 @@ def _tag_float(tags: dict[str, str], key: str) -> float | None:
         return float(tags[key])
     except (KeyError, ValueError):
         return None
+
+
+def gate_reasons(figures: dict[str, float | None], min_accuracy_kept: float, min_speedup: float) -> list[str]:
+    """Why a child fails the gates (empty: it passes): a missing figure fails, never passes."""
+    reasons = []
+    accuracy, speedup = figures.get("accuracy_kept"), figures.get("speedup")
+    if accuracy is None:
+        reasons.append(f"no {TAG_ACCURACY_KEPT} figure (evaluate the child before the gate)")
+    elif not accuracy >= min_accuracy_kept:
+        reasons.append(f"accuracy kept {accuracy:.4g} < target {min_accuracy_kept:.4g}")
+    if speedup is None:
+        reasons.append(f"no {TAG_SPEEDUP} figure (evaluate the child before the gate)")
+    elif not speedup >= min_speedup:
+        reasons.append(f"speedup {speedup:.4g} < target {min_speedup:.4g}")
+    return reasons
+
+
+def lineage(
+    parent_uri: str,
+    evaluation: str,
+    search: SearchConfig,
+    *,
+    pipeline_run_id: str | None = None,
+    kfp_run_id: str | None = None,
+    profile: str | None = None,
+) -> Lineage:
+    """The lineage of a child: its parent, the constraints it was searched under and its evaluation."""
+    figures = figures_from_evaluation(evaluation)
+    return Lineage(
+        parent_uri=parent_uri,
+        constraints=list(search.constraints),
+        accuracy_kept=figures.get("accuracy_kept"),
+        speedup=figures.get("speedup"),
+        pipeline_run_id=pipeline_run_id,
+        kfp_run_id=kfp_run_id or None,
+        profile=profile or None,
+    )
 
 
 def promote(
@@ -312,19 +363,14 @@ def promote(
     mv = client.get_model_version(model_name, str(version))
     accuracy = _tag_float(mv.tags, TAG_ACCURACY_KEPT)
     speedup = _tag_float(mv.tags, TAG_SPEEDUP)
-    reasons = []
-    if accuracy is None:
-        reasons.append(f"no {TAG_ACCURACY_KEPT} tag (evaluate the child before the gate)")
-    elif accuracy < min_accuracy_kept:
-        reasons.append(f"accuracy kept {accuracy:.4g} < target {min_accuracy_kept:.4g}")
-    if speedup is None:
-        reasons.append(f"no {TAG_SPEEDUP} tag (evaluate the child before the gate)")
-    elif speedup < min_speedup:
-        reasons.append(f"speedup {speedup:.4g} < target {min_speedup:.4g}")
+    reasons = gate_reasons({"accuracy_kept": accuracy, "speedup": speedup}, min_accuracy_kept, min_speedup)
     passed = not reasons
     if passed:
         client.set_registered_model_alias(model_name, alias, str(version))
-        reason = f"accuracy kept {accuracy:.4g} >= {min_accuracy_kept:.4g}, speedup {speedup:.4g} >= {min_speedup:.4g}"
+        reason = (
+            f"accuracy kept {accuracy:.4g} >= {min_accuracy_kept:.4g}, speedup {speedup:.4g} >= "
+            f"{min_speedup:.4g}"
+        )
     else:
         reason = "; ".join(reasons)
     client.set_model_version_tag(model_name, str(version), TAG_GATE, "passed" if passed else "failed")
@@ -373,3 +419,39 @@ def download(model_uri: str, dst: str | Path, *, tracking_uri: str | None = None
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+
+
+def register_and_gate(
+    parent: str,
+    export: str,
+    evaluation: str,
+    *,
+    registry: RegistryConfig,
+    tracking: TrackingConfig,
+    search: SearchConfig,
+    output: str | None = None,
+    pipeline_run_id: str | None = None,
+    kfp_run_id: str | None = None,
+    profile: str | None = None,
+) -> tuple[Registration, GateResult]:
+    """Phase ``register``: the exported child becomes a version of ``registry.model_name`` (alias
+    ``candidate``) with its lineage, then the gate moves ``champion`` to it when the evaluation
+    meets ``registry.gates``."""
+    from puzzle.mlflow import tracking as mlflow_tracking
+
+    assert registry.model_name is not None, "the register stage runs only when registry.model_name is set"
+    tracking_uri = mlflow_tracking.resolve_tracking_uri(tracking.uri, output)
+    child_lineage = lineage(
+        parent, evaluation, search, pipeline_run_id=pipeline_run_id, kfp_run_id=kfp_run_id, profile=profile
+    )
+    registration = register_child(
+        export, registry.model_name, child_lineage, experiment=tracking.experiment, tracking_uri=tracking_uri
+    )
+    gate = promote(
+        registry.model_name,
+        registration.version,
+        min_accuracy_kept=registry.gates.min_accuracy_kept,
+        min_speedup=registry.gates.min_speedup,
+        tracking_uri=tracking_uri,
+    )
+    return registration, gate

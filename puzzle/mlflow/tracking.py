@@ -43,7 +43,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,7 +106,8 @@ def resolve_tracking_uri(
             raise TrackingError("tracking.uri 'run-dir' needs the run's output root; pass output=")
         if storage.is_s3(output):
             raise TrackingError(
-                f"tracking.uri 'run-dir' keeps a SQLite store under the output root, but output {output!r} is on "
+                f"tracking.uri 'run-dir' keeps a SQLite store under the output root, but output {output!r} "
+                "is on "
                 "S3: set tracking.uri to an MLflow server (http://host:5000) or MLFLOW_TRACKING_URI"
             )
         root = Path(output).resolve()
@@ -165,7 +166,7 @@ def _cell(value: Any) -> Any:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def _rows_table(rows: list[Mapping[str, Any]]) -> dict[str, list[Any]]:
+def _rows_table(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
     """Rows of (possibly nested) dicts -> columns for ``log_table`` (nested keys flattened)."""
     flat = [flatten(r) for r in rows]
     columns: list[str] = []
@@ -299,7 +300,9 @@ class PipelineRun:
             if value is not None:
                 self.client.set_tag(run_id or self.run_id, _metric_key(key), _param_value(value))
 
-    def log_table(self, rows: list[Mapping[str, Any]], artifact_file: str, run_id: str | None = None) -> None:
+    def log_table(
+        self, rows: Sequence[Mapping[str, Any]], artifact_file: str, run_id: str | None = None
+    ) -> None:
         if rows:
             self.client.log_table(run_id or self.run_id, data=_rows_table(rows), artifact_file=artifact_file)
 
@@ -367,7 +370,8 @@ class PipelineRun:
     def _find_phase_run(self, content_hash: str) -> str | None:
         runs = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{TAG_PARENT_RUN}` = '{self.run_id}' and tags.`{TAG_CONTENT_HASH}` = '{content_hash}'",
+            filter_string=f"tags.`{TAG_PARENT_RUN}` = '{self.run_id}' and tags.`{TAG_CONTENT_HASH}` = "
+            f"'{content_hash}'",
             max_results=1,
         )
         return runs[0].info.run_id if runs else None
@@ -451,7 +455,8 @@ def _log_costs(run: PipelineRun, local: Path, run_id: str) -> None:
             params[key] = value
     run.log_params(params, run_id=run_id)
     rows = _row_list(data, ("rows", "costs", "entries"))
-    hardware = data.get("hardware") if isinstance(data.get("hardware"), Mapping) else {}
+    hardware_value = data.get("hardware")
+    hardware = hardware_value if isinstance(hardware_value, Mapping) else {}
     name = str(hardware.get("device_name") or hardware.get("name") or hardware.get("device") or "target")
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
     run.log_table(rows, f"tables/costs_{safe}.json", run_id)
@@ -614,7 +619,8 @@ def pipeline_run(
     run (``close`` defaults to False then: the pipeline's exit handler ends it).
     """
     data = _config_dict(config)
-    section = data.get("tracking") if isinstance(data.get("tracking"), Mapping) else {}
+    section_value = data.get("tracking")
+    section = section_value if isinstance(section_value, Mapping) else {}
     uri = resolve_tracking_uri(section.get("uri"), output or data.get("output"), override=tracking_uri)
     if uri is None:
         yield None

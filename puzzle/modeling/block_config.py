@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+; exported checkpoints may load on 3.10
+    from typing import Self
 
 FFN_WIDTH_MULTIPLE = 256
 
@@ -59,51 +62,89 @@ def ffn_mult_for_width(width: int, hidden_size: int) -> float | None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class AttentionConfig:
-    """One layer's attention: GQA with ``num_kv_heads``, a linear layer, or no-op."""
+class SubBlockConfig:
+    """A sub-block: sized (GQA / SwiGLU, its size in the subclass's ``SIZE`` field), a linear layer,
+    or no-op; named ``<PREFIX><SIZE_TAG><size>``, ``<PREFIX>linear`` or ``<PREFIX>noop``."""
 
-    num_kv_heads: int | None = None
+    LABEL: ClassVar[str]
+    """How errors name it (``attention``, ``ffn``)."""
+    PREFIX: ClassVar[str]
+    SIZE: ClassVar[str]
+    SIZE_TAG: ClassVar[str]
+    SIZE_HINT: ClassVar[str]
+
     linear: bool = False
     no_op: bool = False
 
-    def __post_init__(self) -> None:
-        kinds = int(self.num_kv_heads is not None) + int(self.linear) + int(self.no_op)
-        if kinds != 1:
-            raise BlockConfigError(
-                "attention must be exactly one of num_kv_heads=<int>, linear=True or no_op=True, "
-                f"got num_kv_heads={self.num_kv_heads}, linear={self.linear}, no_op={self.no_op}"
-            )
-        if self.num_kv_heads is not None and (
-            not isinstance(self.num_kv_heads, int) or self.num_kv_heads <= 0
-        ):
-            raise BlockConfigError(
-                f"attention.num_kv_heads must be a positive integer, got {self.num_kv_heads!r}"
-            )
+    def __init_subclass__(
+        cls, *, label: str, prefix: str, size: str, tag: str, hint: str, **kwargs: Any
+    ) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.LABEL, cls.PREFIX, cls.SIZE, cls.SIZE_TAG, cls.SIZE_HINT = label, prefix, size, tag, hint
 
     @property
-    def is_gqa(self) -> bool:
-        return self.num_kv_heads is not None
+    def size(self) -> int | None:
+        value: int | None = getattr(self, self.SIZE)
+        return value
+
+    def __post_init__(self) -> None:
+        size = self.size
+        if int(size is not None) + int(self.linear) + int(self.no_op) != 1:
+            raise BlockConfigError(
+                f"{self.LABEL} must be exactly one of {self.SIZE}=<int>, linear=True or no_op=True, "
+                f"got {self.SIZE}={size}, linear={self.linear}, no_op={self.no_op}"
+            )
+        if size is not None and (not isinstance(size, int) or size <= 0):
+            raise BlockConfigError(f"{self.LABEL}.{self.SIZE} must be a positive integer, got {size!r}")
 
     @property
     def name(self) -> str:
         """Stable short name used in libraries, score tables and reports."""
         if self.no_op:
-            return "attn_noop"
+            return f"{self.PREFIX}noop"
         if self.linear:
-            return "attn_linear"
-        return f"attn_kv{self.num_kv_heads}"
+            return f"{self.PREFIX}linear"
+        return f"{self.PREFIX}{self.SIZE_TAG}{self.size}"
 
     @classmethod
-    def from_name(cls, name: str) -> AttentionConfig:
-        if name == "attn_noop":
+    def from_name(cls, name: str) -> Self:
+        if name == f"{cls.PREFIX}noop":
             return cls(no_op=True)
-        if name == "attn_linear":
+        if name == f"{cls.PREFIX}linear":
             return cls(linear=True)
-        if name.startswith("attn_kv") and name[len("attn_kv") :].isdigit():
-            return cls(num_kv_heads=int(name[len("attn_kv") :]))
+        sized = f"{cls.PREFIX}{cls.SIZE_TAG}"
+        if name.startswith(sized) and name[len(sized) :].isdigit():
+            sizes: dict[str, Any] = {cls.SIZE: int(name[len(sized) :])}
+            return cls(**sizes)
+        kind = "FFN" if cls.LABEL == "ffn" else cls.LABEL
         raise BlockConfigError(
-            f"unknown attention variant name {name!r}: expected attn_kv<N>, attn_linear or attn_noop"
+            f"unknown {kind} variant name {name!r}: expected {sized}{cls.SIZE_HINT}, {cls.PREFIX}linear or "
+            f"{cls.PREFIX}noop"
         )
+
+    @classmethod
+    def _unsized_from_json(cls, data: Any) -> Self | None:
+        """The no-op or linear sub-block a ``block_configs`` entry describes, else None (sized)."""
+        if not isinstance(data, dict):
+            raise BlockConfigError(f"block_configs[].{cls.LABEL} must be an object, got {data!r}")
+        if data.get("no_op"):
+            return cls(no_op=True)
+        if data.get("replace_with_linear"):
+            return cls(linear=True)
+        return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionConfig(
+    SubBlockConfig, label="attention", prefix="attn_", size="num_kv_heads", tag="kv", hint="<N>"
+):
+    """One layer's attention: GQA with ``num_kv_heads``, a linear layer, or no-op."""
+
+    num_kv_heads: int | None = None
+
+    @property
+    def is_gqa(self) -> bool:
+        return self.num_kv_heads is not None
 
     def validate_for(self, num_attention_heads: int) -> None:
         if self.num_kv_heads is not None and num_attention_heads % self.num_kv_heads:
@@ -125,12 +166,9 @@ class AttentionConfig:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], num_attention_heads: int) -> AttentionConfig:
-        if not isinstance(data, dict):
-            raise BlockConfigError(f"block_configs[].attention must be an object, got {data!r}")
-        if data.get("no_op"):
-            return cls(no_op=True)
-        if data.get("replace_with_linear"):
-            return cls(linear=True)
+        unsized = cls._unsized_from_json(data)
+        if unsized is not None:
+            return unsized
         group = data.get("n_heads_in_group")
         if not isinstance(group, int) or group <= 0 or num_attention_heads % group:
             raise BlockConfigError(
@@ -141,50 +179,14 @@ class AttentionConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class FFNConfig:
+class FFNConfig(SubBlockConfig, label="ffn", prefix="ffn_", size="intermediate_size", tag="", hint="<width>"):
     """One layer's FFN: SwiGLU with ``intermediate_size``, a linear layer, or no-op."""
 
     intermediate_size: int | None = None
-    linear: bool = False
-    no_op: bool = False
-
-    def __post_init__(self) -> None:
-        kinds = int(self.intermediate_size is not None) + int(self.linear) + int(self.no_op)
-        if kinds != 1:
-            raise BlockConfigError(
-                "ffn must be exactly one of intermediate_size=<int>, linear=True or no_op=True, got "
-                f"intermediate_size={self.intermediate_size}, linear={self.linear}, no_op={self.no_op}"
-            )
-        if self.intermediate_size is not None and (
-            not isinstance(self.intermediate_size, int) or self.intermediate_size <= 0
-        ):
-            raise BlockConfigError(
-                f"ffn.intermediate_size must be a positive integer, got {self.intermediate_size!r}"
-            )
 
     @property
     def is_mlp(self) -> bool:
         return self.intermediate_size is not None
-
-    @property
-    def name(self) -> str:
-        if self.no_op:
-            return "ffn_noop"
-        if self.linear:
-            return "ffn_linear"
-        return f"ffn_{self.intermediate_size}"
-
-    @classmethod
-    def from_name(cls, name: str) -> FFNConfig:
-        if name == "ffn_noop":
-            return cls(no_op=True)
-        if name == "ffn_linear":
-            return cls(linear=True)
-        if name.startswith("ffn_") and name[len("ffn_") :].isdigit():
-            return cls(intermediate_size=int(name[len("ffn_") :]))
-        raise BlockConfigError(
-            f"unknown FFN variant name {name!r}: expected ffn_<width>, ffn_linear or ffn_noop"
-        )
 
     def to_json(self, hidden_size: int) -> dict[str, Any]:
         out: dict[str, Any] = {"ffn_mult": None, "no_op": self.no_op, "replace_with_linear": self.linear}
@@ -201,12 +203,9 @@ class FFNConfig:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], hidden_size: int) -> FFNConfig:
-        if not isinstance(data, dict):
-            raise BlockConfigError(f"block_configs[].ffn must be an object, got {data!r}")
-        if data.get("no_op"):
-            return cls(no_op=True)
-        if data.get("replace_with_linear"):
-            return cls(linear=True)
+        unsized = cls._unsized_from_json(data)
+        if unsized is not None:
+            return unsized
         if data.get("intermediate_size") is not None:
             return cls(intermediate_size=int(data["intermediate_size"]))
         mult = data.get("ffn_mult")

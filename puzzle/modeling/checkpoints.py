@@ -1,9 +1,10 @@
-"""Child artifacts: a heterogeneous model saved in our layout, plus its tokenizer.
+"""Model artifacts: the parent (converted) and its children, saved in our layout with a tokenizer.
 
-A child artifact (kind ``child``) is a Hugging Face-style directory: ``config.json``
+A model artifact (kind ``parent`` for the converted parent, ``child`` for a realized or distilled
+child) is a Hugging Face-style directory: ``config.json``
 (:class:`DeciLMConfig` with ``block_configs``), ``model.safetensors``, the tokenizer files,
 ``generation_config.json`` and ``parent.json`` (where the parent came from and its family), with
-a ``manifest.json`` written by :func:`puzzle.artifacts.run_phase`.
+a ``manifest.json`` written by :func:`puzzle.io.artifacts.run_phase`.
 """
 
 from __future__ import annotations
@@ -17,24 +18,19 @@ import torch
 
 from puzzle.io import artifacts
 from puzzle.modeling import BlockConfig, DeciLMConfig, DeciLMForCausalLM
+from puzzle.modeling.devices import parse_dtype
 
 log = logging.getLogger(__name__)
 
+PARENT_KIND = "parent"
 CHILD_KIND = "child"
+EXPORT_KIND = "export"
+MODEL_KINDS = (PARENT_KIND, CHILD_KIND, EXPORT_KIND)
+"""Artifact kinds a model can be loaded from."""
 PARENT_INFO = "parent.json"
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
-
-
-def save_child(
+def save_model(
     model: DeciLMForCausalLM, tokenizer: Any, directory: Path, parent_info: dict[str, Any]
 ) -> None:
     """Write a child's files (weights, config, tokenizer, generation config, parent info)."""
@@ -47,23 +43,24 @@ def save_child(
     )
 
 
-def child_dir(uri: str) -> Path:
-    """A verified local directory of the child artifact at ``uri`` (local path or s3://)."""
-    return artifacts.materialize(uri, (CHILD_KIND, "export"))
+def model_dir(uri: str) -> Path:
+    """A verified local directory of the model artifact at ``uri`` (local path or s3://)."""
+    return artifacts.materialize(uri, MODEL_KINDS)
 
 
-def load_child(
+def load_model(
     uri: str | Path, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> DeciLMForCausalLM:
-    """Load a child artifact (or an exported checkpoint) as :class:`DeciLMForCausalLM`."""
+    """Load a model artifact (parent, child or export) as :class:`DeciLMForCausalLM`."""
     local = (
         Path(uri)
         if Path(uri).is_dir() and not (Path(uri) / artifacts.MANIFEST).exists()
-        else child_dir(str(uri))
+        else model_dir(str(uri))
     )
     config = DeciLMConfig.from_pretrained(local)
     model = DeciLMForCausalLM.from_pretrained(local, config=config, dtype=parse_dtype(dtype) or "auto")
-    return model.to(device).eval()
+    # transformers wraps PreTrainedModel.to with functools.wraps, whose typeshed type is unbound.
+    return model.to(device).eval()  # type: ignore[arg-type]
 
 
 def load_tokenizer(uri: str | Path) -> Any:
@@ -72,7 +69,7 @@ def load_tokenizer(uri: str | Path) -> Any:
     local = (
         Path(uri)
         if Path(uri).is_dir() and not (Path(uri) / artifacts.MANIFEST).exists()
-        else child_dir(str(uri))
+        else model_dir(str(uri))
     )
     return AutoTokenizer.from_pretrained(local, trust_remote_code=True)
 
@@ -93,6 +90,31 @@ def child_config_like(parent: DeciLMConfig, blocks: list[BlockConfig]) -> DeciLM
     for key in ("model_type", "transformers_version", "architectures", "auto_map"):
         data.pop(key, None)
     return DeciLMConfig(**data)
+
+
+def model_from_state(
+    config: DeciLMConfig, state: dict[str, torch.Tensor], *, device: torch.device, what: str
+) -> DeciLMForCausalLM:
+    """A :class:`DeciLMForCausalLM` of ``config`` holding ``state`` (the tensors themselves, no copy).
+
+    Built on the meta device, so no memory is spent on an initialisation that is overwritten;
+    tied embeddings are tied again and the RoPE tables rebuilt on ``device``. Raises ``ValueError``
+    naming ``what`` when the state does not fit the config.
+    """
+    with torch.device("meta"):
+        model = DeciLMForCausalLM(config)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{what} do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    # RoPE inverse frequencies were created on the meta device: rebuild them, in float32 (casting
+    # them to bf16 would shift every rotary angle).
+    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -98,7 +98,9 @@ class DeciLMConfig(PretrainedConfig):
         self.block_configs = [
             b.to_json(hidden_size=hidden_size, num_attention_heads=num_attention_heads) for b in blocks
         ]
-        super().__init__(
+        # PreTrainedConfig's dataclass_transform signature lists only its dataclass fields, but its
+        # runtime __init__ (strict(accept_kwargs=True)) hands the other keywords to __post_init__.
+        super().__init__(  # type: ignore[call-arg]
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,

@@ -31,6 +31,7 @@ batch, which is what the cost tables predict), and ``decode_throughput`` = ``bat
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import platform
@@ -39,13 +40,14 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
 
 from puzzle.errors import PuzzleError
 from puzzle.modeling import BlockConfig, DeciLMConfig
+from puzzle.modeling.devices import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -58,31 +60,6 @@ class EngineError(PuzzleError, ValueError):
 
 
 # --------------------------------------------------------------------------- devices
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``auto``/None: CUDA when available, else CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EngineError(
-            f"device {device!r} was asked for but CUDA is not available here; use device='cpu' or 'auto'"
-        )
-    return dev
-
-
-def default_dtype(device: torch.device, dtype: str | torch.dtype | None) -> torch.dtype:
-    """bfloat16 on CUDA and float32 on CPU unless ``dtype`` says otherwise."""
-    from puzzle.modeling.checkpoints import parse_dtype
-
-    try:
-        chosen = parse_dtype(dtype)
-    except ValueError as exc:
-        raise EngineError(f"dtype: {exc}") from None
-    if chosen is not None:
-        return chosen
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def cpu_name() -> str:
@@ -133,7 +110,8 @@ def _driver_version() -> str | None:
         except (OSError, subprocess.SubprocessError):
             pass
     try:
-        cuda_driver = torch._C._cuda_getDriverVersion()  # CUDA driver API version, e.g. 13000
+        # CUDA driver API version, e.g. 13000 (a private binding torch's stubs do not declare)
+        cuda_driver = torch._C._cuda_getDriverVersion()  # type: ignore[attr-defined]
         return f"cuda-driver-api-{cuda_driver}"
     except Exception:  # noqa: BLE001
         return None
@@ -255,9 +233,17 @@ class EngineWeights:
             DeciLMMLP,
         )
 
+        @overload
+        def take(t: torch.Tensor) -> torch.Tensor: ...
+        @overload
+        def take(t: torch.Tensor | None) -> torch.Tensor | None: ...
         def take(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.detach().to(device=device, dtype=dtype)
 
+        @overload
+        def cat(*ts: torch.Tensor) -> torch.Tensor: ...
+        @overload
+        def cat(*ts: torch.Tensor | None) -> torch.Tensor | None: ...
         def cat(*ts: torch.Tensor | None) -> torch.Tensor | None:
             if any(t is None for t in ts):
                 return None
@@ -308,7 +294,7 @@ class EngineWeights:
             tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
             lm_head = embed if tied else take(model.lm_head.weight)
             norm = take(model.model.norm.weight)
-        return cls(config, embed, norm, lm_head, layers, device, dtype)  # type: ignore[arg-type]
+        return cls(config, embed, norm, lm_head, layers, device, dtype)
 
     @classmethod
     def random(
@@ -487,7 +473,8 @@ class Session:
         cfg = weights.config
         if cfg.sliding_window and max_len > cfg.sliding_window:
             raise EngineError(
-                f"prompt_len + gen_len = {max_len} exceeds the model's sliding window ({cfg.sliding_window}); "
+                f"prompt_len + gen_len = {max_len} exceeds the model's sliding window "
+                f"({cfg.sliding_window}); "
                 "the engine keeps the whole context: use a shorter workload"
             )
         self.weights = weights
@@ -645,7 +632,7 @@ class Session:
             self._prefill_graph = self._capture(lambda: self._forward_prefill(self._prompt))  # type: ignore[arg-type]
         for length in sorted({self.bucket_for(c) for c in contexts}):
             if length not in self._decode_graphs:
-                self._decode_graphs[length] = self._capture(lambda n=length: self._forward_decode(n))
+                self._decode_graphs[length] = self._capture(functools.partial(self._forward_decode, length))
 
     # ----------------------------------------------------------------- public steps
 
@@ -847,7 +834,7 @@ def measure_throughput(
     batch_size: int,
     prompt_len: int,
     gen_len: int,
-    device: str | torch.device | None,
+    device: str | torch.device = "auto",
     repeats: int,
     dtype: str | torch.dtype | None = None,
     graphs: bool | None = None,
@@ -863,7 +850,7 @@ def measure_throughput(
     """
     check_workload(batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats)
     dev = resolve_device(device)
-    weights = EngineWeights.from_model(model, device=dev, dtype=default_dtype(dev, dtype))
+    weights = EngineWeights.from_model(model, device=dev, dtype=resolve_dtype(dtype, dev))
     result = measure_weights(
         weights, batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats, graphs=graphs
     )

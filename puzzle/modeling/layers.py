@@ -124,23 +124,27 @@ def build_layer(
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise ValueError(
-            f"weights for {block.name} do not fit the layer: missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}"
+            f"weights for {block.name} do not fit the layer: missing {sorted(missing)[:4]}, unexpected "
+            f"{sorted(unexpected)[:4]}"
         )
     layer.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
     return layer
 
 
-def child_config(child: str) -> DeciLMConfig:
-    """The config of a child artifact, checked to be one, without hashing its weights when local."""
-    if storage.is_s3(child):
-        return DeciLMConfig.from_pretrained(artifacts.materialize(child, "child"))
-    artifacts.require_manifest(child, "child")
-    return DeciLMConfig.from_pretrained(child)
+def model_config(uri: str) -> DeciLMConfig:
+    """The config of a model artifact (parent or child), checked to be one, without hashing its
+    weights when local."""
+    from puzzle.modeling.checkpoints import MODEL_KINDS
+
+    if storage.is_s3(uri):
+        return DeciLMConfig.from_pretrained(artifacts.materialize(uri, MODEL_KINDS))
+    artifacts.require_manifest(uri, MODEL_KINDS)
+    return DeciLMConfig.from_pretrained(uri)
 
 
-def load_verified_child(local: Path, *, dtype: str, device: Any) -> DeciLMForCausalLM:
-    """Load a child from a directory :func:`puzzle.artifacts.run_phase` has already verified."""
-    from puzzle.modeling.checkpoints import parse_dtype
+def load_verified_model(local: Path, *, dtype: str, device: Any) -> DeciLMForCausalLM:
+    """Load a model from a directory :func:`puzzle.io.artifacts.run_phase` has already verified."""
+    from puzzle.modeling.devices import parse_dtype
 
     model = DeciLMForCausalLM.from_pretrained(
         local, config=DeciLMConfig.from_pretrained(local), dtype=parse_dtype(dtype)

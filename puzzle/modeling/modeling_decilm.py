@@ -6,7 +6,7 @@ layer's own width, a single linear layer, or nothing. A no-op sub-block has no m
 weights and no norm, so the residual stream passes it unchanged.
 
 Copied verbatim into exported checkpoints (``auto_map`` / ``trust_remote_code=True``); it uses
-transformers' own RoPE, mask and attention functions so that an all-parent child computes
+transformers' own RoPE, mask and attention functions so that a model of the parent's blocks computes
 exactly what ``LlamaForCausalLM`` (or Mistral/Qwen2/Qwen3) computes.
 """
 
@@ -52,6 +52,8 @@ class DeciLMRMSNorm(nn.Module):
 
 
 class DeciLMRotaryEmbedding(nn.Module):
+    inv_freq: torch.Tensor
+
     def __init__(self, config: DeciLMConfig) -> None:
         super().__init__()
         self.config = config
@@ -99,7 +101,7 @@ def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def eager_attention_forward(
-    module: nn.Module,
+    module: DeciLMAttention,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -325,7 +327,7 @@ class DeciLMModel(DeciLMPreTrainedModel):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
+        position_ids: torch.Tensor | None = None,
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
@@ -371,10 +373,11 @@ class DeciLMModel(DeciLMPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         if all_hidden_states is not None:
             all_hidden_states.append(hidden_states)
+        cache_output: dict[str, Any] = {_OUTPUT_CACHE_FIELD: cache if use_cache else None}
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
-            **{_OUTPUT_CACHE_FIELD: cache if use_cache else None},
+            **cache_output,
         )
 
 

@@ -2,7 +2,7 @@
 
 The evaluation compares the Puzzle child against these at the same constraints (and the same
 training budget), so each writes ``solutions.json`` in the search's format
-(:func:`puzzle.search.describe`), with ``method`` set:
+(:func:`puzzle.search.mip.describe`), with ``method`` set:
 
 * ``greedy``: from the parent, repeatedly make the single-layer change with the smallest score
   increase per unit of constraint violation removed, until every constraint holds (the paper's
@@ -22,11 +22,12 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from puzzle.config import BaselinesConfig, GKDConfig, SearchConfig
 from puzzle.errors import PuzzleError
 from puzzle.io import artifacts
 from puzzle.io.artifacts import Manifest, run_phase
@@ -51,6 +52,9 @@ from puzzle.search.tables import (
     metric_key,
 )
 
+if TYPE_CHECKING:
+    from puzzle.modeling import DeciLMForCausalLM
+
 log = logging.getLogger(__name__)
 
 METHODS = ("greedy", "noop_only", "uniform_width", "layer_dropping")
@@ -74,7 +78,8 @@ def greedy(table: BlockTable, constraints: list[Constraint], *, maximize: bool) 
     choice = greedy_repair(problem, np.asarray(table.parent))
     if choice is None:
         raise InfeasibleConstraintError(
-            f"greedy: no sequence of single-layer changes meets {[c.text for c in constraints]} at batch size "
+            f"greedy: no sequence of single-layer changes meets {[c.text for c in constraints]} at batch "
+            "size "
             f"{table.batch_size}"
         )
     return describe(table, [int(c) for c in choice], constraints, method="greedy", status="feasible")
@@ -137,7 +142,8 @@ def layer_dropping(
         dropped.append(int(layer))
     if not _feasible(table, constraints, choice):
         raise InfeasibleConstraintError(
-            f"layer_dropping: even with every layer dropped, {[c.text for c in constraints]} is not met at batch size "
+            f"layer_dropping: even with every layer dropped, {[c.text for c in constraints]} is not met at "
+            "batch size "
             f"{table.batch_size}"
         )
     return describe(
@@ -155,7 +161,7 @@ def layer_dropping(
 
 
 @torch.no_grad()
-def block_influence(model: torch.nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8) -> list[float]:
+def block_influence(model: DeciLMForCausalLM, input_ids: torch.Tensor, *, batch_size: int = 8) -> list[float]:
     """Per layer, 1 - mean cosine similarity between the hidden state entering and leaving it."""
     layers = model.model.layers
     sums = torch.zeros(len(layers), dtype=torch.float64)
@@ -199,13 +205,14 @@ def _input_uri(uri: str | None, name: str) -> str | None:
 
 
 def _resolve(child: str | None, tokens: str | None, scores: str, library: str | None) -> tuple[str, str]:
-    """The parent child and tokens: given, or the ones the scores (or library) were made from."""
+    """The parent and tokens: given, or the ones the scores (or library) were made from."""
     for source in (scores, library):
-        child = child or _input_uri(source, "child")
+        child = child or _input_uri(source, "parent")
         tokens = tokens or _input_uri(source, "tokens")
     if not child or not tokens:
         raise BaselineError(
-            "layer_dropping needs the parent (child=...) and calibration tokens (tokens=...) to measure block "
+            "layer_dropping needs the parent (parent=...) and calibration tokens (tokens=...) to measure "
+            "block "
             "influence; they could not be found in the scores' or library's manifest either"
         )
     return child, tokens
@@ -219,26 +226,26 @@ def baseline(
     scores: str,
     costs: str,
     out: str,
+    search: SearchConfig,
     *,
-    library: str | None = None,
-    objective: str = "kl_div",
-    maximize: bool | None = None,
-    constraints: list[str] | tuple[str, ...] = (),
-    batch_size: int | None = None,
-    child: str | None = None,
+    parent: str | None = None,
     tokens: str | None = None,
+    library: str | None = None,
+    batch_size: int | None = None,
     split: str = "calibration",
     max_sequences: int = 32,
-    device: str = "cpu",
-    time_limit: float = 60.0,
+    device: str = "auto",
     force: bool = False,
 ) -> Manifest:
-    """Write the ``method`` baseline's solution at ``out`` (a ``solutions`` artifact).
+    """Write the ``method`` baseline's solution at ``out`` (a ``solutions`` artifact), at the
+    search's objective and constraints.
 
     ``batch_size`` None: every batch size of the cost table, keeping the best-scoring result.
     ``layer_dropping`` measures block influence on ``max_sequences`` sequences of ``split`` of
-    ``tokens`` with the parent ``child``; both default to those the scores were computed from.
+    ``tokens`` with the ``parent``; both default to those the scores were computed from.
     """
+    objective, constraints, time_limit = search.objective, search.constraints, search.time_limit_s
+    child = parent
     method = _ALIASES.get(method, method)
     if method not in METHODS:
         raise BaselineError(f"unknown baseline {method!r}; use one of {', '.join(METHODS)}")
@@ -247,7 +254,7 @@ def baseline(
         raise SearchError(
             "a baseline needs at least one constraint (e.g. 'throughput>=1.5x'), or it is the parent"
         )
-    maximize = default_maximize(objective) if maximize is None else maximize
+    maximize = default_maximize(objective)
     from puzzle.search.costs import CostsError, load_costs
 
     try:
@@ -272,7 +279,7 @@ def baseline(
     inputs = {"scores": scores, "costs": costs}
     if method == "layer_dropping":
         child, tokens = _resolve(child, tokens, scores, library)
-        inputs.update(child=child, tokens=tokens)
+        inputs.update(parent=child, tokens=tokens)
     parameters = {
         "method": method,
         "objective": metric_key(objective),
@@ -288,9 +295,12 @@ def baseline(
         influence: list[float] | None = None
         if method == "layer_dropping":
             from puzzle.data import load_split
-            from puzzle.modeling.checkpoints import load_child
+            from puzzle.modeling.checkpoints import load_model
+            from puzzle.modeling.devices import resolve_device
 
-            model = load_child(child, dtype="float32", device=device)
+            if child is None or tokens is None:  # unreachable: _resolve() set both above
+                raise BaselineError("layer_dropping needs the parent and calibration tokens")
+            model = load_model(child, dtype="float32", device=resolve_device(device))
             ids = load_split(tokens, split)[:max_sequences]
             influence = block_influence(model, ids)
             del model
@@ -354,3 +364,41 @@ def _rank(solution: dict[str, Any], maximize: bool) -> tuple[float, float]:
     if value is None or not math.isfinite(value):
         return (math.inf, speed)
     return (-value if maximize else value, speed)
+
+
+def baseline_child(
+    method: str,
+    library: str,
+    scores: str,
+    costs: str,
+    parent: str,
+    tokens: str,
+    out: str,
+    *,
+    search: SearchConfig,
+    gkd: GKDConfig,
+    baselines: BaselinesConfig,
+    work: str | None = None,
+    device: str = "auto",
+) -> Manifest:
+    """Phase ``baselines`` (one method): the baseline's solution, its child realized from the library
+    and, with ``baselines.gkd``, distilled with the Puzzle child's GKD settings.
+
+    The solution and the realized child are written under ``work`` (default ``<out>-steps``:
+    ``solutions/``, ``realized/``); the final child at ``out`` (its ``parent.json`` names the
+    method). Each step resumes like any phase.
+    """
+    from puzzle.child.gkd import distill
+    from puzzle.child.realize import realize
+    from puzzle.io import storage
+
+    work = work or f"{out.rstrip('/')}-steps"
+    solutions = storage.join(work, "solutions")
+    baseline(
+        method, scores, costs, solutions, search, parent=parent, tokens=tokens, library=library, device=device
+    )
+    realized = storage.join(work, "realized") if baselines.gkd else out
+    manifest = realize(library, solutions, parent, realized)
+    if baselines.gkd:
+        manifest = distill(realized, parent, tokens, out, gkd, device=device)
+    return manifest

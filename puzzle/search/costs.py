@@ -1,4 +1,4 @@
-"""Hardware cost tables (DESIGN §3.5): measured latency and memory of every sub-block variant.
+"""Hardware cost tables: measured latency and memory of every sub-block variant.
 
 Puzzle is hardware-aware: the search needs, for every variant a layer could take, what it costs
 on the GPU the child will be served on, at the workload it will serve. :func:`measure` writes a
@@ -17,7 +17,7 @@ shapes, so each name is measured once) and for the embeddings + final norm + LM 
   ``memory_bytes`` = weights + KV cache at that batch (batch x (prompt_len + gen_len) x
   ``kv_bytes_per_token``).
 
-How a sub-block is measured (backend ``torch``, :mod:`puzzle.engine`): a model made of N copies
+How a sub-block is measured (backend ``torch``, :mod:`puzzle.modeling.engine`): a model made of N copies
 of that sub-block alone (random weights of the real shapes; N large enough that the copies'
 weights do not fit in the GPU's L2 cache, as in the real model) runs in the same engine loop as
 whole models (static KV cache, CUDA graphs, bf16); its time minus the time of the model with no
@@ -43,16 +43,18 @@ import random
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
 from tqdm import tqdm
 
+from puzzle.config import CostsConfig
 from puzzle.errors import PuzzleError
 from puzzle.io import artifacts, storage
 from puzzle.modeling import AttentionConfig, BlockConfig, BlockConfigError, DeciLMConfig, FFNConfig, engine
+from puzzle.modeling.checkpoints import MODEL_KINDS
+from puzzle.modeling.devices import parse_dtype, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -87,38 +89,14 @@ class CostsError(PuzzleError, ValueError):
 # --------------------------------------------------------------------------- workload
 
 
-@dataclass(frozen=True, kw_only=True)
-class Workload:
-    """The serving workload costs are measured for."""
-
-    batch_sizes: tuple[int, ...]
-    prompt_len: int
-    gen_len: int
-
-    def check(self) -> None:
-        if not self.batch_sizes:
-            raise CostsError("batch_sizes must list at least one batch size, e.g. [1, 16, 64]")
-        for b in self.batch_sizes:
-            if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
-                raise CostsError(
-                    f"batch_sizes must be positive integers, got {b!r} in {list(self.batch_sizes)}"
-                )
-        for name in ("prompt_len", "gen_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise CostsError(f"{name} must be a positive integer, got {value!r}")
-
-    @property
-    def contexts(self) -> list[int]:
-        return engine.decode_contexts(self.prompt_len, self.gen_len)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "batch_sizes": list(self.batch_sizes),
-            "prompt_len": self.prompt_len,
-            "gen_len": self.gen_len,
-            "decode_steps": self.gen_len - 1,
-        }
+def workload_json(workload: CostsConfig) -> dict[str, Any]:
+    """The serving workload of a table, as recorded in ``costs.json``."""
+    return {
+        "batch_sizes": list(workload.batch_sizes),
+        "prompt_len": workload.prompt_len,
+        "gen_len": workload.gen_len,
+        "decode_steps": workload.gen_len - 1,
+    }
 
 
 # --------------------------------------------------------------------------- shapes
@@ -195,26 +173,26 @@ class CostBackend(Protocol):
 
     def hardware(self) -> dict[str, Any]: ...
 
-    def measure_fixed(self, config: DeciLMConfig, workload: Workload) -> dict[int, dict[str, float]]: ...
+    def measure_fixed(self, config: DeciLMConfig, workload: CostsConfig) -> dict[int, dict[str, float]]: ...
 
     def measure_subblock(
-        self, config: DeciLMConfig, name: str, workload: Workload
+        self, config: DeciLMConfig, name: str, workload: CostsConfig
     ) -> dict[int, dict[str, float]]: ...
 
     def measure_model(
-        self, config: DeciLMConfig, workload: Workload, *, seed: int = 0
+        self, config: DeciLMConfig, workload: CostsConfig, *, seed: int = 0
     ) -> dict[int, dict[str, Any]]: ...
 
 
 class TorchBackend:
-    """The project's own loop (:mod:`puzzle.engine`): static KV cache, CUDA graphs on GPU."""
+    """The project's own loop (:mod:`puzzle.modeling.engine`): static KV cache, CUDA graphs on GPU."""
 
     name: ClassVar[str] = "torch"
 
     def __init__(
         self,
         *,
-        device: str | torch.device | None = "auto",
+        device: str | torch.device = "auto",
         dtype: str | torch.dtype | None = None,
         repeats: int = 3,
         stack_layers: int | None = None,
@@ -224,8 +202,8 @@ class TorchBackend:
             raise CostsError(f"repeats must be a positive integer, got {repeats!r}")
         if stack_layers is not None and stack_layers <= 0:
             raise CostsError(f"stack_layers must be a positive integer, got {stack_layers!r}")
-        self.device = engine.resolve_device(device)
-        self.dtype = engine.default_dtype(self.device, dtype)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.repeats = repeats
         self.seed = seed
         self._stack_layers = stack_layers
@@ -235,7 +213,7 @@ class TorchBackend:
         self._fixed: engine.EngineWeights | None = None
         self._fixed_key: str | None = None
         self._hardware: dict[str, Any] | None = None
-        self._base_cache: dict[tuple[str, Workload], dict[int, dict[str, float]]] = {}
+        self._base_cache: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
 
     def hardware(self) -> dict[str, Any]:
         if self._hardware is None:
@@ -266,10 +244,10 @@ class TorchBackend:
             self._fixed_key = key
         return self._fixed, key
 
-    def _time(self, weights: engine.EngineWeights, workload: Workload) -> dict[int, dict[str, float]]:
+    def _time(self, weights: engine.EngineWeights, workload: CostsConfig) -> dict[int, dict[str, float]]:
         """Median prefill seconds and mean decode-step seconds over the workload, per batch size."""
         out: dict[int, dict[str, float]] = {}
-        contexts = workload.contexts
+        contexts = workload.decode_contexts
         for batch in workload.batch_sizes:
             session = engine.Session(
                 weights, batch_size=batch, max_len=workload.prompt_len + workload.gen_len
@@ -298,14 +276,15 @@ class TorchBackend:
             del session
         return out
 
-    def _base(self, config: DeciLMConfig, workload: Workload) -> dict[int, dict[str, float]]:
+    def _base(self, config: DeciLMConfig, workload: CostsConfig) -> dict[int, dict[str, float]]:
         """Timings of the model without layers (measured once per parent shape and workload)."""
         weights, key = self._fixed_weights(config)
-        if (key, workload) not in self._base_cache:
-            self._base_cache[(key, workload)] = self._time(weights, workload)
-        return self._base_cache[(key, workload)]
+        cache_key = (key, json.dumps(workload_json(workload)))
+        if cache_key not in self._base_cache:
+            self._base_cache[cache_key] = self._time(weights, workload)
+        return self._base_cache[cache_key]
 
-    def measure_fixed(self, config: DeciLMConfig, workload: Workload) -> dict[int, dict[str, float]]:
+    def measure_fixed(self, config: DeciLMConfig, workload: CostsConfig) -> dict[int, dict[str, float]]:
         timed = self._base(config, workload)
         return {
             b: {"prefill_ms": t["prefill_s"] * 1e3, "decode_ms": t["decode_s"] * 1e3}
@@ -313,7 +292,7 @@ class TorchBackend:
         }
 
     def measure_subblock(
-        self, config: DeciLMConfig, name: str, workload: Workload
+        self, config: DeciLMConfig, name: str, workload: CostsConfig
     ) -> dict[int, dict[str, float]]:
         from puzzle.modeling.checkpoints import child_config_like
 
@@ -351,7 +330,7 @@ class TorchBackend:
         return out
 
     def measure_model(
-        self, config: DeciLMConfig, workload: Workload, *, seed: int = 0
+        self, config: DeciLMConfig, workload: CostsConfig, *, seed: int = 0
     ) -> dict[int, dict[str, Any]]:
         fixed, _ = self._fixed_weights(config)
         weights = engine.EngineWeights.random(
@@ -374,41 +353,11 @@ class TorchBackend:
         return out
 
 
-class VllmBackend:
-    """Placeholder for measuring with vLLM (which reads exported Nemotron-NAS checkpoints)."""
-
-    name: ClassVar[str] = "vllm"
-
-    def __init__(self, **_: Any) -> None:
-        try:
-            import vllm  # type: ignore[import-not-found]  # noqa: F401
-        except ImportError:
-            raise CostsError(
-                "backend 'vllm' needs the vllm package, which is not installed here; use backend='torch' "
-                "(the project's own loop), or install vllm in the image that measures costs"
-            ) from None
-        raise CostsError("backend 'vllm' is not implemented in this package yet; use backend='torch'")
-
-
-BACKENDS: dict[str, type] = {"torch": TorchBackend, "vllm": VllmBackend}
-"""Measuring backends by name; a backend implements :class:`CostBackend`."""
-
-
-def make_backend(name: str, **options: Any) -> CostBackend:
-    """A measuring backend by name (validated before any measurement)."""
-    if name not in BACKENDS:
-        raise CostsError(f"backend must be one of {sorted(BACKENDS)}, got {name!r}")
-    return BACKENDS[name](**options)
-
-
-# --------------------------------------------------------------------------- the table
-
-
 def _entry(
     config: DeciLMConfig,
     name: str,
     measured: Mapping[int, Mapping[str, float]] | None,
-    workload: Workload,
+    workload: CostsConfig,
     dtype_bytes: int,
 ) -> dict[str, Any]:
     params = fixed_params(config) if name == FIXED else subblock_params(config, name)
@@ -446,7 +395,7 @@ def _entry(
     return entry
 
 
-def _rows(subblocks: Mapping[str, Mapping[str, Any]], workload: Workload) -> list[dict[str, Any]]:
+def _rows(subblocks: Mapping[str, Mapping[str, Any]], workload: CostsConfig) -> list[dict[str, Any]]:
     rows = []
     for name, entry in subblocks.items():
         for b in workload.batch_sizes:
@@ -480,18 +429,17 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 def build_table(
     config: DeciLMConfig,
     names: Sequence[str],
-    workload: Workload,
+    workload: CostsConfig,
     backend: CostBackend,
     *,
     parent_blocks: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Measure the fixed part and every sub-block in ``names``: the ``costs.json`` document."""
-    workload.check()
     names = list(dict.fromkeys(names))
     for name in names:
         subblock_params(config, name)  # every name valid for this parent, before measuring
     hardware = backend.hardware()
-    dtype_bytes = engine.default_dtype(torch.device(hardware["device"]), hardware["dtype"]).itemsize
+    dtype_bytes = resolve_dtype(hardware["dtype"], torch.device(hardware["device"])).itemsize
     started = time.perf_counter()
     subblocks: dict[str, Any] = {
         FIXED: _entry(config, FIXED, backend.measure_fixed(config, workload), workload, dtype_bytes)
@@ -517,12 +465,14 @@ def build_table(
         "format": COSTS_FORMAT,
         "format_version": FORMAT_VERSION,
         "hardware": hardware,
-        "workload": workload.to_json(),
+        "workload": workload_json(workload),
         "measurement": {
             "backend": backend.name,
             "runtime_ms": "prefill_ms + (gen_len - 1) * decode_ms",
-            "decode_ms": "mean per decode step over the workload (first and last context measured, linear between)",
-            "method": "N copies of the sub-block alone in the engine loop, minus the model without layers, over N",
+            "decode_ms": "mean per decode step over the workload (first and last context measured, linear "
+            "between)",
+            "method": "N copies of the sub-block alone in the engine loop, minus the model without layers, "
+            "over N",
             "repeats": getattr(backend, "repeats", None),
             "bucket": engine.BUCKET if hardware["device_type"] == "cuda" else 1,
             "build_seconds": time.perf_counter() - started,
@@ -546,10 +496,10 @@ def build_table(
     }
 
 
-def _read_child_config(child: str) -> DeciLMConfig:
-    """The child's config.json alone (measuring costs needs shapes, not weights)."""
-    artifacts.require_manifest(child, ("child", "export"))
-    return config_from_json(storage.read_json(storage.join(child, "config.json")))
+def _read_parent_config(parent: str) -> DeciLMConfig:
+    """The parent's config.json alone (measuring costs needs shapes, not weights)."""
+    artifacts.require_manifest(parent, MODEL_KINDS)
+    return config_from_json(storage.read_json(storage.join(parent, "config.json")))
 
 
 def library_subblocks(library: str, config: DeciLMConfig) -> list[str]:
@@ -577,48 +527,32 @@ def library_subblocks(library: str, config: DeciLMConfig) -> list[str]:
 
 
 def measure(
-    library: str,
-    child: str,
-    out: str,
-    *,
-    batch_sizes: Sequence[int],
-    prompt_len: int,
-    gen_len: int,
-    device: str | None = "auto",
-    dtype: str | None = None,
-    repeats: int = 3,
-    backend: str = "torch",
-    stack_layers: int | None = None,
+    library: str, parent: str, out: str, costs: CostsConfig, *, device: str = "auto"
 ) -> artifacts.Manifest:
-    """Phase: the cost table of every sub-block of ``library`` on this machine (artifact kind ``costs``).
+    """Phase ``costs``: the cost table of every sub-block of ``library`` on this machine.
 
     Args:
         library: block library artifact (its variant names; weights are not read).
-        child: the parent as an all-parent child artifact (shapes, and the parent's blocks).
+        parent: the parent artifact (shapes, and the parent's blocks).
         out: where to write the ``costs`` artifact (local directory or ``s3://``).
-        batch_sizes: batch sizes of the serving workload.
-        prompt_len: prompt tokens per sequence.
-        gen_len: generated tokens per sequence.
-        device: ``auto``/None (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
-        dtype: ``bfloat16`` / ``float16`` / ``float32``; default bfloat16 on CUDA, float32 on CPU.
-        repeats: timing repeats (medians).
-        backend: measuring backend (``torch``; ``vllm`` is a named placeholder).
-        stack_layers: copies of a sub-block timed together (default: enough to exceed the L2 cache).
+        costs: the serving workload (batch sizes, prompt and generated tokens), dtype, repeats.
+        device: the device measured (the target hardware).
 
     A re-run with the same inputs, parameters and hardware is skipped; on other hardware (or
     another driver, torch or dtype) the table is measured afresh.
     """
-    workload = Workload(batch_sizes=tuple(batch_sizes), prompt_len=prompt_len, gen_len=gen_len)
-    workload.check()
-    meter = make_backend(backend, device=device, dtype=dtype, repeats=repeats, stack_layers=stack_layers)
-    config = _read_child_config(child)
+    workload = costs
+    meter = TorchBackend(
+        device=device, dtype=parse_dtype(costs.dtype), repeats=costs.repeats, stack_layers=costs.stack_layers
+    )
+    config = _read_parent_config(parent)
     names = library_subblocks(library, config)
     hardware = meter.hardware()
     parameters = {
-        **workload.to_json(),
-        "repeats": repeats,
-        "backend": backend,
-        "stack_layers": stack_layers,
+        **workload_json(workload),
+        "repeats": costs.repeats,
+        "backend": meter.name,
+        "stack_layers": costs.stack_layers,
         "hardware": {k: hardware.get(k) for k in (*IDENTITY_KEYS, "device")},
     }
 
@@ -638,7 +572,7 @@ def measure(
         return summary
 
     return artifacts.run_phase(
-        COSTS_KIND, out, {"library": library, "child": child}, parameters, body, materialize_inputs=False
+        COSTS_KIND, out, {"library": library, "parent": parent}, parameters, body, materialize_inputs=False
     )
 
 
@@ -656,8 +590,10 @@ def check_same_hardware(
     diffs = [f"{k} {ha.get(k)!r} vs {hb.get(k)!r}" for k in IDENTITY_KEYS if ha.get(k) != hb.get(k)]
     if diffs:
         raise CostsError(
-            f"refusing to mix {what} from different hardware: {wa} was measured on {ha.get('device_name')!r} and {wb} "
-            f"on {hb.get('device_name')!r} ({'; '.join(diffs)}); costs are only valid where they were measured: "
+            f"refusing to mix {what} from different hardware: {wa} was measured on {ha.get('device_name')!r} "
+            f"and {wb} "
+            f"on {hb.get('device_name')!r} ({'; '.join(diffs)}); costs are only valid where they were "
+            "measured: "
             "re-measure with `puzzle costs` on the target machine"
         )
 
@@ -721,7 +657,8 @@ class CostTable:
         if batch_size not in self.batch_sizes:
             raise CostsError(
                 f"cost table {self.where} was not measured at batch size {batch_size} "
-                f"(it has {self.batch_sizes}); re-run `puzzle costs --batch-sizes ...`"
+                f"(it has {self.batch_sizes}); re-run `puzzle costs` with that batch size in "
+                "costs.batch_sizes"
             )
 
     def subblock(self, name: str, batch_size: int) -> dict[str, Any]:
@@ -824,7 +761,7 @@ def calibrate(
     children: Sequence[Sequence[str]] | int,
     *,
     batch_sizes: Sequence[int] | None = None,
-    device: str | None = "auto",
+    device: str = "auto",
     repeats: int = 1,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -853,16 +790,12 @@ def calibrate(
             )
         for block in arch:
             table.block(block, sizes[0])  # every name must be in the table
-    meter = make_backend(
-        table.hardware.get("backend", "torch"),
-        device=device,
-        dtype=table.hardware["dtype"],
-        repeats=repeats,
-        seed=seed,
-    )
+    if table.hardware.get("backend", "torch") != TorchBackend.name:
+        raise CostsError(f"cost table {table.where} was measured with backend {table.hardware['backend']!r}")
+    meter = TorchBackend(device=device, dtype=table.hardware["dtype"], repeats=repeats, seed=seed)
     check_same_hardware(table, meter.hardware(), what="a cost table and a measurement")
     config = table.config()
-    workload = Workload(batch_sizes=tuple(sizes), prompt_len=table.prompt_len, gen_len=table.gen_len)
+    workload = CostsConfig(batch_sizes=list(sizes), prompt_len=table.prompt_len, gen_len=table.gen_len)
     results = []
     for index, arch in enumerate(tqdm(archs, desc="calibrate", unit="child", leave=False)):
         child_config = child_config_like(config, [BlockConfig.from_name(b) for b in arch])
@@ -886,7 +819,7 @@ def calibrate(
     return {
         "table": table.where,
         "hardware": table.hardware,
-        "workload": workload.to_json(),
+        "workload": workload_json(workload),
         "children": results,
         "summary": {
             "children": len(results),

@@ -103,13 +103,13 @@ class Problem:
     def num_rows(self) -> int:
         return self.coef.shape[0]
 
-    def totals(self, choice: Sequence[int]) -> tuple[float, np.ndarray]:
+    def totals(self, choice: Sequence[int] | np.ndarray) -> tuple[float, np.ndarray]:
         """Objective and row totals of one architecture."""
         idx = np.asarray(choice)
         layers = np.arange(self.num_layers)
         return float(self.score[layers, idx].sum()), self.coef[:, layers, idx].sum(axis=1)
 
-    def is_feasible(self, choice: Sequence[int]) -> bool:
+    def is_feasible(self, choice: Sequence[int] | np.ndarray) -> bool:
         _, used = self.totals(choice)
         return bool(np.all(used <= self.limit + _tol(self.limit)))
 
@@ -221,7 +221,7 @@ def heuristic(
     return None if choice is None else local_search(problem, choice, reduced, max_rounds=max_rounds)
 
 
-def greedy_repair(problem: Problem, start: Sequence[int]) -> np.ndarray | None:
+def greedy_repair(problem: Problem, start: Sequence[int] | np.ndarray) -> np.ndarray | None:
     """From ``start``, repeatedly take the single-layer change with the smallest score increase per
     unit of constraint violation it removes, until every row holds (None if it gets stuck)."""
     L = problem.num_layers
@@ -515,7 +515,7 @@ def _solve_groups(
             float(g.score[i]) * y[i] for g, y in zip(groups, ys) for i in range(len(g))
         )
         if start is not None:
-            pairs = []
+            pairs: list[tuple[Any, float]] = []
             for g, y in zip(groups, ys):
                 match = np.flatnonzero(np.all(g.choice == start[g.layers][None, :], axis=1))
                 if len(match) == 0:

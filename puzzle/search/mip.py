@@ -2,7 +2,7 @@
 
 :func:`search` joins replace-1-block scores with measured costs (or reads a published block
 library), builds the grouped knapsack for each batch size and solves it exactly with
-:mod:`puzzle.knapsack` (python-mip / CBC plus exact reductions), keeping the batch size whose
+:mod:`puzzle.search.knapsack` (python-mip / CBC plus exact reductions), keeping the batch size whose
 optimum is best. Constraints, any combination::
 
     throughput>=1.5x     tokens/s, or a multiple of the parent's at the same batch size
@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from puzzle.config import SearchConfig
 from puzzle.errors import PuzzleError
 from puzzle.io import storage
 from puzzle.io.artifacts import Manifest, run_phase
@@ -124,7 +125,8 @@ class Constraint:
         if op != METRICS[metric][0]:
             bound = "lower" if METRICS[metric][0] == ">=" else "upper"
             raise SearchError(
-                f"constraint {text!r}: {metric} takes a {bound} bound; write '{metric}{METRICS[metric][0]}...'"
+                f"constraint {text!r}: {metric} takes a {bound} bound; write "
+                f"'{metric}{METRICS[metric][0]}...'"
             )
         unit = match["unit"].lower()
         value = float(match["value"])
@@ -132,7 +134,8 @@ class Constraint:
         if not relative:
             if unit not in _UNITS[metric]:
                 raise SearchError(
-                    f"constraint {text!r}: unknown unit {unit!r} for {metric}; use 'x' (times the parent) or one of "
+                    f"constraint {text!r}: unknown unit {unit!r} for {metric}; use 'x' (times the parent) or "
+                    "one of "
                     f"{sorted(u for u in _UNITS[metric] if u)} (no unit: {METRICS[metric][1]})"
                 )
             value *= _UNITS[metric][unit]
@@ -218,7 +221,8 @@ def make_problem(
             raise InfeasibleConstraintError(
                 f"constraint {c.text!r} cannot be met at batch size {table.batch_size}: it asks for "
                 f"{c.metric} {c.op} {_format(c.metric, c.bound(parent))}, and the best any architecture in "
-                f"the table reaches is {_format(c.metric, best)}{rel}; relax the constraint or add cheaper variants"
+                f"the table reaches is {_format(c.metric, best)}{rel}; relax the constraint or add cheaper "
+                "variants"
             )
         coefs.append(coef)
         limits.append(limit)
@@ -425,29 +429,32 @@ def search(
     scores: str | None,
     costs: str | None,
     out: str,
+    search: SearchConfig,
     *,
-    objective: str = "kl_div",
-    maximize: bool | None = None,
-    constraints: list[str] | tuple[str, ...] = (),
-    batch_size: int | None = None,
-    num_solutions: int = 1,
-    diversity_alpha: float = 0.8,
-    sweep: str | None = None,
     library: str | None = None,
-    time_limit: float = 60.0,
-    diverse_time_limit: float = 0.8,
+    sweep: str | None = None,
+    batch_size: int | None = None,
     force: bool = False,
 ) -> Manifest:
-    """Find the best architecture(s) and write a ``solutions`` artifact at ``out``."""
-    parsed = [Constraint.parse(c) for c in constraints]
+    """Phase ``search``: the best architecture(s) under the constraints, as a ``solutions`` artifact.
+
+    Args:
+        scores, costs: the scores and costs artifacts (or ``scores.csv``/``costs.json`` files).
+        out: where to write the ``solutions`` artifact.
+        search: objective, constraints, number of diverse solutions, diversity, time limits.
+        library: instead of scores and costs, a published block library JSON (layer -> variant ->
+            stats/metrics).
+        sweep: also solve for N values of one limit (``throughput>=1x:3x:9``): ``pareto.csv/png``.
+        batch_size: solve at this measured batch size only (default: every one, keeping the best).
+        force: re-run even when the output is up to date.
+    """
+    objective, num_solutions, diversity_alpha = search.objective, search.num_solutions, search.alpha
+    time_limit, diverse_time_limit = search.time_limit_s, search.diverse_time_limit_s
+    parsed = [Constraint.parse(c) for c in search.constraints]
     sweep_metric, sweep_texts = parse_sweep(sweep) if sweep else (None, [])
-    if num_solutions < 1:
-        raise SearchError(f"num_solutions must be >= 1, got {num_solutions}")
-    if not 0 < diversity_alpha < 1:
-        raise SearchError(f"diversity_alpha must be in (0, 1), got {diversity_alpha}")
     if batch_size is not None and batch_size <= 0:
         raise SearchError(f"batch_size must be > 0, got {batch_size}")
-    maximize = default_maximize(objective) if maximize is None else maximize
+    maximize = default_maximize(objective)
     inputs = {"library": library} if library else {"scores": scores or "", "costs": costs or ""}
     if not library and (not scores or not costs):
         raise SearchError("pass both scores and costs (artifacts or files), or library=FILE")

@@ -6,7 +6,7 @@ Three readers feed it:
   artifact): one row per (layer, block) with ``kl_div``, ``lm_loss``, ``cosine``, ``top1``,
   ``top5``. In decoupled mode only blocks with one parent side are scored; a pair
   ``attn_a+ffn_f`` is then scored additively as ``s(a+pf) + s(pa+f) - s(pa+pf)``.
-* :class:`puzzle.costs.CostTable` - measured sub-block costs (``costs.json`` of a ``costs``
+* :class:`puzzle.search.costs.CostTable` - measured sub-block costs (``costs.json`` of a ``costs``
   artifact): prefill and per-step decode latency per batch size, parameters, weight and
   KV-cache memory, and the hardware they were measured on.
 * :func:`read_library` - the published Puzzle block-library JSON (``layer_N`` -> variant name ->
@@ -99,7 +99,8 @@ class ScoreTable:
                     attn, ffn = split_block(str(row["block"]))
             except (KeyError, ValueError) as exc:
                 raise TableError(
-                    f"{where}: row {i} needs 'layer' and 'block' (or 'attention' and 'ffn') columns, got {sorted(row)}"
+                    f"{where}: row {i} needs 'layer' and 'block' (or 'attention' and 'ffn') columns, got "
+                    f"{sorted(row)}"
                 ) from exc
             scores = {}
             for key, raw in row.items():
@@ -182,7 +183,7 @@ def load_scores(uri: str, parent_blocks: list[str] | None = None) -> ScoreTable:
                 raise TableError(f"{path}: expected a list of rows (or {{'rows': [...]}})")
         return ScoreTable.from_rows(rows, path, parent_blocks)
     raise TableError(
-        f"no {SCORES_CSV} or {SCORES_JSON} at {uri}: run `puzzle score` first (or pass the file itself)"
+        f"no {SCORES_CSV} or {SCORES_JSON} at {uri}: run `puzzle scoring` first (or pass the file itself)"
     )
 
 
@@ -316,6 +317,8 @@ def build_table(
         sub = {name: _subblock(costs, name, batch_size) for name in wanted}
     except CostsError as exc:
         raise TableError(f"the scores and the cost table do not fit: {exc}") from exc
+    names: list[list[str]]
+    rows: dict[str, list[list[float]]]
     names, rows = [], {k: [] for k in ("score", "latency", "memory", "params", "prefill_ms", "decode_ms")}
     parent = []
     for layer in range(scores.num_layers):
