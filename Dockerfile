@@ -3,7 +3,7 @@
 # pipeline (convert, search, realize, export, register), the MLflow-webhook trigger service and
 # the Helm chart's setup Job, and `docker run IMAGE run` is `make demo` in a container.
 #   docker build -t ghcr.io/puzzle-kubeflow/puzzle-cpu:0.1.0 .
-# Image names, versions and base digests: pipelines/images.yaml (bases.python).
+# Image names, versions and base digests: components/images.yaml (bases.python).
 
 ARG PYTHON_BASE=docker.io/library/python:3.11-slim-trixie@sha256:9c900dea9e8fb7e16277c179b555cc72d29a352dbc33cff48ad5a0412fd5bfc7
 

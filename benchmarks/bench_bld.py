@@ -2,9 +2,9 @@
 
 GPU: one Llama-3.1-8B-shaped layer (hidden 4096, 32 heads, 8 KV heads, FFN 14336; random
 weights: speed does not depend on their values; a small vocabulary since BLD never touches the
-LM head) and its full default library (attention kv4/kv2/kv1/linear, FFN 12544 ... 1536/linear),
-trained by :func:`puzzle.bld.train` itself (bf16 autocast, fused AdamW, parent activations
-shared by all 11 variants)::
+LM head) and its full paper library (``PAPER_LIBRARY``: attention kv4/kv2/kv1/linear, FFN 12544 ...
+1536/linear), trained by :func:`puzzle.library.bld.train` itself (bf16 autocast, fused AdamW,
+parent activations shared by all 11 variants)::
 
     python benchmarks/bench_bld.py gpu --dir /tmp/bld --steps 12 --batch 8 --seq-len 2048
 
@@ -14,7 +14,8 @@ parent layer forward 2·N_parent + 4·d·S; each variant 6·N_variant (+ 12·d·
 default ``block`` objective an attention variant also runs the parent's frozen FFN forward and
 backward to its input, 4·N_ffn. MFU divides by 989 TFLOP/s (dense bf16, H100/H200 SXM).
 
-CPU: the real SmolLM2-135M parent with the demo's budget (``puzzle/configs/default.yaml``)::
+CPU: the real SmolLM2-135M parent with the demo's budget (the embedded default of
+:mod:`puzzle.config`)::
 
     python benchmarks/bench_bld.py cpu --dir /tmp/bld-cpu [--threads 2]
 """
@@ -22,6 +23,7 @@ CPU: the real SmolLM2-135M parent with the demo's budget (``puzzle/configs/defau
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -34,96 +36,32 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-PEAK_BF16 = 989e12
-SHAPES = {
-    "llama-8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        rope_theta=500000.0,
-    ),
-    "smollm2": dict(
-        hidden_size=576,
-        intermediate_size=1536,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        rope_theta=100000.0,
-    ),
-    "tiny": dict(
-        hidden_size=64,
-        intermediate_size=256,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_theta=10000.0,
-    ),
-}
+import shapes  # noqa: E402
 
-
-def save_tokenizer(directory: Path, vocab_size: int) -> None:
-    """A byte-level tokenizer; the benchmark's tokens are random ids, so its merges do not matter."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"<{i}>": i for i in range(3)}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        if len(vocab) >= min(vocab_size, 259):
-            break
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<0>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<1>", eos_token="<2>", unk_token="<0>"
-    ).save_pretrained(directory)
+# --shape -> the table's shape (its layer widths; the vocabulary and the layer count are the run's).
+SHAPES = {"llama-8b": "llama-3.1-8b", "smollm2": "smollm2-135m", "tiny": "tiny"}
+# As this benchmark has always built them: transformers' default rms_norm_eps, plain RoPE (no llama3
+# scaling for llama-8b) and untied embeddings (smollm2's too).
+AS_BEFORE = dict(rms_norm_eps=shapes.TRANSFORMERS_RMS_NORM_EPS, tie_word_embeddings=False)
 
 
 def make_random_parent(out: Path, shape: str, *, layers: int, vocab_size: int, seq_len: int) -> str:
-    """A child artifact holding a random Llama parent of ``shape`` (float32)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A parent artifact holding a random Llama parent of ``shape`` (float32)."""
+    from puzzle.modeling.checkpoints import PARENT_KIND
 
-    from puzzle.io import artifacts
-    from puzzle.modeling.checkpoints import save_child
-    from puzzle.parent import parent_to_child
-
-    def body(staging: Path, _local: dict) -> dict:
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            **SHAPES[shape],
-            vocab_size=vocab_size,
-            num_hidden_layers=layers,
-            max_position_embeddings=max(4096, seq_len),
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-        model = parent_to_child(LlamaForCausalLM(config))
-        save_child(model, None, staging, {"reference": f"random {shape}", "family": "llama"})
-        save_tokenizer(staging, vocab_size)
-        return {}
-
-    artifacts.run_phase("child", str(out), {}, {"shape": shape, "layers": layers, "vocab": vocab_size}, body)
-    return str(out)
-
-
-def make_random_tokens(out: Path, *, vocab_size: int, seq_len: int, splits: dict[str, int]) -> str:
-    """A tokens artifact of random ids (same layout as :func:`puzzle.data.prepare`)."""
-    from safetensors.torch import save_file
-
-    from puzzle.io import artifacts
-
-    def body(staging: Path, _local: dict) -> dict:
-        gen = torch.Generator().manual_seed(0)
-        table = {}
-        for name, count in splits.items():
-            ids = torch.randint(3, vocab_size, (count, seq_len), dtype=torch.int32, generator=gen)
-            save_file({"input_ids": ids}, str(staging / f"{name}.safetensors"))
-            table[name] = {"file": f"{name}.safetensors", "sequences": count, "tokens": count * seq_len}
-        (staging / "splits.json").write_text(json.dumps({"seq_len": seq_len, "splits": table, "seed": 0}))
-        return {}
-
-    artifacts.run_phase("tokens", str(out), {}, {"seq_len": seq_len, "splits": splits}, body)
-    return str(out)
+    name = SHAPES[shape]
+    dims = dict(vocab_size=vocab_size, num_hidden_layers=layers, max_position_embeddings=max(4096, seq_len))
+    params = {"shape": shape, "layers": layers, "vocab": vocab_size}
+    return shapes.save_random_model(
+        out,
+        PARENT_KIND,
+        params,
+        lambda: shapes.random_parent(name, rope_parameters=shapes.plain_rope(name), **dims, **AS_BEFORE),
+        shape=shape,
+        vocab_size=vocab_size,
+    )
 
 
 def matmul_params(state: dict[str, torch.Tensor]) -> int:
@@ -150,22 +88,24 @@ def flops_per_token(lib: Any, layer: int, seq_len: int, objective: str, d_attn: 
 
 
 def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
+    from puzzle.config import BLDConfig
     from puzzle.library import bld
-    from puzzle.library.variants import Library, SearchSpace, build_library
+    from puzzle.library.variants import PAPER_LIBRARY, Library, build_library
 
     root = Path(args.dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     parent = make_random_parent(
         root / "parent", args.shape, layers=1, vocab_size=args.vocab, seq_len=args.seq_len
     )
-    tokens = make_random_tokens(
+    tokens = shapes.save_random_tokens(
         root / "tokens",
         vocab_size=args.vocab,
         seq_len=args.seq_len,
         splits={"calibration": 4, "bld": args.steps * args.batch, "score": 2},
     )
     started = time.perf_counter()
-    build_library(parent, tokens, str(root / "library"), space=SearchSpace(), batch_size=2, device=device)
+    library = dataclasses.replace(PAPER_LIBRARY, batch_size=2)
+    build_library(parent, tokens, str(root / "library"), library, device=device)
     library_s = time.perf_counter() - started
     lib = Library.open(str(root / "library"))
     config = json.loads((Path(parent) / "config.json").read_text())
@@ -197,13 +137,15 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
             parent,
             tokens,
             str(root / f"bld-{objective}"),
-            token_budget=args.steps * args.batch * args.seq_len,
-            batch_size=args.batch,
-            lr=1e-4,
-            warmup_fraction=0.1,
-            objective=objective,
-            val_sequences=2,
-            checkpoint_every=10**6,
+            BLDConfig(
+                token_budget=args.steps * args.batch * args.seq_len,
+                batch_size=args.batch,
+                lr=1e-4,
+                warmup_fraction=0.1,
+                objective=objective,
+                val_sequences=2,
+                checkpoint_every=10**6,
+            ),
             device=device,
             on_step=on_step,
         )
@@ -219,7 +161,7 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
             "variant_tokens_per_s": round(tokens_per_s * manifest.summary["trained_variants"], 1),
             "model_tflop_per_token": flops["total"] / 1e12,
             "achieved_tflops": round(flops["total"] * tokens_per_s / 1e12, 1),
-            "mfu": round(flops["total"] * tokens_per_s / PEAK_BF16, 4),
+            "mfu": round(shapes.mfu(flops["total"], tokens_per_s), 4),
             "share_of_flops_in_frozen_parent_ffn": round(flops["frozen_parent_ffn"] / flops["total"], 3),
             "phase_wall_s": round(phase_s, 1),
             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)
@@ -236,7 +178,7 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
     from puzzle.config import parse_config
     from puzzle.data import prepare
     from puzzle.library import bld, scoring
-    from puzzle.library.variants import SearchSpace, build_library
+    from puzzle.library.variants import build_library
     from puzzle.parent import convert
 
     torch.set_num_threads(args.threads)
@@ -260,57 +202,20 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
         )
         return out
 
-    child, tokens = str(root / "child"), str(root / "tokens")
-    timed("convert", lambda: convert(config.parent, child))
+    parent, tokens = str(root / "parent"), str(root / "tokens")
+    timed("convert", lambda: convert(config.parent, parent))
     d = config.data
-    timed(
-        "data",
-        lambda: prepare(d.source, child, tokens, seq_len=d.seq_len, splits=dict(d.splits), seed=d.seed),
-    )
-    s = config.search_space
-    space = SearchSpace(
-        attention_kv_heads=tuple(s.kv_heads) if s.kv_heads else None,
-        attention_linear=s.attention_linear,
-        attention_noop=s.attention_noop,
-        ffn_fractions=tuple(s.ffn_fractions),
-        ffn_linear=s.ffn_linear,
-        ffn_noop=s.ffn_noop,
-    )
-    b = config.bld
-    timed(
-        "library",
-        lambda: build_library(
-            child, tokens, str(root / "library"), space=space, batch_size=b.batch_size, device="cpu"
-        ),
-    )
+    timed("data", lambda: prepare(parent, tokens, d))
+    lib, b = config.library, config.bld
+    timed("library", lambda: build_library(parent, tokens, str(root / "library"), lib, device="cpu"))
     trained = timed(
         "bld",
-        lambda: bld.train(
-            str(root / "library"),
-            child,
-            tokens,
-            str(root / "bld"),
-            token_budget=b.token_budget,
-            batch_size=b.batch_size,
-            lr=b.lr,
-            warmup_fraction=b.warmup_fraction,
-            seed=b.seed,
-            device="cpu",
-        ),
+        lambda: bld.train(str(root / "library"), parent, tokens, str(root / "bld"), b, device="cpu"),
     )
     sc = config.scoring
     scored = timed(
         "scoring",
-        lambda: scoring.score(
-            str(root / "bld"),
-            child,
-            tokens,
-            str(root / "scores"),
-            metrics=list(sc.metrics),
-            split=sc.split,
-            batch_size=sc.batch_size,
-            device="cpu",
-        ),
+        lambda: scoring.score(str(root / "bld"), parent, tokens, str(root / "scores"), sc, device="cpu"),
     )
     return {
         "device": "cpu",
@@ -320,7 +225,7 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
         "budget": {
             "seq_len": d.seq_len,
             "splits": dict(d.splits),
-            "space": space.to_json(),
+            "space": dataclasses.asdict(lib),
             "bld_token_budget": b.token_budget,
             "bld_batch": b.batch_size,
             "score_batch": sc.batch_size,
@@ -351,13 +256,9 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     results = run_gpu(args) if args.mode == "gpu" else run_cpu(args)
-    text = json.dumps(
-        results, indent=2, default=lambda x: x if not isinstance(x, float) or math.isfinite(x) else None
+    shapes.print_json(
+        results, args.json, default=lambda x: x if not isinstance(x, float) or math.isfinite(x) else None
     )
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ For SmolLM2-135M and Llama-3.1-8B shapes (random weights of the real shapes; spe
 depend on the values) and the default search space, at batch 1, 16, 64, 256, prompt 128, 1024
 generated tokens:
 
-1. the cost table (:func:`puzzle.costs.build_table`, what ``puzzle costs`` writes) and the time
+1. the cost table (:func:`puzzle.search.costs.build_table`, what ``puzzle costs`` writes) and the time
    to build it;
 2. calibration: 5 random children per shape (each layer's attention and FFN drawn from the
    table) realized with random weights and run whole in the engine; predicted (sum of the
@@ -33,67 +33,27 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from puzzle import costs, engine  # noqa: E402
-from puzzle.library.variants import SearchSpace, plan_layers  # noqa: E402
-from puzzle.modeling import BlockConfig, DeciLMConfig  # noqa: E402
+from shapes import llama_config  # noqa: E402
+
+from puzzle.config import CostsConfig  # noqa: E402
+from puzzle.library.variants import PAPER_LIBRARY, plan_layers  # noqa: E402
+from puzzle.modeling import BlockConfig, DeciLMConfig, engine  # noqa: E402
 from puzzle.modeling.checkpoints import child_config_like  # noqa: E402
+from puzzle.modeling.devices import resolve_device  # noqa: E402
+from puzzle.search import costs  # noqa: E402
 
-SHAPES: dict[str, dict[str, Any]] = {
-    "smollm2": dict(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-    ),
-    "llama-3.1-8b": dict(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=131072,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        rope_scaling={
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-        rope_theta=500000.0,
-    ),
-    "tiny": dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-    ),
-}
+# --shapes -> the table's shape (the real models' configurations, as this benchmark has always used).
+SHAPES = {"smollm2": "smollm2-135m", "llama-3.1-8b": "llama-3.1-8b", "tiny": "tiny"}
 
 log = logging.getLogger("bench_costs")
 
 
 def shape_config(name: str) -> DeciLMConfig:
-    from transformers import LlamaConfig
+    from puzzle.parent import decilm_config
 
-    from puzzle.parent import child_config_from_parent
-
-    return child_config_from_parent(LlamaConfig(**SHAPES[name]))
+    return decilm_config(llama_config(SHAPES[name]))
 
 
 class Results:
@@ -130,7 +90,7 @@ def bandwidth_check(
 ) -> dict[str, Any]:
     """The parent at ``batch``: measured decode step vs bytes read over the copy bandwidth."""
     config = table.config()
-    workload = costs.Workload(batch_sizes=(batch,), prompt_len=table.prompt_len, gen_len=table.gen_len)
+    workload = CostsConfig(batch_sizes=[batch], prompt_len=table.prompt_len, gen_len=table.gen_len)
     got = backend.measure_model(config, workload)[batch]
     bound_s = got["decode_bytes_per_step"] / copy_bw
     predicted = table.totals(table.parent_blocks, batch)
@@ -174,7 +134,7 @@ def main() -> None:
         shapes = (args.shapes or "smollm2,llama-3.1-8b").split(",")
         sizes = [int(b) for b in args.batch_sizes.split(",")]
         prompt_len, gen_len, device = args.prompt_len, args.gen_len, "auto"
-    dev = engine.resolve_device(device)
+    dev = resolve_device(device)
     results = Results(out / "bench_costs.json")
     copy_bw = engine.copy_bandwidth(dev, megabytes=1024 if dev.type == "cuda" else 64)
     results.data.update(
@@ -185,7 +145,8 @@ def main() -> None:
         command=" ".join(sys.argv),
     )
     print(
-        f"device {results.data['device']}, torch {torch.__version__}, copy bandwidth {copy_bw / 1e12:.2f} TB/s"
+        f"device {results.data['device']}, torch {torch.__version__}, "
+        f"copy bandwidth {copy_bw / 1e12:.2f} TB/s"
     )
     results.save()
 
@@ -198,10 +159,10 @@ def main() -> None:
     for shape in shapes:
         config = shape_config(shape)
         names = list(
-            dict.fromkeys(n for layer in plan_layers(config, SearchSpace(), None).values() for n in layer)
+            dict.fromkeys(n for layer in plan_layers(config, PAPER_LIBRARY, None).values() for n in layer)
         )
         backend = costs.TorchBackend(device=device, repeats=args.repeats)
-        workload = costs.Workload(batch_sizes=tuple(sizes), prompt_len=prompt_len, gen_len=gen_len)
+        workload = CostsConfig(batch_sizes=list(sizes), prompt_len=prompt_len, gen_len=gen_len)
         t0 = time.perf_counter()
         try:
             data = costs.build_table(config, names, workload, backend)
@@ -238,7 +199,8 @@ def main() -> None:
                 f"  {shape} parent at bs {bw['batch_size']}: decode step {bw['decode_step_ms']:.2f} ms, "
                 f"{bw['bytes_per_step'] / 1e9:.2f} GB/step -> bound {bw['bound_ms']:.2f} ms: "
                 f"{100 * bw['fraction_of_bound']:.1f} % of the copy-bandwidth bound "
-                f"({bw['achieved_bandwidth_tb_s']:.2f} TB/s); parent predicted {bw['predicted_throughput']:,.0f} vs "
+                f"({bw['achieved_bandwidth_tb_s']:.2f} TB/s); "
+                f"parent predicted {bw['predicted_throughput']:,.0f} vs "
                 f"measured {bw['measured_throughput']:,.0f} tokens/s ({bw['error_pct']:+.1f} %)"
             )
             results.save()
@@ -265,9 +227,7 @@ def main() -> None:
                 )
                 continue
             config = child_config_like(table.config(), [BlockConfig.from_name(b) for b in arch])
-            workload = costs.Workload(
-                batch_sizes=(batch,), prompt_len=table.prompt_len, gen_len=table.gen_len
-            )
+            workload = CostsConfig(batch_sizes=[batch], prompt_len=table.prompt_len, gen_len=table.gen_len)
             t0 = time.perf_counter()
             try:
                 got = backend.measure_model(config, workload, seed=index + 1)[batch]
@@ -296,7 +256,8 @@ def main() -> None:
                 f"  {shape} child {index} bs {batch}: predicted {row['predicted_throughput']:,.0f}, measured "
                 f"{row['measured_throughput']:,.0f} tokens/s ({row['error_pct']:+.1f} %); decode step "
                 f"{row['predicted_decode_ms']:.3f} vs {row['measured_decode_ms']:.3f} ms, prefill "
-                f"{row['predicted_prefill_ms']:.1f} vs {row['measured_prefill_ms']:.1f} ms ({row['seconds']:.1f} s)"
+                f"{row['predicted_prefill_ms']:.1f} vs {row['measured_prefill_ms']:.1f} ms "
+                f"({row['seconds']:.1f} s)"
             )
     for shape in shapes:
         calib = results.data["shapes"][shape].get("calibration", {})

@@ -2,8 +2,8 @@
 
 Random weights of the real shapes (speed does not depend on weight values): the parent is the
 SmolLM2-135M shape (or ``--shape llama-1b``), the child the same with 1 KV head and half-width
-FFNs in every other layer. The step is :func:`puzzle.distill.train`'s own (parent forward on the
-fly, child forward + backward, cosine + KL loss, AdamW), run through :func:`puzzle.distill.distill`
+FFNs in every other layer. The step is :func:`puzzle.child.gkd.train`'s own (parent forward on the
+fly, child forward + backward, cosine + KL loss, AdamW), run through :func:`puzzle.child.gkd.distill`
 so the figures include everything the phase does per step.
 
     python benchmarks/bench_gkd.py prepare --dir /tmp/gkd              # artifacts (one process)
@@ -29,40 +29,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SHAPES = {
-    "smollm2": dict(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        tie_word_embeddings=True,
-        rope_theta=100000.0,
-    ),
-    "llama-1b": dict(
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        tie_word_embeddings=True,
-        rope_theta=500000.0,
-    ),
-    "tiny": dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        rope_theta=10000.0,
-    ),
-}
-PEAK_BF16 = 989e12
+import shapes  # noqa: E402
+
+# --shape -> the table's shape.
+SHAPES = {"smollm2": "smollm2-135m", "llama-1b": "llama-3.2-1b", "tiny": "tiny"}
+# As this benchmark has always built them: transformers' default rms_norm_eps, plain RoPE (no llama3
+# scaling for llama-1b) and tied embeddings (tiny's too).
+AS_BEFORE = dict(rms_norm_eps=shapes.TRANSFORMERS_RMS_NORM_EPS, tie_word_embeddings=True)
 
 
 def child_blocks(config):
@@ -76,65 +51,32 @@ def child_blocks(config):
 
 
 def prepare(directory: Path, shape: str, seq_len: int, sequences: int) -> None:
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from puzzle.io import artifacts
     from puzzle.modeling import DeciLMForCausalLM
-    from puzzle.modeling.checkpoints import child_config_like, save_child
-    from puzzle.parent import parent_to_child
+    from puzzle.modeling.checkpoints import CHILD_KIND, PARENT_KIND, child_config_like
 
-    torch.manual_seed(0)
-    dims = SHAPES[shape]
-    llama = LlamaForCausalLM(
-        LlamaConfig(**dims, max_position_embeddings=max(2048, seq_len), bos_token_id=1, eos_token_id=2)
+    name = SHAPES[shape]
+    parent = shapes.random_parent(
+        name, rope_parameters=shapes.plain_rope(name), max_position_embeddings=max(2048, seq_len), **AS_BEFORE
     )
-    parent = parent_to_child(llama)
+    vocab_size = parent.config.vocab_size
 
-    def save(model, name):
-        def body(staging: Path, _local) -> dict:
-            save_child(model, None, staging, {"reference": f"random {shape}", "family": "llama"})
-            save_tiny_tokenizer(staging, dims["vocab_size"])
-            return {}
+    def save(model, what: str, kind: str) -> None:
+        params = {"shape": shape, "name": what}
+        shapes.save_random_model(
+            directory / what, kind, params, lambda: model, shape=shape, vocab_size=vocab_size
+        )
 
-        artifacts.run_phase("child", str(directory / name), {}, {"shape": shape, "name": name}, body)
-
-    save(parent, "parent")
+    save(parent, "parent", PARENT_KIND)
     child = DeciLMForCausalLM(child_config_like(parent.config, child_blocks(parent.config)))
-    save(child, "child")
-
-    def tokens_body(staging: Path, _local) -> dict:
-        ids = torch.randint(3, dims["vocab_size"], (sequences, seq_len), dtype=torch.int32)
-        save_file({"input_ids": ids}, str(staging / "gkd.safetensors"))
-        info = {
-            "seq_len": seq_len,
-            "splits": {
-                "gkd": {"file": "gkd.safetensors", "sequences": sequences, "tokens": sequences * seq_len}
-            },
-        }
-        (staging / "splits.json").write_text(json.dumps(info))
-        return {}
-
-    artifacts.run_phase(
-        "tokens", str(directory / "tokens"), {}, {"seq_len": seq_len, "n": sequences}, tokens_body
+    save(child, "child", CHILD_KIND)
+    shapes.save_random_tokens(  # from the global generator, after the two models
+        directory / "tokens",
+        vocab_size=vocab_size,
+        seq_len=seq_len,
+        splits={"gkd": sequences},
+        parameters={"seq_len": seq_len, "n": sequences},
+        seed=None,
     )
-
-
-def save_tiny_tokenizer(directory: Path, vocab_size: int) -> None:
-    """A byte-level tokenizer (token ids do not matter here: the tokens are random ids)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"<{i}>": i for i in range(3)}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        if len(vocab) >= vocab_size:
-            break
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<0>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<1>", eos_token="<2>", unk_token="<0>")
-    fast.save_pretrained(directory)
 
 
 def matmul_params(model) -> tuple[int, int, int]:
@@ -147,7 +89,8 @@ def matmul_params(model) -> tuple[int, int, int]:
 
 def train(directory: Path, steps: int, batch_per_gpu: int, out: Path | None) -> None:
     from puzzle.child.gkd import distill, init_distributed
-    from puzzle.modeling.checkpoints import load_child
+    from puzzle.config import GKDConfig
+    from puzzle.modeling.checkpoints import load_model
 
     info = init_distributed()
     seq_len = json.loads((directory / "tokens" / "splits.json").read_text())["seq_len"]
@@ -158,23 +101,24 @@ def train(directory: Path, steps: int, batch_per_gpu: int, out: Path | None) -> 
         str(directory / "parent"),
         str(directory / "tokens"),
         str(target),
-        token_budget=steps * batch * seq_len,
-        batch_size=batch,
-        lr=1e-4,
-        warmup_fraction=0.0,
-        checkpoint_every=10**9,
+        GKDConfig(
+            token_budget=steps * batch * seq_len,
+            batch_size=batch,
+            lr=1e-4,
+            warmup_fraction=0.0,
+            checkpoint_every=10**9,
+        ),
         device="auto",
     )
     if not info.is_main:
         return
     s = manifest.summary
-    child, parent = load_child(str(target)), load_child(str(directory / "parent"))
+    child, parent = load_model(str(target)), load_model(str(directory / "parent"))
     nc, lc, dc = matmul_params(child)
     np_, lp, dp = matmul_params(parent)
     flops_per_token = 6 * nc + 12 * lc * dc * seq_len + 2 * np_ + 4 * lp * dp * seq_len
     tps = s["tokens_per_s"]
     device_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    peak = PEAK_BF16 * info.world_size
     result = {
         "device": device_name,
         "gpus": info.world_size,
@@ -184,14 +128,12 @@ def train(directory: Path, steps: int, batch_per_gpu: int, out: Path | None) -> 
         "tokens_per_s": tps,
         "tokens_per_s_per_gpu": tps / info.world_size,
         "model_tflops_per_token": flops_per_token / 1e12,
-        "mfu": flops_per_token * tps / peak if torch.cuda.is_available() else None,
+        "mfu": shapes.mfu(flops_per_token, tps, info.world_size) if torch.cuda.is_available() else None,
         "child_matmul_params": nc,
         "parent_matmul_params": np_,
         "final_loss": s["final_loss"],
     }
-    print(json.dumps(result, indent=2), flush=True)
-    if out is not None:
-        out.write_text(json.dumps(result, indent=2) + "\n")
+    shapes.print_json(result, out)
 
 
 def main() -> None:

@@ -14,59 +14,34 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-SHAPES = {
-    "smollm2-135m": dict(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        tie_word_embeddings=True,
-        rope_theta=100000.0,
-    ),
-    "llama-3.1-8b": dict(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        tie_word_embeddings=False,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-    ),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from shapes import TRANSFORMERS_RMS_NORM_EPS, llama_config  # noqa: E402
+
+SHAPES = ("smollm2-135m", "llama-3.1-8b")
+# As this benchmark has always built them: transformers' default rms_norm_eps, 8192 positions.
+AS_BEFORE = dict(rms_norm_eps=TRANSFORMERS_RMS_NORM_EPS, max_position_embeddings=8192)
 
 
 def gpu_forward(shape: str, batch: int, seq: int, repeats: int) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    from puzzle.parent import parent_to_child
+    from puzzle.parent import to_decilm
 
-    dims = dict(SHAPES[shape])
-    rope_theta = dims.pop("rope_theta", None)
-    config = LlamaConfig(**dims, max_position_embeddings=8192)
-    if rope_theta is not None:
-        config.rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
+    config = llama_config(shape, **AS_BEFORE)
     torch.manual_seed(0)
     with torch.device("cuda"):
         reference = LlamaForCausalLM._from_config(
             config, dtype=torch.bfloat16, attn_implementation="sdpa"
         ).eval()
-    ours = parent_to_child(reference).cuda().eval()  # shares the same weight tensors
+    ours = to_decilm(reference).cuda().eval()  # shares the same weight tensors
     ids = torch.randint(0, config.vocab_size, (batch, seq), device="cuda")
     with torch.no_grad():
         diff = (
@@ -110,13 +85,14 @@ def gpu_forward(shape: str, batch: int, seq: int, repeats: int) -> dict:
 
 def cpu_convert_export() -> dict:
     from puzzle.child.export import export
+    from puzzle.config import ExportConfig
     from puzzle.parent import convert
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        convert("smollm2", str(Path(tmp) / "child"))
+        convert("smollm2", str(Path(tmp) / "parent"))
         t1 = time.perf_counter()
-        export(str(Path(tmp) / "child"), str(Path(tmp) / "export"))
+        export(str(Path(tmp) / "parent"), str(Path(tmp) / "export"), ExportConfig())
         t2 = time.perf_counter()
     return {"convert_s": round(t1 - t0, 1), "export_s": round(t2 - t1, 1), "threads": torch.get_num_threads()}
 

@@ -47,7 +47,8 @@ BENCH_CONFIG: dict[str, Any] = {
         "splits": {"calibration": 32, "bld": 128, "score": 8, "gkd": 256, "eval": 64},
         "seed": 0,
     },
-    "search_space": {
+    "device": "cpu",
+    "library": {
         "kv_heads": None,
         "attention_linear": True,
         "attention_noop": True,
@@ -55,14 +56,10 @@ BENCH_CONFIG: dict[str, Any] = {
         "ffn_linear": True,
         "ffn_noop": True,
     },
-    "bld": {"token_budget": 16384, "batch_size": 8, "lr": 1e-3, "device": "cpu"},
-    "scoring": {
-        "metrics": ["kl_div", "lm_loss", "cosine", "top1_agreement"],
-        "batch_size": 8,
-        "device": "cpu",
-    },
-    "gkd": {"token_budget": 16384, "batch_size": 8, "lr": 1e-4, "checkpoint_every": 8, "device": "cpu"},
-    "evaluate": {"batch_size": 8, "device": "cpu"},
+    "bld": {"token_budget": 16384, "batch_size": 8, "lr": 1e-3},
+    "scoring": {"metrics": ["kl_div", "lm_loss", "cosine", "top1_agreement"], "batch_size": 8},
+    "gkd": {"token_budget": 16384, "batch_size": 8, "lr": 1e-4, "checkpoint_every": 8},
+    "evaluate": {"batch_size": 8},
     "tracking": {"uri": None},
     "baselines": {"methods": ["uniform_width", "layer_dropping"], "gkd": True},
 }
@@ -74,9 +71,17 @@ def bench_config(work: Path):
     return parse_config({**BENCH_CONFIG, "output": str(work)})
 
 
+def stage_dir(work: Path, name: str) -> Path:
+    """Where the run writes stage ``name``'s output under ``work`` (``bld`` -> ``trained/``)."""
+    from puzzle.stages import stage
+
+    return work / stage(name).folder
+
+
 def cpu_prepare(work: Path) -> None:
     """Stage 1: the phases up to the scores, with the project's own runner."""
     from puzzle.run import Runner
+    from puzzle.stages import stage
 
     runner = Runner(
         bench_config(work),
@@ -84,14 +89,18 @@ def cpu_prepare(work: Path) -> None:
             f"[{r.phase:>8}] {'built' if r.rebuilt else 'up to date'} in {r.seconds:.0f} s", flush=True
         ),
     )
-    child = runner.convert()
-    tokens = runner.data(child)
-    library = runner.library(child, tokens)
-    trained = runner.bld(library, child, tokens)
-    runner.scores(trained, child, tokens)
+    outputs = runner.result.outputs
+    for name in ("convert", "data", "library", "bld", "scoring"):
+        outputs[name] = runner.execute(stage(name))
     print(
         json.dumps(
-            {"child": child, "tokens": tokens, "bld": trained, "scores": runner.uri("scores")}, indent=2
+            {
+                "parent": outputs["convert"],
+                "tokens": outputs["data"],
+                "bld": outputs["bld"],
+                "scores": outputs["scoring"],
+            },
+            indent=2,
         )
     )
 
@@ -104,8 +113,8 @@ def export_inputs(work: Path, inputs: Path) -> None:
     from puzzle.search import costs
 
     inputs.mkdir(parents=True, exist_ok=True)
-    config = costs._read_child_config(str(work / "child"))
-    names = costs.library_subblocks(str(work / "bld"), config)
+    config = costs._read_parent_config(str(stage_dir(work, "convert")))
+    names = costs.library_subblocks(str(stage_dir(work, "bld")), config)
     (inputs / "parent_config.json").write_text(json.dumps(costs.config_to_json(config)))
     (inputs / "subblocks.json").write_text(json.dumps(names))
     plan = work / "plan.json"
@@ -116,14 +125,15 @@ def export_inputs(work: Path, inputs: Path) -> None:
 
 def gpu_costs(inputs: Path, out: Path, device: str, workload: dict[str, int]) -> None:
     """Call 1 on the GPU: the per-sub-block cost table at the benchmark workload."""
+    from puzzle.config import CostsConfig
     from puzzle.search import costs
 
     config = costs.config_from_json(json.loads((inputs / "parent_config.json").read_text()))
     names = json.loads((inputs / "subblocks.json").read_text())
-    shape = costs.Workload(
-        batch_sizes=(workload["batch_size"],), prompt_len=workload["prompt_len"], gen_len=workload["gen_len"]
+    shape = CostsConfig(
+        batch_sizes=[workload["batch_size"]], prompt_len=workload["prompt_len"], gen_len=workload["gen_len"]
     )
-    table = costs.build_table(config, names, shape, costs.make_backend("torch", device=device, repeats=3))
+    table = costs.build_table(config, names, shape, costs.TorchBackend(device=device, repeats=3))
     (out / "costs.json").write_text(json.dumps(table, indent=2) + "\n")
     print(
         f"cost table of {len(names)} sub-blocks in {table['measurement']['build_seconds']:.0f} s "
@@ -166,11 +176,12 @@ def gpu_measure(inputs: Path, out: Path, repeats: int, device: str, workload: di
     (out / "speed.json").write_text(json.dumps({"workload": workload, "models": results}, indent=2) + "\n")
 
 
-# --------------------------------------------------------------------------- the plan (CPU, between the calls)
+# ------------------------------------------------------------------- the plan (CPU, between the calls)
 
 
 def plan(work: Path, costs_json: Path) -> None:
     """Search (MIP) for 1.5x and 2x with the GPU cost table; the baselines at the same targets."""
+    from puzzle.config import SearchConfig
     from puzzle.io import artifacts
     from puzzle.search import baselines
     from puzzle.search import mip as search
@@ -181,12 +192,13 @@ def plan(work: Path, costs_json: Path) -> None:
 
     costs_uri = str(work / "costs-gpu")
     artifacts.run_phase("costs", costs_uri, {"table": str(costs_json)}, {}, costs_body)
-    scores = str(work / "scores")
+    scores = str(stage_dir(work, "scoring"))
     result: dict[str, Any] = {}
     for target in TARGETS:
         constraint = f"throughput>={target}x"
+        settings = SearchConfig(objective="kl_div", constraints=[constraint])
         out = work / f"solutions-{target}x"
-        search.search(scores, costs_uri, str(out), objective="kl_div", constraints=[constraint])
+        search.search(scores, costs_uri, str(out), settings)
         best = search.load_solutions(str(out))["solutions"][0]
         result[f"puzzle@{target}x"] = {
             "blocks": best["blocks"],
@@ -200,9 +212,9 @@ def plan(work: Path, costs_json: Path) -> None:
                 scores,
                 costs_uri,
                 str(out),
-                library=str(work / "bld"),
-                objective="kl_div",
-                constraints=[constraint],
+                settings,
+                library=str(stage_dir(work, "bld")),
+                device="cpu",
             )
             best = search.load_solutions(str(out))["solutions"][0]
             result[f"{method}@{target}x"] = {
@@ -225,38 +237,28 @@ def cpu_quality(work: Path, speed_json: Path) -> None:
     from puzzle.child.gkd import distill
     from puzzle.child.realize import realize
     from puzzle.data import load_split
-    from puzzle.modeling.checkpoints import load_child
+    from puzzle.modeling.checkpoints import load_model
 
     cfg = bench_config(work)
     g = cfg.gkd
     speed = json.loads(speed_json.read_text())["models"]
     plan_data = json.loads((work / "plan.json").read_text())
-    child, tokens = str(work / "child"), str(work / "tokens")
+    parent_uri, tokens = str(stage_dir(work, "convert")), str(stage_dir(work, "data"))
+    trained = str(stage_dir(work, "bld"))
     distilled: dict[str, str] = {}
     realized: dict[str, str] = {}
     for name, entry in plan_data.items():
         slug = name.replace("@", "-")
         realized[name] = str(work / "realized" / slug)
-        realize(str(work / "bld"), entry["solutions"], realized[name], parent_child=child)
+        realize(trained, entry["solutions"], parent_uri, realized[name])
         distilled[name] = str(work / "distilled" / slug)
         t0 = time.perf_counter()
-        distill(
-            realized[name],
-            child,
-            tokens,
-            distilled[name],
-            token_budget=g.token_budget,
-            batch_size=g.batch_size,
-            lr=g.lr,
-            warmup_fraction=g.warmup_fraction,
-            checkpoint_every=g.checkpoint_every,
-            device="cpu",
-        )
+        distill(realized[name], parent_uri, tokens, distilled[name], g, device="cpu")
         print(f"GKD {name}: {time.perf_counter() - t0:.0f} s", flush=True)
     held_out = load_split(tokens, "eval")
-    parent = load_child(child)
-    models = {f"{n} (before GKD)": load_child(u) for n, u in realized.items()}
-    models.update({n: load_child(u) for n, u in distilled.items()})
+    parent = load_model(parent_uri)
+    models = {f"{n} (before GKD)": load_model(u) for n, u in realized.items()}
+    models.update({n: load_model(u) for n, u in distilled.items()})
     quality = quality_metrics(models, parent, held_out, batch_size=8)
     rows = []
     for name in plan_data:
@@ -293,8 +295,9 @@ def cpu_quality(work: Path, speed_json: Path) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['child']} | {r['measured_speedup']:.2f}x | {r['predicted_speedup']:.2f}x | {r['accuracy_kept']:.1%} | "
-            f"{r['kl_div']:.3f} | {r['perplexity']:.2f} | {r['accuracy_kept_before_gkd']:.1%} | {r['kl_before_gkd']:.3f} |"
+            f"| {r['child']} | {r['measured_speedup']:.2f}x | {r['predicted_speedup']:.2f}x | "
+            f"{r['accuracy_kept']:.1%} | {r['kl_div']:.3f} | {r['perplexity']:.2f} | "
+            f"{r['accuracy_kept_before_gkd']:.1%} | {r['kl_before_gkd']:.3f} |"
         )
 
 

@@ -1,15 +1,15 @@
 """Replace-1-block scoring: seconds per scored variant, SmolLM2 shapes (random weights).
 
 A random SmolLM2-135M-shaped parent (30 layers, hidden 576, vocabulary 49,152), its library with
-the default search space, and the scoring loop of :func:`puzzle.scoring.score`
-(:func:`puzzle.scoring.score_rows`: parent pass, then every row) on random token ids (speed does
-not depend on the values); all five metrics::
+the paper's search space (:data:`puzzle.library.variants.PAPER_LIBRARY`), and the scoring loop of
+:func:`puzzle.library.scoring.score` (:func:`puzzle.library.scoring.score_rows`: parent pass, then
+every row) on random token ids (speed does not depend on the values); all five metrics::
 
     python benchmarks/bench_scoring.py --dir /tmp/score --sequences 16 --seq-len 128      # GPU
     python benchmarks/bench_scoring.py --dir /tmp/score --device cpu --threads 2 --layers 0,15,29
 
-``seconds_per_variant`` = the scoring loop's wall time (parent pass included, after a warm-up) / rows. A row at
-layer l runs layers l..29 and the LM head, so on a subset of layers the figure depends on which.
+``seconds_per_variant`` = the scoring loop's wall time (parent pass included, after a warm-up) / rows.
+A row at layer l runs layers l..29 and the LM head, so on a subset of layers the figure depends on which.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_bld import make_random_parent, make_random_tokens  # noqa: E402
+from bench_bld import make_random_parent  # noqa: E402
+from shapes import print_json, save_random_tokens  # noqa: E402
 
 
 def main() -> None:
@@ -44,8 +45,8 @@ def main() -> None:
 
     from puzzle.data import load_split
     from puzzle.library import scoring
-    from puzzle.library.variants import Library, SearchSpace, build_library
-    from puzzle.modeling.checkpoints import load_child
+    from puzzle.library.variants import PAPER_LIBRARY, Library, build_library
+    from puzzle.modeling.checkpoints import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -53,13 +54,13 @@ def main() -> None:
     root = Path(args.dir)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     parent = make_random_parent(root / "parent", "smollm2", layers=30, vocab_size=49152, seq_len=args.seq_len)
-    tokens = make_random_tokens(
+    tokens = save_random_tokens(
         root / "tokens",
         vocab_size=49152,
         seq_len=args.seq_len,
         splits={"calibration": 4, "score": args.sequences},
     )
-    build_library(parent, tokens, str(root / "library"), space=SearchSpace(), layers=layers, device=device)
+    build_library(parent, tokens, str(root / "library"), PAPER_LIBRARY, layers=layers, device=device)
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(0)
         if device.startswith("cuda")
@@ -75,7 +76,7 @@ def main() -> None:
     rows = scoring.plan_rows(lib, layers=layers)
     ids = load_split(tokens, "score")
     for dtype in args.dtypes.split(","):
-        model = load_child(parent, dtype=dtype, device=device)
+        model = load_model(parent, dtype=dtype, device=device)
         scoring.score_rows(model, lib, rows[:2], ids[: args.batch], metrics=list(scoring.METRICS))  # warm-up
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -92,11 +93,7 @@ def main() -> None:
         }
         print(json.dumps({dtype: results["runs"][dtype]}), flush=True)
         del model
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
+    print_json(results, args.json)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Search benchmark: exactness and speed of the MIP search (CPU).
 
-1. The published 80 x 16 Llama-3.3-70B block library (read from ../shared, never copied here):
+1. The published 80 x 16 Llama-3.3-70B block library (`--library PATH`; not in this repository):
    minimise summed kl_div with runtime <= 50 % (and 60 %) of the parent's summed runtime;
    objective, status, how it was proven, and time (cold = first call, incl. python-mip's import
    and CBC's start; warm = median of the next runs).
@@ -27,7 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from puzzle import knapsack  # noqa: E402
+from puzzle.config import SearchConfig  # noqa: E402
+from puzzle.search import knapsack  # noqa: E402
 from puzzle.search.mip import Constraint, load_solutions, make_problem, search  # noqa: E402
 from puzzle.search.tables import read_library  # noqa: E402
 
@@ -51,7 +52,8 @@ def library_runs(path: Path, repeats: int) -> None:
             f"  runtime <= {fraction:.0%} of the parent: kl_div {result.objective:.6f}, {result.status} "
             f"(proof: {s['proof']}; CBC: {s['cbc_status']} {s['cbc_objective']:.6f}), cold {times[0]:.3f} s, "
             f"warm median {statistics.median(times[1:]):.3f} s [LP {s['lp_bound']:.6f}, heuristic "
-            f"{s['heuristic_objective']:.6f}, DP gaps tried {len(s['dp_gaps'])}, {s['mip_variables']} MIP vars]"
+            f"{s['heuristic_objective']:.6f}, DP gaps tried {len(s['dp_gaps'])}, "
+            f"{s['mip_variables']} MIP vars]"
         )
 
 
@@ -62,10 +64,8 @@ def diverse_run(path: Path) -> None:
             None,
             None,
             f"{tmp}/out",
+            SearchConfig(constraints=["latency<=0.5x"], num_solutions=10, alpha=0.8),
             library=str(path),
-            constraints=["latency<=0.5x"],
-            num_solutions=10,
-            diversity_alpha=0.8,
         )
         elapsed = time.perf_counter() - started
         solutions = load_solutions(f"{tmp}/out")["solutions"]
@@ -105,7 +105,8 @@ def synthetic_runs() -> None:
         result = knapsack.solve(problem)
         s = result.stats
         print(
-            f"  synthetic 200 x 50 ({kind}): objective {result.objective:.6f}, {result.status} (proof {s['proof']}), "
+            f"  synthetic 200 x 50 ({kind}): objective {result.objective:.6f}, {result.status} "
+            f"(proof {s['proof']}), "
             f"{result.seconds:.3f} s [{s['mip_variables']} MIP vars]"
         )
 
@@ -134,7 +135,8 @@ def plain_cbc(path: Path) -> None:
             status = model.optimize()
             elapsed, value = time.perf_counter() - started, model.objective_value
         print(
-            f"  plain CBC on all {L * V} variables, relative gap {gap:g}: {value:.6f} ({status.name}) in {elapsed:.2f} s"
+            f"  plain CBC on all {L * V} variables, relative gap {gap:g}: {value:.6f} ({status.name}) "
+            f"in {elapsed:.2f} s"
         )
 
 

@@ -153,7 +153,8 @@ def main() -> None:
         rejected = throughput(server.port, args.deliveries, forged=True)
         server.stop()
         print(
-            f"tag set (REST) -> run submitted, {len(latencies)} versions: median {statistics.median(latencies) * 1000:.0f} ms, "
+            f"tag set (REST) -> run submitted, {len(latencies)} versions: "
+            f"median {statistics.median(latencies) * 1000:.0f} ms, "
             f"p95 {p95 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms"
         )
         print(f"verified deliveries (ignored tag), {args.deliveries} over one connection: {accepted:.0f}/s")
