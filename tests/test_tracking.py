@@ -267,3 +267,19 @@ def test_kfp_components_share_one_mlflow_run(
         [first.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{first.run_id}'"
     )
     assert sorted(r.data.tags[tracking.TAG_KIND] for r in nested) == ["costs", "scores"]
+
+
+def test_a_run_dir_store_keeps_its_artifacts_under_the_output_root(tmp_path: Path, monkeypatch) -> None:
+    """run-dir is a SQLite store under the output: its artifacts go there too, not into ./mlruns."""
+    from puzzle.mlflow import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    output = tmp_path / "out"
+    with tracking.pipeline_run({"tracking": {"uri": "run-dir"}, "output": str(output)}, name="t") as run:
+        assert run is not None
+        run.client.log_text(run.run_id, "hello", "note.txt")
+    assert list(cwd.iterdir()) == []
+    assert [p.name for p in (output / "mlartifacts").rglob("note.txt")] == ["note.txt"]

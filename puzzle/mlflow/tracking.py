@@ -563,13 +563,19 @@ def client_for(tracking_uri: str) -> Any:
 
 
 def experiment_id_for(client: Any, name: str) -> str:
+    """The id of experiment ``name``, created when missing. With a local SQLite store (``run-dir``)
+    its artifacts go beside the database, not into ``./mlruns`` of whatever the current folder is."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     from mlflow.exceptions import MlflowException
 
+    uri = str(getattr(client, "tracking_uri", "") or "")
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=location)
     except MlflowException:  # created concurrently by another component
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
