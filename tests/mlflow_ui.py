@@ -127,18 +127,25 @@ def add_model_version_tag_in_ui(mlflow_url: str, name: str, version: str, key: s
     try:
         browser.call("Page.enable")
         browser.call("Page.navigate", url=f"{mlflow_url}/#/models/{name}/versions/{version}")
-        browser.click('[data-testid="tags-section"] [role="button"]')
-        browser.type_into('[data-testid="tags-form-input-name"]', key)
-        browser.type_into('[data-testid="tags-form-input-value"]', value)
-        browser.click('[data-testid="add-tag-button"]')
-        # Done when the saved tag shows in the table (typed input values are not part of innerText).
-        deadline = time.time() + browser.timeout
         section = json.dumps('[data-testid="tags-section"]')
-        while not browser.js(f"document.querySelector({section}).innerText.includes({json.dumps(key)})"):
-            if time.time() > deadline:
-                raise TimeoutError(
-                    f"the tag {key} never showed in the MLflow UI; the page shows: {browser.page_text()!r}"
-                )
-            time.sleep(0.2)
+        # Done when the saved tag shows in the table (typed input values are not part of innerText).
+        # On a loaded machine React may not have wired the form when the first keys arrive: then the
+        # page is loaded again and the tag added again (adding the same tag twice is harmless).
+        for attempt in range(3):
+            if attempt:
+                browser.call("Page.navigate", url=f"{mlflow_url}/#/models/{name}/versions/{version}")
+                browser.call("Page.reload", ignoreCache=True)
+            browser.click('[data-testid="tags-section"] [role="button"]')
+            browser.type_into('[data-testid="tags-form-input-name"]', key)
+            browser.type_into('[data-testid="tags-form-input-value"]', value)
+            browser.click('[data-testid="add-tag-button"]')
+            deadline = time.time() + browser.timeout
+            while time.time() < deadline:
+                if browser.js(f"document.querySelector({section}).innerText.includes({json.dumps(key)})"):
+                    return
+                time.sleep(0.2)
+        raise TimeoutError(
+            f"the tag {key} never showed in the MLflow UI; the page shows: {browser.page_text()!r}"
+        )
     finally:
         browser.close()

@@ -38,6 +38,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "s3": {"endpointUrl": "http://seaweedfs.kubeflow.svc.cluster.local:8333"},
     },
     "no-network-policy": {"networkPolicy": {"enabled": False}},
+    # The trigger's state on an emptyDir (persistence is on by default).
+    "ephemeral-state": {"trigger": {"persistence": {"enabled": False}}},
     # A separate Kubeflow profile namespace, S3 keys created by the chart, and the launcher's
     # pipeline-root settings for a SeaweedFS/MinIO-style store.
     "launcher": {
@@ -112,6 +114,11 @@ def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def job_steps(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     jobs = objects(docs, "Job")
     return containers(jobs[0]["spec"]["template"]["spec"]) if jobs else []
+
+
+def uses_kfp(container: dict[str, Any]) -> bool:
+    """The trigger and the setup steps that call the KFP API (``puzzle pipeline ...``)."""
+    return container["name"] == "trigger" or container["args"][0] == "pipeline"
 
 
 def webhook_secret_volume(pod: dict[str, Any]) -> dict[str, Any]:
@@ -248,14 +255,23 @@ def test_the_service_account_token_for_the_kfp_api_is_projected_with_its_audienc
         assert source["audience"] == "pipelines.kubeflow.org" and source["path"] == "token"
         assert source["expirationSeconds"] >= 600
         for c in containers(pod):
+            if not uses_kfp(c):  # register-webhook talks to MLflow only: no KFP token
+                assert "KF_PIPELINES_SA_TOKEN_PATH" not in env_of(c), c["name"]
+                assert "kfp-token" not in {m["name"] for m in c["volumeMounts"]}, c["name"]
+                continue
             path = env_of(c)["KF_PIPELINES_SA_TOKEN_PATH"]["value"]
             mount = next(m for m in c["volumeMounts"] if m["name"] == "kfp-token")
             assert path == f"{mount['mountPath']}/{source['path']}" and mount["readOnly"] is True
             assert env_of(c)["KF_PIPELINES_ENDPOINT"]["value"].startswith("http://ml-pipeline.")
 
 
+def kfp_rbac(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The documents without the GKD step's TrainJob Role and RoleBinding."""
+    return [d for d in docs if not d["metadata"]["name"].endswith("-gkd-trainjobs")]
+
+
 def test_rbac_grants_exactly_the_kfp_verbs_in_the_kfp_namespace(manifests) -> None:
-    docs = manifests["launcher"]
+    docs = kfp_rbac(manifests["launcher"])
     role, binding = one(docs, "Role"), one(docs, "RoleBinding")
     assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "kubeflow-user-team-a"
     rules = {tuple(r["resources"]): set(r["verbs"]) for r in role["rules"]}
@@ -274,10 +290,41 @@ def test_rbac_grants_exactly_the_kfp_verbs_in_the_kfp_namespace(manifests) -> No
     }
     assert sa["automountServiceAccountToken"] is False
 
-    other = manifests["cluster-role-persistent"]
+    other = kfp_rbac(manifests["cluster-role-persistent"])
     assert not objects(other, "Role")
     assert one(other, "RoleBinding")["roleRef"]["kind"] == "ClusterRole"
     assert one(other, "RoleBinding")["roleRef"]["name"] == "kubeflow-pipelines-edit"
+
+
+def test_rbac_lets_the_runs_gkd_step_create_follow_and_delete_trainjobs_and_nothing_else(
+    chart: helm.Chart, manifests
+) -> None:
+    from components.gkd.trainjob import RBAC_RULES
+
+    for value_set, subject in (("default", "default-editor"), ("launcher", "default-editor")):
+        docs = manifests[value_set]
+        (role,) = [d for d in objects(docs, "Role") if d["metadata"]["name"].endswith("-gkd-trainjobs")]
+        (binding,) = [
+            d for d in objects(docs, "RoleBinding") if d["metadata"]["name"] == role["metadata"]["name"]
+        ]
+        namespace = VALUE_SETS[value_set].get("kfp", {}).get("namespace", NAMESPACE)
+        assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == namespace
+        assert role["rules"] == RBAC_RULES  # exactly what components/gkd/trainjob.py calls
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": role["metadata"]["name"],
+        }
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": subject, "namespace": namespace}]
+    # The run's pods' own ServiceAccount when the chart names one; none of it without rbac.trainJobs.
+    docs = _render(chart, {"pipeline": {"cluster": {"serviceAccount": "pipeline-runner"}}})
+    (binding,) = [d for d in objects(docs, "RoleBinding") if d["metadata"]["name"].endswith("-gkd-trainjobs")]
+    assert binding["subjects"][0]["name"] == "pipeline-runner"
+    for doc in docs:
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+    docs = _render(chart, {"rbac": {"trainJobs": False}})
+    assert not [d for d in docs if d["metadata"]["name"].endswith("-gkd-trainjobs")]
 
 
 # ----------------------------------------------------------------------------- trigger service
@@ -301,7 +348,7 @@ def test_trigger_probes_hit_the_health_endpoint_on_the_served_port(manifests) ->
 
 def test_network_policy_admits_only_mlflow_to_the_webhook_port_and_limits_egress(manifests) -> None:
     docs = manifests["default"]
-    policy = one(docs, "NetworkPolicy")
+    (policy,) = [p for p in objects(docs, "NetworkPolicy") if p["metadata"]["name"] == RELEASE]
     pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
     (ingress,) = policy["spec"]["ingress"]
@@ -320,9 +367,11 @@ def test_state_volume_is_a_claim_only_when_persistence_is_on(manifests) -> None:
         pod = one(docs, "Deployment")["spec"]["template"]["spec"]
         return next(v for v in pod["volumes"] if v["name"] == "state")
 
-    assert "emptyDir" in state(manifests["default"]) and not objects(
-        manifests["default"], "PersistentVolumeClaim"
+    assert "emptyDir" in state(manifests["ephemeral-state"]) and not objects(
+        manifests["ephemeral-state"], "PersistentVolumeClaim"
     )
+    default = one(manifests["default"], "PersistentVolumeClaim")  # on by default (issue 16)
+    assert state(manifests["default"])["persistentVolumeClaim"]["claimName"] == default["metadata"]["name"]
     docs = manifests["cluster-role-persistent"]
     claim = one(docs, "PersistentVolumeClaim")
     assert state(docs)["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
@@ -347,9 +396,11 @@ def test_default_install_creates_only_a_generated_webhook_secret(manifests) -> N
             "items": [{"key": "webhook-secret", "path": "secret"}],
         }
         for c in containers(pod):
-            mount = next(m for m in c["volumeMounts"] if m["name"] == "webhook-secret")
-            assert mount["readOnly"] is True
-            if "--secret-file" in c["args"]:
+            # Only the containers that read the webhook secret mount it.
+            mounts = [m for m in c["volumeMounts"] if m["name"] == "webhook-secret"]
+            assert bool(mounts) == ("--secret-file" in c["args"]), c["name"]
+            for mount in mounts:
+                assert mount["readOnly"] is True
                 assert c["args"][c["args"].index("--secret-file") + 1] == f"{mount['mountPath']}/secret"
     container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert "--secret-file" in container["args"]
@@ -361,21 +412,38 @@ def test_default_install_creates_only_a_generated_webhook_secret(manifests) -> N
 def test_existing_secrets_are_referenced_by_name_and_none_is_created(manifests) -> None:
     docs = manifests["existing-secrets"]
     assert not objects(docs, "Secret")
+    # Each container gets the credentials it uses: the trigger all of them, the setup steps only
+    # MLflow's (register-webhook) or none (the KFP steps authenticate with the token).
+    wanted = {
+        "trigger": {"s3", "mlflow"},
+        "upload-pipeline": set(),
+        "schedule": set(),
+        "register-webhook": {"mlflow"},
+    }
+    seen = set()
     for pod in pod_specs(docs):
         for c in containers(pod):
+            seen.add(c["name"])
             env = env_of(c)
             refs = {n: v["valueFrom"]["secretKeyRef"] for n, v in env.items() if "valueFrom" in v}
             assert not any("WEBHOOK" in name for name in env), "the webhook secret is a file, never env"
-            assert refs["AWS_ACCESS_KEY_ID"] == {"name": "s3-credentials", "key": "AWS_ACCESS_KEY_ID"}
-            assert refs["AWS_SECRET_ACCESS_KEY"]["name"] == "s3-credentials"
-            assert refs["MLFLOW_TRACKING_TOKEN"] == {
-                "name": "mlflow-credentials",
-                "key": "MLFLOW_TRACKING_TOKEN",
-                "optional": True,
-            }
+            if "s3" in wanted[c["name"]]:
+                assert refs["AWS_ACCESS_KEY_ID"] == {"name": "s3-credentials", "key": "AWS_ACCESS_KEY_ID"}
+                assert refs["AWS_SECRET_ACCESS_KEY"]["name"] == "s3-credentials"
+            else:
+                assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(refs), c["name"]
+            if "mlflow" in wanted[c["name"]]:
+                assert refs["MLFLOW_TRACKING_TOKEN"] == {
+                    "name": "mlflow-credentials",
+                    "key": "MLFLOW_TRACKING_TOKEN",
+                    "optional": True,
+                }
+            else:
+                assert not any(name.startswith("MLFLOW_TRACKING_") for name in refs), c["name"]
             assert env["AWS_ENDPOINT_URL"]["value"] == VALUE_SETS["existing-secrets"]["s3"]["endpointUrl"]
         assert webhook_secret_volume(pod)["secretName"] == "mlflow-webhook"
         assert webhook_secret_volume(pod)["items"] == [{"key": "hmac", "path": "secret"}]
+    assert seen == set(wanted)
     sa = one(docs, "ServiceAccount")
     assert sa["metadata"]["annotations"] == VALUE_SETS["existing-secrets"]["serviceAccount"]["annotations"]
 

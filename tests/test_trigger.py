@@ -410,7 +410,7 @@ scoring: {{batch_size: 4}}
 costs: {{batch_sizes: [1], prompt_len: 8, gen_len: 8, repeats: 1}}
 search: {{constraints: ["parameters<=0.85x"], num_solutions: 1}}
 gkd: {{token_budget: 512, batch_size: 4}}
-evaluate: {{batch_size: 4, workload: {{batch_size: 1, prompt_len: 8, gen_len: 8}}, repeats: 1}}
+evaluate: {{batch_size: 4, repeats: 1, bootstrap: 100}}
 tracking: {{uri: null, experiment: puzzle-trigger-e2e}}
 registry: {{gates: {{min_accuracy_kept: 0.0, min_speedup: 0.0}}}}
 baselines: {{methods: [], gkd: false}}

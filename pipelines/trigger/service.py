@@ -12,8 +12,11 @@ Then only ``model_version_tag.set`` with the configured request tag key, or
 ``model_version_alias.created`` with the configured alias, starts anything; the tags the
 service writes back (``puzzle.kfp_run_id``, ``puzzle.state``, ...) arrive as events too and are
 ignored, so the service never triggers itself. A request runs once per (version, profile): it
-is submitted when the version has no ``puzzle.state`` for that profile yet, or when its last run
-``failed`` and the request tag is set again.
+is submitted when no run of that profile was ever submitted for the version (the state store
+remembers every submission, whatever the version's tags say since), or when its last run
+``failed`` and the request tag is set again. A rejected request (unknown or invalid profile)
+never overwrites the state tags of a run in flight on the version; it writes ``puzzle.error``
+only.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ ALIAS_CREATED = "model_version_alias.created"
 SUPPORTED_EVENTS = (TAG_SET, ALIAS_CREATED)
 # States after which a request is settled (a ``failed`` one runs again when asked again).
 SETTLED = ("submitted", "running", "succeeded", "rejected")
+# States a run goes through (``rejected`` describes a request that never became a run).
+RUN_STATES = ("submitted", "running", "succeeded", "failed")
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,11 @@ class TriggerService:
             "delivery rejected", extra={"status": status, "reason": reason, "delivery_id": delivery_id}
         )
         return Response(status, {"status": "rejected", "reason": reason})
+
+    def reject(self, status: int, reason: str) -> Response:
+        """A request refused by the HTTP layer (deadline, malformed request): counted and logged
+        like a rejected delivery."""
+        return self._reject(status, reason)
 
     def check_size(self, content_length: str | None) -> Response | None:
         """Answer before reading the body: no length (411), too large (413)."""
@@ -138,6 +148,8 @@ class TriggerService:
             payload = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError):
             return self._reject(400, "malformed JSON", delivery_id)
+        except RecursionError:
+            return self._reject(400, "malformed JSON (nested too deeply)", delivery_id)
         if not isinstance(payload, dict) or not isinstance(payload.get("data"), dict):
             return self._reject(400, "payload must be an object with a 'data' object", delivery_id)
         event = f"{payload.get('entity')}.{payload.get('action')}"
@@ -203,6 +215,9 @@ class TriggerService:
                     raise
                 return {"status": "ignored", "reason": f"model version {name}/{version} does not exist"}
             state = tags.get(TAG_STATE)
+            tagged_run = tags.get(TAG_RUN_ID)
+            if tagged_run and state in RUN_STATES and self.store.run_state(tagged_run) != state:
+                self.store.record_state(tagged_run, state)
             if tags.get(TAG_PROFILE) == profile and state is not None:
                 if state in SETTLED or not retry_failed:
                     return {"status": "already_requested", "run_id": tags.get(TAG_RUN_ID), "state": state}
@@ -220,6 +235,13 @@ class TriggerService:
                     },
                 )
                 return {"status": "repaired", "run_id": previous.run_id}
+            if previous is not None and previous.run_id:
+                # Once per (version, profile): the store remembers the run even when a request for
+                # another profile has taken over the version's tags since.
+                known = self.store.run_state(previous.run_id) or "submitted"
+                if not (known == "failed" and retry_failed):
+                    return {"status": "already_requested", "run_id": previous.run_id, "state": known}
+            in_flight = state in ("submitted", "running") and tags.get(TAG_PROFILE) != profile
             child_model = self.settings.child_model.format(model=name)
             try:
                 config = run_config(
@@ -229,12 +251,24 @@ class TriggerService:
                     overrides=(*self.settings.overrides, f"registry.model_name={json.dumps(child_model)}"),
                 )
             except ProfileError as exc:
-                self._tag(
-                    name, version, {TAG_PROFILE: profile, TAG_STATE: "rejected", TAG_ERROR: str(exc)[:500]}
-                )
+                if in_flight:
+                    # The version's state tags describe the run in flight: they stay as they are.
+                    self._tag(name, version, {TAG_ERROR: f"request {profile!r} rejected: {exc}"[:500]})
+                else:
+                    self._tag(
+                        name,
+                        version,
+                        {TAG_PROFILE: profile, TAG_STATE: "rejected", TAG_ERROR: str(exc)[:500]},
+                    )
                 log.warning(
                     "request rejected",
-                    extra={"model": name, "version": version, "profile": profile, "reason": str(exc)},
+                    extra={
+                        "model": name,
+                        "version": version,
+                        "profile": profile,
+                        "reason": str(exc),
+                        "run_in_flight": tags.get(TAG_RUN_ID) if in_flight else None,
+                    },
                 )
                 return {"status": "rejected", "reason": str(exc)}
             submission = self.store.begin_submission(name, version, profile, self.backend.name, source)

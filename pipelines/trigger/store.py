@@ -3,7 +3,10 @@
 * ``deliveries``: every accepted delivery id (a replayed delivery is answered, not acted on);
 * ``submissions``: every run submitted for a (model, version, profile), written *before* the
   backend is called (``run_id`` NULL) and completed after, so a crash between submitting and
-  tagging the parent version is repaired by the reconcile pass instead of submitting twice.
+  tagging the parent version is repaired by the reconcile pass instead of submitting twice; it is
+  what enforces "once per (version, profile)", whatever the version's tags say later;
+* ``run_states``: the last state seen on the version's tags for each submitted run, so that a run
+  whose tags were since taken over by another profile's run is still known as failed or not.
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ CREATE TABLE IF NOT EXISTS submissions (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS submissions_by_version ON submissions (model, version, profile);
+CREATE TABLE IF NOT EXISTS run_states (
+    run_id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    seen_at REAL NOT NULL
+);
 """
 
 
@@ -132,6 +140,20 @@ class TriggerStore:
                 (model, version, profile),
             ).fetchone()
         return Submission(*row) if row else None
+
+    def record_state(self, run_id: str, state: str) -> None:
+        """Remember the state the version's tags show for ``run_id``."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO run_states (run_id, state, seen_at) VALUES (?, ?, ?) "
+                "ON CONFLICT(run_id) DO UPDATE SET state = excluded.state, seen_at = excluded.seen_at",
+                (run_id, state, time.time()),
+            )
+
+    def run_state(self, run_id: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT state FROM run_states WHERE run_id = ?", (run_id,)).fetchone()
+        return str(row[0]) if row else None
 
     def submissions(self) -> list[Submission]:
         with self._lock:

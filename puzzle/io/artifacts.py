@@ -73,7 +73,7 @@ class Manifest:
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> Manifest:
         try:
-            return cls(
+            manifest = cls(
                 kind=data["kind"],
                 inputs=data.get("inputs", {}),
                 parameters=data.get("parameters", {}),
@@ -87,6 +87,19 @@ class Manifest:
             raise ArtifactError(
                 f"{where}: manifest.json is malformed ({exc!r}); re-create the artifact"
             ) from exc
+        if not isinstance(manifest.files, dict):
+            raise ArtifactError(f"{where}: manifest.json 'files' is not a mapping; re-create the artifact")
+        for rel, meta in manifest.files.items():
+            try:
+                storage.check_relpath(rel, where)
+            except storage.StorageError as exc:
+                raise ArtifactError(str(exc)) from None
+            if rel == MANIFEST or not isinstance(meta, dict) or not {"sha256", "size"} <= set(meta):
+                raise ArtifactError(
+                    f"{where}: manifest.json entry {rel!r} is malformed (needs sha256 and size); "
+                    "re-create the artifact"
+                )
+        return manifest
 
 
 def read_manifest(uri: str) -> Manifest | None:
@@ -122,31 +135,77 @@ def require_manifest(uri: str, kind: str | tuple[str, ...]) -> Manifest:
 def checksum_dir(local: Path) -> dict[str, dict[str, Any]]:
     files = {}
     for path in sorted(local.rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
-            rel = str(path.relative_to(local))
+        rel = str(path.relative_to(local))
+        if path.is_file() and rel != MANIFEST:  # a nested artifact's manifest is one of the files
             files[rel] = {"sha256": storage.sha256_file(path), "size": path.stat().st_size}
     return files
 
 
+VERIFIED_MARKER = ".verified"
+"""Written beside the manifest in the local copy of an S3 artifact once it is verified."""
+
+
+def rebuild_hint(where: str) -> str:
+    """What to do about a corrupt or tampered artifact."""
+    return (
+        f"delete {where} and re-run the command that wrote it (`puzzle run` then rebuilds it and every "
+        "phase after it)"
+    )
+
+
+def _unlisted_message(unlisted: list[str], where: str) -> str:
+    one = len(unlisted) == 1
+    names = ", ".join(unlisted[:5]) + (" ..." if len(unlisted) > 5 else "")
+    return (
+        f"{names} {'is' if one else 'are'} not listed in manifest.json (added after the artifact was "
+        f"written, so never checked; refused rather than used): remove {'it' if one else 'them'}, or "
+        f"{rebuild_hint(where)}"
+    )
+
+
+def _present_files(local: Path) -> list[str]:
+    """Every file (and symlink) below ``local``, relative, without following symlinked folders."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(local):
+        base = Path(dirpath)
+        for name in filenames + [d for d in dirnames if (base / d).is_symlink()]:
+            found.append((base / name).relative_to(local).as_posix())
+    return sorted(found)
+
+
 def verify_local(local: Path, manifest: Manifest, where: str) -> None:
-    """Check every file's size and SHA-256 against the manifest."""
+    """Check that the artifact holds exactly the files its manifest lists, each a regular file
+    inside it (no symlink) with the listed size and SHA-256."""
+    try:
+        paths = {rel: storage.local_path_in(local, rel, where) for rel in manifest.files}
+    except storage.StorageError as exc:
+        raise ArtifactError(str(exc)) from None
+    ours = (MANIFEST, VERIFIED_MARKER)
+    unlisted = [rel for rel in _present_files(local) if rel not in manifest.files and rel not in ours]
+    if unlisted:
+        raise ArtifactError(f"{where}: {_unlisted_message(unlisted, where)}")
     for rel, meta in manifest.files.items():
-        path = local / rel
+        path = paths[rel]
         if not path.is_file():
             raise ArtifactError(
-                f"{where}: file {rel} listed in manifest.json is missing; re-create the artifact"
+                f"{where}: file {rel} listed in manifest.json is missing; {rebuild_hint(where)}"
             )
         if path.stat().st_size != meta["size"]:
             raise ArtifactError(
                 f"{where}: {rel} is {path.stat().st_size} bytes, manifest says {meta['size']} "
-                "(truncated or corrupt); re-create the artifact"
+                f"(truncated or corrupt); {rebuild_hint(where)}"
             )
         if storage.sha256_file(path) != meta["sha256"]:
-            raise ArtifactError(f"{where}: checksum mismatch for {rel} (corrupt); re-create the artifact")
+            raise ArtifactError(f"{where}: checksum mismatch for {rel} (corrupt); {rebuild_hint(where)}")
 
 
 def materialize(uri: str, kind: str | tuple[str, ...] | None = None) -> Path:
-    """A verified local directory holding the artifact at ``uri`` (downloaded once when on S3)."""
+    """A verified local directory holding the artifact at ``uri`` (downloaded once when on S3).
+
+    Every file name is checked before anything is read or written (:func:`storage.check_relpath`:
+    no absolute path, ``..``, backslash; no symlink on the way), and an artifact holding a file
+    its manifest does not list is refused.
+    """
     manifest = require_manifest(uri, kind) if kind else read_manifest(uri)
     if manifest is None:
         raise ArtifactError(f"no artifact at {uri} (no manifest.json)")
@@ -155,11 +214,18 @@ def materialize(uri: str, kind: str | tuple[str, ...] | None = None) -> Path:
         verify_local(local, manifest, uri)
         return local
     local = storage.cache_dir_for(f"{uri}#{manifest.content_hash}", "artifacts")
-    marker = local / ".verified"
-    if marker.exists() and marker.read_text() == manifest.content_hash:
+    marker = local / VERIFIED_MARKER
+    if marker.is_file() and not marker.is_symlink() and marker.read_text() == manifest.content_hash:
         return local
+    listed = set(manifest.files) | {MANIFEST}
+    unlisted = [rel for rel in storage.list_files(uri) if rel not in listed]
+    if unlisted:
+        raise ArtifactError(f"{uri}: {_unlisted_message(unlisted, uri)}")
+    # An unverified copy (an interrupted download, or anything else) is never trusted: start afresh.
+    shutil.rmtree(local, ignore_errors=True)
+    local.mkdir(parents=True, exist_ok=True)
     for rel in manifest.files:
-        storage.download_file(storage.join(uri, rel), local / rel)
+        storage.download_file(storage.join(uri, rel), storage.local_path_in(local, rel, uri))
     verify_local(local, manifest, uri)
     (local / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True))
     marker.write_text(manifest.content_hash)
@@ -214,7 +280,55 @@ def is_current(
         return None
     want = {name: fingerprint(uri) for name, uri in inputs.items()}
     have = {name: ref.get("hash") for name, ref in existing.inputs.items()}
-    return existing if want == have else None
+    if want != have:
+        return None
+    if not storage.is_s3(out):
+        # Up to date by its manifest: only when its files are still what the manifest says.
+        try:
+            verify_local(Path(out), existing, out)
+        except ArtifactError as exc:
+            raise ArtifactError(f"the {kind} output is up to date by its manifest, but {exc}") from None
+    return existing
+
+
+def check_output(out: str, kind: str | tuple[str, ...]) -> None:
+    """The publish rule, checked before any work: ``out`` may be replaced only when it does not
+    exist, is an empty directory or holds an artifact of the same ``kind``. A file, a directory
+    that is not an artifact (a user's folder) or an artifact of another kind is refused, and
+    nothing is changed. (An ``s3://`` output is never deleted unless it holds a manifest.)"""
+    if storage.is_s3(out):
+        return
+    path = Path(out)
+    if not path.exists() and not path.is_symlink():
+        if path.parent.exists() and not path.parent.is_dir():
+            raise ArtifactError(
+                f"output {out}: {path.parent} is a file, not a directory; choose another output"
+            )
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise ArtifactError(
+            f"output {out} is an existing {'symbolic link' if path.is_symlink() else 'file'}, not an "
+            "artifact directory; nothing was changed: choose another output (--out), or remove it yourself"
+        )
+    if not (path / MANIFEST).is_file():
+        if any(path.iterdir()):
+            raise ArtifactError(
+                f"output {out} is an existing directory that is not a puzzle artifact (no manifest.json); "
+                "publishing there would replace everything in it, so nothing was changed: choose a new or "
+                "empty output (--out), or remove the folder yourself"
+            )
+        return
+    try:
+        existing = read_manifest(out)
+    except ArtifactError:
+        return  # our artifact, with a damaged manifest: replaceable
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if existing is not None and existing.kind not in kinds:
+        raise ArtifactError(
+            f"output {out} holds a {existing.kind!r} artifact, and this phase writes a "
+            f"{'/'.join(kinds)!r} one; nothing was changed: choose another output (--out), or delete that "
+            "artifact yourself"
+        )
 
 
 def work_dir_for(out: str) -> Path:
@@ -249,6 +363,7 @@ def run_phase(
     directory, a GGUF file, a hub id), to the reference itself when ``materialize_inputs`` is off
     or the input is not an artifact.
     """
+    check_output(out, kind)
     params = _canonical(dict(parameters))
     if not force:
         current = is_current(out, kind, inputs, params)
@@ -273,10 +388,15 @@ def run_phase(
         log.info("%s: staging %s was for other inputs/parameters; starting afresh", kind, staging)
         shutil.rmtree(staging)
         staging.mkdir(parents=True)
+    resuming = stamp.exists()
     stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(request, sort_keys=True))
     log.info("%s: building %s", kind, out)
-    summary = body(staging, local_inputs) or {}
+    try:
+        summary = body(staging, local_inputs) or {}
+    except BaseException as exc:
+        _drop_staging_after_failure(staging, fresh=not resuming, input_error=isinstance(exc, PuzzleError))
+        raise
     work = staging / ".work"
     if work.exists():
         shutil.rmtree(work)
@@ -289,6 +409,17 @@ def run_phase(
     )
     publish(staging, out, manifest)
     return manifest
+
+
+def _drop_staging_after_failure(staging: Path, *, fresh: bool, input_error: bool) -> None:
+    """After a failed body: remove a staging directory that holds nothing to resume from. It is
+    kept when it holds checkpoints (files under ``.work/`` besides the request stamp), or when it
+    came from an earlier attempt and the failure is not an input error (a crash, an interrupt)."""
+    stamp = Path(".work") / "request.json"
+    files = [p.relative_to(staging) for p in staging.rglob("*") if p.is_file()]
+    checkpoints = [f for f in files if f.parts[0] == ".work" and f != stamp]
+    if not checkpoints and (input_error or fresh or files == [stamp]):
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def publish(staging: Path, out: str, manifest: Manifest) -> None:
@@ -304,6 +435,7 @@ def publish(staging: Path, out: str, manifest: Manifest) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         return
     target = Path(out)
+    check_output(out, manifest.kind)  # again: the folder may have appeared while the phase ran
     (staging / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n")
     if target.exists():
         trash = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -313,6 +445,19 @@ def publish(staging: Path, out: str, manifest: Manifest) -> None:
     else:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, target)
+
+
+def copy(source: str, out: str, kind: str) -> Manifest:
+    """``source`` (an artifact of ``kind``) republished at ``out`` with the same kind and summary: a
+    phase whose result is an earlier artifact as it stands (resumes like any phase)."""
+    manifest = require_manifest(source, kind)
+
+    def body(staging: Path, local: dict[str, Path]) -> dict[str, Any]:
+        ours = shutil.ignore_patterns(MANIFEST, VERIFIED_MARKER)
+        shutil.copytree(local["source"], staging, dirs_exist_ok=True, ignore=ours)
+        return dict(manifest.summary)
+
+    return run_phase(manifest.kind, out, {"source": source}, {}, body)
 
 
 def delete_if_exists(uri: str) -> None:

@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -218,6 +218,91 @@ def write_json(uri: str, obj: Any) -> None:
     write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
+def _unsafe_reason(rel: str) -> str | None:
+    if not rel:
+        return "empty"
+    if "\x00" in rel:
+        return "a NUL byte"
+    if "\\" in rel:
+        return "a backslash"
+    if rel.startswith("/"):
+        return "an absolute path"
+    if len(rel) > 1 and rel[0].isalpha() and rel[1] == ":":
+        return "a drive letter"
+    parts = rel.split("/")
+    if ".." in parts:
+        return "a '..' component"
+    if "" in parts or "." in parts:
+        return "an empty or '.' component"
+    return None
+
+
+def check_relpath(rel: str, where: str) -> str:
+    """``rel`` when it is a safe relative file name inside an artifact or prefix, else a StorageError.
+
+    The one path-safety rule of every reader: a file name that comes from a manifest or an S3
+    listing must be a plain relative path (``/``-separated, no absolute path, drive letter,
+    backslash, ``..``, ``.`` or empty component), so joining it onto a local directory can never
+    leave that directory.
+    """
+    reason = _unsafe_reason(rel) if isinstance(rel, str) else "not a string"
+    if reason is not None:
+        raise StorageError(
+            f"{where}: refusing the file name {rel!r} ({reason}): an artifact's files must be relative "
+            "paths inside it; it was not written by puzzle or was tampered with, re-create it"
+        )
+    return rel
+
+
+def local_path_in(root: Path, rel: str, where: str) -> Path:
+    """``root / rel`` for a safe ``rel`` (:func:`check_relpath`) whose existing components below
+    ``root`` are no symlinks, so reading or writing it stays inside ``root``."""
+    check_relpath(rel, where)
+    path = root
+    for part in rel.split("/"):
+        path = path / part
+        if path.is_symlink():
+            raise StorageError(
+                f"{where}: refusing {rel!r}: {path} is a symbolic link (it could point outside the "
+                "artifact); remove it and re-create the artifact"
+            )
+    return path
+
+
+def list_objects(uri: str) -> list[tuple[str, int, str]]:
+    """``(relative path, size, ETag)`` of every object below an S3 prefix (directory markers
+    left out); the ETag and size identify an object's content."""
+    bucket, key = split_s3(uri)
+    prefix = key.rstrip("/") + "/" if key else ""
+    out: list[tuple[str, int, str]] = []
+    try:
+        paginator = s3_client().get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(prefix) :]
+                if rel and not (rel.endswith("/") and int(obj.get("Size", 0)) == 0):
+                    out.append((rel, int(obj.get("Size", 0)), str(obj.get("ETag", ""))))
+    except Exception as exc:  # noqa: BLE001
+        raise _s3_error(exc, uri, "list") from exc
+    return sorted(out)
+
+
+def head(uri: str) -> tuple[int, str] | None:
+    """``(size, ETag)`` of the S3 object at ``uri``, or None when there is none."""
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(uri)
+    try:
+        meta = s3_client().head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+            return None
+        raise _s3_error(exc, uri, "read") from exc
+    except Exception as exc:  # noqa: BLE001
+        raise _s3_error(exc, uri, "read") from exc
+    return int(meta.get("ContentLength", 0)), str(meta.get("ETag", ""))
+
+
 def list_files(uri: str) -> list[str]:
     """Relative paths of every file below a local directory or an S3 prefix."""
     if not is_s3(uri):
@@ -307,6 +392,72 @@ def cache_dir_for(uri: str, purpose: str) -> Path:
     path = cache_root() / purpose / name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+COMPLETE_SUFFIX = ".complete"
+
+
+def _content_keyed_dir(uri: str, purpose: str, objects: list[tuple[str, int, str]]) -> tuple[Path, Path]:
+    """``(directory, completion marker)`` of the local copy of ``objects`` (name, size, ETag) of
+    ``uri``: keyed by the URI *and* the objects, so changed objects get a new copy."""
+    base = cache_dir_for(uri, purpose)
+    key = hashlib.sha256(json.dumps(objects, sort_keys=True).encode()).hexdigest()[:16]
+    return base / key, base / f"{key}{COMPLETE_SUFFIX}"
+
+
+def _drop_other_copies(keep: Path) -> None:
+    """Remove older copies of the same URI (other content keys) once ``keep`` is complete."""
+    for entry in keep.parent.iterdir():
+        if entry.name in (keep.name, f"{keep.name}{COMPLETE_SUFFIX}"):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def download_prefix(
+    uri: str, purpose: str, keep: Callable[[str], bool] | None = None
+) -> tuple[Path, list[str]]:
+    """A local copy of the objects below the S3 prefix ``uri`` (those whose relative name ``keep``
+    accepts), and their relative names; ``([], ...)`` names when there is none.
+
+    The cache is keyed by content: the objects' names, sizes and ETags, so a prefix whose objects
+    were replaced in place is downloaded again (older copies of the prefix are then removed). Every
+    name is checked by :func:`check_relpath` before anything is written (S3 keys may hold ``..``).
+    """
+    objects = [o for o in list_objects(uri) if keep is None or keep(o[0])]
+    for rel, _, _ in objects:
+        check_relpath(rel, uri)
+    names = [rel for rel, _, _ in objects]
+    if not objects:
+        return cache_dir_for(uri, purpose), names
+    local, marker = _content_keyed_dir(uri, purpose, objects)
+    if not marker.is_file():
+        for rel, size, _ in objects:
+            target = local_path_in(local, rel, uri)
+            if not (target.is_file() and target.stat().st_size == size):
+                download_file(join(uri, rel), target)
+        marker.write_text(uri)
+        _drop_other_copies(local)
+    return local, names
+
+
+def download_object(uri: str, purpose: str) -> Path | None:
+    """A local copy of the one S3 object at ``uri`` (None when there is none), cached by its
+    size and ETag like :func:`download_prefix`."""
+    meta = head(uri)
+    if meta is None:
+        return None
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    check_relpath(name, uri)
+    local, marker = _content_keyed_dir(uri, purpose, [(name, *meta)])
+    target = local_path_in(local, name, uri)
+    if not marker.is_file():
+        download_file(uri, target)
+        marker.write_text(uri)
+        _drop_other_copies(local)
+    return target
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,12 +262,10 @@ def register_parent(
     _check_name(model_name)
     client = _client(tracking_uri)
     if storage.is_s3(source):
-        files = storage.list_files(source)
+        # Cached by content, every key checked to stay inside the copy (storage.download_prefix).
+        local, files = storage.download_prefix(source, "parents")
         if not files:
             raise RegistryError(f"no files under {source}: upload the parent checkpoint there first")
-        local = storage.cache_dir_for(source, "parents")
-        for rel in files:
-            storage.download_file(storage.join(source, rel), local / rel)
     else:
         local = Path(source)
         if not local.is_dir():
@@ -311,9 +310,21 @@ def _tag_float(tags: dict[str, str], key: str) -> float | None:
 
 
 def gate_reasons(figures: dict[str, float | None], min_accuracy_kept: float, min_speedup: float) -> list[str]:
-    """Why a child fails the gates (empty: it passes): a missing figure fails, never passes."""
+    """Why a child fails the gates (empty: it passes): a missing or non-finite figure fails, never
+    passes; a non-finite target (NaN would make every comparison false) is an error."""
+    for name, target in (("min_accuracy_kept", min_accuracy_kept), ("min_speedup", min_speedup)):
+        if isinstance(target, bool) or not isinstance(target, int | float) or not math.isfinite(target):
+            raise RegistryError(
+                f"registry.gates.{name} must be a finite number, got {target!r}: the gate cannot decide "
+                "with it, so nothing is promoted"
+            )
     reasons = []
     accuracy, speedup = figures.get("accuracy_kept"), figures.get("speedup")
+    for key, value in (("accuracy_kept", accuracy), ("speedup", speedup)):
+        if value is not None and not math.isfinite(value):
+            reasons.append(f"{key} is {value} (not a finite number)")
+    if reasons:
+        return reasons
     if accuracy is None:
         reasons.append(f"no {TAG_ACCURACY_KEPT} figure (evaluate the child before the gate)")
     elif not accuracy >= min_accuracy_kept:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from puzzle.errors import PuzzleError
 from puzzle.io import artifacts
 from puzzle.modeling import BlockConfig, DeciLMConfig, DeciLMForCausalLM
 from puzzle.modeling.devices import parse_dtype
@@ -28,6 +30,116 @@ EXPORT_KIND = "export"
 MODEL_KINDS = (PARENT_KIND, CHILD_KIND, EXPORT_KIND)
 """Artifact kinds a model can be loaded from."""
 PARENT_INFO = "parent.json"
+
+
+class CheckpointError(PuzzleError, ValueError):
+    """A resume checkpoint cannot be loaded safely; the message names the file and the fix."""
+
+
+def load_training_state(path: Path, *, map_location: Any = "cpu") -> dict[str, Any]:
+    """A resume checkpoint (BLD, GKD) read without pickle: ``torch.load(weights_only=True)``
+    accepts tensors, numbers, strings, lists, tuples and dicts only, so a checkpoint planted in
+    a staging folder cannot run code. Anything else is refused with the fix."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(
+            f"refusing the resume checkpoint {path}: it is not a plain tensor checkpoint "
+            f"({type(exc).__name__}: {first[:200]}); delete it (or its .partial folder) to start this "
+            "phase afresh"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"resume checkpoint {path} holds a {type(state).__name__}, not a dict; delete it to start afresh"
+        )
+    return state
+
+
+# What the ``.metadata`` pickle of a ``torch.distributed.checkpoint`` folder may name: its own
+# dataclasses, torch.Size, dtypes and layouts (what torch 2.13 writes), nothing that runs code.
+_DCP_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+def _dcp_metadata_class(module: str, name: str) -> Any:
+    import importlib
+
+    if (module, name) in _DCP_METADATA_CLASSES:
+        return getattr(importlib.import_module(module), name)
+    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    raise CheckpointError(f"{module}.{name} may not appear in a checkpoint's metadata")
+
+
+def load_sharded_state(state: dict[str, Any], folder: Path) -> None:
+    """``torch.distributed.checkpoint.load(state, folder)`` without running pickled code: the
+    folder's ``.metadata`` is read by an unpickler that knows only the checkpoint's own metadata
+    classes, and non-tensor entries (optimizer settings) by ``torch.load(weights_only=True)``,
+    where torch's own reader uses ``pickle.load`` and ``weights_only=False``."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            return _dcp_metadata_class(module, name)
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(path, "rb") as fh:
+                metadata = Unpickler(fh).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: Any) -> None:
+            obj = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    try:
+        dcp.load(state, storage_reader=Reader(str(folder)), planner=Planner())
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - dcp wraps a rank's failure
+        text = str(exc)
+        found = re.search(
+            r"\S+ may not appear in a checkpoint's metadata|Weights only load failed[^\n]*", text
+        )
+        if found is None and not isinstance(exc, pickle.UnpicklingError):
+            raise
+        raise CheckpointError(
+            f"refusing the resume checkpoint {folder}: it holds more than tensors and plain values "
+            f"({found.group(0)[:200] if found else text[:200]}); delete it (or its .partial folder) to start "
+            "this phase afresh"
+        ) from None
 
 
 def save_model(

@@ -89,59 +89,67 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 
 {{/*
-Environment shared by the trigger service and the setup Job: the KFP endpoint and token, MLflow,
-S3, and credentials from Secrets (never literal values).
+Environment of the trigger service and the setup Job's steps: the KFP endpoint and token, MLflow,
+S3, and credentials from Secrets (never literal values). Called with (dict "root" $ "needs" LIST):
+"kfp" adds the KFP token path, "s3" the S3 keys, "mlflow" the MLflow credentials; settings that
+are not secret (endpoints, region, HOME) are always there.
 */}}
 {{- define "puzzle.env" -}}
+{{- $root := .root }}
+{{- $needs := .needs }}
 - name: KF_PIPELINES_ENDPOINT
-  value: {{ .Values.kfp.host | quote }}
+  value: {{ $root.Values.kfp.host | quote }}
 - name: PUZZLE_KFP_NAMESPACE
-  value: {{ include "puzzle.kfpNamespace" . | quote }}
-{{- if .Values.kfp.token.enabled }}
+  value: {{ include "puzzle.kfpNamespace" $root | quote }}
+{{- if and $root.Values.kfp.token.enabled (has "kfp" $needs) }}
 - name: KF_PIPELINES_SA_TOKEN_PATH
   value: /var/run/secrets/kubeflow/pipelines/token
 {{- end }}
 - name: MLFLOW_TRACKING_URI
-  value: {{ .Values.mlflow.trackingUri | quote }}
-{{- with .Values.s3.endpointUrl }}
+  value: {{ $root.Values.mlflow.trackingUri | quote }}
+{{- with $root.Values.s3.endpointUrl }}
 - name: AWS_ENDPOINT_URL
   value: {{ . | quote }}
 - name: MLFLOW_S3_ENDPOINT_URL
   value: {{ . | quote }}
 {{- end }}
 - name: AWS_DEFAULT_REGION
-  value: {{ .Values.s3.region | quote }}
-{{- with include "puzzle.s3SecretName" . }}
+  value: {{ $root.Values.s3.region | quote }}
+{{- if has "s3" $needs }}
+{{- with include "puzzle.s3SecretName" $root }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
     secretKeyRef:
       name: {{ . }}
-      key: {{ $.Values.secrets.s3.accessKeyIdKey }}
+      key: {{ $root.Values.secrets.s3.accessKeyIdKey }}
 - name: AWS_SECRET_ACCESS_KEY
   valueFrom:
     secretKeyRef:
       name: {{ . }}
-      key: {{ $.Values.secrets.s3.secretAccessKeyKey }}
+      key: {{ $root.Values.secrets.s3.secretAccessKeyKey }}
 {{- end }}
-{{- with include "puzzle.mlflowSecretName" . }}
+{{- end }}
+{{- if has "mlflow" $needs }}
+{{- with include "puzzle.mlflowSecretName" $root }}
 - name: MLFLOW_TRACKING_USERNAME
   valueFrom:
     secretKeyRef:
       name: {{ . }}
-      key: {{ $.Values.secrets.mlflow.usernameKey }}
+      key: {{ $root.Values.secrets.mlflow.usernameKey }}
       optional: true
 - name: MLFLOW_TRACKING_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ . }}
-      key: {{ $.Values.secrets.mlflow.passwordKey }}
+      key: {{ $root.Values.secrets.mlflow.passwordKey }}
       optional: true
 - name: MLFLOW_TRACKING_TOKEN
   valueFrom:
     secretKeyRef:
       name: {{ . }}
-      key: {{ $.Values.secrets.mlflow.tokenKey }}
+      key: {{ $root.Values.secrets.mlflow.tokenKey }}
       optional: true
+{{- end }}
 {{- end }}
 - name: HOME
   value: /tmp
@@ -149,42 +157,59 @@ S3, and credentials from Secrets (never literal values).
   value: /tmp/puzzle-cache
 {{- end }}
 
-{{/* Volumes shared by the trigger service and the setup Job. */}}
+{{/* Everything the trigger service uses. */}}
+{{- define "puzzle.triggerNeeds" -}}
+{{- toJson (list "kfp" "s3" "mlflow" "webhook" "profiles") }}
+{{- end }}
+
+{{/* Volumes of a pod whose containers use (dict "root" $ "needs" LIST): scratch space always. */}}
 {{- define "puzzle.volumes" -}}
+{{- $root := .root }}
+{{- $needs := .needs }}
 - name: tmp
   emptyDir:
     sizeLimit: 1Gi
+{{- if has "profiles" $needs }}
 - name: profiles
   configMap:
-    name: {{ include "puzzle.fullname" . }}-profiles
+    name: {{ include "puzzle.fullname" $root }}-profiles
+{{- end }}
+{{- if has "webhook" $needs }}
 - name: webhook-secret
   secret:
-    secretName: {{ include "puzzle.webhookSecretName" . }}
+    secretName: {{ include "puzzle.webhookSecretName" $root }}
     defaultMode: 0440
     items:
-      - key: {{ .Values.secrets.webhook.key }}
+      - key: {{ $root.Values.secrets.webhook.key }}
         path: secret
-{{- if .Values.kfp.token.enabled }}
+{{- end }}
+{{- if and $root.Values.kfp.token.enabled (has "kfp" $needs) }}
 - name: kfp-token
   projected:
     sources:
       - serviceAccountToken:
           path: token
-          audience: {{ .Values.kfp.token.audience | quote }}
-          expirationSeconds: {{ int .Values.kfp.token.expirationSeconds }}
+          audience: {{ $root.Values.kfp.token.audience | quote }}
+          expirationSeconds: {{ int $root.Values.kfp.token.expirationSeconds }}
 {{- end }}
 {{- end }}
 
 {{- define "puzzle.volumeMounts" -}}
+{{- $root := .root }}
+{{- $needs := .needs }}
 - name: tmp
   mountPath: /tmp
+{{- if has "profiles" $needs }}
 - name: profiles
   mountPath: /etc/puzzle/profiles
   readOnly: true
+{{- end }}
+{{- if has "webhook" $needs }}
 - name: webhook-secret
   mountPath: /var/run/secrets/puzzle/webhook
   readOnly: true
-{{- if .Values.kfp.token.enabled }}
+{{- end }}
+{{- if and $root.Values.kfp.token.enabled (has "kfp" $needs) }}
 - name: kfp-token
   mountPath: /var/run/secrets/kubeflow/pipelines
   readOnly: true
@@ -203,11 +228,11 @@ args:
   - {{ . | quote }}
   {{- end }}
 env:
-  {{- include "puzzle.env" $root | nindent 2 }}
+  {{- include "puzzle.env" (dict "root" $root "needs" .step.needs) | nindent 2 }}
 securityContext:
   {{- toYaml $root.Values.securityContext | nindent 2 }}
 resources:
   {{- toYaml $root.Values.setup.resources | nindent 2 }}
 volumeMounts:
-  {{- include "puzzle.volumeMounts" $root | nindent 2 }}
+  {{- include "puzzle.volumeMounts" (dict "root" $root "needs" .step.needs) | nindent 2 }}
 {{- end }}
