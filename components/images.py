@@ -20,6 +20,7 @@ from puzzle.errors import PuzzleError
 IMAGES_FILE = Path(__file__).with_name("images.yaml")
 GPU_IMAGE = "gpu"
 CPU_IMAGE = "cpu"
+NEMO_IMAGE = "nemo"
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 

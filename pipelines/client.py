@@ -229,6 +229,27 @@ def _check_package(package: str | Path) -> Path:
     raise PipelineCLIError(f"pipeline package {path} does not exist: run `puzzle pipeline compile` first")
 
 
+def check_gkd_image(config: RunConfig, package: str | Path | None) -> None:
+    """``gkd.backend: nemo`` needs a package whose GKD step runs the puzzle-nemo image (and the
+    default package's does not): refused before anything is submitted."""
+    if package is None:
+        return
+    import yaml
+
+    from components.images import NEMO_IMAGE, image
+
+    path = _check_package(package)
+    spec = next(yaml.safe_load_all(path.read_text()))
+    used = spec.get("deploymentSpec", {}).get("executors", {}).get("exec-gkd", {}).get("container", {})
+    used = used.get("image")
+    if config.gkd.backend == "nemo" and used != image(NEMO_IMAGE):
+        raise PipelineCLIError(
+            f"gkd.backend is 'nemo' but the GKD step of {path} runs {used}: compile a NeMo pipeline with "
+            "`puzzle pipeline compile --gkd-backend nemo --out pipelines/puzzle_pipeline_nemo.yaml` and "
+            "pass --package pipelines/puzzle_pipeline_nemo.yaml"
+        )
+
+
 @dataclass(frozen=True)
 class Upload:
     pipeline_id: str

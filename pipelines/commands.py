@@ -109,6 +109,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Write the compiled pipeline (the committed file is pipelines/puzzle_pipeline.yaml).",
     )
     comp.add_argument("--out", default=str(DEFAULT_PACKAGE), help="where to write the YAML")
+    comp.add_argument(
+        "--gkd-backend",
+        choices=("torch", "nemo"),
+        default="torch",
+        help="nemo: the GKD step runs in the puzzle-nemo image and gkd.backend defaults to nemo "
+        "(write it to another --out, e.g. pipelines/puzzle_pipeline_nemo.yaml, and submit with --package)",
+    )
     comp.set_defaults(func=run_compile)
 
     up = sub.add_parser(
@@ -195,9 +202,13 @@ def _prepare(args: argparse.Namespace):
 
 
 def run_compile(args: argparse.Namespace) -> int:
-    from pipelines.puzzle_pipeline import compile_pipeline
+    from pipelines.puzzle_pipeline import build_pipeline, compile_pipeline
+    from puzzle.config import parse_config
 
-    print(f"compiled pipeline written to {compile_pipeline(args.out)}")
+    pipeline = None
+    if args.gkd_backend != "torch":
+        pipeline = build_pipeline(parse_config({"gkd": {"backend": args.gkd_backend}}))
+    print(f"compiled pipeline written to {compile_pipeline(args.out, pipeline)}")
     return 0
 
 
@@ -215,6 +226,7 @@ def run_submit(args: argparse.Namespace) -> int:
     from pipelines import client as cli
 
     config, arguments = _prepare(args)
+    cli.check_gkd_image(config, args.package)
     client = cli.connect(args.host, namespace=args.namespace, token=args.token_path)
     run_id = cli.submit(
         client,
@@ -247,6 +259,7 @@ def run_schedule(args: argparse.Namespace) -> int:
     if args.pipeline:
         pipeline_id, version_id = cli.latest_version(client, args.pipeline)
         package = None
+    cli.check_gkd_image(config, package)
     result = cli.schedule(
         client,
         config,
