@@ -31,12 +31,18 @@ answer on the partly aggregated model is the result.
 
 python-mip calls run with the garbage collector paused: collecting an old ``mip.Model`` while
 cffi builds a lazy accessor deadlocks the process (``Model.__del__`` re-enters cffi's lock).
+
+The backend (:func:`mip_solver`) is CBC when its library loads, else python-mip's HiGHS backend
+(the ``highsbox`` package: 10 MB, where ``cbcbox`` is 190 MB); ``PUZZLE_MIP_SOLVER=cbc|highs``
+forces one. Both answer the same problems (the DP proves the optimum either way); "CBC" below
+means whichever backend was chosen.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import logging
 import math
 import os
@@ -55,6 +61,64 @@ log = logging.getLogger(__name__)
 logging.getLogger("mip").setLevel(logging.WARNING)
 
 _REL_TOL = 1e-9
+
+SOLVER_ENV = "PUZZLE_MIP_SOLVER"
+"""Environment variable choosing python-mip's backend: ``auto`` (the default: CBC when its library
+loads, else HiGHS), ``cbc`` or ``highs``."""
+SOLVER_CHOICES = ("auto", "cbc", "highs")
+# backend -> (python-mip's module, its availability flag, the package that ships the library)
+_BACKENDS = {"cbc": ("mip.cbc", "has_cbc", "cbcbox"), "highs": ("mip.highs", "has_highs", "highsbox")}
+_fallback_logged = False
+
+
+class SolverUnavailableError(PuzzleError, RuntimeError):
+    """No python-mip backend can be loaded (or ``PUZZLE_MIP_SOLVER`` names one that cannot)."""
+
+
+def backend_available(name: str) -> bool:
+    """Whether python-mip's backend ``name`` (``cbc`` or ``highs``) loads its solver library here."""
+    module, flag, _ = _BACKENDS[name]
+    quiet = logging.getLogger("mip")  # python-mip logs an ERROR when a backend's library is missing
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        return bool(getattr(importlib.import_module(module), flag, False))
+    except Exception:  # noqa: BLE001 - any failure to load the backend means it is not available
+        return False
+    finally:
+        quiet.setLevel(level)
+
+
+def mip_solver() -> str:
+    """python-mip's ``solver_name`` for every model of the search: ``$PUZZLE_MIP_SOLVER`` (``cbc``
+    or ``highs``), or with ``auto`` (the default) CBC, the solver of record, when its library loads,
+    else HiGHS (e.g. where ``cbcbox`` cannot be installed); a clear error when neither loads."""
+    global _fallback_logged
+    raw = os.environ.get(SOLVER_ENV, "")
+    choice = raw.strip().lower() or "auto"
+    if choice not in SOLVER_CHOICES:
+        raise SolverUnavailableError(f"{SOLVER_ENV}={raw!r} must be one of {', '.join(SOLVER_CHOICES)}")
+    try:
+        import mip
+    except ImportError as exc:
+        raise SolverUnavailableError(
+            f"python-mip is not installed ({exc}): pip install mip==2.0.0 (it brings CBC through cbcbox; "
+            "or add highsbox and set PUZZLE_MIP_SOLVER=highs where cbcbox cannot be installed)"
+        ) from None
+    for name in ("cbc", "highs") if choice == "auto" else (choice,):
+        if backend_available(name):
+            if choice == "auto" and name == "highs" and not _fallback_logged:
+                log.info("knapsack: CBC (cbcbox) is not available here; solving with HiGHS (highsbox)")
+                _fallback_logged = True
+            return str(mip.CBC if name == "cbc" else mip.HIGHS)
+    tried = ["cbc", "highs"] if choice == "auto" else [choice]
+    packages = " or ".join(_BACKENDS[name][2] for name in tried)
+    where = f" ({SOLVER_ENV}={raw})" if choice != "auto" else ""
+    raise SolverUnavailableError(
+        f"no MIP solver{where}: python-mip could not load {' nor '.join(n.upper() for n in tried)}; "
+        f"install {packages} (pip install {packages.replace(' or ', ' / ')})"
+        + ("" if choice == "auto" else f", or unset {SOLVER_ENV} to use whichever loads")
+    )
 
 
 class InfeasibleError(PuzzleError, ValueError):
@@ -166,15 +230,17 @@ def mip_session() -> Iterator[None]:
 
 
 def _lp_duals(problem: Problem) -> tuple[np.ndarray, float] | None:
-    """Dual prices (>= 0) of the rows from CBC's LP relaxation, and the LP bound; None if infeasible."""
+    """Dual prices (>= 0) of the rows from the LP relaxation (CBC or HiGHS), and the LP bound; None if
+    infeasible."""
+    solver = mip_solver()
     import mip
 
     with mip_session():
-        return _lp_duals_unguarded(problem, mip)
+        return _lp_duals_unguarded(problem, mip, solver)
 
 
-def _lp_duals_unguarded(problem: Problem, mip: Any) -> tuple[np.ndarray, float] | None:
-    model = mip.Model(sense=mip.MINIMIZE, solver_name=mip.CBC)
+def _lp_duals_unguarded(problem: Problem, mip: Any, solver: str) -> tuple[np.ndarray, float] | None:
+    model = mip.Model(sense=mip.MINIMIZE, solver_name=solver)
     model.verbose = 0
     cells = np.argwhere(problem.valid)
     xs = [model.add_var(lb=0.0, ub=1.0) for _ in range(len(cells))]
@@ -492,10 +558,11 @@ def aggregate(
 def _solve_groups(
     problem: Problem, groups: list[_Group], start: np.ndarray | None, time_limit: float, threads: int
 ) -> tuple[np.ndarray | None, str]:
+    solver = mip_solver()
     import mip
 
     with mip_session():
-        model = mip.Model(sense=mip.MINIMIZE, solver_name=mip.CBC)
+        model = mip.Model(sense=mip.MINIMIZE, solver_name=solver)
         model.verbose = 0
         model.threads = threads
         model.max_mip_gap = 0.0
@@ -631,8 +698,9 @@ def solve(
 ) -> Result:
     """The best architecture: proven optimal by the DP, else the best CBC finds in the time left.
 
-    The result's ``stats`` say how it was proven (``proof``: ``dp`` or ``cbc``), the lower bound
-    and the remaining gap when it was not, and the time spent in each stage.
+    The result's ``stats`` say how it was proven (``proof``: ``dp`` or ``cbc``, the MIP backend
+    whichever :func:`mip_solver` chose, named in ``solver``), the lower bound and the remaining gap
+    when it was not, and the time spent in each stage.
     """
     started = time.perf_counter()
     deadline = started + time_limit
@@ -679,9 +747,16 @@ def solve(
             problem, reduced, gap, max_groups=problem.num_layers, max_group_size=max_group_size
         )
         proof = "none"
-    choice, cbc_status = _solve_groups(
-        problem, groups, state.best, max(0.2, deadline - time.perf_counter()), threads
-    )
+    try:
+        choice, cbc_status = _solve_groups(
+            problem, groups, state.best, max(0.2, deadline - time.perf_counter()), threads
+        )
+    except Exception as exc:  # noqa: BLE001 - a MIP backend's own failure (HiGHS: "Unknown error")
+        if state.best is None:
+            raise
+        # The DP's optimum (proven) or incumbent (not proven) stands without the MIP's confirmation.
+        log.warning("the MIP solver (%s) failed (%s); keeping the exact DP's answer", mip_solver(), exc)
+        choice, cbc_status = None, f"error: {type(exc).__name__}"
     t_mip = time.perf_counter()
     cbc_objective = problem.totals(choice)[0] if choice is not None else None
     if state.proven and cbc_objective is not None and cbc_objective > state.upper + float(_tol(state.upper)):
@@ -703,6 +778,7 @@ def solve(
     objective = state.upper
     stats = {
         "proof": proof,
+        "solver": mip_solver(),
         "lower_bound": state.lower if proof != "cbc" else objective,
         "gap": 0.0 if status == "optimal" else objective - state.lower,
         "cbc_status": cbc_status,
