@@ -18,6 +18,12 @@ are skipped and said so. Every result is written to ``OUT/bench_costs.json`` as 
 
     python3 benchmarks/bench_costs.py --out /tmp/bc                 # GPU, the figures of RESULTS.md
     python benchmarks/bench_costs.py --out /tmp/bc --tiny           # CPU smoke test, tiny shapes
+    python benchmarks/bench_costs.py --out /tmp/bc --demo           # CPU, the demo's table (see below)
+
+``--demo``: what ``make demo`` measures on CPU: SmolLM2-135M shapes, the embedded default library's
+sub-blocks, batch 1, prompt 64, 32 generated tokens, float32, 6 random children plus the parent.
+Wall and CPU seconds and the load average before and after are recorded with every table and
+calibration (on a shared machine other work's contention shows in both).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -37,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from shapes import llama_config  # noqa: E402
 
-from puzzle.config import CostsConfig  # noqa: E402
+from puzzle.config import CostsConfig, LibraryConfig  # noqa: E402
 from puzzle.library.variants import PAPER_LIBRARY, plan_layers  # noqa: E402
 from puzzle.modeling import BlockConfig, DeciLMConfig, engine  # noqa: E402
 from puzzle.modeling.checkpoints import child_config_like  # noqa: E402
@@ -56,6 +64,16 @@ def shape_config(name: str) -> DeciLMConfig:
     return decilm_config(llama_config(SHAPES[name]))
 
 
+def cpu_seconds() -> float:
+    """CPU seconds this process has used (user + system, every thread)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 class Results:
     """The results document, rewritten after every step (a timeout still leaves what was done)."""
 
@@ -67,12 +85,19 @@ class Results:
         self.path.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
 
 
+def iqr(entry: dict[str, Any]) -> str:
+    """The quartiles of an entry's runtime over its repeats ('' for an entry not timed)."""
+    q = entry.get("spread", {}).get("runtime_ms")
+    return f"{q['q1']:.1f} .. {q['q3']:.1f}" if q else ""
+
+
 def print_table(table: costs.CostTable) -> None:
     sizes = table.batch_sizes
     print(
         f"  {'sub-block':<20}{'params':>13}"
         + "".join(f"{'bs ' + str(b) + ' dec ms':>16}" for b in sizes)
         + "".join(f"{'bs ' + str(b) + ' run ms':>16}" for b in sizes)
+        + "".join(f"{'bs ' + str(b) + ' run IQR':>22}" for b in sizes)
     )
     for name in [costs.FIXED, *table.names]:
         e = {b: table.subblock(name, b) for b in sizes}
@@ -80,6 +105,7 @@ def print_table(table: costs.CostTable) -> None:
             f"  {name:<20}{e[sizes[0]]['params']:>13,}"
             + "".join(f"{e[b]['decode_ms']:>16.4f}" for b in sizes)
             + "".join(f"{e[b]['runtime_ms']:>16.1f}" for b in sizes)
+            + "".join(f"{iqr(e[b]):>22}" for b in sizes)
         )
     for b in sizes:
         print(f"  parent predicted at bs {b}: {table.throughput(table.parent_blocks, b):,.0f} tokens/s")
@@ -112,6 +138,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="directory for bench_costs.json and the cost tables")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny shapes and workload")
+    parser.add_argument("--demo", action="store_true", help="CPU: the demo's shapes, library and workload")
     parser.add_argument("--shapes", default=None, help="comma-separated (default: smollm2,llama-3.1-8b)")
     parser.add_argument("--batch-sizes", default="1,16,64,256")
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -130,6 +157,9 @@ def main() -> None:
     if args.tiny:
         shapes, sizes, prompt_len, gen_len, device = ["tiny"], [1, 2], 8, 6, "cpu"
         args.children, args.repeats, args.bandwidth_batch = 2, 1, 2
+    elif args.demo:
+        shapes, sizes, prompt_len, gen_len, device = ["smollm2"], [1], 64, 32, "cpu"
+        args.children, args.bandwidth_batch = 6, 1
     else:
         shapes = (args.shapes or "smollm2,llama-3.1-8b").split(",")
         sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -158,12 +188,11 @@ def main() -> None:
     # 1. Tables (and the bandwidth check right after the 8B table, while its backend is warm).
     for shape in shapes:
         config = shape_config(shape)
-        names = list(
-            dict.fromkeys(n for layer in plan_layers(config, PAPER_LIBRARY, None).values() for n in layer)
-        )
+        space = LibraryConfig() if args.demo else PAPER_LIBRARY
+        names = list(dict.fromkeys(n for layer in plan_layers(config, space, None).values() for n in layer))
         backend = costs.TorchBackend(device=device, repeats=args.repeats)
         workload = CostsConfig(batch_sizes=list(sizes), prompt_len=prompt_len, gen_len=gen_len)
-        t0 = time.perf_counter()
+        t0, cpu0, load0 = time.perf_counter(), cpu_seconds(), load_average()
         try:
             data = costs.build_table(config, names, workload, backend)
         except Exception as exc:  # noqa: BLE001 - record it and go on with the other shape
@@ -178,12 +207,18 @@ def main() -> None:
         entry = results.data["shapes"].setdefault(shape, {})
         entry.update(
             build_seconds=build_s,
+            build_cpu_seconds=cpu_seconds() - cpu0,
+            load_average={"before": load0, "after": load_average()},
             subblocks=names,
             hardware=data["hardware"],
             stack_layers={n: data["subblocks"][n].get("stack_layers") for n in names},
             parent_predicted_throughput={b: table.throughput(table.parent_blocks, b) for b in sizes},
         )
-        print(f"\n{shape}: table of {len(names)} sub-blocks + fixed built in {build_s:.1f} s")
+        print(
+            f"\n{shape}: table of {len(names)} sub-blocks + fixed built in {build_s:.1f} s "
+            f"({entry['build_cpu_seconds']:.1f} CPU s, load average {load0} -> "
+            f"{entry['load_average']['after']})"
+        )
         print_table(table)
         results.save()
         if shape != "smollm2" or len(shapes) == 1:
@@ -228,7 +263,7 @@ def main() -> None:
                 continue
             config = child_config_like(table.config(), [BlockConfig.from_name(b) for b in arch])
             workload = CostsConfig(batch_sizes=[batch], prompt_len=table.prompt_len, gen_len=table.gen_len)
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), cpu_seconds()
             try:
                 got = backend.measure_model(config, workload, seed=index + 1)[batch]
             except Exception as exc:  # noqa: BLE001
@@ -248,6 +283,8 @@ def main() -> None:
                 "predicted_decode_ms": predicted["decode_ms"],
                 "measured_decode_ms": got["decode_step_s"] * 1e3,
                 "seconds": time.perf_counter() - t0,
+                "cpu_seconds": cpu_seconds() - cpu0,
+                "load_average": load_average(),
             }
             rows.append(row)
             entry[str(batch)] = rows
@@ -275,6 +312,7 @@ def main() -> None:
                 f"{s['max_abs_error_pct']:.2f} %, {100 * s['within_5pct']:.0f} % within 5 %"
             )
     results.data["total_seconds"] = time.perf_counter() - started
+    results.data["total_cpu_seconds"] = cpu_seconds()
     results.save()
     print(f"total {results.data['total_seconds']:.0f} s; results in {results.path}")
 

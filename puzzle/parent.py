@@ -118,22 +118,16 @@ def _resolve_local(reference: str, path: Path) -> ParentSource:
 
 
 def _download_s3(uri: str) -> Path:
-    files = storage.list_files(uri)
-    if not files:
-        if uri.endswith(".gguf") and storage.exists(uri):
-            local = storage.cache_dir_for(uri, "parents") / Path(uri).name
-            if not local.exists():
-                storage.download_file(uri, local)
-            return local
-        raise ParentError(
-            f"no parent files under {uri}: upload a Hugging Face directory or a GGUF file there"
-        )
-    local = storage.cache_dir_for(uri, "parents")
-    for rel in files:
-        target = local / rel
-        if not target.exists():
-            storage.download_file(storage.join(uri, rel), target)
-    return local
+    """A local copy of the parent at ``uri``, cached by the objects' content (a parent replaced in
+    place on S3 is downloaded again) and with every key checked to stay inside the copy."""
+    local, files = storage.download_prefix(uri, "parents")
+    if files:
+        return local
+    if uri.endswith(".gguf"):
+        single = storage.download_object(uri, "parents")
+        if single is not None:
+            return single
+    raise ParentError(f"no parent files under {uri}: upload a Hugging Face directory or a GGUF file there")
 
 
 def _download_registered_model(uri: str) -> Path:
@@ -150,11 +144,39 @@ def _download_registered_model(uri: str) -> Path:
     return path
 
 
+GGUF_MAGIC = b"GGUF"
+GGUF_HEADER_BYTES = 24  # magic, version (uint32), tensor count and metadata count (uint64 each)
+
+
+def check_gguf(path: Path) -> None:
+    """Fail with a clear error when ``path`` cannot be a GGUF model (wrong magic, truncated header,
+    unknown version), before transformers' reader meets it."""
+    try:
+        with path.open("rb") as fh:
+            header = fh.read(GGUF_HEADER_BYTES)
+    except OSError as exc:
+        raise ParentError(f"cannot read the parent file {path}: {exc.strerror}") from exc
+    if header[:4] != GGUF_MAGIC:
+        raise ParentError(
+            f"{path} is not a GGUF file (it does not start with the bytes 'GGUF'); pass a .gguf model or a "
+            "Hugging Face directory"
+        )
+    if len(header) < GGUF_HEADER_BYTES:
+        raise ParentError(
+            f"{path} is truncated ({len(header)} bytes, not even a GGUF header); download it again"
+        )
+    version = int.from_bytes(header[4:8], "little")
+    if version not in (2, 3):
+        raise ParentError(f"{path} is GGUF version {version}; versions 2 and 3 are supported")
+
+
 def load_parent_config(source: ParentSource) -> Any:
     """The parent's transformers config, read before any weights (fails fast on bad input)."""
     from transformers import AutoConfig
 
     name, kwargs = source.from_pretrained_args()
+    if source.kind == "gguf" and source.path is not None and source.gguf_file is not None:
+        check_gguf(source.path / source.gguf_file)
     try:
         config = AutoConfig.from_pretrained(name, **kwargs)
     except OSError as exc:
@@ -168,6 +190,13 @@ def load_parent_config(source: ParentSource) -> Any:
         raise ParentError(
             f"unsupported parent architecture at {name}: {exc}; supported families: "
             f"{', '.join(SUPPORTED_FAMILIES)}"
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - a damaged GGUF fails deep inside its reader
+        if source.kind != "gguf":
+            raise
+        raise ParentError(
+            f"cannot read the GGUF file {source.gguf_file} in {name} ({type(exc).__name__}: {exc}): it is "
+            "truncated or corrupt; download it again"
         ) from exc
     if source.kind != "artifact" and config.model_type not in SUPPORTED_FAMILIES:
         raise ParentError(

@@ -22,7 +22,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from puzzle.config import RunConfig, check_storage
@@ -75,16 +74,11 @@ class RunResult:
 
 
 def _invalidate(uri: str) -> None:
-    """Drop an artifact's manifest so that its phase rebuilds it (its staging, with any
-    checkpoints, is kept)."""
-    path = storage.join(uri, artifacts.MANIFEST)
-    if not storage.exists(path):
-        return
-    if storage.is_s3(path):
-        bucket, key = storage.split_s3(path)
-        storage.s3_client().delete_object(Bucket=bucket, Key=key)
-    else:
-        Path(path).unlink()
+    """Remove a published artifact so that its phase rebuilds it (its staging, with any
+    checkpoints, is kept). The whole artifact goes, not only its manifest: a folder of files
+    without a manifest is what the publish rule protects as a user's."""
+    if storage.exists(storage.join(uri, artifacts.MANIFEST)):
+        storage.delete_tree(uri)
 
 
 class Runner:
@@ -188,10 +182,36 @@ class Runner:
         return self.result
 
 
+def output_uris(config: RunConfig) -> list[tuple[str, tuple[str, ...]]]:
+    """``(uri, kind)`` of every artifact ``config`` writes (shards and items included)."""
+    out: list[tuple[str, tuple[str, ...]]] = []
+    for stage in STAGES:
+        if not stage.output or not stage.enabled(config):
+            continue
+        fan = stage.fan_out(config)
+        root = storage.join(config.output, stage.folder)
+        if fan is not None and stage.items is not None:
+            out += [(storage.join(root, str(item)), stage.kinds) for item in fan]
+            continue
+        if fan is not None:
+            shards = storage.join(config.output, f"{stage.folder}-shards")
+            out += [(storage.join(shards, f"shard-{i}-of-{len(fan)}"), stage.kinds) for i in fan]
+        out.append((root, stage.kinds))
+    return out
+
+
+def check_outputs(config: RunConfig) -> None:
+    """The publish rule (:func:`puzzle.io.artifacts.check_output`) for every output of the run,
+    before any phase runs: no user's folder or file under ``output`` is ever replaced."""
+    for uri, kind in output_uris(config):
+        artifacts.check_output(uri, kind)
+
+
 def run(
     config: RunConfig, *, on_phase: Callable[[PhaseRecord], None] | None = None, check_access: bool = True
 ) -> RunResult:
     """Run every stage of ``config`` (skipping those already done); see the module docstring."""
     if check_access:
         check_storage(config)
+    check_outputs(config)
     return Runner(config, on_phase=on_phase).run()

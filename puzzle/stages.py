@@ -47,7 +47,8 @@ class Stage:
     """Name of the artifact it writes: its folder under ``output``, the component's output
     parameter ("" for a stage that writes none)."""
     kind: str
-    """Kind recorded in the output's manifest."""
+    """Kind recorded in the output's manifest; ``a|b`` where the output may be either (a baseline
+    that cannot reach the target writes the ``solutions`` saying so instead of a ``child``)."""
     inputs: dict[str, str] = field(default_factory=dict)
     """Parameter name -> the stage whose output it reads, in the function's parameter order."""
     config_fields: tuple[str, ...] = ()
@@ -67,6 +68,11 @@ class Stage:
     """Config field that must be set (not null or empty) for the stage to run."""
     summary: str = ""
     """One line: what the phase does."""
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The kinds its output may hold."""
+        return tuple(self.kind.split("|")) if self.kind else ()
 
     @property
     def folder(self) -> str:

@@ -38,7 +38,6 @@ TINY_OVERRIDES = [
     "gkd.token_budget=64",
     "gkd.batch_size=2",
     "evaluate.batch_size=4",
-    "evaluate.workload={batch_size: 1, prompt_len: 8, gen_len: 4}",
     "evaluate.repeats=1",
     "baselines.methods=[uniform_width]",
     "baselines.gkd=false",

@@ -78,7 +78,10 @@ def test_a_file_overrides_only_what_it_names_and_set_overrides_the_file(tmp_path
     [
         ({"bld": {"lrr": 1e-3}}, "unknown field bld.lrr (did you mean 'lr'?)"),
         ({"gkdd": {}}, "unknown field gkdd (did you mean 'gkd'?)"),
-        ({"evaluate": {"workload": {"batch": 2}}}, "unknown field evaluate.workload.batch"),
+        (
+            {"search": {"constraint": ["params<=0.5x"]}},
+            "unknown field search.constraint (did you mean 'constraints'?)",
+        ),
         ({"gkd": {"batch_size": "eight"}}, "gkd.batch_size must be an integer, got 'eight'"),
         ({"gkd": {"grad_checkpointing": "yes"}}, "gkd.grad_checkpointing must be true or false"),
         ({"costs": {"batch_sizes": 4}}, "costs.batch_sizes must be a list of integer"),

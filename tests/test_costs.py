@@ -41,7 +41,12 @@ def tiny(tiny_parent: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
         str(root / "lib"),
         dataclasses.replace(PAPER_LIBRARY, ffn_fractions=[1.0, 0.5], ffn_multiple=64),
     )
-    costs.measure(str(root / "lib"), str(tiny_parent), str(root / "costs"), MEASURE, device="cpu")
+    with pytest.MonkeyPatch.context() as mp:
+        # Fewer copies and repeats than on a real parent (tiny layers, and the tests' time).
+        mp.setattr(TorchBackend, "CPU_MAX_STACK", 16)
+        mp.setattr(TorchBackend, "CPU_MIN_REPEATS", 3)
+        mp.setattr(TorchBackend, "PRECISION_BUDGET_S", 2.0)
+        costs.measure(str(root / "lib"), str(tiny_parent), str(root / "costs"), MEASURE, device="cpu")
     return {
         "child": str(tiny_parent),
         "lib": str(root / "lib"),
@@ -103,14 +108,25 @@ def test_table_of_the_tiny_library(tiny: dict[str, str]) -> None:
             e = table.subblock(name, b)
             assert e["prefill_ms"] >= 0 and e["decode_ms"] >= 0
             assert e["runtime_ms"] == pytest.approx(e["prefill_ms"] + 3 * e["decode_ms"])
+            if name.endswith("_noop"):
+                assert "spread" not in e
+                continue
+            # Every measured entry is positive (never clipped) and records how its repeats spread.
+            assert e["prefill_ms"] > 0 and e["decode_ms"] > 0 and e["repeats"] >= 3
+            for key in ("prefill_ms", "decode_ms", "runtime_ms"):
+                s = e["spread"][key]
+                assert s["min"] <= s["q1"] <= s["median"] <= s["q3"] <= s["max"] and s["n"] == e["repeats"]
     assert table.subblock("attn_noop", 2)["runtime_ms"] == 0 and not data["subblocks"]["ffn_noop"]["measured"]
-    assert data["subblocks"]["ffn_256"]["measured"] and data["subblocks"]["ffn_256"]["stack_layers"] == 2
+    # Tiny layers: as many copies as allowed (here 16), far below 4x the CPU's last-level cache.
+    assert data["subblocks"]["ffn_256"]["measured"] and data["subblocks"]["ffn_256"]["stack_layers"] == 16
+    assert data["measurement"]["repeats_per_round"] == 3 and data["measurement"]["cpu_seconds"] > 0
     assert table.fixed(1)["prefill_ms"] > 0
     # The CSV holds one row per (sub-block, batch size), the same figures as the JSON.
     lines = (Path(tiny["costs"]) / "costs.csv").read_text().splitlines()
     assert lines[0].startswith("subblock,kind,batch_size") and len(lines) == 1 + 9 * 2 == 1 + len(
         data["rows"]
     )
+    assert lines[0].endswith(",runtime_ms_q1,runtime_ms_q3,repeats")
 
 
 def test_params_memory_and_block_sums(tiny: dict[str, str]) -> None:
@@ -195,8 +211,9 @@ def test_calibration_realizes_children_and_compares(tiny: dict[str, str]) -> Non
         calibrate(table, [["attn_kv1+ffn_128"] * 2], device="cpu")
 
 
-def test_smollm2_shapes_table() -> None:
-    """SmolLM2-135M's real shapes and default search space, random weights, on this CPU."""
+def test_smollm2_shapes_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SmolLM2-135M's real shapes and default search space, random weights (timings faked: the tiny
+    library's table above is timed for real)."""
     config = smollm2_config()
     names = list(
         dict.fromkeys(n for layer in plan_layers(config, PAPER_LIBRARY, None).values() for n in layer)
@@ -215,7 +232,8 @@ def test_smollm2_shapes_table() -> None:
         "ffn_noop",
     ]
     workload = CostsConfig(batch_sizes=[1, 2], prompt_len=8, gen_len=2)
-    data = build_table(config, names, workload, TorchBackend(device="cpu", repeats=1, stack_layers=1))
+    backend = fake_backend(monkeypatch, [(1.2, 0.12)], repeats=1, stack_layers=1)
+    data = build_table(config, names, workload, backend)
     table = costs.CostTable(data, "smollm2")
     assert table.parent_blocks == ["attn_kv3+ffn_1536"] * 30
     with torch.device("meta"):
@@ -229,7 +247,7 @@ def test_smollm2_shapes_table() -> None:
     assert kv == 30 * 3 * 64 * 2 * 4 * 10
     assert table.fixed(1)["params"] == 49152 * 576 + 576  # tied embeddings counted once
     assert (
-        all(table.subblock(n, 1)["decode_ms"] >= 0 for n in names)
+        all(table.subblock(n, 1)["decode_ms"] > 0 for n in names if not n.endswith("_noop"))
         and table.throughput(table.parent_blocks, 2) > 0
     )
 
@@ -272,3 +290,139 @@ def test_cli_costs_with_calibration(tiny: dict[str, str], capsys: pytest.Capture
         ["costs", tiny["lib"], tiny["child"], "--out", tiny["costs"], "--set", "costs.batch_sizes=[1, x]"]
     )
     assert rc == 2 and "costs.batch_sizes[1] must be an integer, got 'x'" in capsys.readouterr().err
+
+
+class FakeProbe:
+    """Stands for a model ready to time: each repeat returns the next (prefill s, decode s) of a script."""
+
+    def __init__(self, script: list[tuple[float, float]]) -> None:
+        self.script = script
+        self.calls = 0
+
+    def once(self) -> tuple[float, float]:
+        self.calls += 1
+        return self.script[min(self.calls, len(self.script)) - 1]
+
+
+def fake_backend(
+    monkeypatch: pytest.MonkeyPatch, stacked: list[tuple[float, float]], **kw: object
+) -> TorchBackend:
+    """A CPU backend whose model without layers always takes 1 s + 0.1 s a step, and whose stack of
+    ``stack_layers`` copies follows ``stacked`` (one entry per repeat)."""
+    backend = TorchBackend(device="cpu", **kw)  # type: ignore[arg-type]
+    base, stack = FakeProbe([(1.0, 0.1)]), FakeProbe(stacked)
+    monkeypatch.setattr(backend, "_probe", lambda weights, batch, workload: stack if weights.layers else base)
+    return backend
+
+
+def small_config():
+    """A small parent shape: the fake timings below need real (cheap) weights to stack."""
+    from transformers import LlamaConfig
+
+    from puzzle.parent import decilm_config
+
+    return decilm_config(
+        LlamaConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
+
+
+def test_stack_enough_copies_to_leave_the_cpu_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(costs, "last_level_cache_bytes", lambda: 32 * 2**20)
+    backend = TorchBackend(device="cpu")
+    # SmolLM2's sub-blocks in float32: 4 x 32 MiB of weights, within 8..64 copies.
+    assert [backend.stack_layers(b) for b in (3_541_248, 10_619_136, 5_310_720, 10**9, 1000)] == [
+        38,
+        13,
+        26,
+        8,
+        64,
+    ]
+    assert TorchBackend(device="cpu", stack_layers=3).stack_layers(1000) == 3
+    assert backend.timed_repeats == 5 and TorchBackend(device="cpu", repeats=7).timed_repeats == 7
+
+
+def test_a_negative_estimate_is_measured_again_not_clipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = small_config()
+    workload = CostsConfig(batch_sizes=[1], prompt_len=8, gen_len=4)
+    # First round of 3 repeats: the stack of 2 copies looks faster than no layers at all (noise); the
+    # two further rounds time it 0.2 s (prefill) and 0.02 s (a step) slower: 0.1 s and 0.01 s a copy.
+    noisy = [(0.9, 0.09)] * 3 + [(1.2, 0.12)] * 6
+    backend = fake_backend(
+        monkeypatch, noisy, repeats=3, min_repeats=1, stack_layers=2, remeasure_rounds=2, precision=0.05
+    )
+    row = backend.measure_subblock(config, "ffn_256", workload)[1]
+    assert row["rounds"] == 3 and row["repeats"] == 9 and row["stack_layers"] == 2 and row["precise"]
+    assert row["prefill_ms"] == pytest.approx(100.0) and row["decode_ms"] == pytest.approx(10.0)
+    # The negative repeats are not dropped, they are in the recorded spread.
+    assert row["spread"]["prefill_ms"]["min"] == pytest.approx(-50.0)
+    assert row["spread"]["runtime_ms"]["median"] == pytest.approx(130.0)
+
+    # Enough positive repeats in the first round: no second round.
+    backend = fake_backend(monkeypatch, [(1.2, 0.12)], repeats=3, min_repeats=1, stack_layers=2)
+    assert backend.measure_subblock(config, "ffn_256", workload)[1]["rounds"] == 1
+
+    # Still positive but spread wide after every round: kept, with its spread, flagged imprecise.
+    wide = [(1.05, 0.11), (1.6, 0.2), (1.1, 0.101)] * 3
+    backend = fake_backend(monkeypatch, wide, repeats=3, min_repeats=1, stack_layers=2, remeasure_rounds=2)
+    row = backend.measure_subblock(config, "ffn_256", workload)[1]
+    assert row["rounds"] == 3 and row["repeats"] == 9 and not row["precise"] and row["prefill_ms"] > 0
+    assert row["spread"]["runtime_ms"]["q3"] > row["spread"]["runtime_ms"]["q1"]
+
+    # Out of time: the imprecise estimate is kept after one round; a negative one is still measured again.
+    backend = fake_backend(monkeypatch, wide, repeats=3, min_repeats=1, stack_layers=2, precision_budget_s=0)
+    assert backend.measure_subblock(config, "ffn_256", workload)[1]["rounds"] == 1
+    backend = fake_backend(
+        monkeypatch, noisy, repeats=3, min_repeats=1, stack_layers=2, precision=0.05, precision_budget_s=0
+    )
+    assert backend.measure_subblock(config, "ffn_256", workload)[1]["rounds"] == 2
+
+
+def test_an_estimate_negative_after_every_round_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = small_config()
+    workload = CostsConfig(batch_sizes=[1], prompt_len=8, gen_len=4)
+    backend = fake_backend(
+        monkeypatch, [(0.95, 0.11)], repeats=2, min_repeats=1, stack_layers=4, remeasure_rounds=1
+    )
+    with pytest.raises(
+        CostsError,
+        match=r"ffn_256 at batch 1: its prefill time is -12.5 ms per copy .* over 4 repeats in 2 rounds\): "
+        r"4 stacked copies were not measurably slower.*raise costs.repeats \(now 2\) or costs.stack_layers "
+        r"\(now 4\)",
+    ):
+        backend.measure_subblock(config, "ffn_256", workload)
+
+
+def test_spread_is_recorded_in_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = small_config()
+    workload = CostsConfig(batch_sizes=[1], prompt_len=8, gen_len=4)
+    backend = fake_backend(monkeypatch, [(1.2, 0.12), (1.3, 0.13), (1.25, 0.125)], repeats=3, stack_layers=2)
+    data = build_table(config, ["ffn_256", "attn_noop"], workload, backend)
+    per = data["subblocks"]["ffn_256"]["batches"]["1"]
+    assert per["prefill_ms"] == pytest.approx(125.0) and per["repeats"] == 5 and per["rounds"] == 1
+    assert per["spread"]["prefill_ms"]["min"] == pytest.approx(100.0)
+    assert per["spread"]["prefill_ms"]["max"] == pytest.approx(150.0)
+    fixed = data["subblocks"][costs.FIXED]["batches"]["1"]
+    assert fixed["prefill_ms"] == pytest.approx(1000.0) and fixed["spread"]["decode_ms"]["se"] == 0
+    row = next(r for r in data["rows"] if r["subblock"] == "ffn_256")
+    assert row["runtime_ms_q1"] <= per["runtime_ms"] <= row["runtime_ms_q3"] and row["repeats"] == 5
+    assert data["measurement"]["imprecise"] == [] and "load_average" in data["measurement"]
+    # CostTable reads the new fields and sums blocks as before.
+    table = costs.CostTable(data, "fake")
+    assert table.block("attn_noop+ffn_256", 1)["runtime_ms"] == pytest.approx(per["runtime_ms"])
+    assert costs.spread([3.0, 1.0, 2.0]) == {
+        "min": 1.0,
+        "q1": 1.5,
+        "median": 2.0,
+        "q3": 2.5,
+        "max": 3.0,
+        "n": 3,
+        "se": pytest.approx(1.2533 * 1.4826 / 3**0.5),
+    }

@@ -10,7 +10,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "pipelines" / "puzzle_pipeline.yaml"
-GPU_TASKS = {"library", "bld", "costs", "scoring", "gkd", "baselines", "evaluate"}
+GPU_TASKS = {"library", "bld", "costs", "scoring", "search", "realize", "gkd", "baselines", "evaluate"}
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +108,13 @@ def test_gpu_steps_request_gpus_and_only_they_do(docs) -> None:
         else:
             assert accelerator is None, f"{name} is a CPU step but requests {accelerator}"
     gkd = spec["deploymentSpec"]["executors"]["exec-gkd"]["container"]["resources"]["accelerator"]
-    assert gkd["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gkd_gpus']}}"
+    assert gkd["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gkd-plan-Output']}}"
 
 
 def test_costs_and_speed_are_measured_on_the_target_gpu_product(docs) -> None:
     spec, executors = docs
     pinned = {label for label, e in executors.items() if "nodeSelector" in e}
-    assert pinned == {"exec-costs", "exec-evaluate"}
+    assert pinned == {"exec-costs", "exec-search", "exec-evaluate"}
     for label in pinned:
         assert executors[label]["nodeSelector"]["nodeSelectorJson"] == {
             "componentInputParameter": "pipelinechannel--gpu_node_selector"
@@ -255,3 +255,49 @@ def test_every_component_has_an_up_to_date_readme_and_both_tests() -> None:
         assert (folder / "README.md").read_text() == render(load_component(folder)), (
             f"components/{folder.name}/README.md is stale: run `python -m components._readme`"
         )
+
+
+def test_gkd_gets_gkd_gpus_in_its_pod_or_none_when_it_drives_a_multi_node_trainjob(docs) -> None:
+    """gkd_plan reads gkd.nodes at run time: the GKD pod requests gkd_gpus GPUs, or 0 when the step
+    runs a Kubeflow Trainer TrainJob (whose pods request them); the step is retried (it re-attaches)."""
+    spec, _ = docs
+    tasks = _tasks(spec)
+    _, gkd = tasks["gkd"]
+    plan_input = gkd["inputs"]["parameters"]["pipelinechannel--gkd-plan-Output"]["taskOutputParameter"]
+    assert plan_input == {"producerTask": "gkd-plan", "outputParameterKey": "Output"}
+    _, plan = tasks["gkd-plan"]
+    assert plan["inputs"]["parameters"]["gpus"]["componentInputParameter"] == "pipelinechannel--gkd_gpus"
+    assert plan["inputs"]["parameters"]["gkd_config"]["componentInputParameter"] == "pipelinechannel--gkd"
+    params = gkd["inputs"]["parameters"]
+    for name, run_parameter in (
+        ("trainer_runtime", "gkd_trainer_runtime"),
+        ("s3_secret", "s3_secret"),
+        ("mlflow_secret", "mlflow_secret"),
+        ("env_config_map", "env_config_map"),
+        ("gpus", "gkd_gpus"),
+    ):
+        assert params[name]["componentInputParameter"] == f"pipelinechannel--{run_parameter}", name
+    default = spec["root"]["inputDefinitions"]["parameters"]["gkd_trainer_runtime"]["defaultValue"]
+    assert default == "torch-distributed"
+
+
+def test_a_nemo_pipeline_runs_only_its_gkd_step_in_the_nemo_image(tmp_path: Path) -> None:
+    from components.images import CPU_IMAGE, GPU_IMAGE, NEMO_IMAGE, image
+    from pipelines.client import PipelineCLIError, check_gkd_image
+    from puzzle.cli import main
+    from puzzle.config import parse_config
+
+    out = tmp_path / "nemo.yaml"
+    assert main(["pipeline", "compile", "--gkd-backend", "nemo", "--out", str(out)]) == 0
+    spec = next(yaml.safe_load_all(out.read_text()))
+    images = {k: e["container"]["image"] for k, e in spec["deploymentSpec"]["executors"].items()}
+    assert images.pop("exec-gkd") == image(NEMO_IMAGE)
+    assert set(images.values()) <= {image(CPU_IMAGE), image(GPU_IMAGE)}
+    assert spec["root"]["inputDefinitions"]["parameters"]["gkd"]["defaultValue"]["backend"] == "nemo"
+
+    nemo = parse_config({"gkd": {"backend": "nemo"}})
+    check_gkd_image(nemo, out)
+    check_gkd_image(parse_config({}), out)  # a torch run may use either
+    refused = r"gkd.backend is 'nemo' but the GKD step .*--gkd-backend nemo"
+    with pytest.raises(PipelineCLIError, match=refused):
+        check_gkd_image(nemo, COMMITTED)

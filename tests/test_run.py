@@ -46,7 +46,8 @@ def tiny_config_data(parent: Path, output: Path, text: Path) -> dict:
         "data": {
             "source": str(text),
             "seq_len": 32,
-            "splits": {"calibration": 8, "bld": 16, "score": 4, "gkd": 16, "eval": 8},
+            # GKD's 40 steps of 4 sequences: 4 passes over its split, the most gkd.max_epochs allows.
+            "splits": {"calibration": 8, "bld": 16, "score": 4, "gkd": 40, "eval": 8},
         },
         "library": {
             "kv_heads": None,
@@ -66,11 +67,7 @@ def tiny_config_data(parent: Path, output: Path, text: Path) -> dict:
             "lr": 1e-3,
             "checkpoint_every": 2,
         },
-        "evaluate": {
-            "batch_size": 4,
-            "workload": {"batch_size": 1, "prompt_len": 8, "gen_len": 8},
-            "repeats": 1,
-        },
+        "evaluate": {"batch_size": 4, "repeats": 1, "bootstrap": 100},
         "tracking": {"uri": None},
         "baselines": {"methods": ["layer_dropping"], "gkd": True},
     }
@@ -142,7 +139,8 @@ def test_a_run_killed_during_gkd_resumes_and_ends_with_the_same_number_of_steps(
     out = Path(tiny_run["data"]["output"])
     distilled = out / "distilled"
     shutil.rmtree(distilled)
-    checkpoint = Path(f"{distilled}.partial") / ".work" / "gkd_checkpoint.pt"
+    # The pointer to the latest sharded checkpoint, written once the first checkpoint is complete.
+    checkpoint = Path(f"{distilled}.partial") / ".work" / "gkd-checkpoint" / "latest.json"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "puzzle"), "run", "--config", str(tiny_run["config_file"])],

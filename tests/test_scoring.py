@@ -72,7 +72,7 @@ def test_every_layer_and_variant_scored_parent_zero_noop_positive(tiny: dict[str
 
 def test_full_mode_scores_every_pair_consistently_with_decoupled(tiny: dict[str, str]) -> None:
     out = str(Path(tiny["root"]) / "full")
-    score(tiny["lib"], tiny["parent"], tiny["tokens"], out, SCORING, mode="full", layers=[1])
+    score(tiny["lib"], tiny["parent"], tiny["tokens"], out, replace(SCORING, mode="full"), layers=[1])
     full = {r["block"]: r for r in read_scores(out)["rows"]}
     assert len(full) == 4 * 4  # every attention x FFN pair of layer 1
     for row in read_scores(tiny["scores"])["rows"]:
@@ -125,7 +125,7 @@ def test_scoring_errors(tiny: dict[str, str], tiny_parent_factory, tmp_path: Pat
     with pytest.raises(ScoringError, match=r"layers \[5\] are not in library"):
         score(tiny["lib"], tiny["parent"], tiny["tokens"], str(tmp_path / "x"), scoring_config, layers=[5])
     with pytest.raises(ScoringError, match="mode must be one of"):
-        score(tiny["lib"], tiny["parent"], tiny["tokens"], str(tmp_path / "x"), scoring_config, mode="pairs")
+        scoring.plan_rows(Library.open(tiny["lib"]), mode="pairs")
     convert(str(tiny_parent_factory("llama", hidden_size=32, intermediate_size=192)), str(tmp_path / "other"))
     with pytest.raises(LibraryError, match="hidden_size is 64 in the library but 32 in the parent"):
         score(tiny["lib"], str(tmp_path / "other"), tiny["tokens"], str(tmp_path / "x"), scoring_config)

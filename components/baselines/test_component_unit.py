@@ -13,12 +13,13 @@ from kfp import dsl
 from components.baselines.component import baselines
 from components.evaluate.component import evaluate
 
-SEARCH = {"constraints": ["parameters<=0.8x"]}
+SEARCH = {"constraints": ["parameters<=0.9x"]}
 GKD = {"token_budget": 64, "batch_size": 2}
-EVALUATE = {"batch_size": 4, "workload": {"prompt_len": 4, "gen_len": 3}, "repeats": 1}
+EVALUATE = {"batch_size": 4, "repeats": 1, "bootstrap": 100}
+COSTS = {"batch_sizes": [1], "prompt_len": 4, "gen_len": 3}
 
 
-def _baselines(tmp_path: Path, methods: list[str], **inputs: Path) -> dsl.Model:
+def _baselines(tmp_path: Path, methods: list[str], search: dict = SEARCH, **inputs: Path) -> dsl.Model:
     children = dsl.Model(name="children", uri=str(tmp_path / "children"), metadata={})
     baselines.python_func(
         library=dsl.Model(name="library", uri=str(inputs["library"]), metadata={}),
@@ -27,7 +28,7 @@ def _baselines(tmp_path: Path, methods: list[str], **inputs: Path) -> dsl.Model:
         parent=dsl.Model(name="parent", uri=str(inputs["parent"]), metadata={}),
         tokens=dsl.Dataset(name="tokens", uri=str(inputs["tokens"]), metadata={}),
         children=children,
-        search_config=SEARCH,
+        search_config=search,
         gkd_config=GKD,
         baselines_config={"methods": methods, "gkd": True},
         device="cpu",
@@ -35,7 +36,9 @@ def _baselines(tmp_path: Path, methods: list[str], **inputs: Path) -> dsl.Model:
     return children
 
 
-def _evaluate(tmp_path: Path, baseline_children: dsl.Model, **inputs: Path) -> dsl.Artifact:
+def _evaluate(
+    tmp_path: Path, baseline_children: dsl.Model, search: dict = SEARCH, **inputs: Path
+) -> dsl.Artifact:
     evaluation = dsl.Artifact(name="evaluation", uri=str(tmp_path / "evaluation"), metadata={})
     evaluate.python_func(
         child=dsl.Model(name="child", uri=str(inputs["child"]), metadata={}),
@@ -46,6 +49,8 @@ def _evaluate(tmp_path: Path, baseline_children: dsl.Model, **inputs: Path) -> d
         metrics=dsl.Metrics(name="metrics", uri=str(tmp_path / "metrics"), metadata={}),
         report=dsl.HTML(name="report", uri=str(tmp_path / "report.html"), metadata={}),
         evaluate_config=EVALUATE,
+        costs_config=COSTS,
+        search_config=search,
         device="cpu",
     )
     return evaluation
@@ -83,7 +88,7 @@ def test_baselines_are_realized_distilled_and_evaluated_with_the_child(
     metrics = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
     assert set(metrics["models"]) == {"parent", "puzzle", "uniform_width"}
     assert metrics["models"]["uniform_width"]["role"] == "baseline"
-    assert metrics["models"]["uniform_width"]["parameters_kept"] <= 0.8 + 1e-9  # the same constraint
+    assert metrics["models"]["uniform_width"]["parameters_kept"] <= 0.9 + 1e-9  # the same constraint
     assert "<html" in (tmp_path / "report.html").read_text().lower()
     assert sorted(p.name for p in (tmp_path / "children").iterdir()) == ["uniform_width"]
     assert child_kind(tmp_path / "children" / "uniform_width") == "child"
@@ -110,3 +115,26 @@ def test_no_baselines_evaluates_the_child_alone(
         "parent",
         "puzzle",
     }
+
+
+def test_a_baseline_that_cannot_reach_the_target_is_reported_not_compared(
+    tiny_realized, tiny_parent, tiny_trained_library, tiny_scores, tiny_costs, tiny_tokens, tmp_path: Path
+) -> None:
+    inputs = dict(
+        child=tiny_realized,
+        parent=tiny_parent,
+        library=tiny_trained_library,
+        scores=tiny_scores,
+        costs=tiny_costs,
+        tokens=tiny_tokens,
+    )
+    children = _baselines(tmp_path, ["uniform_width"], search={"constraints": ["parameters<=0.8x"]}, **inputs)
+    # No uniform width reaches 0.8x of the parent's parameters (skipping a sub-block is not a width).
+    assert child_kind(tmp_path / "children" / "uniform_width") == "solutions"
+    _evaluate(tmp_path, children, search={"constraints": ["parameters<=0.8x"]}, **inputs)
+
+    metrics = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"parent", "puzzle"}
+    assert "no single width used in every layer meets" in metrics["unreachable"]["uniform_width"]
+    report = (tmp_path / "evaluation" / "report.md").read_text()
+    assert "**uniform_width** cannot reach the target, so it is not compared" in report

@@ -24,8 +24,10 @@ def test_data_writes_every_split(tiny_parent: Path, tmp_path: Path) -> None:
     )
 
     info = json.loads((tmp_path / "tokens" / "splits.json").read_text())
+    # Plus the out-of-domain evaluation split (data.ood_source: english, ood_sequences: 16 by default).
     assert {name: s["sequences"] for name, s in info["splits"].items()} == {
-        k: int(v) for k, v in splits.items()
+        **{k: int(v) for k, v in splits.items()},
+        "eval_ood": 16,
     }
     assert info["seq_len"] == 16
     assert tokens.metadata["kind"] == "tokens"

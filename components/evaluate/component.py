@@ -18,23 +18,30 @@ def evaluate(
     metrics: Output[Metrics],
     report: Output[HTML],
     evaluate_config: dict,
+    costs_config: dict,
+    search_config: dict,
     device: str = "auto",
     tracking_config: dict = {},  # noqa: B006 - KFP reads defaults from the signature
     kfp_run_id: str = "",
 ) -> NamedTuple("Outputs", accuracy_kept=float, speedup=float):
-    """Quality on held-out tokens (KL, perplexity, accuracy kept, agreement) and measured speed of the
-    child and every baseline against the parent, in one report. The pipeline pins this step to the
-    target GPU product: the speedup is only valid there.
+    """Quality on held-out in-domain and out-of-domain tokens at the serving context (KL, perplexity,
+    accuracy kept with 95 % intervals, agreement) and measured speed at every searched workload of the
+    child and every baseline against the parent, in one report; the child's constraints are checked on
+    what was measured (the step fails, after writing the report, when one is missed). The pipeline pins
+    this step to the target GPU product: the speedup is only valid there.
 
     Args:
         child: the distilled Puzzle child.
-        baselines: the baselines' children, one folder per method.
+        baselines: the baselines' children, one folder per method (a method that cannot reach the
+            target holds its solutions, saying why).
         parent: the parent artifact.
         tokens: tokens artifact with the held-out split.
         evaluation: the evaluation artifact (metrics.json, report.md, report.html, plots).
         metrics: the Puzzle child's key figures as KFP metrics.
         report: the HTML report.
-        evaluate_config: the evaluate section (split, batch, workload, repeats).
+        evaluate_config: the evaluate section (splits, sequence length, batch sizes, repeats, bootstrap).
+        costs_config: the costs section (the searched workloads).
+        search_config: the search section (the constraints checked on the measured figures).
         device: auto, cpu, cuda, cuda:N.
         tracking_config: the tracking section (MLflow URI and experiment).
         kfp_run_id: the KFP run id (the MLflow run is tagged with it).
@@ -55,9 +62,8 @@ def evaluate(
     folders = sorted(p for p in Path(baselines.path).iterdir() if (p / "manifest.json").is_file())
     by_method = {p.name: str(p) for p in folders}
     inputs = {"child": child, "baselines": by_method, "parent": parent, "tokens": tokens}
-    manifest = _runtime.run_stage(
-        "evaluate", inputs, evaluation, {"evaluate": evaluate_config}, device=device
-    )
+    configs = {"evaluate": evaluate_config, "costs": costs_config, "search": search_config}
+    manifest = _runtime.run_stage("evaluate", inputs, evaluation, configs, device=device)
     figures = read_metrics(evaluation.path)["models"][PUZZLE]
     for key in (
         "accuracy_kept",

@@ -28,7 +28,9 @@ def test_evaluate_reports_accuracy_kept_and_speedup(
         evaluation=evaluation,
         metrics=metrics,
         report=report,
-        evaluate_config={"batch_size": 4, "workload": {"prompt_len": 8, "gen_len": 4}, "repeats": 1},
+        evaluate_config={"batch_size": 4, "repeats": 1, "bootstrap": 100},
+        costs_config={"batch_sizes": [1], "prompt_len": 8, "gen_len": 4},
+        search_config={"constraints": ["parameters<=0.95x"]},
         device="cpu",
     )
 

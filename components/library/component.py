@@ -12,6 +12,7 @@ def library(
     tokens: Input[Dataset],
     library: Output[Model],
     library_config: dict,
+    export_config: dict = {},  # noqa: B006 - KFP reads defaults from the signature
     device: str = "auto",
     tracking_config: dict = {},  # noqa: B006 - KFP reads defaults from the signature
     kfp_run_id: str = "",
@@ -23,6 +24,8 @@ def library(
         tokens: tokens artifact with a calibration split (channel contribution, least squares).
         library: the (untrained) library artifact.
         library_config: the library section (which variants, how they are initialised).
+        export_config: the export section (its serve_with leaves out the variants a named engine
+            cannot load; empty: every variant).
         device: auto, cpu, cuda, cuda:N.
         tracking_config: the tracking section (MLflow URI and experiment).
         kfp_run_id: the KFP run id (the MLflow run is tagged with it).
@@ -30,4 +33,5 @@ def library(
     from components import _runtime
 
     inputs, tracked = {"parent": parent, "tokens": tokens}, (tracking_config, kfp_run_id)
-    _runtime.phase("library", inputs, library, {"library": library_config}, device=device, tracked=tracked)
+    configs = {"library": library_config, "export": export_config}
+    _runtime.phase("library", inputs, library, configs, device=device, tracked=tracked)

@@ -42,3 +42,25 @@ def test_library_rejects_kv_heads_that_do_not_divide(
             parent=parent, tokens=tokens, library=library, library_config={**TINY_LIBRARY, "kv_heads": [3]}
         )
     assert not (tmp_path / "library").exists()
+
+
+def test_library_leaves_out_what_the_export_sections_engines_cannot_load(
+    tiny_parent: Path, tiny_tokens: Path, tmp_path: Path
+) -> None:
+    library = dsl.Model(name="library", uri=str(tmp_path / "library"), metadata={})
+    parent = dsl.Model(name="parent", uri=str(tiny_parent), metadata={})
+    tokens = dsl.Dataset(name="tokens", uri=str(tiny_tokens), metadata={})
+    config = {**TINY_LIBRARY, "batch_size": 4}  # attention_linear: true
+
+    library_component.python_func(
+        parent=parent,
+        tokens=tokens,
+        library=library,
+        library_config=config,
+        export_config={"serve_with": ["vllm"]},
+    )
+
+    meta = json.loads((tmp_path / "library" / "library.json").read_text())
+    for layer in meta["layers"].values():
+        assert set(layer["variants"]) == {"attn_kv2", "attn_kv1", "attn_noop", "ffn_256", "ffn_noop"}
+    assert list(meta["serving"]["left_out"]) == ["attn_linear"]

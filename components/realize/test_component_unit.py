@@ -12,22 +12,27 @@ from components.conftest import TINY_SOLUTION
 from components.realize.component import realize
 
 
-def _inputs(tiny_library: Path, solutions: Path, tiny_parent: Path) -> dict[str, dsl.Artifact]:
+def _inputs(tiny_library: Path, solutions: Path, tiny_parent: Path, tokens: Path) -> dict:
     return {
         "library": dsl.Model(name="library", uri=str(tiny_library), metadata={}),
         "solutions": dsl.Artifact(name="solutions", uri=str(solutions), metadata={}),
         "parent": dsl.Model(name="parent", uri=str(tiny_parent), metadata={}),
+        "tokens": dsl.Dataset(name="tokens", uri=str(tokens), metadata={}),
+        "scoring_config": {"batch_size": 4},
+        "search_config": {},
+        "gkd_config": {},
+        "device": "cpu",
     }
 
 
 def test_realize_builds_the_solution(
-    tiny_library: Path, tiny_solutions: Path, tiny_parent: Path, tmp_path: Path
+    tiny_library: Path, tiny_solutions: Path, tiny_parent: Path, tiny_tokens: Path, tmp_path: Path
 ) -> None:
     from puzzle.modeling import BlockConfig
 
     child = dsl.Model(name="child", uri=str(tmp_path / "child"), metadata={})
 
-    realize.python_func(child=child, **_inputs(tiny_library, tiny_solutions, tiny_parent))
+    realize.python_func(child=child, **_inputs(tiny_library, tiny_solutions, tiny_parent, tiny_tokens))
 
     config = json.loads((tmp_path / "child" / "config.json").read_text())
     names = [
@@ -44,8 +49,10 @@ def test_realize_builds_the_solution(
     )
 
 
-def test_realize_rejects_missing_solution(tiny_library: Path, tiny_parent: Path, tmp_path: Path) -> None:
-    """The component realizes the best solution (index 0); a search that found none is refused."""
+def test_realize_rejects_missing_solution(
+    tiny_library: Path, tiny_parent: Path, tiny_tokens: Path, tmp_path: Path
+) -> None:
+    """A search that found no candidate is refused."""
     from puzzle.errors import PuzzleError
     from puzzle.io import artifacts
 
@@ -58,5 +65,5 @@ def test_realize_rejects_missing_solution(tiny_library: Path, tiny_parent: Path,
     artifacts.run_phase("solutions", str(solutions), {}, {"hand_written": True}, body)
     child = dsl.Model(name="child", uri=str(tmp_path / "child"), metadata={})
     with pytest.raises(PuzzleError, match="holds no solution"):
-        realize.python_func(child=child, **_inputs(tiny_library, solutions, tiny_parent))
+        realize.python_func(child=child, **_inputs(tiny_library, solutions, tiny_parent, tiny_tokens))
     assert not (tmp_path / "child").exists()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from puzzle import modeling
+from puzzle import modeling, serving
 from puzzle.config import ExportConfig
 from puzzle.io import artifacts
 from puzzle.modeling import BlockConfig, DeciLMConfig
@@ -37,13 +37,8 @@ REPORT_MD = "EXPORT_REPORT.md"
 REPORT_JSON = "export_report.json"
 MODELING_FILES = ("block_config.py", "configuration_decilm.py", "modeling_decilm.py")
 
-# Fields engines read from config.json beyond the ones DeciLMConfig keeps.
-ENGINES = (
-    "vLLM (nemotron_nas)",
-    "TensorRT-LLM (NemotronNASForCausalLM)",
-    "llama.cpp (DECI)",
-    "mlx-lm (nemotron-nas)",
-)
+# Display names of the engines the report judges (the rules: puzzle.serving).
+ENGINES = tuple(e.name for e in serving.ENGINES)
 
 
 @dataclass
@@ -58,57 +53,14 @@ class EngineVerdict:
         return f"{self.engine}: no, " + "; ".join(self.reasons)
 
 
-def _layers_where(blocks: list[BlockConfig], predicate: Any) -> list[int]:
-    return [i for i, b in enumerate(blocks) if predicate(b)]
-
-
-def _fmt_layers(layers: list[int]) -> str:
-    return (
-        ("layer " if len(layers) == 1 else "layers ")
-        + ", ".join(map(str, layers[:8]))
-        + (", ..." if len(layers) > 8 else "")
-    )
-
-
 def engine_verdicts(config: DeciLMConfig) -> list[EngineVerdict]:
-    """Which known readers of the Nemotron-NAS layout can serve this child, and why not."""
-    blocks = config.blocks
-    lin_attn = _layers_where(blocks, lambda b: b.attention.linear)
-    lin_ffn = _layers_where(blocks, lambda b: b.ffn.linear)
-    odd_width = _layers_where(blocks, lambda b: not b.ffn.engine_expressible)
-    extras = []
-    if config.qk_norm:
-        extras.append("q/k RMSNorm (Qwen3) is not read")
-    if config.sliding_window:
-        extras.append(f"sliding window {config.sliding_window} (Mistral) is not read")
-    common: list[str] = []
-    if odd_width:
-        common.append(
-            f"{_fmt_layers(odd_width)} use FFN widths that ffn_mult cannot express (not multiples of 256)"
-        )
-
-    vllm = list(common) + extras
-    if lin_attn:
-        vllm.append(f"{_fmt_layers(lin_attn)} use a linear attention (replace_with_linear is not read)")
-    if lin_ffn:
-        vllm.append(f"{_fmt_layers(lin_ffn)} use a linear FFN (replace_with_linear is not read)")
-
-    family_bias = []
-    if config.qkv_bias or config.o_proj_bias or config.mlp_bias:
-        family_bias.append("attention/MLP biases are not read")
-    trt = list(common) + extras + family_bias
-    llama_cpp = list(common) + extras + family_bias
-    if lin_ffn:
-        llama_cpp.append(
-            f"{_fmt_layers(lin_ffn)} use a linear FFN (the DECI converter supports only linear attention)"
-        )
-    mlx = list(common) + extras + family_bias
-    return [
-        EngineVerdict(ENGINES[0], not vllm, vllm),
-        EngineVerdict(ENGINES[1], not trt, trt),
-        EngineVerdict(ENGINES[2], not llama_cpp, llama_cpp),
-        EngineVerdict(ENGINES[3], not mlx, mlx),
-    ]
+    """Which known readers of the Nemotron-NAS layout can serve this child, and why not
+    (:mod:`puzzle.serving`'s rules, the ones ``export.serve_with`` restricts the library by)."""
+    verdicts = []
+    for engine in serving.ENGINES:
+        reasons = serving.reasons(engine.key, config)
+        verdicts.append(EngineVerdict(engine.name, not reasons, reasons))
+    return verdicts
 
 
 def layer_table(model: Any) -> list[dict[str, Any]]:
@@ -196,6 +148,7 @@ def export(child: str, out: str, export: ExportConfig) -> artifacts.Manifest:
     artifacts.require_manifest(child, (CHILD_KIND, PARENT_KIND))
     dtype, max_shard_size = export.dtype, export.max_shard_size
     torch_dtype = parse_dtype(dtype)
+    built: list[int] = []
 
     def build(staging: Path, inputs: dict[str, Path]) -> dict[str, Any]:
         local = inputs["child"]
@@ -213,6 +166,14 @@ def export(child: str, out: str, export: ExportConfig) -> artifacts.Manifest:
         parent_info = json.loads((local / PARENT_INFO).read_text()) if (local / PARENT_INFO).exists() else {}
         rows = layer_table(model)
         verdicts = engine_verdicts(model.config)
+        for engine, verdict in zip(serving.ENGINES, verdicts):
+            if engine.key in export.serve_with and not verdict.servable:
+                log.warning(
+                    "export.serve_with names %s, but %s cannot load this child: %s",
+                    engine.key,
+                    engine.name,
+                    "; ".join(verdict.reasons),
+                )
         total = count_parameters(model)
         meta = {
             "child": child,
@@ -237,14 +198,14 @@ def export(child: str, out: str, export: ExportConfig) -> artifacts.Manifest:
         )
         if (local / PARENT_INFO).exists():
             shutil.copyfile(local / PARENT_INFO, staging / PARENT_INFO)
-        log.info("exported %s (%s parameters) to %s", child, f"{total:,}", out)
+        built.append(total)
         return {
             "parameters": total,
             "dtype": meta["dtype"],
             "engines": {v.engine: v.servable for v in verdicts},
         }
 
-    return artifacts.run_phase(
+    manifest = artifacts.run_phase(
         EXPORT_KIND,
         out,
         {"child": child},
@@ -252,6 +213,9 @@ def export(child: str, out: str, export: ExportConfig) -> artifacts.Manifest:
         build,
         input_kinds={"child": (CHILD_KIND, PARENT_KIND)},
     )
+    if built:  # only once the export is published (uploaded, for s3://)
+        log.info("exported %s (%s parameters) to %s", child, f"{built[0]:,}", out)
+    return manifest
 
 
 def export_dir(uri: str) -> Path:

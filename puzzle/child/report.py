@@ -22,6 +22,7 @@ REPORT_HTML = "report.html"
 PARETO_PNG = "pareto.png"
 ARCHITECTURE_PNG = "architecture.png"
 PARENT = "parent"
+OOD_SPLIT = "eval_ood"
 
 COLUMNS = [
     ("role", "role", "{}"),
@@ -30,6 +31,8 @@ COLUMNS = [
     ("speedup", "speedup", "{:.2f}x"),
     ("accuracy", "next-token acc.", "{:.4f}"),
     ("accuracy_kept", "acc. kept", "{:.1%}"),
+    ("accuracy_kept_ci", "95 % CI", "{}"),
+    ("ood_accuracy_kept", "acc. kept, out of domain", "{:.1%}"),
     ("kl_div", "KL(parent‖child)", "{:.4f}"),
     ("perplexity", "perplexity", "{:.2f}"),
     ("top1_agreement", "top-1 agree", "{:.1%}"),
@@ -41,6 +44,8 @@ COLUMNS = [
 def _fmt(key: str, fmt: str, value: Any) -> str:
     if value is None:
         return "-"
+    if key.endswith("_ci"):
+        return interval(value)
     if key == "parameters":
         value = value / 1e6
     if key == "memory_bytes":
@@ -57,25 +62,43 @@ def role_of(name: str, row: dict[str, Any]) -> str:
     return str(row.get("role") or "child")
 
 
+def interval(ci: Any) -> str:
+    """``[lo, hi]`` as text (``-`` when there is none)."""
+    if not ci:
+        return "-"
+    lo, hi = ci
+    return f"{lo:.1%}–{hi:.1%}" if max(abs(lo), abs(hi)) <= 5 else f"{lo:.4g}–{hi:.4g}"
+
+
+def _ood(row: dict[str, Any]) -> dict[str, Any] | None:
+    quality = row.get("quality") or {}
+    return quality.get(OOD_SPLIT)
+
+
 def table_rows(metrics: dict[str, Any]) -> list[list[str]]:
     rows = []
     for name, row in metrics["models"].items():
-        row = {**row, "role": role_of(name, row)}
+        ood = _ood(row) or {}
+        row = {**row, "role": role_of(name, row), "ood_accuracy_kept": ood.get("accuracy_kept")}
         if name == PARENT:
             row = {**row, "speedup": 1.0, "accuracy_kept": 1.0}
         rows.append([name] + [_fmt(key, fmt, row.get(key)) for key, _, fmt in COLUMNS])
     return rows
 
 
-def headline(metrics: dict[str, Any]) -> list[str]:
-    """One sentence per non-baseline child: accuracy kept at the measured speedup."""
-    lines = []
+def where(metrics: dict[str, Any]) -> str:
+    """The device and workload the headline speedup was measured at."""
     w = metrics["workload"]
-    where = (
+    return (
         f"{metrics.get('device_name') or metrics['device']}, batch {w['batch_size']}, prompt "
-        f"{w['prompt_len']}, "
-        f"{w['gen_len']} generated tokens"
+        f"{w['prompt_len']}, {w['gen_len']} generated tokens"
     )
+
+
+def headline(metrics: dict[str, Any]) -> list[str]:
+    """One sentence per non-baseline child: accuracy kept (with its interval, in and out of domain)
+    at the measured speedup, and whether it meets every constraint when measured."""
+    lines = []
     for name, row in metrics["models"].items():
         if name == PARENT or role_of(name, row) == "baseline":
             continue
@@ -85,14 +108,104 @@ def headline(metrics: dict[str, Any]) -> list[str]:
             if kept is not None
             else "an undefined share (the parent predicts none of the held-out tokens)"
         )
+        if row.get("accuracy_kept_ci"):
+            kept_text += f" (95 % CI {interval(row['accuracy_kept_ci'])})"
+        ood = _ood(row)
+        ood_text = ""
+        if ood is not None and ood.get("accuracy_kept") is not None:
+            ood_text = f", {ood['accuracy_kept']:.1%} out of domain"
+            if ood.get("accuracy_kept_ci"):
+                ood_text += f" ({interval(ood['accuracy_kept_ci'])})"
         speed_text = f"**{speed:.2f}x**" if speed is not None else "**?x**"
-        lines.append(
-            f"**{name}** keeps {kept_text} of the parent's next-token accuracy at a measured "
-            f"{speed_text} decode throughput ({where}); KL(parent‖child) {row['kl_div']:.4f}, "
-            f"perplexity {row['perplexity']:.2f} vs the parent's "
+        line = (
+            f"**{name}** keeps {kept_text} of the parent's next-token accuracy on held-out text{ood_text} "
+            f"at a measured {speed_text} decode throughput ({where(metrics)}); KL(parent‖child) "
+            f"{row['kl_div']:.4f}, perplexity {row['perplexity']:.2f} vs the parent's "
             f"{metrics['models'][PARENT]['perplexity']:.2f}."
         )
+        checks = row.get("constraints") or []
+        if checks:
+            missed = [c for c in checks if not c.get("satisfied")]
+            line += (
+                " It meets every constraint when measured."
+                if not missed
+                else " It misses " + "; ".join(_miss_text(c) for c in missed) + "."
+            )
+        lines.append(line)
     return lines
+
+
+def _miss_text(check: dict[str, Any]) -> str:
+    if not check.get("measured"):
+        return f"{check['constraint']} (not measured)"
+    return f"{check['constraint']} (measured {check['value']:.3g}, {check['shortfall_pct']:.1f} % short)"
+
+
+def constraint_lines(metrics: dict[str, Any]) -> list[str]:
+    """The primary child's constraints against what was measured, as a Markdown table."""
+    checks = metrics.get("constraints") or []
+    if not checks:
+        return []
+    lines = [
+        "| constraint | batch | measured | bound | met |",
+        "|---|---|---|---|---|",
+    ]
+    for c in checks:
+        measured = f"{c['value']:.4g}" if c.get("measured") else "not measured"
+        bound = f"{c['bound']:.4g}" if c.get("measured") else "-"
+        met = "yes" if c.get("satisfied") else f"**no** ({c.get('shortfall_pct', 0):.1f} % short)"
+        lines.append(f"| `{c['constraint']}` | {c['batch_size']} | {measured} | {bound} | {met} |")
+    return lines
+
+
+def speed_lines(metrics: dict[str, Any]) -> list[str]:
+    """Measured speedup of every model at every evaluated batch size (when there is more than one)."""
+    sizes = [str(b) for b in metrics.get("batch_sizes") or []]
+    if len(sizes) < 2:
+        return []
+    lines = ["| model | " + " | ".join(f"batch {b}" for b in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
+    for name, row in metrics["models"].items():
+        cells = []
+        for b in sizes:
+            figures = (row.get("speed") or {}).get(b) or {}
+            value = figures.get("speedup")
+            cells.append(
+                "-" if value is None else f"{value:.2f}x ({figures.get('latency', float('nan')):.0f} ms)"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def candidate_lines(metrics: dict[str, Any]) -> list[str]:
+    """The search's candidates, ranked, with the one chosen as the child."""
+    candidates = metrics.get("candidates") or []
+    if not candidates:
+        return []
+    lines = [
+        "| candidate | KL (score split) | next-token acc. | predicted speedup | measured speedup "
+        "| meets targets | chosen |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in sorted(candidates, key=lambda c: (c.get("kl_div") is None, c.get("kl_div") or 0.0)):
+        measured = c.get("measured_speedup")
+        lines.append(
+            f"| #{c['rank']} | {_num(c.get('kl_div'), '{:.4f}')} | {_num(c.get('accuracy'), '{:.4f}')} | "
+            f"{_num(c.get('predicted_speedup'), '{:.2f}x')} | {_num(measured, '{:.2f}x')} | "
+            f"{'yes' if c.get('meets_targets') else 'no'} | {'**yes**' if c.get('chosen') else ''} |"
+        )
+    return lines
+
+
+def _num(value: Any, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def unreachable_lines(metrics: dict[str, Any]) -> list[str]:
+    """Baselines that could not reach the target (left out of every comparison at equal speed)."""
+    return [
+        f"- **{name}** cannot reach the target, so it is not compared: {reason.splitlines()[0]}"
+        for name, reason in (metrics.get("unreachable") or {}).items()
+    ]
 
 
 def layer_rows(models: dict[str, DeciLMConfig]) -> tuple[list[str], list[list[str]]]:
@@ -230,22 +343,25 @@ def plot_architecture(models: dict[str, DeciLMConfig], path: Path) -> None:
 
 
 def render_markdown(metrics: dict[str, Any], models: dict[str, DeciLMConfig]) -> str:
-    w = metrics["workload"]
     lines = ["# Puzzle evaluation", ""]
     lines += headline(metrics) or ["No child to summarise."]
+    lines += ["", data_line(metrics), ""]
+    if metrics.get("unreachable"):
+        lines += unreachable_lines(metrics) + [""]
     lines += [
-        "",
-        f"Quality on {metrics['tokens']:,} held-out tokens (split `{metrics['split']}`); speed measured on "
-        f"{metrics.get('device_name') or metrics['device']} at batch {w['batch_size']}, prompt "
-        f"{w['prompt_len']}, "
-        f"{w['gen_len']} generated tokens.",
-        "",
         "## Models",
         "",
         "| model | " + " | ".join(label for _, label, _ in COLUMNS) + " |",
         "|---" * (len(COLUMNS) + 1) + "|",
     ]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(metrics)]
+    for title, extra in (
+        ("Constraints, measured", constraint_lines(metrics)),
+        ("Speed at every searched workload", speed_lines(metrics)),
+        ("Candidates of the search", candidate_lines(metrics)),
+    ):
+        if extra:
+            lines += ["", f"## {title}", ""] + extra
     lines += ["", f"![accuracy kept vs measured speedup]({PARETO_PNG})", "", "## Architecture per layer", ""]
     lines += [f"![per-layer architecture]({ARCHITECTURE_PNG})", ""]
     header, rows = layer_rows(models)
@@ -255,9 +371,49 @@ def render_markdown(metrics: dict[str, Any], models: dict[str, DeciLMConfig]) ->
     return "\n".join(lines) + "\n"
 
 
+def data_line(metrics: dict[str, Any]) -> str:
+    """What quality and speed were measured on."""
+    splits = metrics.get("splits") or {}
+    parts = [
+        f"`{name}` ({info['sequences']} sequences of {info['seq_len']} tokens)"
+        for name, info in splits.items()
+    ]
+    text = "Quality on " + (" and ".join(parts) if parts else f"{metrics['tokens']:,} held-out tokens")
+    text += (
+        f" (95 % intervals: bootstrap over sequences); headline speed measured on {where(metrics)}"
+        + (
+            f", also at batch sizes {metrics['batch_sizes']}"
+            if len(metrics.get("batch_sizes") or []) > 1
+            else ""
+        )
+        + "."
+    )
+    return text
+
+
 def _img(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}" style="max-width:100%">'
+
+
+def _bold(text: str) -> str:
+    while text.count("**") >= 2:
+        text = text.replace("**", "<b>", 1).replace("**", "</b>", 1)
+    return text
+
+
+def _html_table(lines: list[str]) -> str:
+    """A Markdown table (header, rule, rows) as HTML."""
+    esc = html.escape
+
+    def cells(line: str) -> list[str]:
+        return [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+
+    head, *rows = [cells(line) for i, line in enumerate(lines) if i != 1]
+    out = "<table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in head) + "</tr>"
+    for row in rows:
+        out += "<tr>" + "".join(f"<td>{_bold(esc(c))}</td>" for c in row) + "</tr>"
+    return out + "</table>"
 
 
 def render_html(metrics: dict[str, Any], models: dict[str, DeciLMConfig], directory: Path) -> str:
@@ -271,10 +427,7 @@ def render_html(metrics: dict[str, Any], models: dict[str, DeciLMConfig], direct
         "<h1>Puzzle evaluation</h1>",
     ]
     for line in headline(metrics):
-        text = esc(line)
-        while "**" in text:
-            text = text.replace("**", "<b>", 1).replace("**", "</b>", 1)
-        parts.append(f"<p>{text}</p>")
+        parts.append(f"<p>{_bold(esc(line))}</p>")
     parts.append(
         "<h2>Models</h2><table><tr><th>model</th>"
         + "".join(f"<th>{esc(lbl)}</th>" for _, lbl, _ in COLUMNS)
@@ -283,6 +436,17 @@ def render_html(metrics: dict[str, Any], models: dict[str, DeciLMConfig], direct
     for row in table_rows(metrics):
         parts.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
     parts.append("</table>")
+    parts.append(f"<p>{esc(data_line(metrics))}</p>")
+    unreachable = unreachable_lines(metrics)
+    if unreachable:
+        parts.append("<ul>" + "".join(f"<li>{_bold(esc(line[2:]))}</li>" for line in unreachable) + "</ul>")
+    for title, extra in (
+        ("Constraints, measured", constraint_lines(metrics)),
+        ("Speed at every searched workload", speed_lines(metrics)),
+        ("Candidates of the search", candidate_lines(metrics)),
+    ):
+        if extra:
+            parts.append(f"<h2>{esc(title)}</h2>" + _html_table(extra))
     for name in (PARETO_PNG, ARCHITECTURE_PNG):
         if (directory / name).exists():
             parts.append(f"<p>{_img(directory / name)}</p>")

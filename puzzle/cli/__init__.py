@@ -31,12 +31,20 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"puzzle {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more logging: `puzzle run` prints one line per phase, -v adds each phase's log, -vv debug; "
+        "other commands log their phase, -v adds debug",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     run.register(subparsers)
     phases.register(subparsers)
     phases.register_show(subparsers)
+    phases.register_published_search(subparsers)
     for entry in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         entry.load()(subparsers)
     return parser
@@ -54,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     flags = [a for a in raw[: next((i for i, a in enumerate(raw) if not a.startswith("-")), len(raw))]]
     args = parser.parse_args([*flags, *_sub_action(raw[len(flags) :])])
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    levels = [logging.INFO, logging.DEBUG]
+    if args.command == "run":
+        levels = [logging.WARNING, *levels]
+    level = logging.WARNING if args.quiet else levels[min(args.verbose, len(levels) - 1)]
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )

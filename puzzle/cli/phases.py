@@ -55,12 +55,13 @@ def _stage_parser(subparsers: argparse._SubParsersAction, stage: Stage) -> argpa
     item = stage.items.split(".")[-1].removesuffix("s") if stage.items else ""
     usage_inputs = " ".join(name.upper() for name in (item, *stage.config_fields, *stage.inputs) if name)
     epilog = settings_help(stage.sections) if stage.sections else ""
+    kinds = "` or `".join(stage.kinds)
     if stage.shards:
         epilog = f"join shards: puzzle {stage.name} merge SHARD... --out OUT\n\n{epilog}"
     p = subparsers.add_parser(
         stage.name,
         help=stage.summary,
-        description=f"Phase {stage.name}: {stage.summary}. Writes a `{stage.kind}` artifact at --out.",
+        description=f"Phase {stage.name}: {stage.summary}. Writes a `{kinds}` artifact at --out.",
         usage=f"puzzle {stage.name} {usage_inputs} --out OUT [options]",
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -111,6 +112,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             _merge_parser(subparsers, stage)
 
 
+def stage_kind(name: str) -> str:
+    return next(stage.kind for stage in STAGES if stage.name == name)
+
+
 def stage_config(args: argparse.Namespace) -> Any:
     from puzzle.config import load_config
 
@@ -121,6 +126,9 @@ def stage_config(args: argparse.Namespace) -> Any:
 
 
 def run_stage(stage: Stage, args: argparse.Namespace) -> int:
+    from puzzle.io.artifacts import check_output
+
+    check_output(args.out, stage.kinds)  # the publish rule, before any work
     config = stage_config(args)
     for name in stage.config_fields:
         config = config.replace(**{name: getattr(args, name)})
@@ -148,6 +156,9 @@ def _fmt(value: Any) -> str:
 
 
 def _run_merge(stage: Stage, args: argparse.Namespace) -> int:
+    from puzzle.io.artifacts import check_output
+
+    check_output(args.out, stage.kinds)
     manifest = stage.resolve("merge")(list(args.shards), args.out)
     print(f"{stage.name}: {len(args.shards)} shards merged into {args.out} ({manifest.kind})")
     return 0
@@ -156,27 +167,37 @@ def _run_merge(stage: Stage, args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- per-stage extras
 
 
-def _search_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--block-library",
-        default=None,
-        metavar="FILE",
-        help="instead of SCORES and COSTS (pass '-' for both): a published Puzzle block library JSON "
-        "(layer_N -> variant -> stats/metrics), e.g. NVlabs/puzzle's Llama-3.3-70B library",
+def register_published_search(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "search-published",
+        help="the MIP on a published Puzzle block library (scores and costs per block, one JSON)",
+        description=(
+            "Solve the search on a published block library JSON (layer_N -> variant -> stats/metrics), "
+            "e.g. NVlabs/puzzle's Llama-3.3-70B library, under search.constraints: the same MIP as `puzzle "
+            "search`, without exact pair scoring, coupled BLD or measurement (the library has its figures)."
+        ),
+        epilog=settings_help(("search",)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("block_library", metavar="FILE", help="the block library JSON")
+    p.add_argument("--out", required=True, help="output solutions artifact: local directory or s3://")
+    add_config_args(p)
     p.add_argument(
         "--sweep",
         default=None,
         metavar="LIMIT:TO:N",
         help="also solve for N values of one limit, e.g. 'throughput>=1x:3x:9', writing pareto.csv/png",
     )
-    p.add_argument("--batch-size", type=int, default=None, help="solve at this measured batch size only")
+    p.set_defaults(func=_run_published)
 
 
-def _search_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    if args.block_library:
-        args.scores = args.costs = None
-    return {"library": args.block_library, "sweep": args.sweep, "batch_size": args.batch_size}
+def _run_published(args: argparse.Namespace) -> int:
+    from puzzle.search.mip import search
+
+    config = stage_config(args)
+    search(None, None, args.out, config.search, library=args.block_library, sweep=args.sweep)
+    print(f"search: solutions written to {args.out}")
+    return _print_solutions(args, None)
 
 
 def _print_solutions(args: argparse.Namespace, _manifest: Any) -> int:
@@ -239,10 +260,6 @@ def _print_costs(args: argparse.Namespace, _manifest: Any) -> int:
     return 0
 
 
-def _realize_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--index", type=int, default=0, help="which solution (0 = the best)")
-
-
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--verify",
@@ -288,12 +305,6 @@ def _bld_args(p: argparse.ArgumentParser) -> None:
 
 def _scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=_int_list, default=None, help="only these layers, e.g. 0,5,9")
-    p.add_argument(
-        "--mode",
-        choices=("decoupled", "full"),
-        default="decoupled",
-        help="decoupled: (m+n) rows per layer; full: every attention x FFN pair",
-    )
 
 
 def _int_list(text: str) -> list[int]:
@@ -316,10 +327,9 @@ Extra = tuple[
 EXTRAS: dict[str, Extra] = {
     "library": (_library_args, lambda a: {"layers": a.layers}, None),
     "bld": (_bld_args, lambda a: {"layers": a.layers, "variants": a.variants, "coupled": a.coupled}, None),
-    "scoring": (_scoring_args, lambda a: {"layers": a.layers, "mode": a.mode}, None),
+    "scoring": (_scoring_args, lambda a: {"layers": a.layers}, None),
     "costs": (_costs_args, None, _print_costs),
-    "search": (_search_args, _search_kwargs, _print_solutions),
-    "realize": (_realize_args, lambda a: {"solution_index": a.index}, None),
+    "search": (lambda _p: None, None, _print_solutions),
     "export": (_export_args, None, _print_export),
 }
 
@@ -333,8 +343,11 @@ def _evaluate_parser(subparsers: argparse._SubParsersAction, stage: Stage) -> No
         help=stage.summary,
         description=(
             "Evaluate children against the parent: KL(parent || child), LM loss / perplexity, next-token "
-            "accuracy (and accuracy kept), top-1/top-5 agreement on held-out tokens, measured throughput and "
-            "memory at the evaluation workload; report.md / report.html with a Pareto plot."
+            "accuracy (and accuracy kept, with 95% bootstrap intervals), top-1/top-5 agreement on the "
+            "held-out and out-of-domain splits at the serving context, measured throughput, latency and "
+            "memory at every batch size of costs.batch_sizes, search.constraints checked on what was "
+            "measured; report.md / "
+            "report.html with a Pareto plot."
         ),
         epilog=settings_help(stage.sections),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -355,7 +368,9 @@ def _evaluate_parser(subparsers: argparse._SubParsersAction, stage: Stage) -> No
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from puzzle.child.evaluate import EvaluateError, evaluate_children, read_metrics
+    from puzzle.io.artifacts import check_output
 
+    check_output(args.out, stage_kind("evaluate"))
     children: dict[str, str] = {}
     for item in args.children:
         name, sep, uri = item.partition("=")
@@ -372,6 +387,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         args.tokens,
         args.out,
         config.evaluate,
+        config.costs,
+        config.search,
         details={name: {"role": "baseline"} for name in args.baseline},
         device=config.device,
     )

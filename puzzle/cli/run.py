@@ -63,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
         print(config.to_yaml(), end="")
         return 0
     if args.check:
+        from puzzle.run import check_outputs
+
+        check_outputs(config)
         print(f"configuration OK (digest {config.digest}); output: {config.output}")
         return 0
 

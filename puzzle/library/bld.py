@@ -44,7 +44,7 @@ from puzzle.io import artifacts
 from puzzle.io.artifacts import Manifest
 from puzzle.library.variants import LIBRARY_FILE, LIBRARY_KIND, Library, LibraryError, block_state, layer_file
 from puzzle.modeling import AttentionConfig, BlockConfig, DeciLMConfig, FFNConfig
-from puzzle.modeling.checkpoints import MODEL_KINDS
+from puzzle.modeling.checkpoints import MODEL_KINDS, load_training_state
 from puzzle.modeling.devices import resolve_device
 from puzzle.modeling.layers import (
     LayerContext,
@@ -95,20 +95,35 @@ def parse_shard(shard: str | None) -> tuple[int, int] | None:
     return int(index), int(count)
 
 
+def _pair_unit(lib: Library, layer: int, name: str) -> Unit:
+    """One coupled (attention, FFN) block of one layer, checked against the library."""
+    if layer not in lib.layers:
+        raise BLDError(f"layer {layer} is not in library {lib.uri} (it has layers {lib.layers})")
+    block, parent = BlockConfig.from_name(name), lib.parent_block(layer)
+    for sub in (block.attention.name, block.ffn.name):
+        if sub not in lib.variants(layer) and sub not in (parent.attention.name, parent.ffn.name):
+            raise BLDError(f"coupled block {name}: layer {layer} has no variant {sub} in the library")
+    return Unit(layer, name, "block")
+
+
 def plan_units(
     lib: Library,
     *,
     layers: list[int] | None = None,
     variants: list[str] | None = None,
     coupled: list[str] | None = None,
+    pairs: list[tuple[int, str]] | None = None,
     shard: str | None = None,
 ) -> list[Unit]:
     """The variants a run trains: trainable variants of the selected layers, then this shard's part.
 
     Trainable: every attention/FFN variant that is neither the parent's own nor a no-op, plus the
     ``coupled`` blocks (``attn+ffn`` names) in every selected layer. Shards are contiguous,
-    balanced slices of that list in (layer, variant) order.
+    balanced slices of that list in (layer, variant) order. ``pairs`` instead: exactly these
+    (layer, block) coupled blocks (the search's chosen pairs), nothing else.
     """
+    if pairs is not None:
+        return [_pair_unit(lib, layer, name) for layer, name in sorted(set(pairs))]
     chosen = lib.layers if layers is None else list(layers)
     missing = sorted(set(chosen) - set(lib.layers))
     if missing:
@@ -291,6 +306,7 @@ def train(
     layers: list[int] | None = None,
     variants: list[str] | None = None,
     coupled: list[str] | None = None,
+    pairs: list[tuple[int, str]] | None = None,
     split: str = "bld",
     val_split: str | None = "score",
     device: str = "auto",
@@ -313,6 +329,8 @@ def train(
         layers, variants: train only these layers / variant names (default: all trainable).
         coupled: block names (``"attn_kv1+ffn_768"``) to train as coupled pairs in every
             selected layer, initialised from their sub-block variants.
+        pairs: instead, exactly these (layer, block) coupled blocks; the output is then a partial
+            library of those blocks only (an overlay: ``Library.open(library, overlay=out)``).
         device: where to train.
         on_step: called with the step index after each step (progress hooks, tests).
 
@@ -337,7 +355,7 @@ def train(
         raise BLDError(f"bld.token_budget must be > 0 to train, got {token_budget}")
     lib = Library.open(library)
     lib.check_parent(model_config(parent), artifacts.fingerprint(parent))
-    units = plan_units(lib, layers=layers, variants=variants, coupled=coupled, shard=shard)
+    units = plan_units(lib, layers=layers, variants=variants, coupled=coupled, pairs=pairs, shard=shard)
     info = read_splits(tokens)
     if split not in info["splits"]:
         raise BLDError(f"tokens {tokens} have no {split!r} split (they have {sorted(info['splits'])})")
@@ -356,14 +374,13 @@ def train(
         raise BLDError(f"split {val_split!r} has fewer than val_sequences={val_sequences} sequences")
     available = info["splits"][split]["sequences"] - (val_sequences if val_split is None else 0)
     steps = math.ceil(token_budget / (batch_size * seq_len))
-    if steps * batch_size > available:
+    if steps * batch_size > available * bld.max_epochs:
         raise BLDError(
-            f"too little data: token_budget={token_budget} at batch_size={batch_size} x seq_len={seq_len} "
-            "needs "
-            f"{steps * batch_size} training sequences, but split {split!r} has {available}"
-            f"{f' (after {val_sequences} held out)' if val_split is None else ''}: lower the budget or "
-            "prepare more "
-            f"{split!r} sequences"
+            f"too little data: bld.token_budget={token_budget} at bld.batch_size={batch_size} x seq_len="
+            f"{seq_len} needs {steps * batch_size} training sequences, more than bld.max_epochs="
+            f"{bld.max_epochs} passes over the {available} of split {split!r}"
+            f"{f' (after {val_sequences} held out)' if val_split is None else ''}: lower the budget, raise "
+            f"bld.max_epochs or prepare more {split!r} sequences"
         )
     parameters = {
         "token_budget": token_budget,
@@ -375,6 +392,7 @@ def train(
         "layers": layers,
         "variants": variants,
         "coupled": coupled,
+        "pairs": [list(p) for p in sorted(set(pairs))] if pairs is not None else None,
         "split": split,
         "objective": objective,
         "weight_decay": weight_decay,
@@ -410,7 +428,9 @@ def train(
             "steps": steps,
             "tokens_per_variant": steps * batch_size * seq_len,
         }
-        if shard is None:
+        if pairs is not None:
+            _write_shard(staging, lib, result.trained, bld_meta, "pairs")
+        elif shard is None:
             _write_full_library(staging, lib, result.trained, bld_meta)
         else:
             _write_shard(staging, lib, result.trained, bld_meta, shard)
@@ -423,7 +443,7 @@ def train(
             "mean_initial_nmse": _mean([v["bld"]["initial_nmse"] for v in result.trained.values()]),
             "mean_final_nmse": _mean([v["bld"]["final_nmse"] for v in result.trained.values()]),
             "shard": shard,
-            "partial": shard is not None,
+            "partial": shard is not None or pairs is not None,
         }
 
     return artifacts.run_phase(
@@ -482,7 +502,14 @@ def _train_units(
         train_ids, val_ids = ids[: ids.shape[0] - val_sequences], ids[ids.shape[0] - val_sequences :]
     else:
         train_ids, val_ids = ids, load_split(tokens, val_split)[:val_sequences]
-    order = torch.randperm(train_ids.shape[0], generator=torch.Generator().manual_seed(seed))
+    # One seeded shuffle per pass over the split (the budget may take up to bld.max_epochs passes).
+    passes = max(1, math.ceil(steps * batch_size / max(1, train_ids.shape[0])))
+    order = torch.cat(
+        [
+            torch.randperm(train_ids.shape[0], generator=torch.Generator().manual_seed(seed + epoch))
+            for epoch in range(passes)
+        ]
+    )
     trainers = []
     for unit in units:
         layer, params = _unit_layer(lib, unit, runner.layers[unit.layer], model.config, device)
@@ -493,7 +520,7 @@ def _train_units(
     warmup = int(round(warmup_fraction * steps))
     start_step, initial = 0, None
     if checkpoint.exists():
-        saved = torch.load(checkpoint, map_location=device, weights_only=False)
+        saved = load_training_state(checkpoint, map_location=device)
         start_step, initial = saved["step"], saved["initial"]
         for t in trainers:
             t.layer.load_state_dict(saved["units"][t.unit.key]["weights"], strict=False)

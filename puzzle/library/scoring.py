@@ -267,8 +267,9 @@ def score(
     scoring: ScoringConfig,
     *,
     shard: str | None = None,
-    mode: str = "decoupled",
     layers: list[int] | None = None,
+    rows: list[tuple[int, str]] | None = None,
+    overlay: str | None = None,
     max_sequences: int | None = None,
     device: str = "auto",
 ) -> Manifest:
@@ -279,21 +280,29 @@ def score(
         parent: the parent artifact the library was built from.
         tokens: tokens artifact holding ``scoring.split`` (held-out text).
         out: output ``scores`` artifact (with ``shard``: that shard's rows only; join with :func:`merge`).
-        scoring: metrics (``kl_div``, ``lm_loss``, ``cosine``, ``top1_agreement``, ``top5_agreement``;
-            unrequested columns are left empty), split, batch size and dtype.
+        scoring: mode (``full``: every attention x FFN pair; ``decoupled`` and ``hybrid``: (m+n)*L
+            rows, the search scores the pairs it needs), metrics (``kl_div``, ``lm_loss``, ``cosine``,
+            ``top1_agreement``, ``top5_agreement``; unrequested columns are left empty), split, batch
+            size and dtype.
         shard: ``"i/n"``: score the i-th of n contiguous slices of the rows.
-        mode: ``"decoupled"`` ((m+n)*L rows) or ``"full"`` (every attention x FFN pair).
         layers: only these layers (default: every layer of the library).
+        rows: instead, exactly these (layer, block) rows (the search's exact pair scores).
+        overlay: a partial library trained from ``library`` whose blocks are scored too (coupled BLD).
         max_sequences: use only the split's first sequences.
         device: where to score.
     """
     from puzzle.data import read_splits
 
     metrics, split, batch_size, dtype = scoring.metrics, scoring.split, scoring.batch_size, scoring.dtype
+    mode = "full" if scoring.mode == "full" else "decoupled"
     wanted = canonical_metrics(metrics)
-    lib = Library.open(library)
+    lib = Library.open(library, overlay=overlay)
     lib.check_parent(model_config(parent), artifacts.fingerprint(parent))
-    rows = plan_rows(lib, mode=mode, layers=layers, shard=shard)
+    planned = (
+        [Row(layer, BlockConfig.from_name(name)) for layer, name in sorted(set(rows))]
+        if rows is not None
+        else plan_rows(lib, mode=mode, layers=layers, shard=shard)
+    )
     splits = read_splits(tokens)["splits"]
     if split not in splits:
         raise ScoringError(f"tokens {tokens} have no {split!r} split (they have {sorted(splits)})")
@@ -303,6 +312,8 @@ def score(
         "shard": shard,
         "mode": mode,
         "layers": layers,
+        "rows": [list(r) for r in sorted(set(rows))] if rows is not None else None,
+        "overlay": overlay,
         "batch_size": batch_size,
         "max_sequences": max_sequences,
         "dtype": dtype,
@@ -316,7 +327,26 @@ def score(
         if max_sequences is not None:
             ids = ids[:max_sequences]
         started = time.perf_counter()
-        table = score_rows(model, lib, rows, ids, metrics=wanted, batch_size=batch_size)
+        # Layers the library offers nothing for keep the parent's block: their one row is the parent
+        # itself, whose figures are the same at every layer, so it is scored once and copied (only
+        # in a whole plan, or in shard 0, so that merged shards hold it once).
+        fixed: list[int] = []
+        if rows is None and layers is None and (shard is None or (parse_shard(shard) or (0, 1))[0] == 0):
+            fixed = [i for i in range(model.config.num_hidden_layers) if i not in lib.layers]
+        todo = list(planned)
+        if fixed and not any(r.block == lib.parent_block(r.layer) for r in planned):
+            todo.append(Row(lib.layers[0], lib.parent_block(lib.layers[0])))
+        table = score_rows(model, lib, todo, ids, metrics=wanted, batch_size=batch_size)
+        if fixed:
+            own = next(r for r in table if r["block"] == lib.parent_block(int(r["layer"])).name)
+            if len(todo) > len(planned):
+                table.remove(own)
+            for layer in fixed:
+                block = lib.parent_block(layer)
+                table.append(
+                    {**own, "layer": layer, "block": block.name}
+                    | {"attention": block.attention.name, "ffn": block.ffn.name}
+                )
         seconds = time.perf_counter() - started
         info = {
             "mode": mode,
@@ -326,8 +356,10 @@ def score(
             "library": library,
             "parent": parent,
             "parent_blocks": {
-                str(layer): lib.parent_block(layer).name for layer in sorted({r.layer for r in rows})
+                str(layer): lib.parent_block(layer).name
+                for layer in sorted({r.layer for r in planned} | set(fixed))
             },
+            "fixed_layers": fixed,
             "seconds": seconds,
         }
         write_scores(staging, table, info)
@@ -475,7 +507,8 @@ def merge(shard_uris: list[str], out: str) -> Manifest:
                 seen.add(key)
                 table.append(row)
             parents = {**info.get("parent_blocks", {}), **data.get("parent_blocks", {})}
-            info = {**data, "parent_blocks": parents}
+            fixed = sorted({*info.get("fixed_layers", []), *data.get("fixed_layers", [])})
+            info = {**data, "parent_blocks": parents, "fixed_layers": fixed}
             seconds += float(data.get("seconds") or 0.0)
         info.pop("rows", None)
         info.pop("columns", None)

@@ -4,7 +4,8 @@ Per layer, attention variants are grouped-query attention with fewer KV heads (`
 a single linear layer (``attn_linear``) and no-op (``attn_noop``); FFN variants are SwiGLU FFNs
 of smaller widths (``ffn_<width>``), a linear layer (``ffn_linear``) and no-op (``ffn_noop``).
 The parent's own sub-blocks (e.g. ``attn_kv3`` and ``ffn_1536`` for SmolLM2) are always in the
-library. Initialisation from the parent:
+library; with ``export.serve_with``, the variants a named serving engine cannot load are left out
+(:mod:`puzzle.serving`, the export report's rules). Initialisation from the parent:
 
 * narrower FFN: keep the channels with the largest *channel contribution*
   ``C_i = mean_t |X_t,i| * ||W_down[:, i]||_2`` over calibration tokens (``X`` = the FFN's
@@ -33,7 +34,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from puzzle.config import LibraryConfig
+from puzzle import serving
+from puzzle.config import ExportConfig, LibraryConfig
 from puzzle.errors import PuzzleError
 from puzzle.io import artifacts
 from puzzle.io.artifacts import Manifest
@@ -343,16 +345,35 @@ class Library:
         self.uri = uri
         self.local = local
         self.meta = meta
+        self.overlay: Library | None = None
 
     @classmethod
-    def open(cls, uri: str | Path) -> Library:
+    def open(cls, uri: str | Path, *, overlay: str | None = None) -> Library:
+        """The library at ``uri``; with ``overlay`` (a partial library trained from it, e.g. the
+        coupled blocks of the search), the two seen as one: the overlay's blocks added to the base's."""
         local = artifacts.materialize(str(uri), LIBRARY_KIND)
         meta = json.loads((local / LIBRARY_FILE).read_text())
         if meta.get("format_version", 0) > LIBRARY_FORMAT:
             raise LibraryError(
                 f"library {uri} has format {meta['format_version']}, newer than this package's"
             )
-        return cls(str(uri), local, meta)
+        library = cls(str(uri), local, meta)
+        return library.with_overlay(cls.open(overlay)) if overlay else library
+
+    def with_overlay(self, overlay: Library) -> Library:
+        """This library plus the blocks of ``overlay`` (which must have been trained from it)."""
+        base_hash = (overlay.meta.get("base") or {}).get("hash")
+        if not overlay.partial or base_hash != artifacts.fingerprint(self.uri):
+            raise LibraryError(
+                f"{overlay.uri} is not a partial library trained from {self.uri} (its base is "
+                f"{(overlay.meta.get('base') or {}).get('uri')}); train the overlay from this library"
+            )
+        meta = json.loads(json.dumps(self.meta))
+        for layer, entry in overlay.meta["layers"].items():
+            meta["layers"][layer]["variants"].update(entry["variants"])
+        combined = Library(self.uri, self.local, meta)
+        combined.overlay = overlay
+        return combined
 
     @property
     def partial(self) -> bool:
@@ -412,6 +433,10 @@ class Library:
         from safetensors import safe_open
 
         self.info(layer, variant)
+        if self.overlay is not None and variant in self.overlay.meta["layers"].get(str(layer), {}).get(
+            "variants", {}
+        ):
+            return self.overlay.load(layer, variant)
         path = self.local / layer_file(layer)
         prefix = f"{variant}/"
         out: dict[str, torch.Tensor] = {}
@@ -481,6 +506,50 @@ def plan_layers(
     return plan
 
 
+def restrict_to_engines(
+    config: DeciLMConfig, plan: dict[int, list[str]], serve_with: list[str]
+) -> tuple[dict[int, list[str]], dict[str, list[str]]]:
+    """``plan`` without the variants some engine of ``serve_with`` (``export.serve_with``) cannot load,
+    and why each left-out variant is left out (:mod:`puzzle.serving`'s rules, the export report's).
+
+    Raises :class:`LibraryError` when an engine cannot serve the parent itself (a model-level feature
+    or the parent's own blocks): every child would inherit it.
+    """
+    for key in serve_with:
+        why = serving.reasons(key, config)
+        if why:
+            raise LibraryError(
+                f"export.serve_with names {key!r}, but {serving.engine(key).name} cannot load the parent: "
+                f"{'; '.join(why)}. Every child keeps this, so none could be served with {key}: remove "
+                f"{key!r} from export.serve_with (empty: any engine) or compress a parent {key} can load"
+            )
+    kept: dict[int, list[str]] = {}
+    left_out: dict[str, list[str]] = {}
+    for index, names in plan.items():
+        kept[index] = []
+        for name in names:
+            sub = AttentionConfig.from_name(name) if name.startswith("attn_") else FFNConfig.from_name(name)
+            why = [
+                f"{serving.engine(key).name} cannot load {reason}"
+                for key in serve_with
+                for reason in serving.sub_block_reasons(key, sub)
+            ]
+            if why:
+                left_out.setdefault(name, why)
+            else:
+                kept[index].append(name)
+    for name, why in left_out.items():
+        where = [i for i, names in plan.items() if name in names]
+        log.info(
+            "library: export.serve_with %s leaves out %s (%s): %s",
+            serve_with,
+            name,
+            serving.fmt_layers(where),
+            "; ".join(why),
+        )
+    return kept, left_out
+
+
 def _param_count(state: dict[str, torch.Tensor]) -> int:
     return int(sum(t.numel() for t in state.values()))
 
@@ -491,6 +560,7 @@ def build_library(
     out: str,
     library: LibraryConfig,
     *,
+    export: ExportConfig | None = None,
     layers: list[int] | None = None,
     calibration_sequences: int | None = None,
     device: str = "auto",
@@ -503,6 +573,8 @@ def build_library(
             FFN's least squares use it).
         out: where to write the ``library`` artifact.
         library: which variants to build and how (validated against the parent before any work).
+        export: its ``serve_with`` leaves out the variants a named engine cannot load (and refuses a
+            parent one of them cannot serve, before any work); None or empty: every variant.
         layers: only these layers (default: all).
         calibration_sequences: use only the split's first N sequences (default: all).
         device: where the parent runs.
@@ -511,6 +583,8 @@ def build_library(
 
     config = model_config(parent)
     plan = plan_layers(config, library, layers)
+    serve_with = sorted(export.serve_with) if export is not None else []
+    plan, left_out = restrict_to_engines(config, plan, serve_with)
     splits = read_splits(tokens)["splits"]
     if CALIBRATION_SPLIT not in splits:
         raise LibraryError(
@@ -518,11 +592,15 @@ def build_library(
             f"with a data.splits.{CALIBRATION_SPLIT} entry"
         )
     ffn_init, batch_size, seed = library.ffn_init, library.batch_size, library.seed
-    parameters = {
+    parameters: dict[str, Any] = {
         "library": asdict(library),
         "layers": sorted(plan),
         "calibration_sequences": calibration_sequences,
     }
+    serving_meta: dict[str, Any] = {}
+    if serve_with:  # only then: an unrestricted library keeps its parameters (and is not rebuilt)
+        parameters["serve_with"] = serve_with
+        serving_meta = {"serving": {"serve_with": serve_with, "left_out": left_out}}
 
     def body(staging: Path, local: dict[str, Path]) -> dict[str, Any]:
         from safetensors.torch import save_file
@@ -614,6 +692,7 @@ def build_library(
             "calibration": {"split": CALIBRATION_SPLIT, "tokens": stats.tokens},
             "layers": layers_meta,
             "bld": None,
+            **serving_meta,
         }
         (staging / LIBRARY_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         log.info(
@@ -626,6 +705,7 @@ def build_library(
             "variant_names": names,
             "calibration_tokens": stats.tokens,
             "trained": False,
+            **({"serve_with": serve_with, "left_out": sorted(left_out)} if serve_with else {}),
         }
 
     return artifacts.run_phase(

@@ -39,16 +39,15 @@ from puzzle.search.mip import (
     SearchError,
     constraint_report,
     describe,
+    load_tables,
     make_problem,
+    solve_batches,
     solve_table,
     write_solutions,
 )
 from puzzle.search.tables import (
     BlockTable,
-    TableError,
-    build_table,
     default_maximize,
-    load_scores,
     metric_key,
 )
 
@@ -69,12 +68,18 @@ class BaselineError(PuzzleError, ValueError):
 # --------------------------------------------------------------------------- the methods
 
 
-def _feasible(table: BlockTable, constraints: list[Constraint], choice: list[int]) -> bool:
-    return all(c["satisfied"] for c in constraint_report(table, constraints, table.totals(choice)))
+Tables = dict[int, BlockTable] | None
+"""The tables of every measured batch size, for constraints pinned to one (``@bs<N>``)."""
 
 
-def greedy(table: BlockTable, constraints: list[Constraint], *, maximize: bool) -> dict[str, Any]:
-    problem = make_problem(table, constraints, maximize=maximize)
+def _feasible(table: BlockTable, constraints: list[Constraint], choice: list[int], others: Tables) -> bool:
+    return all(c["satisfied"] for c in constraint_report(table, constraints, choice, others))
+
+
+def greedy(
+    table: BlockTable, constraints: list[Constraint], *, maximize: bool, others: Tables = None
+) -> dict[str, Any]:
+    problem = make_problem(table, constraints, maximize=maximize, others=others)
     choice = greedy_repair(problem, np.asarray(table.parent))
     if choice is None:
         raise InfeasibleConstraintError(
@@ -82,11 +87,16 @@ def greedy(table: BlockTable, constraints: list[Constraint], *, maximize: bool) 
             "size "
             f"{table.batch_size}"
         )
-    return describe(table, [int(c) for c in choice], constraints, method="greedy", status="feasible")
+    return describe(table, [int(c) for c in choice], constraints, others, method="greedy", status="feasible")
 
 
 def noop_only(
-    table: BlockTable, constraints: list[Constraint], *, maximize: bool, time_limit: float
+    table: BlockTable,
+    constraints: list[Constraint],
+    *,
+    maximize: bool,
+    time_limit: float,
+    others: Tables = None,
 ) -> dict[str, Any]:
     keep = np.zeros_like(table.valid)
     for layer, names in enumerate(table.names):
@@ -95,24 +105,32 @@ def noop_only(
             attn, ffn = name.split("+")
             keep[layer, v] = attn in (pa, "attn_noop") and ffn in (pf, "ffn_noop")
     restricted = table.restrict(keep)
-    solution = solve_table(restricted, constraints, maximize=maximize, time_limit=time_limit)[0]
+    solution = solve_table(restricted, constraints, maximize=maximize, time_limit=time_limit, others=others)[
+        0
+    ]
     solution["method"] = "noop_only"
     return solution
 
 
-def uniform_width(table: BlockTable, constraints: list[Constraint], *, maximize: bool) -> dict[str, Any]:
+def uniform_width(
+    table: BlockTable, constraints: list[Constraint], *, maximize: bool, others: Tables = None
+) -> dict[str, Any]:
+    """The same width in every layer: one GQA / FFN size (or linear) block everywhere. Skipping a
+    sub-block is not a width, so blocks with a no-op side are not candidates: when no uniform width
+    reaches the target the baseline says so instead of dropping attention everywhere."""
     common = set(table.names[0])
     for names in table.names[1:]:
         common &= set(names)
+    widths = sorted(b for b in common if "noop" not in b)
     candidates = []
-    for block in sorted(common - {DROPPED}):
+    for block in widths:
         choice = [table.index(layer, block) for layer in range(table.num_layers)]
-        if _feasible(table, constraints, choice):
+        if _feasible(table, constraints, choice, others):
             candidates.append((block, choice))
     if not candidates:
         raise InfeasibleConstraintError(
-            f"uniform_width: no single block used in every layer meets {[c.text for c in constraints]} "
-            f"at batch size {table.batch_size} (uniform blocks available: {sorted(common)})"
+            f"uniform_width: no single width used in every layer meets {[c.text for c in constraints]} "
+            f"at batch size {table.batch_size} (uniform widths available: {widths})"
         )
 
     def key(item: tuple[str, list[int]]) -> tuple[float, float]:
@@ -124,23 +142,23 @@ def uniform_width(table: BlockTable, constraints: list[Constraint], *, maximize:
 
     block, choice = min(candidates, key=key)
     return describe(
-        table, choice, constraints, method="uniform_width", status="feasible", uniform_block=block
+        table, choice, constraints, others, method="uniform_width", status="feasible", uniform_block=block
     )
 
 
 def layer_dropping(
-    table: BlockTable, constraints: list[Constraint], influence: list[float]
+    table: BlockTable, constraints: list[Constraint], influence: list[float], others: Tables = None
 ) -> dict[str, Any]:
     if len(influence) != table.num_layers:
         raise BaselineError(f"block influence has {len(influence)} layers, the table {table.num_layers}")
     choice = list(table.parent)
     dropped: list[int] = []
     for layer in np.argsort(influence, kind="stable"):
-        if _feasible(table, constraints, choice):
+        if _feasible(table, constraints, choice, others):
             break
         choice[int(layer)] = table.index(int(layer), DROPPED)
         dropped.append(int(layer))
-    if not _feasible(table, constraints, choice):
+    if not _feasible(table, constraints, choice, others):
         raise InfeasibleConstraintError(
             f"layer_dropping: even with every layer dropped, {[c.text for c in constraints]} is not met at "
             "batch size "
@@ -150,6 +168,7 @@ def layer_dropping(
         table,
         choice,
         constraints,
+        others,
         method="layer_dropping",
         status="feasible",
         dropped_layers=sorted(dropped),
@@ -255,27 +274,13 @@ def baseline(
             "a baseline needs at least one constraint (e.g. 'throughput>=1.5x'), or it is the parent"
         )
     maximize = default_maximize(objective)
-    from puzzle.search.costs import CostsError, load_costs
-
-    try:
-        cost_table = load_costs(costs)
-    except CostsError as exc:
-        raise TableError(str(exc)) from exc
-    score_table = load_scores(scores, cost_table.parent_blocks or None)
-    sizes = cost_table.batch_sizes if batch_size is None else [batch_size]
-    if batch_size is not None and batch_size not in cost_table.batch_sizes:
-        raise SearchError(
-            f"batch_size {batch_size} was not measured; the cost table has {cost_table.batch_sizes}"
-        )
     include = (DROPPED,) if method == "layer_dropping" else ()
-    tables = [
-        build_table(score_table, cost_table, objective=objective, batch_size=b, include=include)
-        for b in sizes
-    ]
-    for c in parsed:  # fail before any model is loaded when a bound is out of reach everywhere
-        reachable = [t for t in tables if _reachable(t, c)]
-        if not reachable:
-            make_problem(tables[0], [c], maximize=maximize)  # raises, naming the best reachable value
+    every = load_tables(scores, costs, objective, include=include)
+    if batch_size is not None and batch_size not in every:
+        raise SearchError(f"batch_size {batch_size} was not measured; the cost table has {sorted(every)}")
+    tables = (
+        [every[batch_size]] if batch_size is not None else [every[b] for b in solve_batches(every, parsed)]
+    )
     inputs = {"scores": scores, "costs": costs}
     if method == "layer_dropping":
         child, tokens = _resolve(child, tokens, scores, library)
@@ -309,38 +314,43 @@ def baseline(
         for table in tables:
             try:
                 if method == "greedy":
-                    sol = greedy(table, parsed, maximize=maximize)
+                    sol = greedy(table, parsed, maximize=maximize, others=every)
                 elif method == "noop_only":
-                    sol = noop_only(table, parsed, maximize=maximize, time_limit=time_limit)
+                    sol = noop_only(table, parsed, maximize=maximize, time_limit=time_limit, others=every)
                 elif method == "uniform_width":
-                    sol = uniform_width(table, parsed, maximize=maximize)
+                    sol = uniform_width(table, parsed, maximize=maximize, others=every)
                 else:
                     assert influence is not None
-                    sol = layer_dropping(table, parsed, influence)
+                    sol = layer_dropping(table, parsed, influence, others=every)
             except InfeasibleConstraintError as exc:
                 errors.append(str(exc))
                 continue
             results.append((table, sol))
-        if not results:
-            raise InfeasibleConstraintError(errors[0] if len(errors) == 1 else "\n".join(errors))
-        table, best = min(results, key=lambda item: _rank(item[1], maximize))
-        best.update(rank=1, method=method, solve_seconds=time.perf_counter() - started)
-        payload = {
+        payload: dict[str, Any] = {
             "objective": metric_key(objective),
             "maximize": maximize,
             "method": method,
             "constraints": [c.text for c in parsed],
             "source": {"scores": scores, "costs": costs},
-            "batch_sizes": {
-                str(t.batch_size): {"objective": s["objective"], "throughput": s["totals"]["throughput"]}
-                for t, s in results
-            },
-            "parent": describe(table, table.parent, parsed, method="parent"),
-            "solutions": [best],
+            "parent": describe(tables[0], tables[0].parent, parsed, every, method="parent"),
         }
-        write_solutions(staging, payload)
+        if not results:
+            # Said, not degenerated: the report lists the baseline as unable to reach the target.
+            reason = errors[0] if len(errors) == 1 else "\n".join(errors)
+            log.warning("baseline %s cannot reach %s: %s", method, [c.text for c in parsed], reason)
+            write_solutions(staging, {**payload, "unreachable": reason, "solutions": []})
+            return {"method": method, "reachable": False}
+        table, best = min(results, key=lambda item: _rank(item[1], maximize))
+        best.update(rank=1, method=method, solve_seconds=time.perf_counter() - started)
+        payload["batch_sizes"] = {
+            str(t.batch_size): {"objective": s["objective"], "throughput": s["totals"]["throughput"]}
+            for t, s in results
+        }
+        payload["parent"] = describe(table, table.parent, parsed, every, method="parent")
+        write_solutions(staging, {**payload, "solutions": [best]})
         return {
             "method": method,
+            "reachable": True,
             "objective": best["objective"],
             "batch_size": best["batch_size"],
             "throughput": best["totals"]["throughput"],
@@ -348,14 +358,6 @@ def baseline(
         }
 
     return run_phase(SOLUTIONS_KIND, out, inputs, parameters, body, materialize_inputs=False, force=force)
-
-
-def _reachable(table: BlockTable, constraint: Constraint) -> bool:
-    try:
-        make_problem(table, [constraint], maximize=False)
-    except InfeasibleConstraintError:
-        return False
-    return True
 
 
 def _rank(solution: dict[str, Any], maximize: bool) -> tuple[float, float]:
@@ -394,9 +396,13 @@ def baseline_child(
 
     work = work or f"{out.rstrip('/')}-steps"
     solutions = storage.join(work, "solutions")
-    baseline(
+    found = baseline(
         method, scores, costs, solutions, search, parent=parent, tokens=tokens, library=library, device=device
     )
+    if not found.summary.get("reachable", True):
+        # No child to realize: the baseline's output is its solutions, which say why (the report
+        # lists it as unable to reach the target rather than comparing a degenerate child).
+        return artifacts.copy(solutions, out, SOLUTIONS_KIND)
     realized = storage.join(work, "realized") if baselines.gkd else out
     manifest = realize(library, solutions, parent, realized)
     if baselines.gkd:

@@ -19,12 +19,18 @@ shapes, so each name is measured once) and for the embeddings + final norm + LM 
 
 How a sub-block is measured (backend ``torch``, :mod:`puzzle.modeling.engine`): a model made of N copies
 of that sub-block alone (random weights of the real shapes; N large enough that the copies'
-weights do not fit in the GPU's L2 cache, as in the real model) runs in the same engine loop as
-whole models (static KV cache, CUDA graphs, bf16); its time minus the time of the model with no
-layers (embeddings, norm, LM head, sampling), divided by N, is the sub-block's time. The sum of
-the table's entries for a child's blocks plus the fixed part therefore predicts the child's
-measured time in that loop, which :func:`calibrate` checks on realized children. No-op
-sub-blocks have no module and launch no kernel: their time is exactly zero.
+weights do not fit in the GPU's L2 cache, or 4x the CPU's last-level cache, as in the real model)
+runs in the same engine loop as whole models (static KV cache, CUDA graphs, bf16 on GPU); its
+time minus the time of the model with no layers (embeddings, norm, LM head, sampling), divided by
+N, is the sub-block's time. The two models are timed one after the other in every repeat and the
+median of the repeats' differences is kept; each entry records how the repeats spread
+(``spread``: min, quartiles, median, max, the median's standard error; ``repeats``, ``rounds``,
+``precise``). An estimate that is not positive or not precise enough is measured again (a bounded
+number of rounds), then kept with its spread or, if still not positive, refused with an error
+that names the fix: nothing is clipped. The sum of the table's entries for a child's blocks plus
+the fixed part therefore predicts the child's measured time in that loop, which
+:func:`calibrate` checks on realized children. No-op sub-blocks have no module and launch no
+kernel: their time is exactly zero.
 
 ``costs.json`` records the hardware identity (device name, driver, torch, CUDA, dtype, backend,
 host); :func:`check_same_hardware` refuses to mix tables (or a table and this machine) that
@@ -39,6 +45,7 @@ import io
 import json
 import logging
 import math
+import os
 import random
 import statistics
 import time
@@ -64,6 +71,9 @@ COSTS_CSV = "costs.csv"
 COSTS_FORMAT = "puzzle-costs"
 FORMAT_VERSION = 1
 FIXED = "embeddings_lm_head"
+TIMING = 2
+"""How sub-blocks are timed, recorded in the stage's parameters so that a table timed another way
+(1: stacked and base timed apart, negative times clipped to zero) is measured again, not resumed."""
 IDENTITY_KEYS = ("device_type", "device_name", "driver", "torch", "dtype", "backend")
 """Hardware fields that must agree for two cost measurements to be comparable."""
 
@@ -79,6 +89,9 @@ CSV_COLUMNS = (
     "runtime_ms",
     "memory_bytes",
     "memory_mib",
+    "runtime_ms_q1",
+    "runtime_ms_q3",
+    "repeats",
 )
 
 
@@ -173,21 +186,134 @@ class CostBackend(Protocol):
 
     def hardware(self) -> dict[str, Any]: ...
 
-    def measure_fixed(self, config: DeciLMConfig, workload: CostsConfig) -> dict[int, dict[str, float]]: ...
+    def measure_fixed(self, config: DeciLMConfig, workload: CostsConfig) -> dict[int, dict[str, Any]]: ...
 
     def measure_subblock(
         self, config: DeciLMConfig, name: str, workload: CostsConfig
-    ) -> dict[int, dict[str, float]]: ...
+    ) -> dict[int, dict[str, Any]]: ...
 
     def measure_model(
         self, config: DeciLMConfig, workload: CostsConfig, *, seed: int = 0
     ) -> dict[int, dict[str, Any]]: ...
 
 
+def spread(samples: Sequence[float]) -> dict[str, float]:
+    """How repeated timings of one quantity spread: min, quartiles, median, max, and ``se``, the
+    median's standard error estimated robustly (1.25 x 1.4826 x MAD / sqrt(n))."""
+    if not samples:
+        raise CostsError("no timings to summarise")
+    xs = sorted(float(x) for x in samples)
+    median = statistics.median(xs)
+    q1, q3 = (statistics.quantiles(xs, n=4, method="inclusive")[::2]) if len(xs) > 1 else (median, median)
+    mad = statistics.median(abs(x - median) for x in xs)
+    return {
+        "min": xs[0],
+        "q1": q1,
+        "median": median,
+        "q3": q3,
+        "max": xs[-1],
+        "n": len(xs),
+        "se": 1.2533 * 1.4826 * mad / math.sqrt(len(xs)),
+    }
+
+
+def last_level_cache_bytes(default: int = 32 * 2**20) -> int:
+    """The CPU's largest cache (bytes), from sysfs; ``default`` where it cannot be read."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        if text[-1:] in units and text[:-1].isdigit():
+            sizes.append(int(text[:-1]) * units[text[-1]])
+        elif text.isdigit():
+            sizes.append(int(text))
+    return max(sizes) if sizes else default
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+class _Probe:
+    """One model at one batch size, ready to be timed: its session, prompts and decode contexts.
+
+    :meth:`once` is one repeat: a prefill and a decode step at the first and the last context of the
+    workload (each ``decode_iters`` times), interpolated linearly to the mean step of the workload.
+    """
+
+    def __init__(
+        self, meter: TorchBackend, weights: engine.EngineWeights, batch: int, workload: CostsConfig
+    ) -> None:
+        self.meter = meter
+        self.contexts = workload.decode_contexts
+        self.session = engine.Session(
+            weights, batch_size=batch, max_len=workload.prompt_len + workload.gen_len
+        )
+        self.ids = engine.random_prompts(
+            weights.config.vocab_size, batch, workload.prompt_len, meter.device, meter.seed
+        )
+        # Cache length read -> a context that reads it: the first and the last decode step.
+        self.points = {self.session.bucket_for(c): c for c in (self.contexts[:1] + self.contexts[-1:])}
+        self.session.prepare(workload.prompt_len, list(self.points.values()))
+        if meter.device.type != "cuda":
+            # First runs allocate and touch the cache and the kernels' buffers: never timed (the GPU
+            # path warms up inside engine.time_prefill / time_decode).
+            with torch.no_grad():
+                self.session.prefill(self.ids)
+                for context in self.points.values():
+                    self.session.set_position(context - 1)
+                    self.session.step()
+
+    def once(self) -> tuple[float, float]:
+        """Seconds of one prefill and of the workload's mean decode step."""
+        meter, session = self.meter, self.session
+        prefill = engine.time_prefill(session, self.ids, iters=meter.prefill_iters)
+        at = {p: engine.time_decode(session, c, iters=meter.decode_iters) for p, c in self.points.items()}
+        if not self.contexts:
+            return prefill, 0.0
+        lo, hi = min(at), max(at)
+        slope = (at[hi] - at[lo]) / (hi - lo) if hi > lo else 0.0
+        decode = sum(at[lo] + slope * (session.bucket_for(c) - lo) for c in self.contexts) / len(
+            self.contexts
+        )
+        return prefill, decode
+
+
 class TorchBackend:
-    """The project's own loop (:mod:`puzzle.modeling.engine`): static KV cache, CUDA graphs on GPU."""
+    """The project's own loop (:mod:`puzzle.modeling.engine`): static KV cache, CUDA graphs on GPU.
+
+    A sub-block's time is the median, over repeats, of (stacked model - model without layers) / N,
+    the two models timed one after the other in every repeat (in alternating order), so that a
+    machine slowing down or speeding up between repeats moves both alike. An estimate that is not
+    positive, or whose runtime's standard error exceeds ``precision`` of it, is measured again with
+    as many repeats again (at most ``remeasure_rounds`` times; for precision alone, only while the
+    table has been measuring for less than ``precision_budget_s``, so that a busy machine cannot
+    make the stage run for ever); then a positive one is kept with its spread recorded and flagged
+    ``precise: false``, and a non-positive one is an error naming the fix. Nothing is ever clipped.
+
+    The defaults of ``min_repeats`` (on CPU), ``precision``, ``remeasure_rounds`` and
+    ``precision_budget_s`` (``math.inf``: none) are the class attributes below.
+
+    On CPU (the last-level cache is what a GPU's L2 is): N copies whose weights fill
+    ``CPU_CACHE_MULTIPLE`` x the last-level cache (as in a real model, whose layers never stay
+    cached; two copies would), at least ``CPU_MIN_STACK`` and at most ``CPU_MAX_STACK``; at least
+    ``CPU_MIN_REPEATS`` repeats; an untimed warm-up of each model before its first repeat.
+    """
 
     name: ClassVar[str] = "torch"
+    CPU_MIN_REPEATS: ClassVar[int] = 5
+    CPU_CACHE_MULTIPLE: ClassVar[int] = 4
+    CPU_MIN_STACK: ClassVar[int] = 8
+    CPU_MAX_STACK: ClassVar[int] = 64
+    PRECISION: ClassVar[float] = 0.03
+    REMEASURE_ROUNDS: ClassVar[int] = 2
+    PRECISION_BUDGET_S: ClassVar[float] = 60.0
 
     def __init__(
         self,
@@ -197,11 +323,21 @@ class TorchBackend:
         repeats: int = 3,
         stack_layers: int | None = None,
         seed: int = 0,
+        min_repeats: int | None = None,
+        precision: float | None = None,
+        remeasure_rounds: int | None = None,
+        precision_budget_s: float | None = None,
     ) -> None:
         if not isinstance(repeats, int) or repeats <= 0:
             raise CostsError(f"repeats must be a positive integer, got {repeats!r}")
         if stack_layers is not None and stack_layers <= 0:
             raise CostsError(f"stack_layers must be a positive integer, got {stack_layers!r}")
+        precision = self.PRECISION if precision is None else precision
+        remeasure_rounds = self.REMEASURE_ROUNDS if remeasure_rounds is None else remeasure_rounds
+        if not isinstance(remeasure_rounds, int) or remeasure_rounds < 0:
+            raise CostsError(f"remeasure_rounds must be an integer >= 0, got {remeasure_rounds!r}")
+        if not precision > 0:
+            raise CostsError(f"precision must be > 0 (a relative standard error), got {precision!r}")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.repeats = repeats
@@ -210,10 +346,20 @@ class TorchBackend:
         gpu = self.device.type == "cuda"
         self.decode_iters = 10 if gpu else 1
         self.prefill_iters = 3 if gpu else 1
+        if min_repeats is None:
+            min_repeats = 1 if gpu else self.CPU_MIN_REPEATS
+        self.timed_repeats = max(repeats, min_repeats)
+        """Repeats of one measuring round (``repeats``, raised to at least ``min_repeats``)."""
+        self.precision = precision
+        self.remeasure_rounds = remeasure_rounds
+        self.precision_budget_s = (
+            self.PRECISION_BUDGET_S if precision_budget_s is None else precision_budget_s
+        )
+        self._started: float | None = None
         self._fixed: engine.EngineWeights | None = None
         self._fixed_key: str | None = None
         self._hardware: dict[str, Any] | None = None
-        self._base_cache: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
+        self._base_cache: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
 
     def hardware(self) -> dict[str, Any]:
         if self._hardware is None:
@@ -225,9 +371,31 @@ class TorchBackend:
         if self._stack_layers is not None:
             return self._stack_layers
         if self.device.type != "cuda":
-            return 2
+            llc = last_level_cache_bytes()
+            copies = math.ceil(self.CPU_CACHE_MULTIPLE * llc / max(1, weight_bytes))
+            return int(min(self.CPU_MAX_STACK, max(self.CPU_MIN_STACK, copies)))
         l2 = int(getattr(torch.cuda.get_device_properties(self.device), "L2_cache_size", 50 * 2**20))
         return int(min(128, max(8, math.ceil(4 * l2 / max(1, weight_bytes)))))
+
+    def describe(self) -> dict[str, Any]:
+        """How this backend times (recorded in ``costs.json``)."""
+        return {
+            "repeats_per_round": self.timed_repeats,
+            "remeasure_rounds": self.remeasure_rounds,
+            "precision_budget_s": self.precision_budget_s,
+            "precision": self.precision,
+            "prefill_iters": self.prefill_iters,
+            "decode_iters": self.decode_iters,
+            "stack_layers": self._stack_layers,
+            "stack_rule": None
+            if self._stack_layers is not None
+            else (
+                f"{self.CPU_CACHE_MULTIPLE} x the last-level cache ({last_level_cache_bytes()} bytes) "
+                f"of weights, {self.CPU_MIN_STACK}..{self.CPU_MAX_STACK} copies"
+                if self.device.type != "cuda"
+                else "4 x the GPU's L2 cache of weights, 8..128 copies"
+            ),
+        }
 
     def _fixed_weights(self, config: DeciLMConfig) -> tuple[engine.EngineWeights, str]:
         """The model without layers for this parent shape (made once, shared by every stack)."""
@@ -244,61 +412,69 @@ class TorchBackend:
             self._fixed_key = key
         return self._fixed, key
 
-    def _time(self, weights: engine.EngineWeights, workload: CostsConfig) -> dict[int, dict[str, float]]:
-        """Median prefill seconds and mean decode-step seconds over the workload, per batch size."""
-        out: dict[int, dict[str, float]] = {}
-        contexts = workload.decode_contexts
-        for batch in workload.batch_sizes:
-            session = engine.Session(
-                weights, batch_size=batch, max_len=workload.prompt_len + workload.gen_len
-            )
-            ids = engine.random_prompts(
-                weights.config.vocab_size, batch, workload.prompt_len, self.device, self.seed
-            )
-            # Cache length read -> a context that reads it: the first and the last decode step.
-            points = {session.bucket_for(c): c for c in (contexts[:1] + contexts[-1:])}
-            session.prepare(workload.prompt_len, list(points.values()))
-            prefill: list[float] = []
-            decode: dict[int, list[float]] = {p: [] for p in points}
-            for _ in range(self.repeats):
-                prefill.append(engine.time_prefill(session, ids, iters=self.prefill_iters))
-                for length, context in points.items():
-                    decode[length].append(engine.time_decode(session, context, iters=self.decode_iters))
-            at = {p: statistics.median(v) for p, v in decode.items()}
-            mean_decode = 0.0
-            if contexts:
-                lo, hi = min(at), max(at)
-                slope = (at[hi] - at[lo]) / (hi - lo) if hi > lo else 0.0
-                mean_decode = sum(at[lo] + slope * (session.bucket_for(c) - lo) for c in contexts) / len(
-                    contexts
-                )
-            out[batch] = {"prefill_s": statistics.median(prefill), "decode_s": mean_decode}
-            del session
-        return out
+    def _probe(self, weights: engine.EngineWeights, batch: int, workload: CostsConfig) -> _Probe:
+        return _Probe(self, weights, batch, workload)
 
-    def _base(self, config: DeciLMConfig, workload: CostsConfig) -> dict[int, dict[str, float]]:
+    def _budget_spent(self) -> bool:
+        """Whether re-measuring for precision alone has run out of time (a non-positive estimate is
+        always measured again: it cannot be kept)."""
+        if self._started is None:
+            return False
+        return time.perf_counter() - self._started > self.precision_budget_s
+
+    def _base(self, config: DeciLMConfig, workload: CostsConfig) -> dict[int, dict[str, Any]]:
         """Timings of the model without layers (measured once per parent shape and workload)."""
+        if self._started is None:
+            self._started = time.perf_counter()
         weights, key = self._fixed_weights(config)
         cache_key = (key, json.dumps(workload_json(workload)))
         if cache_key not in self._base_cache:
-            self._base_cache[cache_key] = self._time(weights, workload)
+            out: dict[int, dict[str, Any]] = {}
+            for batch in workload.batch_sizes:
+                probe = self._probe(weights, batch, workload)
+                timed = [probe.once() for _ in range(self.timed_repeats)]
+                del probe
+                samples = {
+                    "prefill_ms": [p * 1e3 for p, _ in timed],
+                    "decode_ms": [d * 1e3 for _, d in timed],
+                    "runtime_ms": [(p + (workload.gen_len - 1) * d) * 1e3 for p, d in timed],
+                }
+                out[batch] = {
+                    "prefill_ms": statistics.median(samples["prefill_ms"]),
+                    "decode_ms": statistics.median(samples["decode_ms"]),
+                    "spread": {k: spread(v) for k, v in samples.items()},
+                    "repeats": len(timed),
+                }
+            self._base_cache[cache_key] = out
         return self._base_cache[cache_key]
 
-    def measure_fixed(self, config: DeciLMConfig, workload: CostsConfig) -> dict[int, dict[str, float]]:
-        timed = self._base(config, workload)
-        return {
-            b: {"prefill_ms": t["prefill_s"] * 1e3, "decode_ms": t["decode_s"] * 1e3}
-            for b, t in timed.items()
-        }
+    def measure_fixed(self, config: DeciLMConfig, workload: CostsConfig) -> dict[int, dict[str, Any]]:
+        return {b: dict(t) for b, t in self._base(config, workload).items()}
+
+    def _problems(self, stats: Mapping[str, Mapping[str, float]]) -> list[str]:
+        """Why an estimate is not yet good enough to keep (empty: it is)."""
+        out = [
+            f"{key.removesuffix('_ms')} time {stats[key]['median']:.4g} ms is not positive"
+            for key in ("prefill_ms", "decode_ms", "runtime_ms")
+            if stats[key]["median"] <= 0
+        ]
+        runtime = stats["runtime_ms"]
+        if runtime["median"] > 0 and runtime["se"] > self.precision * runtime["median"]:
+            out.append(
+                f"runtime {runtime['median']:.4g} ms has a standard error of "
+                f"{100 * runtime['se'] / runtime['median']:.1f} % (more than {100 * self.precision:.0f} %)"
+            )
+        return out
 
     def measure_subblock(
         self, config: DeciLMConfig, name: str, workload: CostsConfig
-    ) -> dict[int, dict[str, float]]:
+    ) -> dict[int, dict[str, Any]]:
         from puzzle.modeling.checkpoints import child_config_like
 
+        if self._started is None:
+            self._started = time.perf_counter()
         block = subblock_as_block(name)
         n = self.stack_layers(subblock_params(config, name) * self.dtype.itemsize)
-        base = self._base(config, workload)
         fixed, _ = self._fixed_weights(config)
         weights = engine.EngineWeights.random(
             child_config_like(config, [block] * n),
@@ -307,26 +483,87 @@ class TorchBackend:
             seed=self.seed + 1,
             fixed_from=fixed,
         )
-        stacked = self._time(weights, workload)
+        out = {}
+        for b in workload.batch_sizes:
+            base, stack = self._probe(fixed, b, workload), self._probe(weights, b, workload)
+            samples: dict[str, list[float]] = {"prefill_ms": [], "decode_ms": [], "runtime_ms": []}
+            base_ms: dict[str, list[float]] = {"prefill_ms": [], "decode_ms": []}
+            rounds = 0
+            while True:
+                rounds += 1
+                for _ in range(self.timed_repeats):
+                    # Alternate which model goes first, so that a drift in speed cancels out.
+                    if len(samples["prefill_ms"]) % 2 == 0:
+                        (bp, bd), (sp, sd) = base.once(), stack.once()
+                    else:
+                        (sp, sd), (bp, bd) = stack.once(), base.once()
+                    prefill, decode = (sp - bp) / n * 1e3, (sd - bd) / n * 1e3
+                    base_ms["prefill_ms"].append(bp * 1e3)
+                    base_ms["decode_ms"].append(bd * 1e3)
+                    samples["prefill_ms"].append(prefill)
+                    samples["decode_ms"].append(decode)
+                    samples["runtime_ms"].append(prefill + (workload.gen_len - 1) * decode)
+                stats = {k: spread(v) for k, v in samples.items()}
+                problems = self._problems(stats)
+                if not problems or rounds > self.remeasure_rounds:
+                    break
+                if not any("not positive" in p for p in problems) and self._budget_spent():
+                    log.warning(
+                        "costs: %s at batch %d: %s; not measured again: the table has been measuring for "
+                        "more than %.0f s (a busy machine?)",
+                        name,
+                        b,
+                        "; ".join(problems),
+                        self.precision_budget_s,
+                    )
+                    break
+                log.info(
+                    "costs: %s at batch %d: %s; measuring %d more repeats (round %d of at most %d)",
+                    name,
+                    b,
+                    "; ".join(problems),
+                    self.timed_repeats,
+                    rounds + 1,
+                    self.remeasure_rounds + 1,
+                )
+            del base, stack
+            negative = [k for k in ("prefill_ms", "decode_ms", "runtime_ms") if stats[k]["median"] <= 0]
+            if negative:
+                key = negative[0]
+                s = stats[key]
+                raise CostsError(
+                    f"costs: {name} at batch {b}: its {key.removesuffix('_ms')} time is "
+                    f"{s['median']:.4g} ms per copy (quartiles {s['q1']:.4g} .. {s['q3']:.4g} ms over "
+                    f"{int(s['n'])} repeats in {rounds} rounds): {n} stacked copies were not measurably "
+                    "slower than the model without layers, so the machine's noise exceeds the sub-block's "
+                    f"time. Measure on an idle machine (load average now {_load_average()}), or raise "
+                    f"costs.repeats (now {self.repeats}) or costs.stack_layers (now {n})"
+                )
+            precise = not problems
+            if not precise:
+                log.warning(
+                    "costs: %s at batch %d: %s after %d rounds of %d repeats; kept with its spread "
+                    "recorded (raise costs.repeats or costs.stack_layers, or measure on an idle machine)",
+                    name,
+                    b,
+                    "; ".join(problems),
+                    rounds,
+                    self.timed_repeats,
+                )
+            out[b] = {
+                "stack_layers": n,
+                "prefill_ms": stats["prefill_ms"]["median"],
+                "decode_ms": stats["decode_ms"]["median"],
+                "spread": stats,
+                "repeats": len(samples["runtime_ms"]),
+                "rounds": rounds,
+                "precise": precise,
+                # The model without layers as timed alongside (vs the fixed entry: the machine's drift).
+                "base": {k: statistics.median(v) for k, v in base_ms.items()},
+            }
         del weights
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        out = {}
-        for b in workload.batch_sizes:
-            row: dict[str, float] = {"stack_layers": n}
-            for key in ("prefill", "decode"):
-                value = (stacked[b][f"{key}_s"] - base[b][f"{key}_s"]) / n * 1e3
-                if value < 0:
-                    log.warning(
-                        "costs: %s at batch %d: %s time %.4f ms is below the noise; recorded as 0",
-                        name,
-                        b,
-                        key,
-                        value,
-                    )
-                    value = 0.0
-                row[f"{key}_ms"] = value
-            out[b] = row
         return out
 
     def measure_model(
@@ -356,7 +593,7 @@ class TorchBackend:
 def _entry(
     config: DeciLMConfig,
     name: str,
-    measured: Mapping[int, Mapping[str, float]] | None,
+    measured: Mapping[int, Mapping[str, Any]] | None,
     workload: CostsConfig,
     dtype_bytes: int,
 ) -> dict[str, Any]:
@@ -387,6 +624,10 @@ def _entry(
             "memory_bytes": memory,
             "memory_mib": memory / 2**20,
         }
+        # How the repeats spread (per copy for a sub-block: (stacked - base) / N of each repeat).
+        for key in ("spread", "repeats", "rounds", "precise", "base"):
+            if key in m:
+                per_batch[key] = m[key]
         for key in ("prefill_ms", "decode_ms", "runtime_ms", "memory_bytes"):
             entry[key][str(b)] = per_batch[key]
         entry["batches"][str(b)] = per_batch
@@ -412,6 +653,9 @@ def _rows(subblocks: Mapping[str, Mapping[str, Any]], workload: CostsConfig) -> 
                         k: per[k]
                         for k in ("prefill_ms", "decode_ms", "runtime_ms", "memory_bytes", "memory_mib")
                     },
+                    "runtime_ms_q1": per["spread"]["runtime_ms"]["q1"] if "spread" in per else None,
+                    "runtime_ms_q3": per["spread"]["runtime_ms"]["q3"] if "spread" in per else None,
+                    "repeats": per.get("repeats"),
                 }
             )
     return rows
@@ -440,7 +684,16 @@ def build_table(
         subblock_params(config, name)  # every name valid for this parent, before measuring
     hardware = backend.hardware()
     dtype_bytes = resolve_dtype(hardware["dtype"], torch.device(hardware["device"])).itemsize
-    started = time.perf_counter()
+    started, cpu_started, load_before = time.perf_counter(), time.process_time(), _load_average()
+    cpus = os.cpu_count() or 1
+    if hardware["device_type"] != "cuda" and load_before and load_before[0] >= cpus:
+        log.warning(
+            "costs: this machine is busy (load average %.1f on %d CPUs): CPU timings include the other "
+            "work's contention (the spread of every entry is recorded); measure on an idle machine for a "
+            "table that predicts idle speed",
+            load_before[0],
+            cpus,
+        )
     subblocks: dict[str, Any] = {
         FIXED: _entry(config, FIXED, backend.measure_fixed(config, workload), workload, dtype_bytes)
     }
@@ -472,10 +725,21 @@ def build_table(
             "decode_ms": "mean per decode step over the workload (first and last context measured, linear "
             "between)",
             "method": "N copies of the sub-block alone in the engine loop, minus the model without layers, "
-            "over N",
+            "over N: the median over repeats of the two timed one after the other (alternating order); "
+            "each batch's 'spread' holds the repeats' min, quartiles, median, max and the median's "
+            "standard error",
             "repeats": getattr(backend, "repeats", None),
+            **(backend.describe() if hasattr(backend, "describe") else {}),
             "bucket": engine.BUCKET if hardware["device_type"] == "cuda" else 1,
             "build_seconds": time.perf_counter() - started,
+            "cpu_seconds": time.process_time() - cpu_started,
+            "load_average": {"before": load_before, "after": _load_average()},
+            "imprecise": [
+                f"{name}@bs{b}"
+                for name, entry in subblocks.items()
+                for b, per in entry["batches"].items()
+                if per.get("precise") is False
+            ],
         },
         "model": {
             "config": config_to_json(config),
@@ -552,6 +816,7 @@ def measure(
         **workload_json(workload),
         "repeats": costs.repeats,
         "backend": meter.name,
+        "timing": TIMING,
         "stack_layers": costs.stack_layers,
         "hardware": {k: hardware.get(k) for k in (*IDENTITY_KEYS, "device")},
     }

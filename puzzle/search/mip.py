@@ -81,7 +81,8 @@ _UNITS = {
     "throughput": {"": 1.0, "tok/s": 1.0},
 }
 _CONSTRAINT = re.compile(
-    r"^\s*(?P<metric>[a-z_]+)\s*(?P<op><=|>=|<|>)\s*(?P<value>[0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(?P<unit>[a-z/]*)\s*$",
+    r"^\s*(?P<metric>[a-z_]+)\s*(?P<op><=|>=|<|>)\s*(?P<value>[0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*"
+    r"(?P<unit>[a-z/]*)\s*(?:@\s*bs\s*(?P<batch>[0-9]+))?\s*$",
     re.IGNORECASE,
 )
 _SWEEP = re.compile(
@@ -107,14 +108,18 @@ class Constraint:
     value: float
     relative: bool
     text: str
+    batch_size: int | None = None
+    """The workload (batch size of the cost table) the bound holds at, from ``@bs<N>``; None: the
+    batch size the search solves at."""
 
     @classmethod
     def parse(cls, text: str) -> Constraint:
         match = _CONSTRAINT.match(str(text))
         if match is None:
             raise SearchError(
-                f"constraint {text!r} is not '<metric><op><value>[x|unit]', e.g. 'throughput>=1.5x', "
-                f"'memory<=2000' (MiB), 'latency<=900' (ms), 'params<=1e8'; metrics: {', '.join(METRICS)}"
+                f"constraint {text!r} is not '<metric><op><value>[x|unit][@bs<N>]', e.g. 'throughput>=1.5x', "
+                f"'throughput>=1.5x@bs64', 'memory<=2000' (MiB), 'latency<=0.7x@bs1' (ms), 'params<=1e8'; "
+                f"metrics: {', '.join(METRICS)}"
             )
         metric = _METRIC_ALIASES.get(match["metric"].lower(), match["metric"].lower())
         if metric not in METRICS:
@@ -141,7 +146,10 @@ class Constraint:
             value *= _UNITS[metric][unit]
         if value <= 0:
             raise SearchError(f"constraint {text!r} can never be met: the bound must be > 0")
-        return cls(metric, op, value, relative, str(text).strip())
+        batch = int(match["batch"]) if match["batch"] else None
+        if batch is not None and batch <= 0:
+            raise SearchError(f"constraint {text!r}: @bs<N> needs a batch size > 0")
+        return cls(metric, op, value, relative, str(text).strip(), batch)
 
     def bound(self, parent: dict[str, float]) -> float:
         """The absolute bound in the metric's unit (relative ones scale the parent's value)."""
@@ -199,6 +207,19 @@ def best_reachable(table: BlockTable, metric: str) -> float:
     return cheapest
 
 
+def table_for(constraint: Constraint, table: BlockTable, others: dict[int, BlockTable] | None) -> BlockTable:
+    """The table a constraint is priced on: its pinned batch size's (``@bs<N>``), else ``table``."""
+    if constraint.batch_size is None or constraint.batch_size == table.batch_size:
+        return table
+    if not others or constraint.batch_size not in others:
+        have = sorted(others or {table.batch_size: table})
+        raise SearchError(
+            f"constraint {constraint.text!r} holds at batch size {constraint.batch_size}, but the cost table "
+            f"was measured at {have}: add {constraint.batch_size} to costs.batch_sizes"
+        )
+    return others[constraint.batch_size]
+
+
 def make_problem(
     table: BlockTable,
     constraints: list[Constraint],
@@ -206,20 +227,23 @@ def make_problem(
     maximize: bool,
     previous: list[list[int]] | None = None,
     alpha: float = 0.8,
+    others: dict[int, BlockTable] | None = None,
 ) -> Problem:
-    """The knapsack for ``table``; raises :class:`InfeasibleConstraintError` before any solving."""
-    parent = parent_totals(table)
+    """The knapsack for ``table`` (constraints pinned to another batch size are priced on ``others``);
+    raises :class:`InfeasibleConstraintError` before any solving."""
     coefs, limits, names = [], [], []
     for c in constraints:
-        coef, limit = _row_for(table, c, parent)
-        best = best_reachable(table, c.metric)
+        priced = table_for(c, table, others)
+        parent = parent_totals(priced)
+        coef, limit = _row_for(priced, c, parent)
+        best = best_reachable(priced, c.metric)
         reachable = (
             best >= c.bound(parent) * (1 - 1e-12) if c.op == ">=" else best <= c.bound(parent) * (1 + 1e-12)
         )
         if not reachable:
             rel = f" ({best / parent[c.metric]:.4g}x the parent)" if parent.get(c.metric) else ""
             raise InfeasibleConstraintError(
-                f"constraint {c.text!r} cannot be met at batch size {table.batch_size}: it asks for "
+                f"constraint {c.text!r} cannot be met at batch size {priced.batch_size}: it asks for "
                 f"{c.metric} {c.op} {_format(c.metric, c.bound(parent))}, and the best any architecture in "
                 f"the table reaches is {_format(c.metric, best)}{rel}; relax the constraint or add cheaper "
                 "variants"
@@ -243,13 +267,16 @@ def make_problem(
 
 
 def constraint_report(
-    table: BlockTable, constraints: list[Constraint], totals: dict[str, float]
+    table: BlockTable,
+    constraints: list[Constraint],
+    choice: list[int],
+    others: dict[int, BlockTable] | None = None,
 ) -> list[dict[str, Any]]:
-    parent = parent_totals(table)
     out = []
     for c in constraints:
-        bound = c.bound(parent)
-        value = totals[c.metric]
+        priced = table_for(c, table, others)
+        bound = c.bound(parent_totals(priced))
+        value = priced.totals(choice)[c.metric]
         ok = value >= bound * (1 - 1e-9) if c.op == ">=" else value <= bound * (1 + 1e-9)
         out.append(
             {
@@ -258,6 +285,7 @@ def constraint_report(
                 "op": c.op,
                 "bound": bound,
                 "value": value,
+                "batch_size": priced.batch_size,
                 "satisfied": bool(ok),
             }
         )
@@ -265,7 +293,11 @@ def constraint_report(
 
 
 def describe(
-    table: BlockTable, choice: list[int], constraints: list[Constraint], **fields: Any
+    table: BlockTable,
+    choice: list[int],
+    constraints: list[Constraint],
+    others: dict[int, BlockTable] | None = None,
+    **fields: Any,
 ) -> dict[str, Any]:
     """One solution entry of ``solutions.json``."""
     totals = table.totals(choice)
@@ -286,7 +318,7 @@ def describe(
             m: (totals[m] / parent[m] if parent.get(m) else None)
             for m in ("throughput", "latency", "memory", "params")
         },
-        "constraints": constraint_report(table, constraints, totals),
+        "constraints": constraint_report(table, constraints, list(choice), others),
     }
 
 
@@ -302,6 +334,7 @@ def solve_table(
     alpha: float = 0.8,
     time_limit: float = 60.0,
     diverse_time_limit: float = 0.8,
+    others: dict[int, BlockTable] | None = None,
 ) -> list[dict[str, Any]]:
     """Up to ``num_solutions`` diverse solutions on one table (fewer when diversity runs out).
 
@@ -312,7 +345,9 @@ def solve_table(
     solutions: list[dict[str, Any]] = []
     previous: list[list[int]] = []
     for rank in range(num_solutions):
-        problem = make_problem(table, constraints, maximize=maximize, previous=previous, alpha=alpha)
+        problem = make_problem(
+            table, constraints, maximize=maximize, previous=previous, alpha=alpha, others=others
+        )
         try:
             result = solve(problem, time_limit=time_limit if rank == 0 else diverse_time_limit)
         except InfeasibleError as exc:
@@ -331,6 +366,7 @@ def solve_table(
                 table,
                 result.choice,
                 constraints,
+                others,
                 rank=rank + 1,
                 method="mip",
                 status=result.status,
@@ -342,13 +378,10 @@ def solve_table(
     return solutions
 
 
-def _tables(
-    scores: str | None, costs: str | None, library: str | None, objective: str, batch_size: int | None
-) -> list[BlockTable]:
-    if library:
-        return [read_library(library, objective=objective)]
-    if not scores or not costs:
-        raise SearchError("the search needs both a scores table and a cost table (or --library FILE)")
+def load_tables(
+    scores: str, costs: str, objective: str, *, include: tuple[str, ...] = ()
+) -> dict[int, BlockTable]:
+    """The joined score/cost table of every measured batch size."""
     from puzzle.search.costs import CostsError, load_costs
 
     try:
@@ -356,16 +389,68 @@ def _tables(
     except CostsError as exc:
         raise TableError(str(exc)) from exc
     score_table = load_scores(scores, cost_table.parent_blocks or None)
-    sizes = cost_table.batch_sizes if batch_size is None else [batch_size]
-    if batch_size is not None and batch_size not in cost_table.batch_sizes:
-        raise SearchError(
-            f"batch_size {batch_size} was not measured; the cost table has {cost_table.batch_sizes}"
-        )
-    return [build_table(score_table, cost_table, objective=objective, batch_size=b) for b in sizes]
+    return {
+        b: build_table(score_table, cost_table, objective=objective, batch_size=b, include=include)
+        for b in cost_table.batch_sizes
+    }
+
+
+def solve_batches(tables: dict[int, BlockTable], constraints: list[Constraint]) -> list[int]:
+    """The batch sizes to solve at: every measured one, unless every constraint names its own
+    (``@bs<N>``): then the first of those (the others are rows of the same problem)."""
+    pinned = [c.batch_size for c in constraints if c.batch_size is not None]
+    if constraints and len(pinned) == len(constraints):
+        for b in pinned:
+            if b not in tables:
+                raise SearchError(
+                    f"a constraint holds at batch size {b}, but the cost table was measured at "
+                    f"{sorted(tables)}: add {b} to costs.batch_sizes"
+                )
+        return [pinned[0]]
+    return sorted(tables)
+
+
+def _tables(
+    scores: str | None, costs: str | None, library: str | None, objective: str, batch_size: int | None
+) -> tuple[list[BlockTable], dict[int, BlockTable]]:
+    if library:
+        table = read_library(library, objective=objective)
+        return [table], {table.batch_size: table}
+    if not scores or not costs:
+        raise SearchError("the search needs both a scores table and a cost table (or --library FILE)")
+    tables = load_tables(scores, costs, objective)
+    if batch_size is not None and batch_size not in tables:
+        raise SearchError(f"batch_size {batch_size} was not measured; the cost table has {sorted(tables)}")
+    sizes = [batch_size] if batch_size is not None else sorted(tables)
+    return [tables[b] for b in sizes], tables
+
+
+def check_reachable(
+    tables: list[BlockTable],
+    constraints: list[Constraint],
+    *,
+    maximize: bool,
+    others: dict[int, BlockTable] | None = None,
+) -> None:
+    """Fail before any solving when a bound is out of reach at every batch size solved at."""
+    for c in constraints:
+        errors = []
+        for table in tables:
+            try:
+                make_problem(table, [c], maximize=maximize, others=others)
+            except InfeasibleConstraintError as exc:
+                errors.append(str(exc))
+        if len(errors) == len(tables):
+            raise InfeasibleConstraintError(errors[0])
 
 
 def best_over_batches(
-    tables: list[BlockTable], constraints: list[Constraint], *, maximize: bool, time_limit: float
+    tables: list[BlockTable],
+    constraints: list[Constraint],
+    *,
+    maximize: bool,
+    time_limit: float,
+    others: dict[int, BlockTable] | None = None,
 ) -> tuple[BlockTable, dict[str, Any], dict[str, Any]]:
     """Solve every batch size; the best one's table and solution, and a per-batch summary."""
     summary: dict[str, Any] = {}
@@ -373,7 +458,7 @@ def best_over_batches(
     errors: list[str] = []
     for table in tables:
         try:
-            sol = solve_table(table, constraints, maximize=maximize, time_limit=time_limit)[0]
+            sol = solve_table(table, constraints, maximize=maximize, time_limit=time_limit, others=others)[0]
         except InfeasibleConstraintError as exc:
             summary[str(table.batch_size)] = {"feasible": False, "reason": str(exc)}
             errors.append(str(exc))
@@ -467,20 +552,16 @@ def search(
         "diversity_alpha": diversity_alpha,
         "sweep": sweep,
     }
-    tables = _tables(scores, costs, library, objective, batch_size)
-    for c in parsed:  # fail before the phase starts when a bound is out of reach everywhere
-        errors = []
-        for table in tables:
-            try:
-                make_problem(table, [c], maximize=maximize)
-            except InfeasibleConstraintError as exc:
-                errors.append(str(exc))
-        if len(errors) == len(tables):
-            raise InfeasibleConstraintError(errors[0])
+    solved, every = _tables(scores, costs, library, objective, batch_size)
+    if batch_size is None and not library:
+        solved = [every[b] for b in solve_batches(every, parsed)]
+    check_reachable(solved, parsed, maximize=maximize, others=every)
 
     def body(staging: Path, _inputs: dict[str, Path]) -> dict[str, Any]:
         started = time.perf_counter()
-        table, first, per_batch = best_over_batches(tables, parsed, maximize=maximize, time_limit=time_limit)
+        table, first, per_batch = best_over_batches(
+            solved, parsed, maximize=maximize, time_limit=time_limit, others=every
+        )
         if num_solutions > 1:
             solutions = solve_table(
                 table,
@@ -502,7 +583,7 @@ def search(
             if library
             else {"scores": scores, "costs": costs, "table": table.source},
             "batch_sizes": per_batch,
-            "parent": describe(table, table.parent, parsed, method="parent"),
+            "parent": describe(table, table.parent, parsed, every, method="parent"),
             "solutions": solutions,
         }
         if sweep_texts:
@@ -511,7 +592,7 @@ def search(
                 point = Constraint.parse(text)
                 try:
                     _, sol, _ = best_over_batches(
-                        tables, [*parsed, point], maximize=maximize, time_limit=time_limit
+                        solved, [*parsed, point], maximize=maximize, time_limit=time_limit, others=every
                     )
                 except InfeasibleConstraintError as exc:
                     log.info("sweep point %s is infeasible: %s", text, exc)
