@@ -214,45 +214,58 @@ def _split_qkv(
     return (q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail))
 
 
+def _renames(config: DeciLMConfig, i: int) -> list[tuple[str, str]]:
+    """Layer ``i``'s weights that move one to one: (our name, Megatron's name)."""
+    ours, theirs = _OURS.format(i=i), _THEIRS.format(i=i)
+    attn, ffn = config.blocks[i].attention, config.blocks[i].ffn
+    pairs: list[tuple[str, str]] = []
+    if attn.num_kv_heads is not None or attn.linear:
+        pairs.append(("input_layernorm.weight", "input_layernorm.weight"))
+    if attn.num_kv_heads is not None:
+        pairs.append(("self_attn.o_proj.weight", "self_attention.linear_proj.weight"))
+        if config.qk_norm:
+            pairs += [
+                ("self_attn.q_norm.weight", "self_attention.q_layernorm.weight"),
+                ("self_attn.k_norm.weight", "self_attention.k_layernorm.weight"),
+            ]
+    elif attn.linear:
+        pairs.append(("self_attn.linear_attn.weight", "self_attention.weight"))
+    if ffn.intermediate_size is not None or ffn.linear:
+        pairs.append(("post_attention_layernorm.weight", "pre_mlp_layernorm.weight"))
+    if ffn.intermediate_size is not None:
+        pairs.append(("mlp.down_proj.weight", "mlp.linear_fc2.weight"))
+    elif ffn.linear:
+        pairs.append(("mlp.linear_mlp.weight", "mlp.weight"))
+    return [(ours + o, theirs + t) for o, t in pairs]
+
+
+def _taker(src: dict[str, torch.Tensor], what: str) -> Any:
+    def take(name: str) -> torch.Tensor:
+        if name not in src:
+            raise MegatronMappingError(f"the {what} has no {name!r}: not a model of this config")
+        return src.pop(name)
+
+    return take
+
+
 def to_megatron(state: dict[str, torch.Tensor], config: DeciLMConfig) -> dict[str, torch.Tensor]:
     """Our state dict (``DeciLMForCausalLM`` names) as the state dict of Megatron's local-spec
     heterogeneous ``GPTModel``; raises on a weight it does not expect or one that is missing."""
     _check(config)
     src = dict(state)
-    out: dict[str, torch.Tensor] = {}
-
-    def take(name: str) -> torch.Tensor:
-        if name not in src:
-            raise MegatronMappingError(f"the state dict has no {name!r}: not a model of this config")
-        return src.pop(name)
-
-    out["embedding.word_embeddings.weight"] = take("model.embed_tokens.weight")
+    take = _taker(src, "state dict")
+    out: dict[str, torch.Tensor] = {"embedding.word_embeddings.weight": take("model.embed_tokens.weight")}
     for i, block in enumerate(config.blocks):
         ours, theirs = _OURS.format(i=i), _THEIRS.format(i=i)
-        attn, ffn = block.attention, block.ffn
-        if attn.num_kv_heads is not None:
-            per_group, d = _qkv_layout(config, attn.num_kv_heads)
-            out[theirs + "input_layernorm.weight"] = take(ours + "input_layernorm.weight")
-            q, k, v = (take(ours + f"self_attn.{p}_proj.weight") for p in "qkv")
-            out[theirs + "self_attention.linear_qkv.weight"] = _merge_qkv(q, k, v, per_group, d)
-            if config.qkv_bias:
-                qb, kb, vb = (take(ours + f"self_attn.{p}_proj.bias") for p in "qkv")
-                out[theirs + "self_attention.linear_qkv.bias"] = _merge_qkv(qb, kb, vb, per_group, d)
-            out[theirs + "self_attention.linear_proj.weight"] = take(ours + "self_attn.o_proj.weight")
-            if config.qk_norm:
-                out[theirs + "self_attention.q_layernorm.weight"] = take(ours + "self_attn.q_norm.weight")
-                out[theirs + "self_attention.k_layernorm.weight"] = take(ours + "self_attn.k_norm.weight")
-        elif attn.linear:
-            out[theirs + "input_layernorm.weight"] = take(ours + "input_layernorm.weight")
-            out[theirs + "self_attention.weight"] = take(ours + "self_attn.linear_attn.weight")
-        if ffn.intermediate_size is not None:
-            out[theirs + "pre_mlp_layernorm.weight"] = take(ours + "post_attention_layernorm.weight")
+        out.update({t: take(o) for o, t in _renames(config, i)})
+        if block.attention.num_kv_heads is not None:
+            per_group, d = _qkv_layout(config, block.attention.num_kv_heads)
+            for part, suffix in (("weight", "weight"), ("bias", "bias"))[: 1 + bool(config.qkv_bias)]:
+                q, k, v = (take(ours + f"self_attn.{p}_proj.{part}") for p in "qkv")
+                out[theirs + f"self_attention.linear_qkv.{suffix}"] = _merge_qkv(q, k, v, per_group, d)
+        if block.ffn.intermediate_size is not None:
             gate, up = take(ours + "mlp.gate_proj.weight"), take(ours + "mlp.up_proj.weight")
             out[theirs + "mlp.linear_fc1.weight"] = torch.cat([gate, up], dim=0)
-            out[theirs + "mlp.linear_fc2.weight"] = take(ours + "mlp.down_proj.weight")
-        elif ffn.linear:
-            out[theirs + "pre_mlp_layernorm.weight"] = take(ours + "post_attention_layernorm.weight")
-            out[theirs + "mlp.weight"] = take(ours + "mlp.linear_mlp.weight")
     out["decoder.final_layernorm.weight"] = take("model.norm.weight")
     if config.tie_word_embeddings:
         src.pop("lm_head.weight", None)
@@ -267,45 +280,21 @@ def from_megatron(state: dict[str, torch.Tensor], config: DeciLMConfig) -> dict[
     """The inverse of :func:`to_megatron` (``_extra_state`` entries are ignored)."""
     _check(config)
     src = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
-    out: dict[str, torch.Tensor] = {}
-
-    def take(name: str) -> torch.Tensor:
-        if name not in src:
-            raise MegatronMappingError(f"the Megatron state dict has no {name!r}: not a model of this config")
-        return src.pop(name)
-
-    out["model.embed_tokens.weight"] = take("embedding.word_embeddings.weight")
+    take = _taker(src, "Megatron state dict")
+    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": take("embedding.word_embeddings.weight")}
     for i, block in enumerate(config.blocks):
         ours, theirs = _OURS.format(i=i), _THEIRS.format(i=i)
-        attn, ffn = block.attention, block.ffn
-        if attn.num_kv_heads is not None:
-            per_group, d = _qkv_layout(config, attn.num_kv_heads)
-            out[ours + "input_layernorm.weight"] = take(theirs + "input_layernorm.weight")
-            q, k, v = _split_qkv(
-                take(theirs + "self_attention.linear_qkv.weight"), attn.num_kv_heads, per_group, d
-            )
-            out[ours + "self_attn.q_proj.weight"], out[ours + "self_attn.k_proj.weight"] = q, k
-            out[ours + "self_attn.v_proj.weight"] = v
-            if config.qkv_bias:
-                bias = take(theirs + "self_attention.linear_qkv.bias")
-                qb, kb, vb = _split_qkv(bias, attn.num_kv_heads, per_group, d)
-                out[ours + "self_attn.q_proj.bias"], out[ours + "self_attn.k_proj.bias"] = qb, kb
-                out[ours + "self_attn.v_proj.bias"] = vb
-            out[ours + "self_attn.o_proj.weight"] = take(theirs + "self_attention.linear_proj.weight")
-            if config.qk_norm:
-                out[ours + "self_attn.q_norm.weight"] = take(theirs + "self_attention.q_layernorm.weight")
-                out[ours + "self_attn.k_norm.weight"] = take(theirs + "self_attention.k_layernorm.weight")
-        elif attn.linear:
-            out[ours + "input_layernorm.weight"] = take(theirs + "input_layernorm.weight")
-            out[ours + "self_attn.linear_attn.weight"] = take(theirs + "self_attention.weight")
-        if ffn.intermediate_size is not None:
-            out[ours + "post_attention_layernorm.weight"] = take(theirs + "pre_mlp_layernorm.weight")
+        out.update({o: take(t) for o, t in _renames(config, i)})
+        kv = block.attention.num_kv_heads
+        if kv is not None:
+            per_group, d = _qkv_layout(config, kv)
+            for part in ("weight", "bias")[: 1 + bool(config.qkv_bias)]:
+                q, k, v = _split_qkv(take(theirs + f"self_attention.linear_qkv.{part}"), kv, per_group, d)
+                for p, tensor in zip("qkv", (q, k, v), strict=True):
+                    out[ours + f"self_attn.{p}_proj.{part}"] = tensor
+        if block.ffn.intermediate_size is not None:
             gate, up = take(theirs + "mlp.linear_fc1.weight").chunk(2, dim=0)
             out[ours + "mlp.gate_proj.weight"], out[ours + "mlp.up_proj.weight"] = gate, up
-            out[ours + "mlp.down_proj.weight"] = take(theirs + "mlp.linear_fc2.weight")
-        elif ffn.linear:
-            out[ours + "post_attention_layernorm.weight"] = take(theirs + "pre_mlp_layernorm.weight")
-            out[ours + "mlp.linear_mlp.weight"] = take(theirs + "mlp.weight")
     out["model.norm.weight"] = take("decoder.final_layernorm.weight")
     if config.tie_word_embeddings:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
