@@ -114,6 +114,10 @@ def start_seaweedfs(workdir: Path) -> S3Server:
         f"-volume.port={ports['volume']}",
         f"-filer.port={ports['filer']}",
         f"-s3.config={config}",
+        # Every test bucket is a collection that grows its own volumes (sparse files, written only as
+        # data arrives). Left at 0, the count is free disk / 128 MB, so on a machine with ~20 GB free
+        # the suite's buckets ran out of volumes ("No writable volumes") and every upload failed.
+        "-volume.max=4000",
     ]
     (workdir / "data").mkdir(exist_ok=True)
     log_path = workdir / "weed.log"
