@@ -260,7 +260,8 @@ class BLDConfig(Section):
 
     token_budget: int = 4096
     """Training tokens per block variant: at least one batch (`batch_size` x `data.seq_len`) and at
-    most `max_epochs` passes over `data.splits.bld`."""
+    most `max_epochs` passes over `data.splits.bld`; 0: no BLD, the variants are scored and searched
+    as initialised (an ablation; needs `coupled: none`)."""
     batch_size: int = 8
     """Sequences per step."""
     max_epochs: int = 4
@@ -785,14 +786,20 @@ class RunConfig(Section):
         budget, batch, max_epochs = section.token_budget, section.batch_size, section.max_epochs
         seq_len, split = self.data.seq_len, self.data.splits[name]
         batch_tokens = batch * seq_len
-        if name == "gkd" and budget == 0:
+        if name == "bld" and budget == 0 and self.bld.coupled != "none":
+            _fail(
+                "bld.coupled",
+                f"is {self.bld.coupled!r} but bld.token_budget is 0 (no BLD): the chosen pairs cannot be "
+                "trained without a budget; set bld.coupled: none, or a bld.token_budget",
+            )
+        if budget == 0:
             return
         if budget < batch_tokens:
             _fail(
                 f"{name}.token_budget",
                 f"({budget}) is below one batch ({name}.batch_size={batch} x data.seq_len={seq_len} = "
                 f"{batch_tokens} tokens), so not one step would train: raise {name}.token_budget to at least "
-                f"{batch_tokens} or lower {name}.batch_size" + (" (0 means no GKD)" if name == "gkd" else ""),
+                f"{batch_tokens} or lower {name}.batch_size (0 means no {name.upper()})",
             )
         steps = -(-budget // batch_tokens) if name == "bld" else budget // batch_tokens
         passes = steps * batch / split

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from puzzle.config import RunConfig, check_storage
+from puzzle.errors import PuzzleError
 from puzzle.io import artifacts, storage
 from puzzle.io.artifacts import Manifest
 from puzzle.stages import STAGES, Stage
@@ -44,6 +45,8 @@ class PhaseRecord:
     rebuilt: bool
     seconds: float
     summary: dict[str, Any] = field(default_factory=dict)
+    started: float = 0.0
+    """When it started (``time.time()``): with ``--jobs``, which phases ran at once."""
 
 
 @dataclass
@@ -81,83 +84,141 @@ def _invalidate(uri: str) -> None:
         storage.delete_tree(uri)
 
 
-class Runner:
-    """Runs the stages of one configuration, in the graph's order."""
+@dataclass
+class Unit:
+    """One piece of work of a stage: the whole stage, one shard or item of it, or its shards' merge."""
 
-    def __init__(self, config: RunConfig, *, on_phase: Callable[[PhaseRecord], None] | None = None) -> None:
+    phase: str
+    """Its name in records and logs: ``bld``, ``bld-shard-0``, ``baselines-greedy``."""
+    stage: Stage
+    uri: str
+    deps: list[str]
+    """Phases whose rebuilding makes this one stale (see :meth:`Runner.step`)."""
+    after: list[str]
+    """Units that must have finished before this one starts."""
+    build: Callable[[], Manifest]
+    """Builds (or skips) the artifact; a picklable ``functools.partial`` (it may run in a worker)."""
+
+
+class Runner:
+    """Runs the stages of one configuration: in the graph's order, or with ``jobs`` > 1 every unit as
+    soon as what it reads is there, on ``jobs`` worker processes (:mod:`puzzle.workers`)."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        on_phase: Callable[[PhaseRecord], None] | None = None,
+        jobs: int = 1,
+        until: str | None = None,
+    ) -> None:
         self.config = config
         self.on_phase = on_phase
+        self.jobs = jobs
+        self.until = until
         self.result = RunResult(config)
         self._rebuilt: set[str] = set()
 
     def uri(self, *parts: str) -> str:
         return storage.join(self.config.output, *parts)
 
-    def step(self, phase: str, uri: str, deps: list[str], build: Callable[[], Manifest]) -> Manifest:
-        """Run one phase (or skip it); rebuild it when a phase it depends on was rebuilt."""
+    def stages(self) -> list[Stage]:
+        """The enabled stages this invocation runs (up to ``until``), in the graph's order."""
+        chosen: list[Stage] = []
+        for stage in STAGES:
+            if stage.enabled(self.config):
+                chosen.append(stage)
+            if stage.name == self.until:
+                break
+        return chosen
+
+    def step(self, unit: Unit, build: Callable[[Unit], Manifest] | None = None) -> Manifest:
+        """Run one unit (or skip it); rebuild it when a phase it depends on was rebuilt."""
+        before = self.prepare(unit)
+        t0 = time.perf_counter()
+        manifest = build(unit) if build is not None else unit.build()
+        return self.finish(unit, before, manifest, time.perf_counter() - t0)
+
+    def prepare(self, unit: Unit) -> Manifest | None:
+        """Before ``unit`` runs: its published manifest, or None once a rebuilt dependency made it stale."""
+        before = artifacts.read_manifest(unit.uri)
+        stale = [d for d in unit.deps if d in self._rebuilt]
+        if before is not None and stale:
+            log.info("%s: %s was rebuilt, so %s is rebuilt too", unit.phase, ", ".join(stale), unit.uri)
+            _invalidate(unit.uri)
+            before = None
+        return before
+
+    def finish(self, unit: Unit, before: Manifest | None, manifest: Manifest, seconds: float) -> Manifest:
+        """After ``unit`` ran: record it, log it to MLflow, tell ``on_phase``."""
         from puzzle.mlflow import tracking
 
-        before = artifacts.read_manifest(uri)
-        stale = [d for d in deps if d in self._rebuilt]
-        if before is not None and stale:
-            log.info("%s: %s was rebuilt, so %s is rebuilt too", phase, ", ".join(stale), uri)
-            _invalidate(uri)
-            before = None
-        t0 = time.perf_counter()
-        manifest = build()
-        seconds = time.perf_counter() - t0
         rebuilt = before is None or manifest.created_at != before.created_at
         if rebuilt:
-            self._rebuilt.add(phase)
-        record = PhaseRecord(phase, uri, manifest.kind, rebuilt, seconds, dict(manifest.summary))
+            self._rebuilt.add(unit.phase)
+            if unit.phase != unit.stage.name and unit.stage.items is not None:
+                self._rebuilt.add(unit.stage.name)  # an item rebuilt: what reads the stage is stale
+        record = PhaseRecord(
+            unit.phase,
+            unit.uri,
+            manifest.kind,
+            rebuilt,
+            seconds,
+            dict(manifest.summary),
+            time.time() - seconds,
+        )
         self.result.phases.append(record)
-        log.info("phase %s: %s in %.1f s (%s)", phase, "built" if rebuilt else "up to date", seconds, uri)
-        tracking.log_phase(manifest.kind, uri, manifest, name=phase)
+        log.info(
+            "phase %s: %s in %.1f s (%s)", unit.phase, "built" if rebuilt else "up to date", seconds, unit.uri
+        )
+        tracking.log_phase(manifest.kind, unit.uri, manifest, name=unit.phase)
         if self.on_phase is not None:
             self.on_phase(record)
         return manifest
 
-    def execute(self, stage: Stage) -> Any:
-        """Run one stage (fanned out over its shards or items); returns its output URI, or a
-        mapping item -> URI for a stage run per item."""
-        outputs = self.result.outputs
-        inputs = {param: outputs[producer] for param, producer in stage.inputs.items()}
-        args, kwargs = stage.arguments(self.config, inputs)
-        deps = sorted(set(stage.inputs.values()))
-        function = stage.resolve()
-        out = self.uri(stage.folder)
+    def output_of(self, stage: Stage) -> Any:
+        """Where ``stage`` writes: its URI, or a mapping item -> URI for a stage run per item."""
         fan = stage.fan_out(self.config)
-        if fan is None:
-            self.step(stage.name, out, deps, lambda: function(*args, out, **kwargs))
-            return out
-        if stage.items is not None:
-            results: dict[str, str] = {}
-            for item in fan:
-                item_out = self.uri(stage.folder, str(item))
-                self.step(
-                    f"{stage.name}-{item}",
-                    item_out,
-                    deps,
-                    functools.partial(function, item, *args, item_out, **kwargs),
-                )
-                results[str(item)] = item_out
-                if f"{stage.name}-{item}" in self._rebuilt:
-                    self._rebuilt.add(stage.name)
-            return results
-        count = len(fan)
-        shard_uris = []
-        for i in fan:
-            shard_out = self.uri(f"{stage.folder}-shards", f"shard-{i}-of-{count}")
-            self.step(
-                f"{stage.name}-shard-{i}",
-                shard_out,
-                deps,
-                functools.partial(function, *args, shard_out, **kwargs, shard=f"{i}/{count}"),
-            )
-            shard_uris.append(shard_out)
-        merge = stage.resolve("merge")
-        self.step(stage.name, out, [f"{stage.name}-shard-{i}" for i in fan], lambda: merge(shard_uris, out))
-        return out
+        if stage.items is not None and fan is not None:
+            return {str(item): self.uri(stage.folder, str(item)) for item in fan}
+        return self.uri(stage.folder)
+
+    def plan(self) -> list[Unit]:
+        """Every unit of this invocation, in the order a sequential run builds them."""
+        outputs = self.result.outputs
+        units: list[Unit] = []
+        last: dict[str, list[str]] = {}  # stage -> the units that finish it
+        for stage in self.stages():
+            if not stage.output:
+                continue
+            inputs = {param: outputs[producer] for param, producer in stage.inputs.items()}
+            args, kwargs = stage.arguments(self.config, inputs)
+            deps = sorted(set(stage.inputs.values()))
+            after = sorted({u for producer in deps for u in last.get(producer, [])})
+            function = stage.resolve()
+            outputs[stage.name] = out = self.output_of(stage)
+            fan = stage.fan_out(self.config)
+            if fan is None:
+                build = functools.partial(function, *args, out, **kwargs)
+                units.append(Unit(stage.name, stage, out, deps, after, build))
+                last[stage.name] = [stage.name]
+            elif stage.items is not None:
+                names = [f"{stage.name}-{item}" for item in fan]
+                for item, name in zip(fan, names, strict=True):
+                    build = functools.partial(function, item, *args, out[str(item)], **kwargs)
+                    units.append(Unit(name, stage, out[str(item)], deps, after, build))
+                last[stage.name] = names
+            else:
+                count = len(fan)
+                names = [f"{stage.name}-shard-{i}" for i in fan]
+                shard_uris = [self.uri(f"{stage.folder}-shards", f"shard-{i}-of-{count}") for i in fan]
+                for i, name, shard_out in zip(fan, names, shard_uris, strict=True):
+                    build = functools.partial(function, *args, shard_out, **kwargs, shard=f"{i}/{count}")
+                    units.append(Unit(name, stage, shard_out, deps, after, build))
+                merge = functools.partial(stage.resolve("merge"), shard_uris, out)
+                units.append(Unit(stage.name, stage, out, names, names, merge))
+                last[stage.name] = [stage.name]
+        return units
 
     def register(self, stage: Stage, run: Any) -> None:
         """The registry stage: register the export (alias candidate) and apply the gates."""
@@ -172,13 +233,17 @@ class Runner:
 
         cfg = self.config
         with tracking.pipeline_run(cfg, name=f"puzzle-{cfg.digest}") as run:
-            for stage in STAGES:
-                if not stage.enabled(cfg):
-                    continue
+            units = self.plan()
+            if self.jobs > 1:
+                from puzzle.workers import run_units
+
+                run_units(self, units, jobs=self.jobs, device=cfg.device)
+            else:
+                for unit in units:
+                    self.step(unit)
+            for stage in self.stages():
                 if not stage.output:
                     self.register(stage, run)
-                    continue
-                self.result.outputs[stage.name] = self.execute(stage)
         return self.result
 
 
@@ -208,10 +273,26 @@ def check_outputs(config: RunConfig) -> None:
 
 
 def run(
-    config: RunConfig, *, on_phase: Callable[[PhaseRecord], None] | None = None, check_access: bool = True
+    config: RunConfig,
+    *,
+    on_phase: Callable[[PhaseRecord], None] | None = None,
+    check_access: bool = True,
+    jobs: int = 1,
+    until: str | None = None,
 ) -> RunResult:
-    """Run every stage of ``config`` (skipping those already done); see the module docstring."""
+    """Run every stage of ``config`` (skipping those already done); see the module docstring.
+
+    ``jobs`` > 1: independent units (shards, baselines, a stage beside another) run at once on that
+    many worker processes, one GPU each on CUDA (:mod:`puzzle.workers`). ``until``: stop after that
+    stage."""
+    from puzzle.workers import check_jobs
+
+    if until is not None and until not in {s.name for s in STAGES}:
+        raise PuzzleError(
+            f"--until {until!r} is not a stage; the stages: {', '.join(s.name for s in STAGES)}"
+        )
+    check_jobs(jobs, config.device)
     if check_access:
         check_storage(config)
     check_outputs(config)
-    return Runner(config, on_phase=on_phase).run()
+    return Runner(config, on_phase=on_phase, jobs=jobs, until=until).run()

@@ -255,3 +255,27 @@ def test_shard_planning_is_balanced_and_covers_every_variant(tiny: dict[str, str
         parts = [bld.plan_units(lib, shard=f"{i}/{n}") for i in range(n)]
         assert [u.key for p in parts for u in p] == [u.key for u in everything]
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_a_zero_budget_is_no_bld_the_library_as_initialised(tiny: dict[str, str]) -> None:
+    """`bld.token_budget: 0` (the no-BLD ablation): unsharded and as two merged shards, the output
+    holds every variant exactly as the library phase initialised it, and records 0 tokens."""
+    root = Path(tiny["root"])
+    none = replace(SETTINGS, token_budget=0)
+    manifest = train(tiny["lib"], tiny["parent"], tiny["tokens"], str(root / "none"), none)
+    assert manifest.summary["trained_variants"] == 0 and manifest.summary["tokens_per_variant"] == 0
+    shards = [str(root / f"none-shard-{i}") for i in range(2)]
+    for i, out in enumerate(shards):
+        train(tiny["lib"], tiny["parent"], tiny["tokens"], out, none, shard=f"{i}/2")
+    merge(shards, str(root / "none-merged"))
+    base = Library.open(tiny["lib"])
+    for out in ("none", "none-merged"):
+        untrained = Library.open(str(root / out))
+        for layer in base.layers:
+            assert untrained.variants(layer) == base.variants(layer)
+            for name in base.variants(layer):
+                assert not untrained.info(layer, name).get("trained")
+                before, after = base.load(layer, name), untrained.load(layer, name)
+                assert all(torch.equal(before[k], after[k]) for k in before), (out, layer, name)
+    with pytest.raises(BLDError, match="coupled pairs"):
+        train(tiny["lib"], tiny["parent"], tiny["tokens"], str(root / "none-pairs"), none, pairs=[(0, "x")])

@@ -110,3 +110,11 @@ def test_the_example_config_stays_within_its_budgets(tmp_path: Path) -> None:
         )
         assert steps >= 1
         assert steps * section.batch_size <= section.max_epochs * example.data.splits[name]
+
+
+def test_no_bld_needs_no_coupled_pairs() -> None:
+    """`bld.token_budget: 0` is the no-BLD ablation: accepted with `bld.coupled: none`, refused with
+    `chosen` (the chosen pairs cannot be trained without a budget), naming the field and the fix."""
+    assert parse_config({"bld": {"token_budget": 0, "coupled": "none"}}).bld.token_budget == 0
+    with pytest.raises(ConfigError, match=r"bld\.coupled .*token_budget is 0.*set bld\.coupled: none"):
+        parse_config({"bld": {"token_budget": 0, "coupled": "chosen"}})

@@ -9,6 +9,7 @@ examples:
   puzzle run                                       # the embedded default
   puzzle run --print-config > my.yaml              # start your own config from the default
   puzzle run --config my.yaml --check              # validate only
+  puzzle run --config gpu.yaml --jobs 4            # 4 GPUs: shards, baselines and the GKD chain at once
   puzzle run --config my.yaml --set output=s3://bucket/runs/a --set "search.constraints=['throughput>=2x']"
   MLFLOW_TRACKING_URI=http://mlflow:5000 puzzle run --config my.yaml --set registry.model_name=smollm2-fast
 """
@@ -52,6 +53,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--print-config", action="store_true", help="print the full resolved configuration as YAML"
     )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run independent phases, shards and baselines at once on N worker processes: on CUDA one "
+        "GPU each (of those CUDA_VISIBLE_DEVICES shows), on a CPU sharing the cores, speed measured "
+        "with nothing beside it (default 1: one phase at a time, in this process)",
+    )
+    p.add_argument(
+        "--until",
+        metavar="STAGE",
+        help="stop after this stage (e.g. `costs`: everything the search reads); the same command "
+        "without it carries on from there",
+    )
     p.set_defaults(func=run)
 
 
@@ -81,7 +97,10 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"puzzle run: parent {config.parent}, output {config.output}, constraints {config.search.constraints}"
     )
-    result = run_all(config, on_phase=show, check_access=False)
+    result = run_all(config, on_phase=show, check_access=False, jobs=args.jobs, until=args.until)
+    if args.until is not None and args.until not in ("export", "register"):
+        print(f"\nstopped after {args.until} (--until): run without --until to carry on")
+        return 0
     print()
     print_evaluation(read_metrics(result.evaluation_uri))
     print(f"\nreport: {result.evaluation_uri}/report.md (and report.html)")

@@ -351,8 +351,8 @@ def train(
         bld.weight_decay,
         bld.val_sequences,
     )
-    if token_budget <= 0:
-        raise BLDError(f"bld.token_budget must be > 0 to train, got {token_budget}")
+    if token_budget < 0 or (token_budget == 0 and (pairs is not None or coupled)):
+        raise BLDError(f"bld.token_budget must be > 0 to train coupled pairs (>= 0 else), got {token_budget}")
     lib = Library.open(library)
     lib.check_parent(model_config(parent), artifacts.fingerprint(parent))
     units = plan_units(lib, layers=layers, variants=variants, coupled=coupled, pairs=pairs, shard=shard)
@@ -374,6 +374,8 @@ def train(
         raise BLDError(f"split {val_split!r} has fewer than val_sequences={val_sequences} sequences")
     available = info["splits"][split]["sequences"] - (val_sequences if val_split is None else 0)
     steps = math.ceil(token_budget / (batch_size * seq_len))
+    if steps == 0:
+        units = []  # bld.token_budget 0: no BLD, the library as initialised
     if steps * batch_size > available * bld.max_epochs:
         raise BLDError(
             f"too little data: bld.token_budget={token_budget} at bld.batch_size={batch_size} x seq_len="
