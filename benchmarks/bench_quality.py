@@ -1,39 +1,40 @@
 """Issue 13, the headline figure on a GPU: quality kept at a measured speedup, Puzzle against every
 baseline, with the real SmolLM2-135M parent and the whole method as ``puzzle run`` runs it.
 
-``run`` runs ``puzzle run --config benchmarks/quality_gpu.yaml`` (convert, data, library, BLD,
-replace-1-block scoring, costs, the search with exact pairs, coupled BLD and measured speed, the
-candidates realized, GKD, the baselines noop_only / greedy / layer_dropping / uniform_width with the
-same GKD, evaluation in and out of domain with 95 % intervals, export) under a deadline, then
-evaluates the realized children before GKD (the no-GKD ablation). ``puzzle run`` resumes whatever
-was finished (BLD and GKD from their last checkpoint, scoring by shard), so when the deadline stops
-it, the same command in the next device call carries on. ``summarize`` reads the run's artifacts
-and writes ``quality_gpu.json`` in issue 13's format, copies the report and plot, and prints the
-table.
+``run`` carries out a plan of ``puzzle run`` processes (``benchmarks/quality_gpu.yaml``, budgets
+issue 13's minimums) over the GPUs of one machine (``--gpus``), each process on GPUs of its own
+(``CUDA_VISIBLE_DEVICES``) and each spreading its units over them with ``--jobs``:
 
-Budgets BELOW ISSUE 13'S, because a session's device time is short (this whole run is estimated
-at ~15 minutes of one H100): BLD 4M tokens per variant (the issue's minimum, met); scoring 16k
-tokens (issue: >= 256k, which alone would take ~25 minutes: each of the 270 rows runs the rest of
-the model and the 49k-word LM head); GKD 2M tokens per child (issue: >= 20M, i.e. 5 children x 20M
-at ~70k tokens/s = 24 minutes). The per-phase estimates are in benchmarks/quality_gpu.yaml, with
-what trims the run to ~13 minutes (``--no-ablation``, fewer evaluation repeats, 2M BLD tokens).
-The 2x target (``run --target 2``) reuses everything up to the cost table (hard links) and costs
-about 7 more minutes (search, realize, 5 x GKD, evaluation); the ablation without BLD is not run
-(it would repeat scoring, search and GKD on the initialised library).
+    upstream        convert, data, library, BLD and scoring shards, costs (`--until costs`), all GPUs
+    upstream-nobld  the initialised library (bld.token_budget 0) scored, all GPUs
+    t1.5, t2        side by side, the GPUs shared out: search -> realize -> GKD beside the baselines
+                    (uniform_width, noop_only, greedy, layer_dropping, the same GKD), then the
+                    evaluation (quality in and out of domain with 95 % intervals, speed at batch 64
+                    and 1), export; their phases up to the cost table are hard links to upstream's
+    t1.5-nobld      Puzzle on the initialised library at 1.5x (the no-BLD ablation), on a free GPU
+    tT-no-gkd       quality of every realized child before its GKD (the no-GKD ablation)
 
-The device calls (one H100; at most 10 minutes each; the machine stays warm ~30 s between calls and
-keeps only what lies outside the repository; make each call right after the previous one):
+The in-domain text is the Python source of the GPU machine's installed packages (copied once into
+``--corpus``; ~306 MB, far more than the 25.7M tokens the splits take); out of domain is English
+prose (``data.ood_source: english``). Every task resumes what was finished (``puzzle run`` skips
+finished phases, BLD and GKD resume from checkpoints); a task whose evaluation would start with
+less than ``--evaluate-s`` seconds left stops instead (an evaluation cannot resume midway).
+``summarize`` writes ``quality_gpu.json`` in issue 13's format, copies the reports and plots, and
+prints the table.
+
+Device calls (at most 10 minutes each; the machine is given back ~30 s after a call ends, so make
+each call right after the previous one and do nothing to the working tree in between: every call
+sends it again, and a phase whose code changed is rebuilt):
 
     # here, once: bash benchmarks/quality_wheels.sh && ../shared/tools/gpu-weights
-    1. carry [".gpu-weights/p1"]: mkdir -p /root/w && cp .gpu-weights/p1/part1 /root/w/
-    2. carry [".gpu-weights/p2"]: cat /root/w/part1 .gpu-weights/p2/part2 > /root/w/smollm2.gguf
-                                  && sha256sum -c .gpu-weights/p2/SHA256SUMS
-    3. carry [".whl/quality"]:    install the wheels to /root/w/site, copy the English corpus to
-                                  /root/w/corpora, then `run --limit 530` and `summarize`
-    4.., no carry:                `run --limit 560` and `summarize` until `run` prints "complete"
+    1. carry [".gpu-weights/p1"]   2. carry [".gpu-weights/p2"]   (the parent, in two parts)
+    3. carry [".whl/quality"]: install the wheels, then ``start`` (``run`` in its own session, which
+       outlives the call while the machine is held) and follow its log for ~9 minutes
+    4.., no carry: ``start`` again (follows the running driver, or restarts it, resuming)
 
-(the exact command lines: ``python benchmarks/bench_quality.py commands``). Rehearsal on a CPU
-with tiny budgets: ``python benchmarks/bench_quality.py rehearse-args`` prints the --set overrides.
+The exact command lines: ``python benchmarks/bench_quality.py commands``. A CPU rehearsal with tiny
+budgets: ``eval "python benchmarks/bench_quality.py run --work /tmp/bq --limit 3000 --gpus 2
+--parent smollm2 --corpus stdlib $(python benchmarks/bench_quality.py rehearse-args)"``.
 """
 
 from __future__ import annotations
@@ -60,13 +61,13 @@ sys.path.insert(0, str(REPO))
 
 CONFIG = REPO / "benchmarks" / "quality_gpu.yaml"
 PARENT = "/root/w/smollm2.gguf"
-TARGET = 1.5
+TARGETS = [1.5, 2.0]
+CORPUS = "/root/w/pycode"
 BATCH = 64  # the workload batch size the throughput target is pinned to (issue 13)
 PROGRESS = "progress.jsonl"
 ABLATION = "no-gkd"  # the ablation's figures: <work>/<root>-no-gkd.json
 RESERVE_S = 25.0  # stop after a phase when fewer seconds are left (a new phase loads models first)
 EVALUATE_S = 180.0  # the evaluation (~150 s on one H100) cannot resume midway
-ABLATION_S = 45.0  # nor can the no-GKD ablation (~30 s: quality of 5 children)
 KILL_GRACE_S = 10.0
 
 # A phase line of `puzzle run` ("[   bld] built   85.2 s  /root/w/q/t1.5/trained"), an artifact
@@ -74,7 +75,7 @@ KILL_GRACE_S = 10.0
 RECORD = re.compile(
     r"^\[\s*(?P<phase>[\w.-]+)\]\s+(?P<state>built|up to date)\s+(?P<seconds>[\d.]+) s\s+(?P<uri>\S+)"
 )
-BUILDING = re.compile(r" INFO [\w.]+: (?P<kind>[\w|-]+): building (?P<uri>\S+)")
+BUILDING = re.compile(r" INFO (\[[^\]]*\] )?[\w.]+: (?P<kind>[\w|-]+): building (?P<uri>\S+)")
 ECHO = re.compile(
     r"( (WARNING|ERROR|CRITICAL) |Traceback|Error\b|error:|resuming|search step \d+|candidates: |"
     r"^puzzle run: |^  \S+: accuracy|^(report|export): |knapsack: CBC|^\s+File \")"
@@ -117,6 +118,9 @@ REHEARSAL = [
     "evaluate.bootstrap=100",
     "export.dtype=float32",
     "search.constraints=['params<=0.85x']",
+    "bld.shards=2",
+    "scoring.dtype=float32",
+    "gkd.compile='off'",
 ]
 
 
@@ -138,18 +142,8 @@ def target_root(work: Path, target: float) -> Path:
 
 def target_roots(work: Path) -> list[Path]:
     """Every target's output under ``work``, lowest target first."""
-    found = [p for p in work.glob("t*") if p.is_dir() and re.fullmatch(r"t\d+(\.\d+)?", p.name)]
-    return sorted(found, key=lambda p: float(p.name[1:]))
-
-
-def run_overrides(args: argparse.Namespace, root: Path) -> list[str]:
-    """The ``--set`` overrides of one target's run: output, parent and constraint, then the user's."""
-    return [
-        f"output={root}",
-        f"parent={args.parent}",
-        f"search.constraints=['throughput>={args.target:g}x@bs{args.batch}']",
-        *args.set,
-    ]
+    found = [p for p in work.glob("t*") if p.is_dir() and re.fullmatch(r"t\d+(\.\d+)?(-nobld)?", p.name)]
+    return sorted(found, key=lambda p: (float(p.name[1:].removesuffix(NO_BLD)), p.name))
 
 
 def load_run_config(config: Path, overrides: list[str]) -> Any:
@@ -165,27 +159,6 @@ def upstream_folders() -> list[str]:
     names = ("convert", "data", "library", "bld", "scoring", "costs")
     folders = [stage(n).folder for n in names]
     return folders + [f"{stage(n).folder}-shards" for n in ("bld", "scoring")]
-
-
-def seed_from_siblings(work: Path, root: Path) -> None:
-    """A second target's run starts from the first's phases up to the cost table (hard links: no
-    copy, no device time). Those phases do not read the search settings, so they are up to date."""
-    from puzzle.io import artifacts
-
-    siblings = [p for p in target_roots(work) if p != root]
-    for folder in upstream_folders():
-        if (root / folder).exists():
-            continue
-        for sibling in siblings:
-            source = sibling / folder
-            complete = source.is_dir() and (
-                artifacts.read_manifest(str(source)) is not None or folder.endswith("-shards")
-            )
-            if complete:
-                root.mkdir(parents=True, exist_ok=True)
-                shutil.copytree(source, root / folder, copy_function=os.link)
-                say(f"{root.name}/{folder}: linked from {sibling.name}")
-                break
 
 
 class Progress:
@@ -226,11 +199,15 @@ def supervise(
     log_path: Path,
     progress: Progress,
     needs: dict[str, float] | None = None,
+    root: str | None = None,
+    env: dict[str, str] | None = None,
+    prefix: str = "",
 ) -> Outcome:
     """Run ``cmd`` (its output into ``log_path``, the lines that matter echoed), stopping it at
     ``deadline`` (monotonic seconds), or after a phase when less than ``reserve`` seconds are left,
-    or less than ``needs[phase]`` (what the phase after it takes, when it cannot resume midway)."""
-    env = dict(os.environ)
+    or when a phase that cannot resume midway is about to be built (its output folder's name in
+    ``needs``) with fewer seconds left than it needs."""
+    env = {**os.environ, **(env or {})}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("TQDM_DISABLE", "1")
     env["PYTHONUNBUFFERED"] = "1"
@@ -270,7 +247,7 @@ def supervise(
                 line = lines.get(timeout=min(5.0, left))
             except queue.Empty:
                 if time.monotonic() - last_beat >= 60 and building:
-                    say(f"... building {building} for {time.monotonic() - building_since:.0f} s")
+                    say(f"{prefix}: ... building {building} for {time.monotonic() - building_since:.0f} s")
                     last_beat = time.monotonic()
                 continue
             if line is None:
@@ -280,34 +257,45 @@ def supervise(
             tail = (tail + [line])[-80:]
             if (m := BUILDING.search(line)) is not None:
                 building, building_since = m["uri"], time.monotonic()
-                say(f"building {building}")
+                left = deadline - time.monotonic()
+                need = (needs or {}).get(Path(building).name, 0.0)
+                if left < need and proc.poll() is None:
+                    reason = f"{left:.0f} s are left, less than the {need:.0f} s {Path(building).name} needs"
+                    building = None  # stopped before it did anything
+                    break
+                say(f"{prefix}: building {building}")
                 last_beat = time.monotonic()
                 continue
             if (m := RECORD.match(line)) is not None:
                 progress.add(
-                    "phase", phase=m["phase"], state=m["state"], seconds=float(m["seconds"]), uri=m["uri"]
+                    "phase",
+                    phase=m["phase"],
+                    state=m["state"],
+                    seconds=float(m["seconds"]),
+                    uri=m["uri"],
+                    **({"root": root} if root else {}),
                 )
                 building = None
-                print(line, flush=True)
+                print(f"{prefix:>12} {line}", flush=True)
                 left = deadline - time.monotonic()
-                need = (needs or {}).get(m["phase"], 0.0)
-                if left < max(reserve, need) and proc.poll() is None:
-                    reason = (
-                        f"{left:.0f} s are left, less than --reserve {reserve:.0f} s"
-                        if left < reserve
-                        else f"{left:.0f} s are left, less than the {need:.0f} s the phase after "
-                        f"{m['phase']} needs (it cannot resume midway)"
-                    )
+                if left < reserve and proc.poll() is None:
+                    reason = f"{left:.0f} s are left, less than --reserve {reserve:.0f} s"
                     break
                 continue
             if ECHO.search(line):
-                print(line, flush=True)
+                print(f"{prefix:>12} {line}", flush=True)
         if reason is not None:
             _stop(proc)
             seconds = time.monotonic() - building_since if building else 0.0
-            progress.add("stopped", building=building, seconds=seconds, reason=reason)
+            progress.add(
+                "stopped",
+                building=building,
+                seconds=seconds,
+                reason=reason,
+                **({"root": root} if root else {}),
+            )
             say(
-                f"stopped: {reason}"
+                f"{prefix}: stopped: {reason}"
                 + (f", while building {building} ({seconds:.0f} s in)" if building else "")
             )
             return Outcome("stopped", None, building, tail)
@@ -332,79 +320,249 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 
 # --------------------------------------------------------------------------- run
 
+NO_BLD = "-nobld"  # the no-BLD ablation's root: <work>/t1.5-nobld
+NO_BLD_SETS = ["bld.token_budget=0", "bld.coupled=none", "baselines.methods=[]"]
+
+
+@dataclasses.dataclass
+class Task:
+    """One process of the plan: ``puzzle run`` on one root (or the no-GKD ablation of one), on
+    ``gpus`` GPUs of its own, once the tasks it comes ``after`` are done."""
+
+    name: str
+    root: Path
+    gpus: int
+    after: tuple[str, ...]
+    overrides: list[str]
+    run_args: list[str] = dataclasses.field(default_factory=list)
+    seed: bool = False  # start from the first target's phases up to the cost table (hard links)
+    ablate: bool = False
+    needs: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def plan(args: argparse.Namespace) -> list[Task]:
+    """The tasks of the whole benchmark, in priority order (see the module docstring)."""
+    work = Path(args.work).resolve()
+    gpus, targets = args.gpus, sorted(args.targets)
+    first = target_root(work, targets[0])
+    per_target = max(1, gpus // len(targets))
+
+    def sets(root: Path, target: float, extra: list[str] = []) -> list[str]:  # noqa: B006 - read only
+        return [
+            f"output={root}",
+            f"parent={args.parent}",
+            f"data.source={args.corpus}",
+            f"search.constraints=['throughput>={target:g}x@bs{args.batch}']",
+            *args.set,
+            *extra,
+        ]
+
+    tasks = [
+        Task("upstream", first, gpus, (), sets(first, targets[0]), ["--jobs", str(gpus), "--until", "costs"])
+    ]
+    ready = "upstream"
+    nobld = work / f"{first.name}{NO_BLD}"
+    if args.no_bld:
+        tasks.append(
+            Task(
+                "upstream" + NO_BLD,
+                nobld,
+                gpus,
+                ("upstream",),
+                sets(nobld, targets[0], NO_BLD_SETS),
+                ["--jobs", str(gpus), "--until", "costs"],
+                seed=True,
+            )
+        )
+        ready = "upstream" + NO_BLD
+    for target in targets:
+        root = target_root(work, target)
+        jobs = ["--jobs", str(per_target)]
+        tasks.append(
+            Task(
+                root.name,
+                root,
+                per_target,
+                (ready,),
+                sets(root, target),
+                jobs,
+                seed=True,
+                needs={"evaluation": args.evaluate_s},
+            )
+        )
+    if args.no_bld:
+        tasks.append(
+            Task(nobld.name, nobld, 1, (ready,), sets(nobld, targets[0], NO_BLD_SETS), ["--jobs", "1"])
+        )
+    if args.ablation:
+        for target in targets:
+            root = target_root(work, target)
+            tasks.append(
+                Task(f"{root.name}-{ABLATION}", root, 1, (root.name,), sets(root, target), ablate=True)
+            )
+    return tasks
+
+
+def _task_command(args: argparse.Namespace, task: Task) -> list[str]:
+    sets = [a for o in task.overrides for a in ("--set", o)]
+    if task.ablate:
+        return [sys.executable, str(Path(__file__).resolve()), "ablate", "--config", str(args.config), *sets]
+    # -v: each phase's INFO log (to the task's log file), whose "building" lines the driver follows
+    return [sys.executable, "-m", "puzzle", "-v", "run", "--config", str(args.config), *sets, *task.run_args]
+
+
+def prepare_corpus(dest: Path) -> dict[str, Any]:
+    """The in-domain text on the GPU machine: every Python source file of the installed packages
+    (torch, transformers, numpy, ...; tests left out), copied once into ``dest``. Recorded in
+    ``dest/CORPUS.json`` (files, bytes, the folders read)."""
+    import site
+
+    record = dest / "CORPUS.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    roots = sorted({Path(p).resolve() for p in [*site.getsitepackages(), *sys.path] if "-packages" in p})
+    roots = [r for r in roots if r.is_dir()]
+    files = bytes_ = 0
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            parts = set(path.relative_to(root).parts[:-1])
+            if parts & {"tests", "test", "testing", "__pycache__"} or path.name.startswith("test_"):
+                continue
+            try:
+                size = path.stat().st_size
+            except OSError:
+                continue
+            if not 64 <= size <= 512_000:
+                continue
+            target = tmp / root.name / path.relative_to(root)
+            if target.exists():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            files += 1
+            bytes_ += size
+    info = {"roots": [str(r) for r in roots], "files": files, "bytes": bytes_}
+    (tmp / "CORPUS.json").write_text(json.dumps(info, indent=1) + "\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return info
+
+
+def _link_upstream(work: Path, task: Task, first: Path) -> None:
+    """Hard-link the phases up to the cost table from ``first`` (an ablation root without BLD takes
+    only the parent, the tokens and the initialised library)."""
+    from puzzle.io import artifacts
+
+    folders = upstream_folders() if not task.root.name.endswith(NO_BLD) else ["parent", "tokens", "library"]
+    for folder in folders:
+        source, target = first / folder, task.root / folder
+        complete = source.is_dir() and (
+            artifacts.read_manifest(str(source)) is not None or folder.endswith("-shards")
+        )
+        if target.exists() or not complete:
+            continue
+        task.root.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(source, target, copy_function=os.link)
+        say(f"{task.root.name}/{folder}: linked from {first.name}")
+
 
 def cmd_run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     deadline = started + args.limit
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    root = target_root(work, args.target)
-    overrides = run_overrides(args, root)
-    config = load_run_config(args.config, overrides)  # fails here, not in a GPU minute, on a bad override
-    (work / f"config-{root.name}.yaml").write_text(config.to_yaml())
-    progress = Progress(work, root.name)
-    progress.add("start", limit=args.limit, overrides=overrides)
+    (work / "driver.pid").write_text(str(os.getpid()))
+    if args.corpus != "stdlib":
+        corpus = prepare_corpus(Path(args.corpus))
+        say(f"in-domain corpus {args.corpus}: {corpus['files']:,} files, {corpus['bytes'] / 1e6:.0f} MB")
+    tasks = plan(args)
+    for task in tasks:  # every configuration checked before any GPU second is spent
+        if not task.ablate:
+            config = load_run_config(args.config, task.overrides)
+            (work / f"config-{task.root.name}.yaml").write_text(config.to_yaml())
+    progress = Progress(work, "driver")
+    progress.add("start", limit=args.limit, tasks=[t.name for t in tasks], gpus=args.gpus)
+    done = {e["task"] for e in Progress.read(work) if e.get("event") == "task-done"}
+    free = list(range(args.gpus))
+    first = tasks[0].root
+    results: queue.Queue[tuple[Task, list[int], Outcome]] = queue.Queue()
+    running: dict[str, list[int]] = {}
+    failed: set[str] = set()
     say(
-        f"call {progress.call}: target {args.target:g}x at batch {args.batch}, output {root}, "
-        f"deadline in {args.limit:.0f} s, device {config.device}"
+        f"call {progress.call}: {len(tasks)} tasks on {args.gpus} GPUs, {len(done)} done before, "
+        f"deadline in {args.limit:.0f} s"
     )
-    seed_from_siblings(work, root)
-    log_path = work / "logs" / f"call{progress.call}-{root.name}.log"
-    sets = [a for o in overrides for a in ("--set", o)]
-    runs = [("puzzle run", [sys.executable, "-m", "puzzle", "run", "--config", str(args.config), *sets])]
-    if args.ablation:
-        ablate = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "ablate",
-            "--config",
-            str(args.config),
-            *sets,
-        ]
-        runs.append(("no-GKD ablation", ablate))
-    # The evaluation (after the last baseline) cannot resume midway: start it only with time for it.
-    last = f"baselines-{config.baselines.methods[-1]}" if config.baselines.methods else "gkd"
-    needs = {"puzzle run": {last: args.evaluate_s}, "no-GKD ablation": {}}
-    for name, cmd in runs:
-        left = deadline - time.monotonic()
-        if name == "no-GKD ablation" and left < args.ablation_s:
-            progress.add("stopped", building=None, seconds=0.0, reason="no time for the ablation")
-            say(
-                f"{left:.0f} s left, less than --ablation-s {args.ablation_s:.0f}: "
-                "resume with the same command"
-            )
-            return 0
+
+    def launch(task: Task, gpus: list[int]) -> None:
+        env_gpus = ",".join(str(g) for g in gpus)
+        if task.seed:
+            _link_upstream(work, task, first)
+        log_path = work / "logs" / f"call{progress.call}-{task.name}.log"
+        progress.add("task-start", task=task.name, gpus=env_gpus)
+        say(f"{task.name}: starting on GPU {env_gpus}")
         outcome = supervise(
-            cmd,
+            _task_command(args, task),
             deadline=deadline,
             reserve=args.reserve,
             log_path=log_path,
             progress=progress,
-            needs=needs[name],
+            needs=task.needs,
+            root=task.root.name,
+            env={"CUDA_VISIBLE_DEVICES": env_gpus},
+            prefix=task.name,
         )
-        if outcome.state == "stopped":
-            say(
-                f"{name} stopped after {time.monotonic() - started:.0f} s of this call; resume with the same "
-                "command (finished phases are kept, BLD and GKD resume from their checkpoints)"
+        results.put((task, gpus, outcome))
+
+    stopped = False
+    while True:
+        if not stopped:
+            for task in tasks:
+                if task.name in done or task.name in running or task.name in failed:
+                    continue
+                if any(a in failed for a in task.after):
+                    failed.add(task.name)
+                    say(f"{task.name}: skipped, {', '.join(a for a in task.after if a in failed)} failed")
+                    continue
+                if not all(a in done for a in task.after) or len(free) < task.gpus:
+                    continue
+                if task.ablate is False and deadline - time.monotonic() < args.reserve:
+                    continue
+                gpus, free[:] = free[: task.gpus], free[task.gpus :]
+                running[task.name] = gpus
+                threading.Thread(target=launch, args=(task, gpus), daemon=True).start()
+        if not running:
+            break
+        task, gpus, outcome = results.get()
+        del running[task.name]
+        free.extend(gpus)
+        free.sort()
+        evaluated = (task.root / "evaluation" / "metrics.json").exists()
+        full_run = not task.ablate and not task.run_args[-2:-1] == ["--until"]
+        if outcome.state == "done" or (outcome.state == "failed" and evaluated and full_run):
+            done.add(task.name)
+            progress.add("task-done", task=task.name, state=outcome.state)
+            say(f"{task.name}: done ({outcome.state}, {time.monotonic() - started:.0f} s into this call)")
+            if outcome.state == "failed":
+                print("\n".join(outcome.last_lines[-40:]), flush=True)
+        elif outcome.state == "stopped":
+            stopped = True
+            say(f"{task.name}: stopped (resume with the same command)")
+        else:
+            failed.add(task.name)
+            progress.add(
+                "task-failed", task=task.name, returncode=outcome.returncode, building=outcome.building
             )
-            return 0
-        if outcome.state == "failed":
-            # Failed at or after the evaluation (e.g. a child that misses its target when measured
-            # raises after the report is written): the figures are there for `summarize`.
-            evaluation = root / "evaluation"
-            evaluated = (evaluation / "metrics.json").exists() and outcome.building in (None, str(evaluation))
             print("\n".join(outcome.last_lines[-60:]), flush=True)
-            progress.add("failed", what=name, returncode=outcome.returncode, building=outcome.building)
-            say(
-                f"{name} FAILED (exit {outcome.returncode}) while building {outcome.building} "
-                f"(log: {log_path})"
-                + ("; the evaluation was written, so `summarize` has the figures" if evaluated else "")
-            )
-            if not (name == "puzzle run" and evaluated):
-                return 1
-    progress.add("complete")
-    say(f"complete in {time.monotonic() - started:.0f} s of this call: {root} (summarize it)")
-    return 0
+            say(f"{task.name}: FAILED (exit {outcome.returncode}) while building {outcome.building}")
+    left = [t.name for t in tasks if t.name not in done]
+    if not left:
+        progress.add("complete")
+        say(f"complete: every task done ({time.monotonic() - started:.0f} s of this call)")
+    else:
+        say(f"not done: {', '.join(left)}" + (f" (failed: {', '.join(sorted(failed))})" if failed else ""))
+    return 1 if failed else 0
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
@@ -685,6 +843,11 @@ def summarize_root(work: Path, root: Path) -> dict[str, Any]:
     batch = int((metrics.get("workload") or {}).get("batch_size") or BATCH)
     common = {"evaluated": metrics["models"], "batch": batch, "target": target, "bld_tokens": bld_tokens}
     entry["children"] = _children(metrics, root, **common, ablation=False)
+    if root.name.endswith(NO_BLD):  # Puzzle on the initialised library: the no-BLD ablation
+        for child in entry["children"]:
+            child["name"] = child["name"].replace("puzzle", "puzzle_no_bld", 1)
+            child["method"] = "no_bld"
+        return entry
     ablation = _read_json(root.parent / f"{root.name}-{ABLATION}.json")
     if ablation is not None:
         entry["children"] += _children(ablation, root, **common, ablation=True)
@@ -751,9 +914,9 @@ def cmd_summarize(args: argparse.Namespace) -> int:
             for t in targets
         },
         "phase_seconds": phase_seconds(work),
-        "not_run": {
-            "ablation_no_bld": "Puzzle on the initialised library (no BLD): repeats scoring, search and GKD",
-        },
+        "not_run": {}
+        if any(r.name.endswith(NO_BLD) for r in roots)
+        else {"ablation_no_bld": "Puzzle on the initialised library (no BLD): run without --no-bld-ablation"},
         "software": _software(),
         "host": platform.node(),
     }
@@ -808,10 +971,63 @@ def _software() -> dict[str, str]:
     return versions
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    """``run`` in the background (its own session: it outlives this call while the machine stays
+    warm), unless one is running already; then follow its log like ``follow``."""
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    pid_file = work / "driver.pid"
+    pid = int(pid_file.read_text()) if pid_file.is_file() else 0
+    if pid and _alive(pid):
+        say(f"the driver (pid {pid}) is running: following it")
+    else:
+        log = (work / "driver.log").open("a")
+        extra = [a for a in args.run_args if a != "--"]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "run", "--work", str(work)]
+        cmd += ["--limit", str(args.run_limit), *extra]
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+        pid_file.write_text(str(proc.pid))
+        say(f"started the driver (pid {proc.pid}): {' '.join(cmd)}")
+    return cmd_follow(args)
+
+
+def cmd_follow(args: argparse.Namespace) -> int:
+    """Print the driver's log as it grows until it exits or ``--limit`` seconds pass."""
+    work = Path(args.work).resolve()
+    pid = int((work / "driver.pid").read_text())
+    log, offset_file = work / "driver.log", work / "driver.log.shown"
+    offset = int(offset_file.read_text()) if offset_file.is_file() else 0
+    end = time.monotonic() + args.limit
+    while True:
+        if log.is_file():
+            with log.open() as fh:
+                fh.seek(offset)
+                chunk = fh.read()
+                offset = fh.tell()
+            if chunk:
+                print(chunk, end="", flush=True)
+                offset_file.write_text(str(offset))
+        if not _alive(pid):
+            say(f"the driver (pid {pid}) has exited")
+            return 0
+        if time.monotonic() >= end:
+            say(f"the driver (pid {pid}) is still running: follow it again (next call)")
+            return 0
+        time.sleep(5)
+
+
 # --------------------------------------------------------------------------- device commands
 
 
-def device_commands(work: str, limit_first: int, limit_next: int) -> list[tuple[str, list[str], str]]:
+def device_commands(work: str, gpus: int, limit: int) -> list[tuple[str, list[str], str]]:
     """(what, carry, command) of each device call."""
     env = (
         "export PYTHONPATH=/root/w/site PUZZLE_CORPUS_DIR=/root/w/corpora PYTHONUNBUFFERED=1; "
@@ -823,10 +1039,14 @@ def device_commands(work: str, limit_first: int, limit_next: int) -> list[tuple[
         "/root/w/site .whl/quality/*.whl && rm -rf /root/w/corpora && cp -r .whl/quality/corpora /root/w/ "
         "|| exit 4; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; "
     )
-    run = "python3 benchmarks/bench_quality.py run --work {work} --limit {limit}; "
-    summarize = "python3 benchmarks/bench_quality.py summarize --work {work} --out $OUT/quality_gpu.json"
+    start = f"python3 benchmarks/bench_quality.py start --work {work} --limit {limit} -- --gpus {gpus}; "
+    summarize = f"python3 benchmarks/bench_quality.py summarize --work {work} --out $OUT/quality_gpu.json"
     return [
-        ("1: parent, part 1", [".gpu-weights/p1"], "mkdir -p /root/w && cp .gpu-weights/p1/part1 /root/w/"),
+        (
+            "1: parent, part 1",
+            [".gpu-weights/p1"],
+            "mkdir -p /root/w && cp .gpu-weights/p1/part1 /root/w/ && nvidia-smi -L",
+        ),
         (
             "2: parent, part 2",
             [".gpu-weights/p2"],
@@ -834,27 +1054,20 @@ def device_commands(work: str, limit_first: int, limit_next: int) -> list[tuple[
             "sha256sum -c .gpu-weights/p2/SHA256SUMS",
         ),
         (
-            "3: wheels, then the run",
+            "3: wheels, then the driver in the background, followed",
             [".whl/quality"],
-            env + install + run.format(work=work, limit=limit_first) + summarize.format(work=work),
+            env + install + start + summarize,
         ),
         (
-            "4, 5, ...: resume until `run` prints complete",
+            "4, 5, ...: follow it (restarted, resuming, if it was stopped) until it exits",
             [],
-            env + run.format(work=work, limit=limit_next) + summarize.format(work=work),
-        ),
-        (
-            "optional, after 1.5x is complete: the 2x target (~7 min; reuses all up to the cost table)",
-            [],
-            env
-            + run.format(work=work, limit=limit_next).replace(" run ", " run --target 2 ")
-            + summarize.format(work=work),
+            env + start + summarize,
         ),
     ]
 
 
 def cmd_commands(args: argparse.Namespace) -> int:
-    for what, carry, command in device_commands(args.work, args.limit_first, args.limit_next):
+    for what, carry, command in device_commands(args.work, args.gpus, args.limit):
         print(
             f"call {what}\n  carry: {json.dumps(carry)}\n  timeout_s: 600\n  command ({len(command)} chars):"
         )
@@ -882,21 +1095,25 @@ def main() -> int:
             "--set", action="append", default=[], metavar="KEY=VALUE", help="extra puzzle run override"
         )
 
-    p = sub.add_parser("run", help="puzzle run (resumed) under a deadline, then the no-GKD ablation")
+    p = sub.add_parser("run", help="the whole plan (resumed) under a deadline, GPUs shared out")
     p.add_argument("--work", required=True, help="work folder; target T runs into <work>/tT")
     p.add_argument("--limit", type=float, required=True, help="seconds this call may take (stops cleanly)")
-    p.add_argument("--target", type=float, default=TARGET, help="throughput target, x the parent (1.5)")
-    p.add_argument("--batch", type=int, default=BATCH, help="batch size the target is pinned to (64)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs of this machine the plan shares out (1)")
+    p.add_argument(
+        "--targets", type=float, nargs="+", default=TARGETS, help="throughput targets, x the parent (1.5 2)"
+    )
+    p.add_argument("--batch", type=int, default=BATCH, help="batch size the targets are pinned to (64)")
     p.add_argument("--parent", default=PARENT, help=f"the parent model ({PARENT})")
+    p.add_argument(
+        "--corpus", default=CORPUS, help=f"in-domain text, made from site-packages if absent ({CORPUS})"
+    )
     p.add_argument(
         "--reserve", type=float, default=RESERVE_S, help="stop after a phase when fewer seconds are left"
     )
     p.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip the no-GKD ablation")
+    p.add_argument("--no-bld-ablation", dest="no_bld", action="store_false", help="skip the no-BLD ablation")
     p.add_argument(
         "--evaluate-s", type=float, default=EVALUATE_S, help="start the evaluation only with this many s left"
-    )
-    p.add_argument(
-        "--ablation-s", type=float, default=ABLATION_S, help="start the ablation only with this many s left"
     )
     run_args(p)
     p.set_defaults(func=cmd_run)
@@ -913,10 +1130,22 @@ def main() -> int:
     )
     p.set_defaults(func=cmd_summarize)
 
+    p = sub.add_parser("start", help="`run` in the background unless running, then follow its log")
+    p.add_argument("--work", required=True)
+    p.add_argument("--limit", type=float, required=True, help="seconds to follow the log in this call")
+    p.add_argument("--run-limit", type=float, default=3000, help="the background run's own deadline")
+    p.add_argument("run_args", nargs=argparse.REMAINDER, help="after --: more `run` arguments (--gpus 4)")
+    p.set_defaults(func=cmd_start)
+
+    p = sub.add_parser("follow", help="print the background run's log until it exits or --limit passes")
+    p.add_argument("--work", required=True)
+    p.add_argument("--limit", type=float, required=True)
+    p.set_defaults(func=cmd_follow)
+
     p = sub.add_parser("commands", help="print the device calls")
     p.add_argument("--work", default="/root/w/q")
-    p.add_argument("--limit-first", type=int, default=530)
-    p.add_argument("--limit-next", type=int, default=560)
+    p.add_argument("--gpus", type=int, default=4)
+    p.add_argument("--limit", type=int, default=540)
     p.set_defaults(func=cmd_commands)
 
     p = sub.add_parser("rehearse-args", help="print the --set overrides of a tiny CPU rehearsal")
