@@ -68,11 +68,13 @@ def matmul_params(state: dict[str, torch.Tensor]) -> int:
     return int(sum(t.numel() for t in state.values() if t.dim() == 2))
 
 
-def flops_per_token(lib: Any, layer: int, seq_len: int, objective: str, d_attn: int) -> dict[str, float]:
-    """Model FLOPs per training token of one BLD step over every trainable variant of ``layer``."""
-    parent = lib.parent_block(layer)
-    n_attn = matmul_params(lib.load(layer, parent.attention.name))
-    n_ffn = matmul_params(lib.load(layer, parent.ffn.name))
+def flops_per_token(
+    lib: Any, layer: int, seq_len: int, objective: str, d_attn: int, parent_layer: dict[str, torch.Tensor]
+) -> dict[str, float]:
+    """Model FLOPs per training token of one BLD step over every trainable variant of ``layer``
+    (``parent_layer``: the parent's layer, whose own sub-blocks the library does not store)."""
+    n_attn = matmul_params({k: v for k, v in parent_layer.items() if k.startswith("self_attn.")})
+    n_ffn = matmul_params({k: v for k, v in parent_layer.items() if k.startswith("mlp.")})
     total = 2 * (n_attn + n_ffn) + 4 * d_attn * seq_len  # parent forward of the layer
     frozen_ffn = 0.0
     for name in lib.variants(layer):
@@ -91,6 +93,7 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     from puzzle.config import BLDConfig
     from puzzle.library import bld
     from puzzle.library.variants import PAPER_LIBRARY, Library, build_library
+    from puzzle.modeling.checkpoints import load_model
 
     root = Path(args.dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -108,6 +111,7 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     build_library(parent, tokens, str(root / "library"), library, device=device)
     library_s = time.perf_counter() - started
     lib = Library.open(str(root / "library"))
+    parent_layer = load_model(parent).model.layers[0].state_dict()
     config = json.loads((Path(parent) / "config.json").read_text())
     d_attn = config["num_attention_heads"] * config["head_dim"]
     results: dict[str, Any] = {
@@ -153,7 +157,7 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
         warm = 2 if len(stamps) > 3 else 0
         per_step = (stamps[-1] - stamps[warm]) / (len(stamps) - 1 - warm)
         tokens_per_s = args.batch * args.seq_len / per_step
-        flops = flops_per_token(lib, 0, args.seq_len, objective, d_attn)
+        flops = flops_per_token(lib, 0, args.seq_len, objective, d_attn, parent_layer)
         results["objectives"][objective] = {
             "trained_variants": manifest.summary["trained_variants"],
             "seconds_per_step": round(per_step, 4),

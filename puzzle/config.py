@@ -81,6 +81,7 @@ def _one_of(path: str, value: str, allowed: tuple[str, ...]) -> None:
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?|mps)$")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SAVE_DTYPES = ("float16", "bfloat16", "float32")
 SCORE_METRICS = ("kl_div", "lm_loss", "cosine", "top1_agreement", "top5_agreement")
 BASELINES = ("uniform_width", "layer_dropping", "greedy", "noop_only")
 SPLITS = ("calibration", "bld", "score", "gkd", "eval")
@@ -215,8 +216,14 @@ class LibraryConfig(Section):
     """Calibration sequences per forward pass."""
     seed: int = 0
     """Seed of `ffn_init: random`."""
+    save_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    """Dtype the variants' initial weights are written in (BLD trains them in float32 and writes
+    what it trains in float32; the parent's own sub-blocks are never stored, they are the parent's).
+    `float16` halves them at no measurable cost (11 significant bits; a file with values beyond
+    its range, 65,504, stays float32); `bfloat16` is coarser (8 bits)."""
 
     def check(self, path: str) -> None:
+        _one_of(f"{path}.save_dtype", self.save_dtype, SAVE_DTYPES)
         if self.kv_heads is not None:
             if not self.kv_heads:
                 _fail(
@@ -496,6 +503,19 @@ class GKDConfig(Section):
     compile: Literal["auto", "off", "loss", "all"] = "auto"
     """torch.compile: `loss` the fused loss kernels, `all` also every decoder layer; `auto`: `all` on
     CUDA, `off` elsewhere (compilation errors fall back to eager)."""
+    save_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    """Dtype of the weights of every child the run writes: the realized candidates and child
+    (`realize`), the distilled child (`gkd`) and the baselines' children. Training and evaluation
+    compute in float32 (or their GPU dtype) from them, and `export.dtype: auto` keeps it. `float16`
+    halves them: a SmolLM2 child so stored is within KL 2e-5 nats/token of its float32 self, where
+    `bfloat16` (8 significant bits, not 11) is at 3e-3; weights beyond float16's range (65,504)
+    are written in float32."""
+    keep_steps: bool = False
+    """Keep the children written on the way to a phase's output once it is published: the search's
+    candidates (`child-steps/candidate-N/`) and each baseline's realized child before GKD
+    (`baselines/<method>-steps/realized/`). Off: they are the phase's working files, under
+    `<output>.partial/.work/` while it runs (a stopped run resumes from them), removed with it. Not
+    part of any result's identity."""
     backend: Literal["torch", "nemo"] = "torch"
     """The GKD engine. `torch`: this package's training loop (one GPU, DDP or FSDP2, one pod or a
     TrainJob). `nemo`: NeMo's distillation (ModelOpt `DistillationModel` with NeMo's KL and per-layer
@@ -529,6 +549,7 @@ class GKDConfig(Section):
         _non_negative(f"{path}.loss_chunk", self.loss_chunk)
         _one_of(f"{path}.compile", self.compile, ("auto", "off", "loss", "all"))
         _one_of(f"{path}.backend", self.backend, ("torch", "nemo"))
+        _one_of(f"{path}.save_dtype", self.save_dtype, SAVE_DTYPES)
         if self.backend == "nemo" and self.nodes > 1:
             _fail(f"{path}.nodes", f"must be 1 with backend nemo (it trains on one GPU), got {self.nodes}")
 

@@ -1,7 +1,8 @@
 """The parent: load a Llama-family model and convert it into our heterogeneous (DeciLM) layout.
 
 The converted parent is a model whose every block is the original's, with the same logits to
-float32 tolerance; every later phase reads it (artifact kind ``parent``).
+float32 tolerance, written in the original's own dtype (float16 for a GGUF file); every later phase
+reads it (artifact kind ``parent``).
 
 A parent reference is one of:
 
@@ -320,17 +321,38 @@ def conversion_error(parent: torch.nn.Module, child: DeciLMForCausalLM, tokenize
     return diff
 
 
-def convert(parent: str, out: str, *, dtype: str = "float32") -> artifacts.Manifest:
+STORED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def source_dtype(source: ParentSource, config: Any) -> str:
+    """The dtype the original holds its weights in: a checkpoint's own (``config.json``'s ``dtype``),
+    float16 for a GGUF file (its quantized blocks have float16 scales; float16 holds the SmolLM2
+    GGUF's dequantized weights within a KL of 4e-6 nats/token of float32), float32 when unknown."""
+    if source.kind == "gguf":
+        return "float16"
+    name = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(name).removeprefix("torch.") if name is not None else "float32"
+    return name if name in STORED_DTYPES else "float32"
+
+
+def convert(parent: str, out: str, *, dtype: str = "auto") -> artifacts.Manifest:
     """Phase ``convert``: the parent in our heterogeneous layout (every block the parent's), checked to
-    reproduce the original's logits, written as a ``parent`` artifact at ``out``."""
+    reproduce the original's logits, written as a ``parent`` artifact at ``out``.
+
+    ``dtype``: the dtype the parent is loaded, checked and written in; ``auto``: loaded and checked in
+    float32, written in the original's own dtype (:func:`source_dtype`: a bfloat16 checkpoint stays
+    bfloat16, lossless; a GGUF file is written in float16), so no phase reads more bits than the
+    original has. Every phase computes in float32 (or its GPU dtype) from it."""
     source = resolve(parent)
     config = load_parent_config(source)  # fail fast, before loading any weights
     if source.kind != "artifact":
         decilm_config(config)
-    parse_dtype(dtype)
+    stored = source_dtype(source, config) if dtype == "auto" else None
+    load_dtype = "float32" if dtype == "auto" else dtype
+    parse_dtype(load_dtype)
 
     def build(staging: Path, _inputs: dict[str, Path]) -> dict[str, Any]:
-        model, tokenizer, _ = load_parent(parent, dtype=dtype)
+        model, tokenizer, _ = load_parent(parent, dtype=load_dtype)
         converted = model if isinstance(model, DeciLMForCausalLM) else to_decilm(model)
         converted.generation_config = model.generation_config
         diff = conversion_error(model, converted, tokenizer)
@@ -345,8 +367,10 @@ def convert(parent: str, out: str, *, dtype: str = "float32") -> artifacts.Manif
                 "source_kind": source.kind,
                 "parent_config": config.to_dict(),
             },
+            dtype=stored,
         )
         return {
+            "dtype": stored or load_dtype,
             "family": config.model_type,
             "num_layers": converted.config.num_hidden_layers,
             "hidden_size": converted.config.hidden_size,

@@ -47,6 +47,8 @@ def _assert_same_library(a: Library, b: Library) -> None:
         assert a.variants(layer) + a.coupled_blocks(layer) == b.variants(layer) + b.coupled_blocks(layer)
         for name in a.variants(layer) + a.coupled_blocks(layer):
             assert a.info(layer, name) == b.info(layer, name), (layer, name)
+            if a.parent_weights(layer, name):  # the parent's own: not stored, in neither
+                continue
             wa, wb = a.load(layer, name), b.load(layer, name)
             assert wa.keys() == wb.keys()
             for key in wa:
@@ -66,8 +68,11 @@ def test_bld_trains_every_trainable_variant_and_records_nmse(tiny: dict[str, str
         assert trained.variants(layer) == base.variants(layer)
         for name in trained.variants(layer):
             info = trained.info(layer, name)
+            if info["parent"]:  # the parent's own sub-blocks are the parent's weights, never stored
+                assert trained.parent_weights(layer, name) and not info["trained"]
+                continue
             before, after = base.load(layer, name), trained.load(layer, name)
-            if info["parent"] or name.endswith("_noop"):
+            if name.endswith("_noop"):
                 assert not info["trained"] and all(torch.equal(before[k], after[k]) for k in before)
                 continue
             assert info["trained"] and info["bld"]["steps"] == 4
@@ -275,7 +280,24 @@ def test_a_zero_budget_is_no_bld_the_library_as_initialised(tiny: dict[str, str]
             assert untrained.variants(layer) == base.variants(layer)
             for name in base.variants(layer):
                 assert not untrained.info(layer, name).get("trained")
+                if base.parent_weights(layer, name):
+                    continue
                 before, after = base.load(layer, name), untrained.load(layer, name)
                 assert all(torch.equal(before[k], after[k]) for k in before), (out, layer, name)
     with pytest.raises(BLDError, match="coupled pairs"):
         train(tiny["lib"], tiny["parent"], tiny["tokens"], str(root / "none-pairs"), none, pairs=[(0, "x")])
+
+
+def test_trained_variants_are_stored_in_the_librarys_dtype_and_read_as_float32(tiny: dict[str, str]) -> None:
+    """BLD trains in float32 and writes what it trained in `library.save_dtype` (float16 by default),
+    so the trained library takes no more room than the initial one; readers get float32."""
+    from safetensors import safe_open
+
+    trained = Library.open(tiny["full"])
+    assert trained.meta["space"]["save_dtype"] == "float16"
+    for path in sorted((Path(tiny["full"]) / "layers").glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as fh:
+            assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.float16}, path  # noqa: SIM118
+    layer = trained.layers[0]
+    name = next(n for n in trained.variants(layer) if trained.info(layer, n)["trained"])
+    assert all(t.dtype == torch.float32 for t in trained.load(layer, name).values())

@@ -37,9 +37,12 @@ def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
             {"bld": {"token_budget": BLD_BATCH - 1}},
             r"bld\.token_budget \(1023\) is below one batch \(bld\.batch_size=8 x data\.seq_len=128 = 1024 "
             r"tokens\), so not one step would train: raise bld\.token_budget to at least 1024 or lower "
-            r"bld\.batch_size$",
+            r"bld\.batch_size \(0 means no BLD\)$",
         ),
-        ({"bld": {"token_budget": 0}}, r"bld\.token_budget \(0\) is below one batch"),
+        (  # 0 is the no-BLD ablation, which has no pairs to train
+            {"bld": {"token_budget": 0}},
+            r"bld\.coupled is 'chosen' but bld\.token_budget is 0 \(no BLD\).*set bld\.coupled: none",
+        ),
         (
             {"gkd": {"token_budget": GKD_BATCH - 1}},
             r"gkd\.token_budget \(511\) is below one batch .* lower gkd\.batch_size \(0 means no GKD\)",

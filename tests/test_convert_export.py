@@ -97,7 +97,7 @@ def test_real_smollm2_converts_exports_and_says_berlin(smollm2_parent, tmp_path)
     export(str(smollm2_parent), str(out), ExportConfig())
     tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
     ids = tokenizer("The capital of Germany is", return_tensors="pt").input_ids
-    child = load_model(str(smollm2_parent))
+    child = load_model(str(smollm2_parent), dtype=torch.float32)  # stored in float16 (a GGUF parent)
     with torch.no_grad():
         expected = child(ids).logits
         expected_gen = child.generate(ids, max_new_tokens=20, do_sample=False, min_new_tokens=20)

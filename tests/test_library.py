@@ -18,6 +18,7 @@ from puzzle.library.variants import (
     LibraryError,
     assemble_child,
     attention_variants,
+    block_state,
     build_library,
     calibrate,
     channel_contribution,
@@ -30,7 +31,9 @@ from puzzle.modeling import BlockConfig
 from puzzle.modeling.checkpoints import load_model
 from puzzle.modeling.layers import LayerRunner, build_layer, sub_blocks
 
-SPACE = replace(PAPER_LIBRARY, ffn_fractions=[1.0, 0.5, 0.25])
+# Written in float32, so that the initialisations are checked exactly (float16, the default, in
+# tests/test_footprint.py).
+SPACE = replace(PAPER_LIBRARY, ffn_fractions=[1.0, 0.5, 0.25], save_dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +132,13 @@ def test_library_holds_every_variant_initialised_from_the_parent(tiny: dict[str,
         "ffn_noop",
     ]
     layer_state = parent.model.layers[1].state_dict()
-    for name, tensor in lib.load(1, "attn_kv2").items():
-        assert torch.equal(tensor, layer_state[name])
+    # The parent's own sub-blocks are listed, not stored: their weights are the parent's.
+    assert lib.parent_weights(1, "attn_kv2") and lib.parent_weights(1, "ffn_192")
+    with pytest.raises(LibraryError, match="attn_kv2 is the parent's own sub-block"):
+        lib.load(1, "attn_kv2")
+    own = block_state(lib, 1, BlockConfig.from_name("attn_kv2+ffn_96"), layer_state)
+    for name in [k for k in layer_state if k.startswith(("input_layernorm.", "self_attn."))]:
+        assert own[name] is layer_state[name]
     assert lib.load(1, "attn_noop") == {} and lib.load(1, "ffn_noop") == {}
     kv1 = lib.load(1, "attn_kv1")
     assert kv1["self_attn.k_proj.weight"].shape == (16, 64)  # one KV head of dim 16
@@ -173,7 +181,9 @@ def test_linear_variants_reproduce_what_they_approximate(tiny: dict[str, str]) -
     ids = load_split(tiny["tokens"], "calibration")
     hidden, ctx = runner.embed(ids)
     parts = sub_blocks(parent.model.layers[0], hidden, ctx)
-    state = {**lib.load(0, "attn_kv2"), **lib.load(0, "ffn_linear")}
+    state = block_state(
+        lib, 0, BlockConfig.from_name("attn_kv2+ffn_linear"), parent.model.layers[0].state_dict()
+    )
     child = sub_blocks(build_layer(config, BlockConfig.from_name("attn_kv2+ffn_linear"), state), hidden, ctx)
     nmse = (child.ffn_delta - parts.ffn_delta).pow(2).sum() / parts.ffn_delta.pow(2).sum()
     assert float(nmse.detach()) < 0.5

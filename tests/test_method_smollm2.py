@@ -158,7 +158,7 @@ def test_three_candidates_are_realized_evaluated_and_ranked(phases: dict, hybrid
         child,
         scoring=SCORING,
         search=SEARCH,
-        gkd=GKDConfig(),
+        gkd=GKDConfig(keep_steps=True),  # the candidates kept beside the child (else working files)
         device="cpu",
     )
     for i in (1, 2, 3):

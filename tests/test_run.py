@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from corpus import STDLIB_TEXT  # noqa: E402
 
@@ -114,6 +115,22 @@ def test_run_builds_every_phase_and_exports_a_checkpoint_transformers_loads_and_
 
     report = (out / "evaluation" / "report.md").read_text()
     assert "**puzzle** keeps" in report and "| layer_dropping | baseline |" in report
+
+
+def test_the_run_stores_every_weights_file_once_and_no_working_children(tiny_run) -> None:
+    """Issue 16's footprint: children in gkd.save_dtype (float16), the export hard-linked to the
+    distilled child it repeats, no realized baseline child or staging folder left behind."""
+    from safetensors import safe_open
+
+    out = Path(tiny_run["data"]["output"])
+    assert not list(out.rglob("*.partial")) and not (out / "child-steps").exists()
+    assert sorted(p.name for p in (out / "baselines" / "layer_dropping-steps").iterdir()) == ["solutions"]
+    assert os.path.samefile(out / "export" / "model.safetensors", out / "distilled" / "model.safetensors")
+    for folder in ("child", "distilled", "baselines/layer_dropping"):
+        with safe_open(str(out / folder / "model.safetensors"), framework="pt") as fh:
+            assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.float16}, folder  # noqa: SIM118
+    with safe_open(str(out / "parent" / "model.safetensors"), framework="pt") as fh:  # the original's
+        assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.float32}  # noqa: SIM118
 
 
 def test_running_again_skips_every_phase(tiny_run) -> None:

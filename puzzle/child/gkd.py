@@ -93,6 +93,7 @@ RUN_ONLY = (
     "micro_batch_size",
     "loss_chunk",
     "compile",
+    "keep_steps",
 )
 """GKD settings that change how the training runs, not what it computes: not part of the
 artifact's identity (a run resumes across them)."""
@@ -605,7 +606,7 @@ def distill(
         work.mkdir(parents=True, exist_ok=True)
         student, summary = run_training(local, work, request())
         assert student is not None
-        _save(student, local, staging, summary, child)
+        _save(student, local, staging, summary, child, settings.save_dtype)
         return {k: v for k, v in summary.items() if k != "history"}
 
     manifest = artifacts.run_phase(
@@ -616,12 +617,18 @@ def distill(
 
 
 def _save(
-    student: DeciLMForCausalLM, local: dict[str, Path], staging: Path, summary: dict[str, Any], child: str
+    student: DeciLMForCausalLM,
+    local: dict[str, Path],
+    staging: Path,
+    summary: dict[str, Any],
+    child: str,
+    dtype: str,
 ) -> None:
+    """The distilled child, its weights in ``dtype`` (``gkd.save_dtype``)."""
     student.config.use_cache = True
     info = read_parent_info(local["child"])
     info["distilled_from"] = child
-    save_model(student.cpu(), load_tokenizer(local["child"]), staging, info)
+    save_model(student.cpu(), load_tokenizer(local["child"]), staging, info, dtype=dtype)
     (staging / HISTORY).write_text(json.dumps(summary["history"], indent=1) + "\n")
 
 
@@ -649,7 +656,7 @@ def _distill_distributed(
             work.mkdir(parents=True, exist_ok=True)
             parallel.barrier(dist_info)  # the staging directory is ready
             student, summary = run_training(local, work, request())
-            _save(student, local, staging, summary, inputs["child"])
+            _save(student, local, staging, summary, inputs["child"], parameters["save_dtype"])
             return {k: v for k, v in summary.items() if k != "history"}
 
         manifest = artifacts.run_phase(CHILD_KIND, out, inputs, parameters, build_artifact, force=True)

@@ -8,6 +8,7 @@ written as a ``child`` artifact that GKD, evaluation and export take.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from puzzle.modeling import BlockConfig
 from puzzle.modeling.checkpoints import (
     CHILD_KIND,
     MODEL_KINDS,
+    PARENT_INFO,
     count_parameters,
     load_tokenizer,
     read_parent_info,
@@ -96,10 +98,12 @@ def realize(
     out: str,
     *,
     solution_index: int = 0,
+    dtype: str | None = None,
 ) -> artifacts.Manifest:
     """Phase ``realize``: the child of solution ``solution_index`` of ``solutions``, its blocks'
     weights from ``library`` and its embeddings, final norm, LM head and tokenizer from ``parent``
-    (the parent artifact the library was built from)."""
+    (the parent artifact the library was built from), written in ``dtype`` (``gkd.save_dtype``;
+    None: float32, as assembled)."""
     artifacts.require_manifest(library, "library")
     artifacts.require_manifest(parent, MODEL_KINDS)
     solution, blocks = pick_solution(solutions, solution_index)  # fail before loading any weights
@@ -120,7 +124,7 @@ def realize(
             "batch_size": solution.get("batch_size"),
             "coupled_blocks": solution.get("coupled_blocks", []),
         }
-        save_model(child, load_tokenizer(local["parent"]), staging, info)
+        save_model(child, load_tokenizer(local["parent"]), staging, info, dtype=dtype)
         params = count_parameters(child)
         log.info("realized solution %d (%s parameters): %s", solution_index, f"{params:,}", _describe(blocks))
         return {
@@ -133,7 +137,7 @@ def realize(
         CHILD_KIND,
         out,
         {"library": library, "solutions": solutions, "parent": parent},
-        {"solution_index": solution_index},
+        {"solution_index": solution_index, **({"dtype": dtype} if dtype else {})},
         body,
         input_kinds={"library": "library", "solutions": "solutions", "parent": MODEL_KINDS},
     )
@@ -162,13 +166,18 @@ def realize_candidates(
     realized (and, with ``search.candidate_gkd_tokens``, given a short GKD); the one with the lowest
     KL to the parent on the held-out ``scoring.split`` becomes the child. Its ``parent.json`` ranks
     every candidate (quality, predicted and measured speed), which the evaluation report shows.
+    Children are written in ``gkd.save_dtype``.
 
-    Candidates are written under ``<out>-steps/candidate-<rank>/`` (each resumable); the chosen one
-    is copied to ``out`` when there is more than one.
+    With several candidates, they are the phase's working files: each is an artifact (resumable)
+    under the staging directory's ``.work/steps/candidate-<rank>/``, removed once ``out`` is
+    published, or under ``<out>-steps/`` with ``gkd.keep_steps``; the chosen one's files become
+    ``out``'s (hard links, not a second copy). ``out`` is up to date for the same library,
+    solutions, parent, tokens and settings, whether the candidates are still there or not.
     """
     from puzzle.io import storage as store
 
     data = store.read_json(store.join(solutions, SOLUTIONS_FILE))
+    dtype = gkd.save_dtype
     if not data.get("solutions"):
         return realize(library, solutions, parent, out)  # says the search holds no solution
     candidates = [(i, s) for i, s in enumerate(data.get("solutions", [])) if s.get("meets_targets", True)]
@@ -177,22 +186,92 @@ def realize_candidates(
             f"no candidate of {solutions} meets its targets when measured: relax search.constraints"
         )
     if len(candidates) == 1:
-        return realize(library, solutions, parent, out, solution_index=candidates[0][0])
-    steps = f"{out.rstrip('/')}-steps"
-    realized: dict[int, str] = {}
-    for index, _ in candidates:
-        target = store.join(steps, f"candidate-{index + 1}")
-        realize(library, solutions, parent, target, solution_index=index)
-        if search.candidate_gkd_tokens:
-            from puzzle.child.gkd import distill
+        return realize(library, solutions, parent, out, solution_index=candidates[0][0], dtype=dtype)
+    from puzzle.child.gkd import RUN_ONLY
 
-            tuned = store.join(steps, f"candidate-{index + 1}-gkd")
-            short = dataclasses.replace(gkd, token_budget=search.candidate_gkd_tokens)
-            distill(target, parent, tokens, tuned, short, device=device)
-            target = tuned
-        realized[index] = target
-    # The candidates' quality, kept beside them so that a resumed run does not measure it again.
-    record = store.join(steps, "candidates-quality.json")
+    short = dataclasses.replace(gkd, token_budget=search.candidate_gkd_tokens)
+    inputs = {"library": library, "solutions": solutions, "parent": parent, "tokens": tokens}
+    parameters = {
+        "candidates": [i for i, _ in candidates],
+        "dtype": dtype,
+        "split": scoring.split,
+        "candidate_gkd": (
+            {k: v for k, v in dataclasses.asdict(short).items() if k not in RUN_ONLY}
+            if search.candidate_gkd_tokens
+            else None
+        ),
+    }
+
+    def body(staging: Path, _local: dict[str, Path]) -> dict[str, Any]:
+        steps = artifacts.steps_dir(out, staging, keep=gkd.keep_steps)
+        realized: dict[int, str] = {}
+        for index, _ in candidates:
+            target = store.join(steps, f"candidate-{index + 1}")
+            realize(library, solutions, parent, target, solution_index=index, dtype=dtype)
+            if search.candidate_gkd_tokens:
+                from puzzle.child.gkd import distill
+
+                tuned = store.join(steps, f"candidate-{index + 1}-gkd")
+                distill(target, parent, tokens, tuned, short, device=device)
+                target = tuned
+            realized[index] = target
+        quality = _quality_once(realized, parent, tokens, scoring, device, store.join(steps, QUALITY_FILE))
+        ranking = []
+        for index, sol in enumerate(data["solutions"]):
+            ranking.append(
+                {
+                    "rank": index + 1,
+                    "kl_div": quality.get(index, {}).get("kl_div"),
+                    "accuracy": quality.get(index, {}).get("accuracy"),
+                    "predicted_speedup": sol["relative_to_parent"]["throughput"],
+                    "measured_speedup": _measured_speedup(sol, data.get("parent") or {}),
+                    "measured": sol.get("measured"),
+                    "meets_targets": sol.get("meets_targets", True),
+                    "blocks": sol["blocks"],
+                }
+            )
+        best = min(realized, key=lambda i: quality[i]["kl_div"])
+        for entry in ranking:
+            entry["chosen"] = entry["rank"] == best + 1
+        log.info(
+            "candidates: %s; chosen #%d",
+            ", ".join(f"#{i + 1} KL {q['kl_div']:.4f}" for i, q in sorted(quality.items())),
+            best + 1,
+        )
+        # The chosen candidate's files are the child's (hard links); its parent.json, extended with
+        # the ranking, is written anew (never in place: the candidate's own would change with it).
+        chosen = artifacts.adopt(realized[best], staging, skip=(PARENT_INFO,))
+        info = read_parent_info(artifacts.materialize(realized[best], CHILD_KIND))
+        info["realized_from"] = {**info.get("realized_from", {}), "candidates": ranking, "chosen": best + 1}
+        (staging / PARENT_INFO).write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
+        return dict(chosen.summary)
+
+    return artifacts.run_phase(
+        CHILD_KIND,
+        out,
+        inputs,
+        parameters,
+        body,
+        input_kinds={
+            "library": "library",
+            "solutions": "solutions",
+            "parent": MODEL_KINDS,
+            "tokens": "tokens",
+        },
+        materialize_inputs=False,  # each candidate's realize reads (and checks) them
+    )
+
+
+QUALITY_FILE = "candidates-quality.json"
+
+
+def _quality_once(
+    realized: dict[int, str], parent: str, tokens: str, scoring: ScoringConfig, device: str, record: str
+) -> dict[int, dict[str, float]]:
+    """The candidates' quality, kept beside them (``record``) so that a resumed run does not measure
+    it again."""
+    from puzzle.io import storage as store
+
     key = {
         "candidates": {str(i): artifacts.fingerprint(uri) for i, uri in realized.items()},
         "parent": artifacts.fingerprint(parent),
@@ -204,32 +283,10 @@ def realize_candidates(
     except store.StorageError:  # a torn write: measure again
         cached = None
     if isinstance(cached, dict) and cached.get("key") == key:
-        quality = {int(i): q for i, q in cached["quality"].items()}
-    else:
-        quality = _candidate_quality(realized, parent, tokens, scoring, device)
-        store.write_json(record, {"key": key, "quality": {str(i): q for i, q in quality.items()}})
-    ranking = []
-    for index, sol in enumerate(data["solutions"]):
-        entry = {
-            "rank": index + 1,
-            "kl_div": quality.get(index, {}).get("kl_div"),
-            "accuracy": quality.get(index, {}).get("accuracy"),
-            "predicted_speedup": sol["relative_to_parent"]["throughput"],
-            "measured_speedup": _measured_speedup(sol, data.get("parent") or {}),
-            "measured": sol.get("measured"),
-            "meets_targets": sol.get("meets_targets", True),
-            "blocks": sol["blocks"],
-        }
-        ranking.append(entry)
-    best = min(realized, key=lambda i: quality[i]["kl_div"])
-    for entry in ranking:
-        entry["chosen"] = entry["rank"] == best + 1
-    log.info(
-        "candidates: %s; chosen #%d",
-        ", ".join(f"#{i + 1} KL {q['kl_div']:.4f}" for i, q in sorted(quality.items())),
-        best + 1,
-    )
-    return _copy_child(realized[best], out, {"candidates": ranking, "chosen": best + 1}, inputs=realized)
+        return {int(i): q for i, q in cached["quality"].items()}
+    quality = _candidate_quality(realized, parent, tokens, scoring, device)
+    store.write_json(record, {"key": key, "quality": {str(i): q for i, q in quality.items()}})
+    return quality
 
 
 def _measured_speedup(solution: dict[str, Any], parent: dict[str, Any]) -> float | None:
@@ -261,23 +318,3 @@ def _candidate_quality(
         models, reference, ids, batch_size=scoring.batch_size, device=resolve_device(device)
     )
     return {i: figures[str(i)] for i in realized}
-
-
-def _copy_child(source: str, out: str, extra: dict[str, Any], inputs: dict[int, str]) -> artifacts.Manifest:
-    """The chosen candidate as the stage's output, its ``parent.json`` extended with ``extra``."""
-    import json
-    import shutil
-
-    def body(staging: Path, local: dict[str, Path]) -> dict[str, Any]:
-        src = artifacts.materialize(source, CHILD_KIND)
-        for path in src.iterdir():
-            if path.name != artifacts.MANIFEST and path.is_file():
-                shutil.copyfile(path, staging / path.name)
-        info = read_parent_info(src)
-        info["realized_from"] = {**info.get("realized_from", {}), **extra}
-        (staging / "parent.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
-        chosen = artifacts.read_manifest(source)
-        return dict(chosen.summary) if chosen is not None else {}
-
-    named = {f"candidate-{i + 1}": uri for i, uri in inputs.items()}
-    return artifacts.run_phase(CHILD_KIND, out, named, {"chosen": extra["chosen"]}, body)

@@ -373,12 +373,15 @@ def run_phase(
     input_kinds = dict(input_kinds or {})
     input_refs: dict[str, dict[str, str]] = {}
     local_inputs: dict[str, Path] = {}
+    verified: list[Path] = []  # local input artifacts whose files were just checked
     for name, uri in inputs.items():
         if name in input_kinds:
             require_manifest(uri, input_kinds[name])
         input_refs[name] = {"uri": uri, "hash": fingerprint(uri)}
         if materialize_inputs and read_manifest(uri) is not None:
             local_inputs[name] = materialize(uri)
+            if not storage.is_s3(uri):
+                verified.append(local_inputs[name])
         else:
             local_inputs[name] = Path(uri)
     staging = work_dir_for(out)
@@ -407,7 +410,76 @@ def run_phase(
         files=checksum_dir(staging),
         summary=_canonical(summary),
     )
+    if not storage.is_s3(out):
+        link_duplicates(staging, manifest.files, verified)
     publish(staging, out, manifest)
+    return manifest
+
+
+def link_duplicates(staging: Path, files: Mapping[str, Mapping[str, Any]], sources: list[Path]) -> int:
+    """Replace every file of ``staging`` that is identical (size and SHA-256) to a file of one of the
+    local artifacts ``sources`` by a hard link to that file, so an output that repeats an input's file
+    (an export of a child, a tokenizer) takes no second copy on disk. Artifacts are never modified in
+    place (a rebuilt one is a new directory), so the two stay equal; where a link cannot be made
+    (another file system), the copy stays. Returns the bytes saved."""
+    known: dict[tuple[str, int], Path] = {}
+    for source in sources:
+        manifest = read_manifest(str(source))
+        for rel, meta in (manifest.files if manifest is not None else {}).items():
+            known.setdefault((meta["sha256"], int(meta["size"])), source / rel)
+    saved = 0
+    for rel, entry in files.items():
+        original = known.get((entry["sha256"], int(entry["size"])))
+        path = staging / rel
+        if original is None or original.is_symlink() or not original.is_file() or path.is_symlink():
+            continue
+        if os.path.samefile(original, path):
+            continue
+        link = path.with_name(f".{path.name}.link")
+        try:
+            link.unlink(missing_ok=True)
+            os.link(original, link)
+            os.replace(link, path)
+        except OSError as exc:
+            link.unlink(missing_ok=True)
+            log.debug("kept a copy of %s (no hard link to %s: %s)", path, original, exc)
+            continue
+        saved += int(entry["size"])
+    if saved:
+        log.info("%s: %.1f MB identical to its inputs' files, hard-linked", staging, saved / 1e6)
+    return saved
+
+
+def steps_dir(out: str, staging: Path, *, keep: bool, work: str | None = None) -> str:
+    """Where a phase writes the artifacts it makes on its way to ``out`` (candidates, a realized
+    child before GKD): ``work`` (default ``<out>-steps``) when they are kept, else ``.work/steps`` of
+    its staging directory, which survives an interruption and is removed when ``out`` is published."""
+    if keep:
+        return work or f"{out.rstrip('/')}-steps"
+    return str(staging / ".work" / "steps")
+
+
+def adopt(source: str, staging: Path, *, skip: tuple[str, ...] = ()) -> Manifest:
+    """The files of the artifact at ``source`` (its manifest and ``skip`` aside) placed into
+    ``staging``, a phase's staging directory, as hard links where possible (else copies), and
+    ``source``'s manifest: a phase whose output is one of its working artifacts (under
+    ``staging/.work``, removed when the output is published) or a kept step takes no second copy.
+    A file the phase then changes must be written anew, not in place (it may be ``source``'s too):
+    name it in ``skip``."""
+    manifest = read_manifest(source)
+    if manifest is None:
+        raise ArtifactError(f"no artifact at {source} (no manifest.json)")
+    local = materialize(source)
+    for rel in manifest.files:
+        if rel in skip:
+            continue
+        src, dst = storage.local_path_in(local, rel, source), staging / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.unlink(missing_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
     return manifest
 
 

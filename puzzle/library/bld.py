@@ -646,6 +646,16 @@ def _variant_info(
     return dict(lib.info(layer, name))
 
 
+def _stored(base: Library, tensors: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """``tensors`` in the dtype the library stores its variants in (``library.save_dtype``, recorded in
+    its ``space``; older libraries: as trained, float32). BLD trains in float32; what it writes
+    takes no more room than the initial variants."""
+    from puzzle.modeling.checkpoints import storage_tensors
+
+    stored, _ = storage_tensors(tensors, (base.meta.get("space") or {}).get("save_dtype"), what=what)
+    return stored
+
+
 def _write_full_library(
     staging: Path, base: Library, trained: dict[tuple[int, str], dict[str, Any]], bld_meta: dict[str, Any]
 ) -> None:
@@ -674,7 +684,7 @@ def _write_full_library(
             tensors.update({f"{name}/{k}": v for k, v in entry["tensors"].items()})
             info = variants.get(name) or _variant_info(base, layer, name, entry["kind"], entry["tensors"])
             variants[name] = {**info, "trained": True, "bld": entry["bld"]}
-        save_file(tensors, str(target))
+        save_file(_stored(base, tensors, target.name), str(target))
     meta["partial"] = False
     meta["bld"] = bld_meta
     meta.pop("base", None)
@@ -703,7 +713,7 @@ def _write_shard(
             tensors.update({f"{name}/{k}": v for k, v in entry["tensors"].items()})
             info = _variant_info(base, layer, name, entry["kind"], entry["tensors"])
             variants[name] = {**info, "trained": True, "bld": entry["bld"]}
-        save_file(tensors, str(staging / layer_file(layer)))
+        save_file(_stored(base, tensors, layer_file(layer)), str(staging / layer_file(layer)))
         layers[str(layer)] = {"variants": variants}
     meta = {
         "format_version": base.meta["format_version"],

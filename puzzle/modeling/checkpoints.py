@@ -142,12 +142,78 @@ def load_sharded_state(state: dict[str, Any], folder: Path) -> None:
         ) from None
 
 
+STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+"""Dtypes weights may be written in (``library.save_dtype``, ``gkd.save_dtype``)."""
+
+
+def storage_tensors(
+    tensors: dict[str, torch.Tensor], dtype: str | torch.dtype | None, *, what: str
+) -> tuple[dict[str, torch.Tensor], torch.dtype | None]:
+    """``tensors`` as they are written at ``dtype`` (floating tensors cast, tensors that share
+    storage still sharing it, so tied weights stay tied), and the dtype they got.
+
+    ``dtype`` None keeps them as they are. Values beyond float16's range (65,504) would become
+    infinite: then every tensor stays as it is (float32), with a warning naming ``what``.
+    """
+    target = parse_dtype(dtype)
+    floating = [t for t in tensors.values() if t.is_floating_point()]
+    if target is None or all(t.dtype == target for t in floating):
+        return tensors, target if floating else None
+    if target == torch.float16:
+        limit = torch.finfo(torch.float16).max
+        big = next(
+            (
+                k
+                for k, t in tensors.items()
+                if t.is_floating_point() and t.numel() and float(t.detach().abs().max()) > limit
+            ),
+            None,
+        )
+        if big is not None:
+            log.warning(
+                "%s: %s holds values beyond float16's range; written in %s",
+                what,
+                big,
+                str(floating[0].dtype).removeprefix("torch."),
+            )
+            return tensors, None
+    cast: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def one(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():
+            return t
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if key not in cast:
+            cast[key] = t.detach().to(target)
+        return cast[key]
+
+    return {k: one(t) for k, t in tensors.items()}, target
+
+
 def save_model(
-    model: DeciLMForCausalLM, tokenizer: Any, directory: Path, parent_info: dict[str, Any]
+    model: DeciLMForCausalLM,
+    tokenizer: Any,
+    directory: Path,
+    parent_info: dict[str, Any],
+    *,
+    dtype: str | torch.dtype | None = None,
 ) -> None:
-    """Write a child's files (weights, config, tokenizer, generation config, parent info)."""
+    """Write a model's files (weights, config, tokenizer, generation config, parent info).
+
+    ``dtype``: the weights are written in it (``config.json`` says so; loaders cast them to the
+    dtype they compute in); None: in the model's own dtype."""
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory, safe_serialization=True, max_shard_size="100GB")
+    own = model.state_dict()
+    state, stored = storage_tensors(own, dtype, what=str(directory))
+    cast = state is not own
+    model.save_pretrained(
+        directory, safe_serialization=True, max_shard_size="100GB", state_dict=state if cast else None
+    )
+    if cast and stored is not None:
+        config_file = directory / "config.json"
+        config = json.loads(config_file.read_text())
+        config["dtype"] = str(stored).removeprefix("torch.")
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     (directory / PARENT_INFO).write_text(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -384,15 +385,20 @@ def baseline_child(
     device: str = "auto",
 ) -> Manifest:
     """Phase ``baselines`` (one method): the baseline's solution, its child realized from the library
-    and, with ``baselines.gkd``, distilled with the Puzzle child's GKD settings.
+    and, with ``baselines.gkd``, distilled with the Puzzle child's GKD settings; children are written
+    in ``gkd.save_dtype``.
 
-    The solution and the realized child are written under ``work`` (default ``<out>-steps``:
-    ``solutions/``, ``realized/``); the final child at ``out`` (its ``parent.json`` names the
-    method). Each step resumes like any phase.
+    The solution is written under ``work`` (default ``<out>-steps``: ``solutions/``), the final child
+    at ``out`` (its ``parent.json`` names the method). With GKD, the realized child is a working file
+    of ``out`` (under its staging ``.work/``, removed once ``out`` is published; with
+    ``gkd.keep_steps`` under ``work`` as ``realized/``), and ``out`` is up to date for the same
+    solution, library, parent, tokens and GKD settings whether it is still there or not. Each step
+    resumes like any phase.
     """
-    from puzzle.child.gkd import distill
+    from puzzle.child.gkd import RUN_ONLY, distill
     from puzzle.child.realize import realize
     from puzzle.io import storage
+    from puzzle.modeling.checkpoints import CHILD_KIND, MODEL_KINDS
 
     work = work or f"{out.rstrip('/')}-steps"
     solutions = storage.join(work, "solutions")
@@ -403,8 +409,30 @@ def baseline_child(
         # No child to realize: the baseline's output is its solutions, which say why (the report
         # lists it as unable to reach the target rather than comparing a degenerate child).
         return artifacts.copy(solutions, out, SOLUTIONS_KIND)
-    realized = storage.join(work, "realized") if baselines.gkd else out
-    manifest = realize(library, solutions, parent, realized)
-    if baselines.gkd:
-        manifest = distill(realized, parent, tokens, out, gkd, device=device)
-    return manifest
+    if not baselines.gkd:
+        return realize(library, solutions, parent, out, dtype=gkd.save_dtype)
+
+    def body(staging: Path, _local: dict[str, Path]) -> dict[str, Any]:
+        steps = artifacts.steps_dir(out, staging, keep=gkd.keep_steps, work=work)
+        realized = storage.join(steps, "realized")
+        realize(library, solutions, parent, realized, dtype=gkd.save_dtype)
+        distilled = distill(
+            realized, parent, tokens, str(staging / ".work" / "distilled"), gkd, device=device
+        )
+        artifacts.adopt(str(staging / ".work" / "distilled"), staging)
+        return dict(distilled.summary)
+
+    return run_phase(
+        CHILD_KIND,
+        out,
+        {"library": library, "solutions": solutions, "parent": parent, "tokens": tokens},
+        {"gkd": {k: v for k, v in asdict(gkd).items() if k not in RUN_ONLY}},
+        body,
+        input_kinds={
+            "library": "library",
+            "solutions": SOLUTIONS_KIND,
+            "parent": MODEL_KINDS,
+            "tokens": "tokens",
+        },
+        materialize_inputs=False,  # realize and GKD read (and check) them
+    )
