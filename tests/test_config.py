@@ -200,3 +200,20 @@ def test_example_config_is_valid_and_every_field_is_documented(tmp_path: Path) -
             assert isinstance(node, dict) and part in node, f"`puzzle run --print-config` has no {path}"
             node = node[part]
     assert set(printed) == {f.name for f in dataclasses.fields(RunConfig)}
+
+
+@pytest.mark.parametrize(("flags", "hidden"), [([], True), (["-v"], False)])
+def test_puzzle_run_hides_transformers_loading_bars_unless_verbose(
+    flags: list[str], hidden: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`puzzle run` prints one line per phase and the phases' own progress bars; transformers'
+    "Loading weights" bar (one per model a phase loads, through the hub's switch) only with -v."""
+    import os
+
+    from puzzle.cli import main
+
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")  # restored (to unset) after the test
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")
+    assert main([*flags, "run", "--print-config"]) == 0
+    assert "output:" in capsys.readouterr().out
+    assert (os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1") is hidden

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from importlib.metadata import entry_points
 
@@ -71,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "urllib3", "botocore", "filelock", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if level > logging.INFO:
+        # One line per phase plus the phases' own progress bars: not transformers' and the hub's
+        # ("Loading weights" for every model a phase loads); -v shows them.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
