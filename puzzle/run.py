@@ -111,11 +111,13 @@ class Runner:
         on_phase: Callable[[PhaseRecord], None] | None = None,
         jobs: int = 1,
         until: str | None = None,
+        force: tuple[str, ...] = (),
     ) -> None:
         self.config = config
         self.on_phase = on_phase
         self.jobs = jobs
         self.until = until
+        self.force = set(force)
         self.result = RunResult(config)
         self._rebuilt: set[str] = set()
 
@@ -234,6 +236,10 @@ class Runner:
         cfg = self.config
         with tracking.pipeline_run(cfg, name=f"puzzle-{cfg.digest}") as run:
             units = self.plan()
+            for unit in units:
+                if unit.stage.name in self.force and artifacts.read_manifest(unit.uri) is not None:
+                    log.warning("%s: rebuilt as asked (--force %s)", unit.uri, unit.stage.name)
+                    _invalidate(unit.uri)
             if self.jobs > 1:
                 from puzzle.workers import run_units
 
@@ -279,20 +285,22 @@ def run(
     check_access: bool = True,
     jobs: int = 1,
     until: str | None = None,
+    force: tuple[str, ...] = (),
 ) -> RunResult:
     """Run every stage of ``config`` (skipping those already done); see the module docstring.
 
     ``jobs`` > 1: independent units (shards, baselines, a stage beside another) run at once on that
     many worker processes, one GPU each on CUDA (:mod:`puzzle.workers`). ``until``: stop after that
-    stage."""
+    stage. ``force``: rebuild these stages (and, as always, every stage that reads them) even where
+    their outputs are up to date (a corrupt or doubted artifact)."""
     from puzzle.workers import check_jobs
 
-    if until is not None and until not in {s.name for s in STAGES}:
-        raise PuzzleError(
-            f"--until {until!r} is not a stage; the stages: {', '.join(s.name for s in STAGES)}"
-        )
+    names = [s.name for s in STAGES if s.output]
+    for flag, value in [("--until", until), *[("--force", f) for f in force]]:
+        if value is not None and value not in names:
+            raise PuzzleError(f"{flag} {value!r} is not a stage; the stages: {', '.join(names)}")
     check_jobs(jobs, config.device)
     if check_access:
         check_storage(config)
     check_outputs(config)
-    return Runner(config, on_phase=on_phase, jobs=jobs, until=until).run()
+    return Runner(config, on_phase=on_phase, jobs=jobs, until=until, force=tuple(force)).run()

@@ -226,3 +226,18 @@ def test_invalid_configs_fail_before_any_model_is_loaded(
     assert main(["run", "--config", str(path)]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_force_rebuilds_a_corrupt_stage_and_what_reads_it(tiny_run) -> None:
+    """`puzzle run --force search` over a corrupted search output: the search and every stage after it
+    are rebuilt, the stages before it and the baselines are not; an unknown stage is refused first."""
+    out = Path(tiny_run["data"]["output"])
+    solutions = out / "solutions" / "solutions.json"
+    solutions.write_text(solutions.read_text() + " ")  # corrupt: its checksum no longer matches
+    with pytest.raises(Exception, match="is not a stage"):
+        run(parse_config(tiny_run["data"]), force=("serch",))
+    result = run(parse_config(tiny_run["data"]), force=("search",))
+    assert set(result.rebuilt) == {"search", "realize", "gkd", "evaluate", "export"}
+    manifest = artifacts.read_manifest(str(out / "solutions"))
+    assert manifest is not None
+    artifacts.verify_local(out / "solutions", manifest, "solutions")  # raises on a checksum mismatch

@@ -30,10 +30,10 @@ def description() -> str:
         "Resume: a phase whose output exists for the same inputs and parameters is skipped, so the same "
         "command",
         "finishes at once the second time and continues where a stopped run stopped. Delete a phase's folder "
-        "to",
-        "redo it and what depends on it. Without --config: the embedded default (the real SmolLM2-135M "
-        "parent,",
-        "demo budgets, local storage and MLflow store). Every field: docs/config.md.",
+        "(or",
+        "--force STAGE) to redo it and what depends on it. Without --config: the embedded default (the real "
+        "SmolLM2-135M",
+        "parent, demo budgets, local storage and MLflow store). Every field: docs/config.md.",
     ]
     return "\n".join(lines)
 
@@ -61,6 +61,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run independent phases, shards and baselines at once on N worker processes: on CUDA one "
         "GPU each (of those CUDA_VISIBLE_DEVICES shows), on a CPU sharing the cores, speed measured "
         "with nothing beside it (default 1: one phase at a time, in this process)",
+    )
+    p.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="rebuild this stage (repeatable) and every stage that reads it, even where up to date "
+        "(e.g. after an artifact was reported corrupt)",
     )
     p.add_argument(
         "--until",
@@ -97,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"puzzle run: parent {config.parent}, output {config.output}, constraints {config.search.constraints}"
     )
-    result = run_all(config, on_phase=show, check_access=False, jobs=args.jobs, until=args.until)
+    result = run_all(
+        config, on_phase=show, check_access=False, jobs=args.jobs, until=args.until, force=tuple(args.force)
+    )
     if args.until is not None and args.until not in ("export", "register"):
         print(f"\nstopped after {args.until} (--until): run without --until to carry on")
         return 0

@@ -149,7 +149,7 @@ def rebuild_hint(where: str) -> str:
     """What to do about a corrupt or tampered artifact."""
     return (
         f"delete {where} and re-run the command that wrote it (`puzzle run` then rebuilds it and every "
-        "phase after it)"
+        "phase after it; `puzzle run --force STAGE` does both for the stage that wrote it)"
     )
 
 
