@@ -400,6 +400,25 @@ def plan(args: argparse.Namespace) -> list[Task]:
             tasks.append(
                 Task(f"{root.name}-{ABLATION}", root, 1, (root.name,), sets(root, target), ablate=True)
             )
+        if args.no_bld:
+            tasks.append(
+                Task(
+                    f"{nobld.name}-{ABLATION}",
+                    nobld,
+                    1,
+                    (nobld.name,),
+                    sets(nobld, targets[0], NO_BLD_SETS),
+                    ablate=True,
+                )
+            )
+    if args.only:
+        unknown = sorted(set(args.only) - {t.name for t in tasks})
+        if unknown:
+            raise SystemExit(f"--only: no task {', '.join(unknown)} (tasks: {', '.join(t.name for t in tasks)})")
+        kept = {t.name for t in tasks if t.name in args.only}
+        tasks = [
+            dataclasses.replace(t, after=tuple(a for a in t.after if a in kept)) for t in tasks if t.name in kept
+        ]
     return tasks
 
 
@@ -1112,6 +1131,13 @@ def main() -> int:
     )
     p.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip the no-GKD ablation")
     p.add_argument("--no-bld-ablation", dest="no_bld", action="store_false", help="skip the no-BLD ablation")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="TASK",
+        default=[],
+        help="run only these tasks of the plan (e.g. upstream-nobld t1.5-nobld), each free of the others",
+    )
     p.add_argument(
         "--evaluate-s", type=float, default=EVALUATE_S, help="start the evaluation only with this many s left"
     )
