@@ -414,10 +414,13 @@ def plan(args: argparse.Namespace) -> list[Task]:
     if args.only:
         unknown = sorted(set(args.only) - {t.name for t in tasks})
         if unknown:
-            raise SystemExit(f"--only: no task {', '.join(unknown)} (tasks: {', '.join(t.name for t in tasks)})")
+            names = ", ".join(t.name for t in tasks)
+            raise SystemExit(f"--only: no task {', '.join(unknown)} (the plan's tasks: {names})")
         kept = {t.name for t in tasks if t.name in args.only}
         tasks = [
-            dataclasses.replace(t, after=tuple(a for a in t.after if a in kept)) for t in tasks if t.name in kept
+            dataclasses.replace(t, after=tuple(a for a in t.after if a in kept))
+            for t in tasks
+            if t.name in kept
         ]
     return tasks
 
