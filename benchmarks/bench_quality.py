@@ -20,7 +20,8 @@ prose (``data.ood_source: english``). Every task resumes what was finished (``pu
 finished phases, BLD and GKD resume from checkpoints); a task whose evaluation would start with
 less than ``--evaluate-s`` seconds left stops instead (an evaluation cannot resume midway).
 ``summarize`` writes ``quality_gpu.json`` in issue 13's format, copies the reports and plots, and
-prints the table.
+prints the table; ``merge`` joins the summaries of several machines (a task redone elsewhere with
+``run --only TASK``) into one.
 
 Device calls (at most 10 minutes each; the machine is given back ~30 s after a call ends, so make
 each call right after the previous one and do nothing to the working tree in between: every call
@@ -801,7 +802,7 @@ def summarize_root(work: Path, root: Path) -> dict[str, Any]:
     constraints = list(config.search.constraints) if config else []
     target = _target_of(constraints)
     trained = _manifest_summary(root / "trained")
-    bld_tokens = trained.get("tokens_per_variant")
+    bld_tokens = trained.get("tokens_per_variant", config.bld.token_budget if config else None)
     done = sorted(p.name for p in root.iterdir() if (p / "manifest.json").is_file()) if root.is_dir() else []
     entry: dict[str, Any] = {
         "root": str(root),
@@ -865,14 +866,13 @@ def summarize_root(work: Path, root: Path) -> dict[str, Any]:
     batch = int((metrics.get("workload") or {}).get("batch_size") or BATCH)
     common = {"evaluated": metrics["models"], "batch": batch, "target": target, "bld_tokens": bld_tokens}
     entry["children"] = _children(metrics, root, **common, ablation=False)
-    if root.name.endswith(NO_BLD):  # Puzzle on the initialised library: the no-BLD ablation
-        for child in entry["children"]:
-            child["name"] = child["name"].replace("puzzle", "puzzle_no_bld", 1)
-            child["method"] = "no_bld"
-        return entry
     ablation = _read_json(root.parent / f"{root.name}-{ABLATION}.json")
     if ablation is not None:
         entry["children"] += _children(ablation, root, **common, ablation=True)
+    if root.name.endswith(NO_BLD):  # Puzzle on the initialised library: the no-BLD ablation
+        for child in entry["children"]:
+            child["name"] = child["name"].replace("puzzle", "puzzle_no_bld", 1)
+            child["method"] = child["method"].replace("puzzle", "no_bld", 1)
     return entry
 
 
@@ -973,6 +973,120 @@ def cmd_summarize(args: argparse.Namespace) -> int:
         print(table(result))
     for name, seconds in result["phase_seconds"].items():
         print(f"\nphase seconds ({name}): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """One ``quality_gpu.json`` from the ``summarize`` outputs of several machines (e.g. the 4-GPU
+    run and the no-BLD ablation redone on one GPU): children, targets and phase times side by side,
+    each part's card, parent speed and description under ``parts``. Children that name no BLD
+    budget get their target's."""
+    parts, merged_children, targets, seconds = [], {}, {}, {}
+    for spec in args.parts:
+        path, _, description = spec.partition("=")
+        part = _read_json(Path(path))
+        if part is None or part.get("issue") != 13:
+            raise SystemExit(f"{path}: not a quality_gpu.json written by `summarize`")
+        parts.append(
+            {
+                "file": Path(path).name,
+                "description": description or None,
+                "card": part.get("card"),
+                "status": part.get("status"),
+                "parent_throughput": (part.get("parent") or {}).get("throughput"),
+                "targets": sorted(part.get("targets") or {}),
+                "software": part.get("software"),
+            }
+        )
+        for name, target in (part.get("targets") or {}).items():
+            if target.get("status") == "complete" or name not in targets:
+                targets[name] = target
+        for name, per in (part.get("phase_seconds") or {}).items():
+            seconds.setdefault(name, {}).update(per)
+        for child in part.get("children") or []:
+            if child.get("bld_tokens_per_variant") is None:
+                nobld = str(child.get("method")).startswith("no_bld")
+                root = f"t{child['target']:g}" + (NO_BLD if nobld else "")
+                budgets = (targets.get(root) or {}).get("budgets") or {}
+                child["bld_tokens_per_variant"] = budgets.get("bld_tokens_per_variant")
+            merged_children[child["name"]] = child
+    first = _read_json(Path(args.parts[0].partition("=")[0])) or {}
+    cards = {p["card"] for p in parts}
+    result = {
+        "issue": 13,
+        "status": "complete" if all(t.get("status") == "complete" for t in targets.values()) else "partial",
+        "card": next(iter(cards)) if len(cards) == 1 else sorted(cards),
+        "parent": first.get("parent"),
+        "children": list(merged_children.values()),
+        "targets": targets,
+        "phase_seconds": seconds,
+        "parts": parts,
+        "not_run": {} if any(n.endswith(NO_BLD) for n in targets) else first.get("not_run", {}),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    say(f"wrote {out} ({result['status']}, {len(result['children'])} children from {len(parts)} parts)")
+    print(table(result))
+    return 0
+
+
+MARKERS = {"puzzle": "o", "no_bld": "P", "greedy": "s", "noop_only": "^", "layer_dropping": "v"}
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Accuracy kept (in domain, out of domain with its 95 % interval) against the measured speedup,
+    one panel per domain, every GKD'd child near the targets (a child beyond ``--max-speedup``, e.g.
+    a uniform architecture that overshoots, is named in the caption instead)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    result = _read_json(Path(args.json))
+    if result is None:
+        raise SystemExit(f"{args.json}: no quality_gpu.json there")
+    children = [c for c in result["children"] if c.get("gkd_tokens") and c.get("measured_speedup")]
+    shown = [c for c in children if c["measured_speedup"] <= args.max_speedup]
+    left_out = sorted({c["name"] for c in children} - {c["name"] for c in shown})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    for ax, (key, title) in zip(
+        axes, [("in_domain", "in domain (Python code)"), ("out_of_domain", "out of domain (English prose)")]
+    ):
+        for child in shown:
+            kept = child["accuracy_kept"]
+            ci = kept.get(f"{key}_ci95")
+            err = [[100 * (kept[key] - ci[0])], [100 * (ci[1] - kept[key])]] if ci else None
+            method = child["method"]
+            ax.errorbar(
+                child["measured_speedup"],
+                100 * kept[key],
+                yerr=err,
+                fmt=MARKERS.get(method, "x"),
+                color="C0" if method == "puzzle" else ("C2" if method == "no_bld" else "0.45"),
+                capsize=3,
+                markersize=8,
+            )
+            ax.annotate(
+                child["name"],
+                (child["measured_speedup"], 100 * kept[key]),
+                fontsize=7,
+                xytext=(4, 3),
+                textcoords="offset points",
+            )
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("measured decode speedup (batch 64, prompt 128, 1,024 generated)")
+        ax.set_ylabel("next-token accuracy kept (%)")
+        ax.grid(alpha=0.3)
+    card = result.get("card")
+    fig.suptitle(
+        f"SmolLM2-135M children after {shown[0]['gkd_tokens']:,} GKD tokens each, {card}"
+        + (f" (not shown: {', '.join(left_out)})" if left_out else ""),
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    say(f"wrote {args.out}")
     return 0
 
 
@@ -1158,6 +1272,17 @@ def main() -> int:
         "--copy-dir", help="where report.md, metrics.json and pareto.png go (default: beside --out)"
     )
     p.set_defaults(func=cmd_summarize)
+
+    p = sub.add_parser("plot", help="accuracy kept vs measured speedup of quality_gpu.json's children")
+    p.add_argument("--json", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-speedup", type=float, default=2.5, help="children beyond are named, not drawn")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("merge", help="one quality_gpu.json from the summaries of several machines")
+    p.add_argument("parts", nargs="+", metavar="JSON[=DESCRIPTION]", help="summarize outputs, first = main")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("start", help="`run` in the background unless running, then follow its log")
     p.add_argument("--work", required=True)

@@ -10,6 +10,7 @@ import torch
 
 from puzzle.config import BLDConfig, ConfigError, DataConfig, LibraryConfig
 from puzzle.data import prepare
+from puzzle.io import artifacts
 from puzzle.library import bld
 from puzzle.library.bld import BLDError, lr_at, merge, train
 from puzzle.library.variants import PAPER_LIBRARY, Library, LibraryError, assemble_child, build_library
@@ -93,8 +94,15 @@ def test_two_shards_merge_into_the_unsharded_library(tiny: dict[str, str]) -> No
         assemble_child(tiny["parent"], parts[0], [BlockConfig.from_name("attn_kv2+ffn_192")] * 3)
     with pytest.raises(BLDError, match="every shard 0..1"):
         merge(shards[:1], str(root / "half"))
-    merge(shards, str(root / "merged"))
+    merged = merge(shards, str(root / "merged"))
     _assert_same_library(Library.open(str(root / "merged")), Library.open(tiny["full"]))
+    # the merged manifest reports the run's budget and fit like an unsharded run's
+    full = artifacts.read_manifest(tiny["full"])
+    assert full is not None
+    for key in ("steps", "tokens_per_variant", "trained_variants"):
+        assert merged.summary[key] == full.summary[key], key
+    for key in ("mean_initial_nmse", "mean_final_nmse"):
+        assert merged.summary[key] == pytest.approx(full.summary[key], rel=1e-6), key
 
 
 def test_killed_run_resumes_from_its_checkpoint(tiny: dict[str, str]) -> None:
