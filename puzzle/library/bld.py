@@ -783,13 +783,17 @@ def merge(shard_uris: list[str], out: str, *, base: str | None = None) -> Manife
         bld_meta = {**settings[0], "shard": None, "merged_from": len(shards)}
         _write_full_library(staging, base_lib, trained, bld_meta)
         stats = [t["bld"] or {} for t in trained.values()]
+
+        def mean_of(key: str) -> float | None:
+            return _mean([s[key] for s in stats if s.get(key) is not None])
+
         return {
             "trained_variants": len(trained),
             "merged_shards": len(shards),
             "steps": settings[0].get("steps"),
             "tokens_per_variant": settings[0].get("tokens_per_variant"),
-            "mean_initial_nmse": _mean([s["initial_nmse"] for s in stats if s.get("initial_nmse") is not None]),
-            "mean_final_nmse": _mean([s["final_nmse"] for s in stats if s.get("final_nmse") is not None]),
+            "mean_initial_nmse": mean_of("initial_nmse"),
+            "mean_final_nmse": mean_of("final_nmse"),
             "partial": False,
         }
 
