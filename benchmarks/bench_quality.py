@@ -802,7 +802,9 @@ def summarize_root(work: Path, root: Path) -> dict[str, Any]:
     constraints = list(config.search.constraints) if config else []
     target = _target_of(constraints)
     trained = _manifest_summary(root / "trained")
-    bld_tokens = trained.get("tokens_per_variant", config.bld.token_budget if config else None)
+    bld_tokens = trained.get("tokens_per_variant")
+    if bld_tokens is None and config is not None:  # a library merged from shards before it said
+        bld_tokens = config.bld.token_budget
     done = sorted(p.name for p in root.iterdir() if (p / "manifest.json").is_file()) if root.is_dir() else []
     entry: dict[str, Any] = {
         "root": str(root),
@@ -982,11 +984,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     each part's card, parent speed and description under ``parts``. Children that name no BLD
     budget get their target's."""
     parts, merged_children, targets, seconds = [], {}, {}, {}
+    first: dict[str, Any] = {}
     for spec in args.parts:
         path, _, description = spec.partition("=")
         part = _read_json(Path(path))
         if part is None or part.get("issue") != 13:
             raise SystemExit(f"{path}: not a quality_gpu.json written by `summarize`")
+        first = first or part
         parts.append(
             {
                 "file": Path(path).name,
@@ -1010,7 +1014,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
                 budgets = (targets.get(root) or {}).get("budgets") or {}
                 child["bld_tokens_per_variant"] = budgets.get("bld_tokens_per_variant")
             merged_children[child["name"]] = child
-    first = _read_json(Path(args.parts[0].partition("=")[0])) or {}
     cards = {p["card"] for p in parts}
     result = {
         "issue": 13,
@@ -1049,6 +1052,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
     children = [c for c in result["children"] if c.get("gkd_tokens") and c.get("measured_speedup")]
     shown = [c for c in children if c["measured_speedup"] <= args.max_speedup]
     left_out = sorted({c["name"] for c in children} - {c["name"] for c in shown})
+    if not shown:
+        raise SystemExit(
+            f"{args.json}: no GKD'd child with a measured speedup <= {args.max_speedup:g}x to plot"
+        )
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     for ax, (key, title) in zip(
         axes, [("in_domain", "in domain (Python code)"), ("out_of_domain", "out of domain (English prose)")]
