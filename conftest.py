@@ -21,11 +21,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent / "tests"))
 
 from servers import S3Server, apply_env, restore_env, start_seaweedfs  # noqa: E402
+from threads import suite_threads  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Torch threads for this process and every `puzzle` process a test starts (through OMP_NUM_THREADS).
+_THREADS = suite_threads()
+os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+torch.set_num_threads(_THREADS)
+
+
+def pytest_report_header() -> str:
+    return f"torch threads: {_THREADS} (load average {os.getloadavg()[0]:.2f}; PUZZLE_TEST_THREADS sets it)"
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make test` N times in a row in a fresh clone of this repository's HEAD, each run's result, wall
 # time, CPU time and load average appended to OUT/LABEL.jsonl (its output in OUT/LABEL-I.log).
+# The load average is logged every minute to OUT/LABEL-loadavg.log.
 # usage: benchmarks/suite_repeat.sh OUT LABEL N [hog]
 #   hog: two busy-looping processes beside the runs (a loaded machine); or run several of these
 #   side by side, each loading the others.
@@ -11,6 +12,8 @@ mkdir -p "$out"
 dir=$(mktemp -d "/tmp/suite-$label.XXXX"); git clone -q "$repo" "$dir"; cd "$dir" || exit 1
 commit=$(git rev-parse --short HEAD)
 hogs=()
+( while true; do echo "$(date +%T) $(cut -d' ' -f1-3 /proc/loadavg)" >> "$out/$label-loadavg.log"; sleep 60; done ) &
+hogs+=($!)
 if [ "$hog" = hog ]; then
   for _ in 1 2; do python3 -c 'while True: pass' & hogs+=($!); done
 fi

@@ -6,8 +6,8 @@ Each worker is a fresh (spawned) process; on CUDA each owns one GPU for its whol
 those ``CUDA_VISIBLE_DEVICES`` shows this process, so ``--jobs 2`` on a 4-GPU machine with
 ``CUDA_VISIBLE_DEVICES=2,3`` uses GPUs 2 and 3), and a unit measuring speed there (the cost table,
 the search's measured check, the evaluation) has its GPU to itself. On a CPU the workers share the
-cores (each gets ``cores // N`` threads), so a unit that measures speed runs alone: it waits for
-the running units and nothing starts beside it.
+cores (each gets 1/N of torch's threads: the cores, or ``OMP_NUM_THREADS`` where set), so a unit
+that measures speed runs alone: it waits for the running units and nothing starts beside it.
 
 Everything else is :class:`puzzle.run.Runner`'s: which units are up to date, rebuilt or stale, the
 records, MLflow, in the main process. When a unit fails, no new unit starts, the running ones finish
@@ -133,7 +133,9 @@ def run_units(runner: Runner, units: list[Unit], *, jobs: int, device: str) -> N
     gpus: list[str | None] = list(visible_gpus()[:jobs]) if kind == "cuda" else [None] * jobs
     for slot in gpus:
         slots.put(slot)
-    threads = max(1, (os.cpu_count() or 1) // jobs) if kind == "cpu" else None
+    import torch
+
+    threads = max(1, torch.get_num_threads() // jobs) if kind == "cpu" else None
     level = logging.getLogger().getEffectiveLevel()
 
     def alone(unit: Unit) -> bool:  # measures speed on shared CPU cores
