@@ -27,13 +27,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Torch threads for this process and every `puzzle` process a test starts (through OMP_NUM_THREADS).
-_THREADS = suite_threads()
+_THREADS, _WHY = suite_threads()
 os.environ["OMP_NUM_THREADS"] = str(_THREADS)
 torch.set_num_threads(_THREADS)
 
 
-def pytest_report_header() -> str:
-    return f"torch threads: {_THREADS} (load average {os.getloadavg()[0]:.2f}; PUZZLE_TEST_THREADS sets it)"
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    terminalreporter.write_line(f"torch threads: {_THREADS} ({_WHY}; PUZZLE_TEST_THREADS sets it)")
 
 
 @pytest.fixture(scope="session")
