@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -253,8 +254,36 @@ def test_coupled_bld_trains_the_chosen_pairs_rescores_and_resumes_after_a_kill(
 
 
 @pytest.fixture(scope="module")
+def steady_clock() -> Iterator[str]:
+    """The clock the speed test's measurements (cost table, the search's whole-child check, the three
+    evaluations) run on: wall time, as the product measures, where the suite has the cores to itself;
+    this process's CPU time where other work holds them (the suite then runs one torch thread, see
+    tests/threads.py). Under load, wall time mostly measures the other work: with two busy loops
+    beside the suite, three evaluations of one child measured 1.44x, 1.66x and 1.50x. One thread's CPU
+    time is the work the model does, which is what the target is about."""
+    import torch
+
+    from puzzle.modeling import engine
+
+    if torch.get_num_threads() > 1:
+        yield "wall"
+        return
+    wall_mark = engine.Timer.mark
+
+    def mark(timer: engine.Timer) -> object:
+        return wall_mark(timer) if timer.cuda else time.process_time()
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(engine.Timer, "mark", mark)
+    try:
+        yield "cpu"
+    finally:
+        patch.undo()
+
+
+@pytest.fixture(scope="module")
 def full_library(
-    smollm2_parent: Path, smollm2_tokens: Path, tmp_path_factory: pytest.TempPathFactory
+    steady_clock: str, smollm2_parent: Path, smollm2_tokens: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> dict:
     """The demo's library (every layer, untrained: speed does not depend on the weights) and a cost
     table at the demo's workload (batch 1, prompt 64, 32 generated tokens) on this CPU."""
@@ -292,7 +321,7 @@ def _synthetic_scores(library: str, path: Path) -> str:
 
 
 def test_the_demo_target_holds_when_the_child_is_measured_three_times(
-    full_library: dict, smollm2_parent: Path, smollm2_tokens: Path
+    steady_clock: str, full_library: dict, smollm2_parent: Path, smollm2_tokens: Path
 ) -> None:
     """throughput>=1.5x at the demo's workload: the search measures its answer whole (and corrects
     a miss); the realized child, measured three more times as the evaluation measures it, keeps it."""
@@ -340,5 +369,6 @@ def test_the_demo_target_holds_when_the_child_is_measured_three_times(
         b = workload.batch_sizes[0]
         speedups.append(figures["child"][b]["throughput"] / figures["parent"][b]["throughput"])
     assert min(speedups) >= 1.5, (
-        f"measured speedups {speedups} (search predicted and measured {best['measured']})"
+        f"measured speedups {speedups} on the {steady_clock} clock (search predicted and measured "
+        f"{best['measured']})"
     )
